@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one install path shared by CI, the README's main job and the CPU image variants.
+#
+#   scripts/install.sh [--profile all|search|reward|policy] [--venv DIR] [--editable]
+#
+# Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
+# reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools.
+# SGLang 0.5.23 cannot be installed with its own dependency metadata here (it pins a CUDA
+# torch build), so it is installed --no-deps on top of the CPU torch wheel, followed by the
+# pinned runtime set in requirements/sglang-cpu.txt. GPU images start from the official SGLang
+# image instead and only install the project (see Dockerfile.*).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PROFILE=all; VENV="$ROOT/.venv"; EDITABLE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) PROFILE=$2; shift 2 ;;
+    --venv) VENV=$2; shift 2 ;;
+    --editable) EDITABLE=1; shift ;;
+    *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+case "$PROFILE" in all|search|reward|policy) ;; *) echo "install.sh: unknown profile $PROFILE" >&2; exit 2 ;; esac
+
+TORCH_VERSION=2.13.0
+SGLANG_VERSION=0.5.23
+TORCHVISION_VERSION=0.28.0
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q)
+# torch: the CPU wheel. PIP_FIND_LINKS (a local wheel folder) or TORCH_INDEX_URL (PyTorch's CPU
+# index) must provide it; otherwise PyPI serves a multi-GB CUDA build.
+TORCH_ARGS=()
+[ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL")
+
+reqs=(-r "$ROOT/requirements/search.txt")
+needs_sglang=0
+case "$PROFILE" in
+  all) reqs+=(-r "$ROOT/requirements/reward.txt" -r "$ROOT/requirements/sglang-cpu.txt" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
+  reward) reqs+=(-r "$ROOT/requirements/reward.txt" -r "$ROOT/requirements/sglang-cpu.txt"); needs_sglang=1 ;;
+  policy) reqs+=(-r "$ROOT/requirements/sglang-cpu.txt"); needs_sglang=1 ;;
+esac
+
+if [ $needs_sglang = 1 ]; then
+  if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
+    "${PIP[@]}" "${TORCH_ARGS[@]}" "torch==$TORCH_VERSION"
+  fi
+  "${PIP[@]}" --no-deps "sglang==$SGLANG_VERSION" "torchvision==$TORCHVISION_VERSION"
+  reqs+=("torch==$TORCH_VERSION")
+fi
+"${PIP[@]}" "${TORCH_ARGS[@]}" "${reqs[@]}"
+
+if [ $needs_sglang = 1 ]; then
+  SP=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # PyPI's torchvision is built against CUDA torch; its fake-op registrations fail on CPU torch
+  # and SGLang imports torchvision unconditionally: make them conditional.
+  sed -i -E 's/^@torch.library.register_fake\("(torchvision::[a-z_]+)"\)/@(torch.library.register_fake("\1") if torchvision.extension._has_ops() else (lambda f: f))/' \
+    "$SP/torchvision/_meta_registrations.py"
+  # sgl_kernel's CPU build is not on PyPI: install the project's pure-torch stand-in.
+  rm -rf "$SP/sgl_kernel"; cp -r "$ROOT/deploy/cpu/sgl_kernel_shim/sgl_kernel" "$SP/sgl_kernel"
+  SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.http_server, sglang.launch_server" \
+    || { echo "install.sh: SGLang CPU import check failed" >&2; exit 1; }
+fi
+
+if [ $EDITABLE = 1 ]; then
+  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+else
+  "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
+fi
+echo "install.sh: profile $PROFILE ready in $VENV"

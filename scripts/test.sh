@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command: installs everything it needs on a fresh machine (venv with the
+# SGLang CPU engine, Debian packages), then runs the whole suite against real components.
+#   scripts/test.sh [PYTEST ARGS...]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+scripts/install-system.sh
+scripts/install.sh --profile all --editable
+exec .venv/bin/python -m pytest -p no:cacheprovider -rA --durations=25 "$@"

@@ -1,0 +1,1 @@
+"""ETS: PRM-guided efficient tree search served over gRPC."""

@@ -1,0 +1,43 @@
+"""The ``ets`` command: one entry point dispatching to each component's own ``main``.
+
+Subcommands are imported lazily so that the search image (no torch) never imports the
+reward or policy code.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("ets.service.server", "run the gRPC search service"),
+    "search": ("ets.service.client", "run one search against a search service and print it"),
+    "eval": ("ets.service.evaluate", "evaluate methods and widths over a JSONL dataset"),
+    "reward-serve": ("ets.reward.server", "run the reward server (PRM + embedder)"),
+    "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
+    "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
+    "tiny-model": ("ets.testing.tiny_models", "write a tiny random-weight model for CPU runs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ets COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ets: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The two small interfaces the search loop is written against.
+
+The loop never does I/O itself: it asks a ``StepGenerator`` to expand nodes into sampled steps
+and a ``StepScorer`` to score and embed steps. The service plugs in the SGLang policy client and
+the reward-server client; tests plug in deterministic in-process sources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+
+# Why the policy stopped generating a step.
+#   "step": the step delimiter (stop string) matched; "eos": end of sequence;
+#   "length": max_new_tokens reached.
+StepFinish = Literal["step", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class ExpandRequest:
+    """Sample ``n`` continuations of one node.
+
+    ``prefix_ids`` is the node's full token sequence (root prompt included), exactly as the
+    engine saw it, so a child's prefix is its parent's ids plus the child's new ids and the
+    engine's radix cache always matches the shared prefix.
+    """
+
+    prefix_ids: Sequence[int]
+    n: int
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SampledStep:
+    """One sampled step: the new tokens only, their text, and engine accounting."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish: StepFinish
+    # Engine accounting of the request this sample came from, split evenly over its samples by
+    # the adapter so that sums over samples equal the engine's counts.
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Sampling parameters for one depth's expansions."""
+
+    max_new_tokens: int
+    temperature: float
+
+
+class StepGenerator(Protocol):
+    """Expands nodes into sampled steps (the policy)."""
+
+    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+        """Return, for each request in order, exactly ``request.n`` sampled steps."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScoredTrajectory:
+    """A trajectory to score: the question and its steps (plain step texts, oldest first)."""
+
+    question: str
+    steps: Sequence[str]
+
+
+class StepScorer(Protocol):
+    """Scores steps with the PRM and embeds step texts (the reward server)."""
+
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
+        """Return the PRM score in [0, 1] of each trajectory's newest step."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return an (len(texts), dim) array of L2-normalised embeddings."""
+        ...
