@@ -1,0 +1,1 @@
+"""The gRPC search service: servicer, admission control, metrics, CLI client and evaluation."""
