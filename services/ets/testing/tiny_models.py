@@ -26,6 +26,10 @@ class TinyModelKind:
     added_tokens: tuple[str, ...] = ()
     special_tokens: tuple[str, ...] = ()
     chat_template: str | None = None
+    # PRM readout the weights are shaped for (see _shape_prm_weights): "" (plain LM), "pair"
+    # (P(+) vs P(-) at a position), "mean_logit" (sigmoid of the mean LM-head logit), "class_head"
+    # (a 2-class token-classification head, Qwen2.5-Math-PRM style).
+    prm_readout: str = ""
 
 
 _PLAIN_CHAT = (
@@ -41,16 +45,27 @@ _RLHFLOW_CHAT = (
 
 KINDS: dict[str, TinyModelKind] = {
     "policy": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
-    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
+    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair"),
     "rlhflow": TinyModelKind(
-        special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), chat_template=_RLHFLOW_CHAT
+        special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), chat_template=_RLHFLOW_CHAT,
+        prm_readout="pair",
     ),
-    "llemma": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
-    "qwen-prm": TinyModelKind(arch="qwen2", special_tokens=("<extra_0>",), chat_template=_PLAIN_CHAT),
+    "llemma": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="mean_logit"),
+    "qwen-prm": TinyModelKind(
+        arch="qwen2", special_tokens=("<extra_0>",), chat_template=_PLAIN_CHAT, prm_readout="class_head"
+    ),
     "policy-qwen2": TinyModelKind(arch="qwen2", added_tokens=("ки",), chat_template=_PLAIN_CHAT),
 }
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+# transformers maps every qwen2 checkpoint to Qwen2Tokenizer, which adds "<|endoftext|>" as its
+# unk token; unless the trained vocab already holds it, it lands at id == vocab_size (outside the
+# embedding) and every unknown lookup returns that id. Real Qwen vocabularies contain it.
+QWEN_ENDOFTEXT = "<|endoftext|>"
+# Init scale for the PRM kinds: at the default 0.02 the residual stream is dominated by the token
+# embedding, so every step tag scores the same; a larger scale makes scores depend on context
+# and spread over (0, 1), which is what lets the backend-agreement tests mean something.
+PRM_INIT_STD = 0.25
 _WORDS = (
     "step solve the answer is let us compute first then so therefore sum of numbers plus minus times "
     "equals problem question math reasoning value total each we get final result box check verify because"
@@ -88,7 +103,7 @@ def make_tiny_model(out: str | Path, kind: str = "policy", *, seed: int = 0, hid
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, PAD],
+        special_tokens=[BOS, EOS, PAD] + ([QWEN_ENDOFTEXT] if spec.arch == "qwen2" else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -115,14 +130,43 @@ def make_tiny_model(out: str | Path, kind: str = "policy", *, seed: int = 0, hid
         max_position_embeddings=4096, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
         pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False, torch_dtype="bfloat16",
     )
+    if spec.prm_readout:
+        common["initializer_range"] = PRM_INIT_STD
     config = AutoConfig.for_model(spec.arch, **common)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    model.generation_config.bos_token_id = hf_tok.bos_token_id
-    model.generation_config.eos_token_id = hf_tok.eos_token_id
+    if spec.prm_readout == "class_head":
+        # Stand-in for Qwen2ForProcessRewardModel (trust_remote_code upstream): a Qwen2 backbone
+        # with a per-token 2-class head, loadable with AutoModelForTokenClassification.
+        from transformers import AutoModelForTokenClassification
+
+        config.num_labels = 2
+        model = AutoModelForTokenClassification.from_config(config).to(torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    if spec.prm_readout == "mean_logit":
+        _add_scalar_head(model, seed)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.bos_token_id = hf_tok.bos_token_id
+        model.generation_config.eos_token_id = hf_tok.eos_token_id
     model.save_pretrained(out)
     marker.write_text(json.dumps({"kind": kind, "arch": spec.arch, "seed": seed, "vocab_size": vocab}))
     return out
+
+
+def _add_scalar_head(model: "torch.nn.Module", seed: int) -> None:
+    """Give the LM head a common row component, as a PRM800K-style model's head has.
+
+    Llemma PRM800K scores a step with sigmoid(mean over the vocabulary of the LM-head logits); with
+    independent random rows that mean is ~0 and every score is 0.5. Adding one shared vector to
+    every row makes the mean logit a real scalar head whose value depends on the hidden state.
+    """
+    import torch
+
+    head = model.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(seed + 1)
+    shared = torch.randn(head.shape[1], generator=gen) * 0.5
+    with torch.no_grad():
+        head.add_(shared.to(head.dtype))
 
 
 def main(argv: list[str] | None = None) -> None:
