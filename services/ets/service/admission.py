@@ -1,0 +1,130 @@
+"""Admission control: a bounded number of searches run at once, a bounded queue waits.
+
+Beyond ``max_concurrent`` running plus ``max_queued`` waiting, a new search is refused at once
+(the servicer maps ``QueueFull`` to RESOURCE_EXHAUSTED) rather than piling up work the policy
+server cannot serve before clients give up. Waiting is fair (FIFO) and cancellable: a client
+that disconnects while queued leaves the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Callable
+
+MAX_CONCURRENT_ENV = "ETS_MAX_CONCURRENT_SEARCHES"
+MAX_QUEUED_ENV = "ETS_MAX_QUEUED_SEARCHES"
+DEFAULT_MAX_CONCURRENT = 8
+DEFAULT_MAX_QUEUED = 32
+
+
+class QueueFull(Exception):
+    """Raised when both the running slots and the queue are full."""
+
+    def __init__(self, running: int, queued: int) -> None:
+        super().__init__(
+            f"search service is at capacity: {running} searches running and {queued} queued "
+            f"(limits {MAX_CONCURRENT_ENV}, {MAX_QUEUED_ENV}); retry later"
+        )
+        self.running = running
+        self.queued = queued
+
+
+class Admission:
+    """FIFO admission with ``max_concurrent`` slots and ``max_queued`` waiters.
+
+    ``on_change(running, queued)`` is called after every change (the server updates gauges).
+    """
+
+    def __init__(self, max_concurrent: int, max_queued: int,
+                 on_change: Callable[[int, int], None] | None = None) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"{MAX_CONCURRENT_ENV}: must be at least 1, got {max_concurrent}")
+        if max_queued < 0:
+            raise ValueError(f"{MAX_QUEUED_ENV}: must be at least 0, got {max_queued}")
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self._running = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._on_change = on_change
+
+    @classmethod
+    def from_env(cls, on_change: Callable[[int, int], None] | None = None) -> "Admission":
+        return cls(_int_env(MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT),
+                   _int_env(MAX_QUEUED_ENV, DEFAULT_MAX_QUEUED), on_change)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._running, len(self._waiters))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold one running slot for the body; yields the seconds spent waiting in the queue."""
+        start = time.perf_counter()
+        await self._acquire()
+        try:
+            yield time.perf_counter() - start
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self._running < self.max_concurrent and not self._waiters:
+            self._running += 1
+            self._changed()
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise QueueFull(self._running, len(self._waiters))
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._changed()
+        try:
+            await waiter
+        except BaseException:
+            # Cancelled while queued. If the slot was already handed to us, pass it on.
+            if waiter.done() and not waiter.cancelled():
+                self._running -= 1
+                self._wake_next()
+            else:
+                self._remove(waiter)
+            self._changed()
+            raise
+        # _release() handed its slot over (the running count was kept for us).
+
+    def _remove(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._wake_next()
+        self._changed()
+
+    def _wake_next(self) -> None:
+        while self._waiters and self._running < self.max_concurrent:
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            self._running += 1
+            waiter.set_result(None)
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: not an integer: {raw!r}") from None

@@ -1,0 +1,93 @@
+"""Conversions between the gRPC messages and the search core's types (no I/O).
+
+Owns: request validation (``RequestError`` naming the field as ``problem`` or ``config.<name>``),
+proto ``SearchConfig`` -> ``ets.config.SearchConfig`` on top of the server defaults (unset fields
+keep the defaults), the resolved config back to proto, ``DepthReport`` -> ``DepthProgress``, and a
+served search -> ``SearchResponse``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from ets.api.v1 import search_pb2
+from ets.config import ConfigError, SearchConfig
+
+# A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
+# the method: MATH500's longest problem is ~4 KB).
+MAX_PROBLEM_CHARS = 64_000
+
+
+class RequestError(ValueError):
+    """Bad request content; ``field`` is the request field path (e.g. ``config.width``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
+_PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}
+# The proto and the dataclass are one contract: fail at import, not per request, if they drift.
+if _CONFIG_FIELDS != _PROTO_FIELDS:  # pragma: no cover - a build error, caught by any test import
+    raise ImportError(
+        "proto SearchConfig and ets.config.SearchConfig disagree: "
+        f"only in proto {sorted(_PROTO_FIELDS - _CONFIG_FIELDS)}, only in config {sorted(_CONFIG_FIELDS - _PROTO_FIELDS)}"
+    )
+
+
+def config_overrides(message: search_pb2.SearchConfig) -> dict[str, Any]:
+    """The fields a request set: ``optional`` scalars by presence, strings when non-empty."""
+    overrides: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.has_presence:
+            if message.HasField(field.name):
+                overrides[field.name] = getattr(message, field.name)
+        else:
+            value = getattr(message, field.name)
+            if field.type == FieldDescriptor.TYPE_STRING:
+                value = value.strip()
+            if value != "":
+                overrides[field.name] = value
+    return overrides
+
+
+def config_from_proto(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
+    """The request's config over the server defaults, validated (``RequestError`` on bad input)."""
+    try:
+        config = defaults.replace(**config_overrides(message))
+        config.validate()
+    except ConfigError as err:
+        raise RequestError(f"config.{err.field}", err.message) from None
+    return config
+
+
+def validate_problem(problem: str) -> str:
+    text = problem.strip()
+    if not text:
+        raise RequestError("problem", "must not be empty")
+    if len(problem) > MAX_PROBLEM_CHARS:
+        raise RequestError("problem", f"must be at most {MAX_PROBLEM_CHARS} characters, got {len(problem)}")
+    return problem
+
+
+def config_to_proto(config: SearchConfig) -> search_pb2.SearchConfig:
+    """The resolved config as sent back in ``SearchResponse.config`` (every field set)."""
+    values = dataclasses.asdict(config.resolved())
+    return search_pb2.SearchConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def progress_to_proto(report: Any) -> search_pb2.DepthProgress:
+    """A loop ``DepthReport`` as a stream event payload."""
+    return search_pb2.DepthProgress(
+        depth=int(report.depth),
+        frontier_size=int(report.frontier_size),
+        kept_candidates=int(report.kept_candidates),
+        kv_tokens=int(report.kv_tokens),
+        elapsed_seconds=float(report.elapsed_seconds),
+        remaining_width=int(report.remaining_width),
+        finished=int(report.finished),
+    )
