@@ -1,0 +1,1 @@
+"""SGLang engine side: launch flags from configuration (launcher) and subprocess supervision (process)."""
