@@ -2,6 +2,7 @@
 # The one install path shared by CI, the README's main job and the CPU image variants.
 #
 #   scripts/install.sh [--profile all|search|reward|policy] [--venv DIR] [--editable]
+#                      [--engine cpu|image] [--stage all|deps|project]
 #
 # Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
 # reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools.
@@ -9,25 +10,37 @@
 # torch build), so it is installed --no-deps on top of the CPU torch wheel, followed by the
 # pinned runtime set in requirements/sglang-cpu.txt. GPU images start from the official SGLang
 # image instead and only install the project (see Dockerfile.*).
+# --engine image: SGLang, torch and sgl_kernel already come with the base image (the official
+#   lmsysorg/sglang image, Python 3.12): the venv sees them (--system-site-packages) and only the
+#   project and its own extra requirements are installed; the SGLang/torch steps are skipped.
+# --stage deps|project: install only the dependencies, or only the project, so image builds
+#   cache the slow dependency layer separately from the frequently changing source.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PROFILE=all; VENV="$ROOT/.venv"; EDITABLE=0
+PROFILE=all; VENV="$ROOT/.venv"; EDITABLE=0; ENGINE=cpu; STAGE=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE=$2; shift 2 ;;
     --venv) VENV=$2; shift 2 ;;
     --editable) EDITABLE=1; shift ;;
+    --engine) ENGINE=$2; shift 2 ;;
+    --stage) STAGE=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 case "$PROFILE" in all|search|reward|policy) ;; *) echo "install.sh: unknown profile $PROFILE" >&2; exit 2 ;; esac
+case "$ENGINE" in cpu|image) ;; *) echo "install.sh: unknown engine $ENGINE" >&2; exit 2 ;; esac
+case "$STAGE" in all|deps|project) ;; *) echo "install.sh: unknown stage $STAGE" >&2; exit 2 ;; esac
 
 TORCH_VERSION=2.13.0
 SGLANG_VERSION=0.5.23
 TORCHVISION_VERSION=0.28.0
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
 
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+VENV_ARGS=(); PROJECT_ARGS=()
+# The official SGLang image runs Python 3.12; the project is tested on 3.11 (pyproject's range).
+[ "$ENGINE" = image ] && { VENV_ARGS=(--system-site-packages); PROJECT_ARGS=(--ignore-requires-python); }
+[ -x "$VENV/bin/python" ] || python3 -m venv "${VENV_ARGS[@]}" "$VENV"
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q)
 # torch: the CPU wheel. PIP_FIND_LINKS (a local wheel folder) or TORCH_INDEX_URL (PyTorch's CPU
@@ -37,12 +50,16 @@ TORCH_ARGS=()
 
 reqs=(-r "$ROOT/requirements/search.txt")
 needs_sglang=0
+# --engine image keeps the base image's SGLang runtime set: no sglang-cpu.txt, no torch.
+engine_reqs=(-r "$ROOT/requirements/sglang-cpu.txt"); [ "$ENGINE" = image ] && engine_reqs=()
 case "$PROFILE" in
-  all) reqs+=(-r "$ROOT/requirements/reward.txt" -r "$ROOT/requirements/sglang-cpu.txt" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
-  reward) reqs+=(-r "$ROOT/requirements/reward.txt" -r "$ROOT/requirements/sglang-cpu.txt"); needs_sglang=1 ;;
-  policy) reqs+=(-r "$ROOT/requirements/sglang-cpu.txt"); needs_sglang=1 ;;
+  all) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
+  reward) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}"); needs_sglang=1 ;;
+  policy) reqs+=("${engine_reqs[@]}"); needs_sglang=1 ;;
 esac
+[ "$ENGINE" = image ] && needs_sglang=0
 
+if [ "$STAGE" != project ]; then
 if [ $needs_sglang = 1 ]; then
   if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
     "${PIP[@]}" "${TORCH_ARGS[@]}" "torch==$TORCH_VERSION"
@@ -63,10 +80,12 @@ if [ $needs_sglang = 1 ]; then
   SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.http_server, sglang.launch_server" \
     || { echo "install.sh: SGLang CPU import check failed" >&2; exit 1; }
 fi
+fi  # stage deps
+[ "$STAGE" = deps ] && { echo "install.sh: profile $PROFILE dependencies ready in $VENV"; exit 0; }
 
 if [ $EDITABLE = 1 ]; then
-  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+  "${PIP[@]}" "${PROJECT_ARGS[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
-  "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
+  "${PIP[@]}" "${PROJECT_ARGS[@]}" --no-deps --no-build-isolation "$ROOT"
 fi
 echo "install.sh: profile $PROFILE ready in $VENV"
