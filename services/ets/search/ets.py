@@ -1,0 +1,427 @@
+"""ETS selection: which candidates to keep (an integer program), then REBASE over the kept ones.
+
+Owns the ETS instance (outcome values, node costs, clusters), its objective evaluated straight
+from the definitions, two formulations of the integer program as plain arrays, the in-process
+HiGHS solve (``highspy``; time limit, best incumbent, REBASE fallback) and ``select_ets``.
+A PuLP model of the same arrays (``to_pulp``) lets the benchmark solve the identical program with
+PuLP's bundled CBC subprocess, as the reference implementation does.
+
+Program (spec): maximise sum_i O_i x_i - cost * (retained nodes) + lambda_s/K * sum_k c_k,
+y_j >= x_i for leaf i under ancestor j, y_j <= sum of x under j, c_k <= sum of x in cluster k,
+sum_i x_i >= 1. Two formulations with the same optimum over x:
+
+* ``naive``: the spec's rows verbatim, every variable binary (what the reference builds).
+* ``compact`` (default): ancestors with identical leaf sets are merged into one variable (a chain
+  of single-child nodes), an ancestor covering every leaf is a constant (sum x >= 1 forces it),
+  an ancestor covering one leaf, and a singleton cluster, are folded into that leaf's coefficient;
+  the link y_j >= x_i goes through the tree edges (y_parent >= y_child), so rows grow with the
+  number of nodes rather than leaves x depth; y_j <= sum(x) rows are dropped (a retained node has
+  cost >= 0, so y sits at its lower bound at the optimum; with cost 0 it does not touch the
+  objective); y and c are continuous in [0, 1] (at an optimum they equal max / min(1, sum) of
+  integer x's, hence integral). Only x stays binary. bench/selection.py measures both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import highspy
+import numpy as np
+import scipy.sparse as sp
+
+from ets.search.base import Selection
+from ets.search.clustering import cluster_steps, coverage_applies
+from ets.search.rebase import outcome_values, rebase_allocation
+from ets.search.tree import Frontier
+
+Formulation = Literal["compact", "naive"]
+
+
+@dataclass(frozen=True)
+class EtsInstance:
+    """One ETS keep-decision: per-leaf outcome and cost, ancestor costs, clusters."""
+
+    outcome: np.ndarray  # O_i, shape (N,)
+    leaf_cost: np.ndarray  # cost of retaining candidate i's own node, shape (N,)
+    ancestors: tuple[tuple[int, ...], ...]  # per leaf, ancestor node ids root first
+    ancestor_cost: dict[int, float]  # cost of retaining ancestor node j
+    clusters: np.ndarray | None  # cluster label per leaf (0..K-1), None = no coverage term
+    cluster_weight: float  # lambda_s / K
+
+    @property
+    def size(self) -> int:
+        return int(self.outcome.shape[0])
+
+    @property
+    def num_clusters(self) -> int:
+        return 0 if self.clusters is None else int(self.clusters.max()) + 1
+
+    def objective(self, keep: Sequence[bool] | np.ndarray) -> float:
+        """The spec's objective of a keep-set, straight from the definitions."""
+        mask = np.asarray(keep, dtype=bool)
+        value = float(self.outcome[mask].sum() - self.leaf_cost[mask].sum())
+        needed: set[int] = set()
+        for i in np.flatnonzero(mask):
+            needed.update(self.ancestors[i])
+        value -= sum(self.ancestor_cost[j] for j in needed)
+        if self.clusters is not None:
+            value += self.cluster_weight * len(set(self.clusters[mask].tolist()))
+        return value
+
+
+def build_instance(
+    frontier: Frontier, width: int, softmax_temperature: float, lambda_c: float, lambda_s: float,
+    node_cost: str = "uniform", labels: np.ndarray | None = None,
+) -> EtsInstance:
+    """The ETS instance of a frontier. ``labels`` (cluster per candidate) enable coverage."""
+    n = frontier.size
+    anc_ids = frontier.ancestor_ids()
+    if node_cost == "uniform":
+        # Reference: lambda_c / (M + N) per retained node.
+        unit = lambda_c / (len(anc_ids) + n)
+        leaf_cost = np.full(n, unit)
+        anc_cost = {j: unit for j in anc_ids}
+    elif node_cost == "tokens":
+        # Token-weighted: node tokens / tree tokens, i.e. lambda_c times the fraction of the
+        # frontier's logical KV cache that the node occupies.
+        total = frontier.tree_tokens()
+        scale = lambda_c / total if total > 0 else 0.0
+        leaf_cost = np.array(frontier.candidate_tokens, dtype=float) * scale
+        anc_cost = {j: frontier.node_tokens[j] * scale for j in anc_ids}
+    else:
+        raise ValueError(f"node_cost: unknown {node_cost!r}")
+    clusters = None
+    weight = 0.0
+    if labels is not None:
+        clusters = np.asarray(labels, dtype=np.int64)
+        weight = lambda_s / (int(clusters.max()) + 1)
+    return EtsInstance(
+        outcome=outcome_values(frontier.scores, width, softmax_temperature),
+        leaf_cost=leaf_cost, ancestors=frontier.ancestors, ancestor_cost=anc_cost,
+        clusters=clusters, cluster_weight=weight,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The program as arrays
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """maximise objective @ v + constant  s.t.  row_lower <= A v <= row_upper, bounds, integrality.
+
+    The first ``n_leaves`` variables are the x_i.
+    """
+
+    objective: np.ndarray
+    constant: float
+    col_lower: np.ndarray
+    col_upper: np.ndarray
+    integer: np.ndarray  # bool per variable
+    matrix: sp.csc_matrix
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    n_leaves: int
+    formulation: str
+
+    @property
+    def num_vars(self) -> int:
+        return int(self.objective.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_lower.shape[0])
+
+    def value(self, v: np.ndarray) -> float:
+        return float(self.objective @ v + self.constant)
+
+
+class _Rows:
+    """Accumulates sparse rows lo <= sum(coef * var) <= hi."""
+
+    def __init__(self) -> None:
+        self.r: list[int] = []
+        self.c: list[int] = []
+        self.v: list[float] = []
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def add(self, cols: Sequence[int], coefs: Sequence[float], lo: float, hi: float) -> None:
+        row = len(self.lo)
+        self.r.extend([row] * len(cols))
+        self.c.extend(cols)
+        self.v.extend(coefs)
+        self.lo.append(lo)
+        self.hi.append(hi)
+
+    def matrix(self, n_cols: int) -> sp.csc_matrix:
+        return sp.csc_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_cols))
+
+
+def build_program(inst: EtsInstance, formulation: Formulation = "compact") -> Program:
+    if formulation == "naive":
+        return _build_naive(inst)
+    if formulation == "compact":
+        return _build_compact(inst)
+    raise ValueError(f"formulation: unknown {formulation!r}")
+
+
+def _build_naive(inst: EtsInstance) -> Program:
+    n = inst.size
+    anc_ids = sorted({j for path in inst.ancestors for j in path})
+    col_of = {j: n + k for k, j in enumerate(anc_ids)}
+    k_clusters = inst.num_clusters
+    n_vars = n + len(anc_ids) + k_clusters
+    obj = np.zeros(n_vars)
+    obj[:n] = inst.outcome - inst.leaf_cost
+    for j in anc_ids:
+        obj[col_of[j]] = -inst.ancestor_cost[j]
+    obj[n + len(anc_ids):] = inst.cluster_weight
+    rows = _Rows()
+    under: dict[int, list[int]] = {j: [] for j in anc_ids}
+    for i, path in enumerate(inst.ancestors):
+        for j in path:
+            under[j].append(i)
+            rows.add([col_of[j], i], [1.0, -1.0], 0.0, math.inf)  # y_j >= x_i
+    for j in anc_ids:  # y_j <= sum of x under j
+        rows.add([col_of[j]] + under[j], [1.0] + [-1.0] * len(under[j]), -math.inf, 0.0)
+    if inst.clusters is not None:
+        for k in range(k_clusters):
+            members = np.flatnonzero(inst.clusters == k).tolist()
+            rows.add([n + len(anc_ids) + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
+    rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
+    return Program(
+        objective=obj, constant=0.0, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
+        integer=np.ones(n_vars, dtype=bool), matrix=rows.matrix(n_vars),
+        row_lower=np.array(rows.lo), row_upper=np.array(rows.hi), n_leaves=n, formulation="naive",
+    )
+
+
+def _build_compact(inst: EtsInstance) -> Program:
+    n = inst.size
+    obj_x = inst.outcome - inst.leaf_cost
+    constant = 0.0
+    # Leaf set of every ancestor.
+    leaves_of: dict[int, list[int]] = {}
+    for i, path in enumerate(inst.ancestors):
+        for j in path:
+            leaves_of.setdefault(j, []).append(i)
+    # Merge ancestors by identical leaf set; classify constants and single-leaf groups.
+    group_of_set: dict[tuple[int, ...], int] = {}
+    group_cost: list[float] = []
+    var_of_anc: dict[int, int | None] = {}  # ancestor -> group index, None when folded away
+    for j, leaves in leaves_of.items():
+        cost = inst.ancestor_cost[j]
+        if len(leaves) == n:
+            constant -= cost  # retained by every non-empty keep-set
+            var_of_anc[j] = None
+        elif len(leaves) == 1:
+            obj_x[leaves[0]] -= cost  # retained exactly when that leaf is
+            var_of_anc[j] = None
+        else:
+            key = tuple(leaves)
+            g = group_of_set.get(key)
+            if g is None:
+                g = group_of_set[key] = len(group_cost)
+                group_cost.append(0.0)
+            group_cost[g] += cost
+            var_of_anc[j] = g
+    n_groups = len(group_cost)
+    # Coverage: singleton clusters fold into their leaf; the others get a variable.
+    cluster_cols: list[list[int]] = []
+    if inst.clusters is not None:
+        for k in range(inst.num_clusters):
+            members = np.flatnonzero(inst.clusters == k).tolist()
+            if len(members) == 1:
+                obj_x[members[0]] += inst.cluster_weight
+            else:
+                cluster_cols.append(members)
+    n_vars = n + n_groups + len(cluster_cols)
+    obj = np.zeros(n_vars)
+    obj[:n] = obj_x
+    obj[n:n + n_groups] = -np.array(group_cost)
+    obj[n + n_groups:] = inst.cluster_weight
+    rows = _Rows()
+    edges: set[tuple[int, int]] = set()
+    for i, path in enumerate(inst.ancestors):
+        prev: int | None = None
+        for j in path:  # leaf sets shrink down a path, so equal groups are contiguous
+            g = var_of_anc[j]
+            if g is None:
+                continue
+            col = n + g
+            if prev is not None and prev != col:
+                edges.add((prev, col))
+            prev = col
+        if prev is not None:
+            edges.add((prev, i))
+    for parent_col, child_col in sorted(edges):
+        rows.add([parent_col, child_col], [1.0, -1.0], 0.0, math.inf)  # y_parent >= y_child / x_i
+    for k, members in enumerate(cluster_cols):
+        rows.add([n + n_groups + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
+    rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
+    integer = np.zeros(n_vars, dtype=bool)
+    integer[:n] = True
+    return Program(
+        objective=obj, constant=constant, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
+        integer=integer, matrix=rows.matrix(n_vars), row_lower=np.array(rows.lo),
+        row_upper=np.array(rows.hi), n_leaves=n, formulation="compact",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Solvers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Solved:
+    keep: np.ndarray | None  # x as bools, None when no feasible solution was found
+    status: str  # "optimal" | "time_limit" | "none" | "error: ..."
+    objective: float | None  # the program's objective of ``keep`` (constant included)
+    seconds: float
+
+
+def solve_highs(
+    prog: Program, time_limit_s: float, start: np.ndarray | None = None, gap: float = 1e-9,
+) -> Solved:
+    """Solve in-process with HiGHS; keep the best incumbent if the time limit hits.
+
+    ``start``: values of the x (a keep-set) to start from."""
+    t0 = time.perf_counter()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    # Objectives are O(1) sums of fractions: the default relative gap (1e-4) could stop short of
+    # the true optimum, which the optimality tests would (rightly) catch.
+    h.setOptionValue("mip_rel_gap", gap)
+    h.setOptionValue("mip_abs_gap", gap)
+    lp = highspy.HighsLp()
+    lp.num_col_ = prog.num_vars
+    lp.num_row_ = prog.num_rows
+    lp.col_cost_ = prog.objective
+    lp.col_lower_ = prog.col_lower
+    lp.col_upper_ = prog.col_upper
+    lp.row_lower_ = np.where(np.isinf(prog.row_lower), -highspy.kHighsInf, prog.row_lower)
+    lp.row_upper_ = np.where(np.isinf(prog.row_upper), highspy.kHighsInf, prog.row_upper)
+    lp.offset_ = prog.constant
+    lp.sense_ = highspy.ObjSense.kMaximize
+    m = prog.matrix
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = m.indptr
+    lp.a_matrix_.index_ = m.indices
+    lp.a_matrix_.value_ = m.data
+    lp.a_matrix_.num_col_ = prog.num_vars
+    lp.a_matrix_.num_row_ = prog.num_rows
+    lp.integrality_ = [
+        highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in prog.integer
+    ]
+    status = h.passModel(lp)
+    if status == highspy.HighsStatus.kError:
+        return Solved(None, "error: passModel", None, time.perf_counter() - t0)
+    if start is not None:
+        # A partial start (the x only): HiGHS completes the continuous part itself.
+        idx = np.arange(prog.n_leaves, dtype=np.int32)
+        h.setSolution(prog.n_leaves, idx, np.asarray(start, dtype=np.float64)[: prog.n_leaves])
+    h.run()
+    model_status = h.getModelStatus()
+    info = h.getInfo()
+    seconds = time.perf_counter() - t0
+    has_solution = info.primal_solution_status == highspy.kSolutionStatusFeasible
+    if not has_solution:
+        return Solved(None, "none" if model_status == highspy.HighsModelStatus.kTimeLimit
+                      else f"error: {h.modelStatusToString(model_status)}", None, seconds)
+    x = np.asarray(h.getSolution().col_value[: prog.n_leaves]) > 0.5
+    label = "optimal" if model_status == highspy.HighsModelStatus.kOptimal else "time_limit"
+    return Solved(x, label, float(info.objective_function_value), seconds)
+
+
+def to_pulp(prog: Program, name: str = "ets"):
+    """The same program as a PuLP model (for the CBC reference in the benchmark)."""
+    import pulp
+
+    model = pulp.LpProblem(name, pulp.LpMaximize)
+    cols = [
+        pulp.LpVariable(f"v{k}", lowBound=float(prog.col_lower[k]), upBound=float(prog.col_upper[k]),
+                        cat=pulp.LpBinary if prog.integer[k] else pulp.LpContinuous)
+        for k in range(prog.num_vars)
+    ]
+    model += pulp.lpSum(float(c) * v for c, v in zip(prog.objective, cols) if c != 0) + prog.constant
+    a = prog.matrix.tocsr()
+    for r in range(prog.num_rows):
+        s, e = a.indptr[r], a.indptr[r + 1]
+        expr = pulp.lpSum(float(val) * cols[c] for c, val in zip(a.indices[s:e], a.data[s:e]))
+        lo, hi = prog.row_lower[r], prog.row_upper[r]
+        if math.isfinite(lo):
+            model += expr >= float(lo)
+        if math.isfinite(hi):
+            model += expr <= float(hi)
+    return model, cols
+
+
+def solve_cbc(prog: Program, time_limit_s: float | None = None) -> Solved:
+    """Solve with PuLP's bundled CBC (one subprocess per call, as the reference does)."""
+    import pulp
+
+    t0 = time.perf_counter()
+    model, cols = to_pulp(prog)
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0)
+    model.solve(solver)
+    seconds = time.perf_counter() - t0
+    if pulp.LpStatus[model.status] != "Optimal" or cols[0].varValue is None:
+        return Solved(None, pulp.LpStatus[model.status], None, seconds)
+    x = np.array([(v.varValue or 0.0) > 0.5 for v in cols[: prog.n_leaves]])
+    return Solved(x, "optimal", float(pulp.value(model.objective)), seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_labels(frontier: Frontier, lambda_s: float, cluster_distance: float) -> np.ndarray | None:
+    """Cluster labels for the coverage term, or None when the spec skips it."""
+    if not coverage_applies(lambda_s, frontier.step_texts):
+        return None
+    if frontier.embeddings is None:
+        raise ValueError("frontier: ETS coverage needs embeddings of the candidates' newest steps")
+    return cluster_steps(frontier.embeddings, cluster_distance)
+
+
+def select_ets(
+    frontier: Frontier, width: int, *, softmax_temperature: float, lambda_c: float, lambda_s: float,
+    cluster_distance: float, node_cost: str = "uniform", time_limit_s: float = 0.5,
+    formulation: Formulation = "compact", warm_start: bool = True,
+) -> Selection:
+    """Keep-set by the integer program, then REBASE over the kept candidates."""
+    n = frontier.size
+    scores = frontier.scores
+    if n == 0 or width <= 0:
+        return Selection(counts=(0,) * n, solver_status="trivial")
+    if n == 1 or lambda_c == 0:
+        # One candidate, or no node cost: every term is non-decreasing in x, so keeping all is
+        # optimal, and then REBASE over the kept set is plain REBASE.
+        counts = rebase_allocation(scores, width, softmax_temperature)
+        return Selection(counts=tuple(int(c) for c in counts), solver_status="trivial")
+    labels = cluster_labels(frontier, lambda_s, cluster_distance)
+    inst = build_instance(frontier, width, softmax_temperature, lambda_c, lambda_s, node_cost, labels)
+    prog = build_program(inst, formulation)
+    start = None
+    if warm_start:
+        # REBASE's own keep-set is always feasible: HiGHS starts with an incumbent, so a time
+        # limit still returns a keep-set at least as good as plain REBASE's.
+        start = (inst.outcome > 0).astype(float)
+    solved = solve_highs(prog, time_limit_s, start)
+    k = inst.num_clusters
+    if solved.keep is None or not solved.keep.any():
+        counts = rebase_allocation(scores, width, softmax_temperature)
+        return Selection(counts=tuple(int(c) for c in counts), solver_status="fallback", clusters=k)
+    counts = rebase_allocation(scores, width, softmax_temperature, keep=solved.keep)
+    return Selection(
+        counts=tuple(int(c) for c in counts),
+        solver_status="optimal" if solved.status == "optimal" else "time_limit",
+        objective=inst.objective(solved.keep), clusters=k,
+    )
