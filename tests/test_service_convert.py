@@ -1,0 +1,62 @@
+"""Proto <-> config conversion: unset fields keep server defaults, bad values name the field."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ets.api.v1 import search_pb2
+from ets.config import SearchConfig
+from ets.service import convert
+
+
+def test_unset_fields_take_server_defaults() -> None:
+    defaults = SearchConfig().replace(width=8, max_step_tokens=16, max_tokens=64)
+    config = convert.config_from_proto(search_pb2.SearchConfig(), defaults)
+    assert config == defaults
+
+
+def test_set_fields_override_including_zero_values() -> None:
+    defaults = SearchConfig()
+    msg = search_pb2.SearchConfig(method="rebase", width=4, lambda_c=0.0, seed=0, temperature=0.7)
+    config = convert.config_from_proto(msg, defaults)
+    assert (config.method, config.width, config.lambda_c, config.seed, config.temperature) == ("rebase", 4, 0.0, 0, 0.7)
+    # Untouched fields still the defaults.
+    assert config.max_tokens == defaults.max_tokens and config.voting == defaults.voting
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (search_pb2.SearchConfig(width=0), "config.width"),
+        (search_pb2.SearchConfig(width=1_000_000), "config.width"),
+        (search_pb2.SearchConfig(lambda_c=-1.0), "config.lambda_c"),
+        (search_pb2.SearchConfig(lambda_s=-0.5), "config.lambda_s"),
+        (search_pb2.SearchConfig(method="mcts"), "config.method"),
+        (search_pb2.SearchConfig(aggregation="median"), "config.aggregation"),
+        (search_pb2.SearchConfig(max_step_tokens=0), "config.max_step_tokens"),
+        (search_pb2.SearchConfig(policy_model_type="gpt"), "config.policy_model_type"),
+    ],
+)
+def test_bad_config_names_field(msg: search_pb2.SearchConfig, field: str) -> None:
+    with pytest.raises(convert.RequestError) as info:
+        convert.config_from_proto(msg, SearchConfig())
+    assert info.value.field == field
+    assert str(info.value).startswith(field + ":")
+
+
+@pytest.mark.parametrize("problem", ["", "   \n\t"])
+def test_empty_problem_rejected(problem: str) -> None:
+    with pytest.raises(convert.RequestError) as info:
+        convert.validate_problem(problem)
+    assert info.value.field == "problem"
+
+
+def test_resolved_config_round_trips() -> None:
+    config = SearchConfig().replace(width=64, seed=7)
+    msg = convert.config_to_proto(config)
+    # Every field is set in the echo (lambda_s and beam_keep resolved from the width preset).
+    assert msg.HasField("lambda_s") and msg.lambda_s == pytest.approx(1.4)
+    assert msg.beam_keep == 8
+    back = convert.config_from_proto(msg, SearchConfig())
+    assert back == dataclasses.replace(config.resolved())
