@@ -48,7 +48,7 @@ PIP=("$PY" -m pip install -q)
 TORCH_ARGS=()
 [ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL")
 
-reqs=(-r "$ROOT/requirements/search.txt")
+reqs=(-r "$ROOT/requirements/search.txt" -r "$ROOT/requirements/build.txt")
 needs_sglang=0
 # --engine image keeps the base image's SGLang runtime set: no sglang-cpu.txt, no torch.
 engine_reqs=(-r "$ROOT/requirements/sglang-cpu.txt"); [ "$ENGINE" = image ] && engine_reqs=()
