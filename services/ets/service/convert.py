@@ -91,3 +91,40 @@ def progress_to_proto(report: Any) -> search_pb2.DepthProgress:
         remaining_width=int(report.remaining_width),
         finished=int(report.finished),
     )
+
+
+def response_to_proto(served: Any, request_id: str = "") -> search_pb2.SearchResponse:
+    """A ``runner.ServedSearch`` as the RPC's response."""
+    stats = served.result.stats
+    candidates = [
+        search_pb2.Candidate(
+            text=c.text, answer=c.answer, step_scores=list(c.step_scores), aggregate_score=float(c.aggregate_score),
+            finish_reason=c.finish_reason, depth=int(c.depth), tokens=int(c.tokens),
+        )
+        for c in served.candidates
+    ]
+    response = search_pb2.SearchResponse(
+        request_id=request_id,
+        answer=served.answer,
+        candidates=candidates,
+        stats=search_pb2.SearchStats(
+            total_kv_tokens=int(stats.total_kv_tokens),
+            peak_kv_tokens=int(stats.peak_kv_tokens),
+            model_calls=int(stats.model_calls),
+            generated_tokens=int(stats.generated_tokens),
+            prompt_tokens=int(stats.prompt_tokens),
+            cached_prompt_tokens=int(stats.cached_prompt_tokens),
+            selection_seconds=float(stats.selection_seconds),
+            depth_reached=int(stats.depth_reached),
+            # The service's wall time includes formatting/tokenizing the root and answer voting.
+            wall_seconds=float(served.wall_seconds),
+            selections=int(stats.selections),
+            solver_fallbacks=int(stats.solver_fallbacks),
+            policy_seconds=float(stats.policy_seconds),
+            reward_seconds=float(stats.reward_seconds),
+        ),
+        config=config_to_proto(served.config),
+    )
+    if served.best_index is not None:
+        response.best.CopyFrom(candidates[served.best_index])
+    return response
