@@ -18,17 +18,33 @@ StepFinish = Literal["step", "eos", "length"]
 
 
 @dataclass(frozen=True)
+class Root:
+    """The search's root: the question and its prompt, formatted for the policy and tokenized by
+    the caller (``ets.config.PolicyModelType.format_root``)."""
+
+    question: str
+    prompt_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ExpandRequest:
     """Sample ``n`` continuations of one node.
 
     ``prefix_ids`` is the node's full token sequence (root prompt included), exactly as the
     engine saw it, so a child's prefix is its parent's ids plus the child's new ids and the
     engine's radix cache always matches the shared prefix.
+
+    ``seed`` is a deterministic per-node seed (None: unseeded); an adapter that sends the ``n``
+    samples as separate engine requests must derive distinct per-sample seeds from it (e.g.
+    ``seed + k``), or the samples come out identical. ``max_new_tokens``, when set, overrides
+    ``StepParams.max_new_tokens`` for this node: the loop lowers it near ``max_tokens`` so a
+    trajectory never exceeds its token budget.
     """
 
     prefix_ids: Sequence[int]
     n: int
     seed: int | None = None
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)

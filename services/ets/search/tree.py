@@ -111,7 +111,9 @@ class SearchTree:
                 node = node.parent
         return total
 
-    def frontier(self, candidates: Sequence[Node], embeddings: np.ndarray | None = None) -> "Frontier":
+    @staticmethod
+    def frontier_of(candidates: Sequence[Node], embeddings: np.ndarray | None = None) -> "Frontier":
+        """The frontier view of ``candidates`` (all at the current depth)."""
         ancestors: list[tuple[int, ...]] = []
         node_tokens: dict[int, int] = {}
         for cand in candidates:

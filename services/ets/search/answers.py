@@ -1,0 +1,192 @@
+"""Answer choice: extract each trajectory's final answer, aggregate its step scores, and vote.
+
+Owns ``extract_answer`` (``\\boxed{...}`` with nested braces, "The final answer is X", "The answer
+is: X"), ``aggregate`` (last / min / mean / prod), answer equivalence through ``math-verify``
+(parse + verify; no hand-written LaTeX grading) and ``select_answer`` (weighted majority vote,
+majority vote, best-of).
+
+Timeouts: math-verify bounds parse/verify with ``signal.alarm``, which only works on the main
+thread. There it is used (``EQUIVALENCE_TIMEOUT_S``); elsewhere (e.g. a server's worker thread)
+it would raise, so the alarm is off and answers longer than ``MAX_ANSWER_CHARS`` are compared as
+plain strings instead of symbolically - the pathological sympy inputs are the long ones.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Sequence
+
+from ets.search.loop import Trajectory
+
+EQUIVALENCE_TIMEOUT_S = 2
+MAX_ANSWER_CHARS = 200
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MARKERS = re.compile(
+    r"(?:the\s+final\s+answer\s+is|the\s+answer\s+is)\s*:?\s*",
+    re.IGNORECASE,
+)
+_TRAILING = re.compile(r"(?:\s*(?:I hope it is correct\.?|ки))+\s*$", re.IGNORECASE)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
+    found: str | None = None
+    for m in _BOXED.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            found = text[m.end(): i - 1]
+    return found
+
+
+def extract_answer(text: str) -> str:
+    """The final answer in a trajectory's text ("" when it gives none).
+
+    The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
+    "The answer is" marker, up to the end of its line, without a closing period, ``$`` signs or
+    a trailing step tag.
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    last = None
+    for last in _MARKERS.finditer(text):
+        pass
+    if last is None:
+        return ""
+    rest = text[last.end():].split("\n", 1)[0]
+    rest = _TRAILING.sub("", rest).strip()
+    rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
+    return rest
+
+
+def aggregate(scores: Sequence[float], how: str = "last") -> float:
+    """Aggregate a trajectory's step scores: last (default), min, mean or prod (0.0 if empty)."""
+    if not scores:
+        return 0.0
+    if how == "last":
+        return float(scores[-1])
+    if how == "min":
+        return float(min(scores))
+    if how == "mean":
+        return float(sum(scores) / len(scores))
+    if how == "prod":
+        return float(math.prod(scores))
+    raise ValueError(f"aggregation: unknown {how!r}")
+
+
+def _timeouts() -> int | None:
+    return EQUIVALENCE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=4096)
+def _parse(answer: str, timeout: int | None) -> tuple[Any, ...]:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if not answer or (timeout is None and len(answer) > MAX_ANSWER_CHARS):
+        return ()
+    try:
+        return tuple(parse(
+            f"${answer}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+            parsing_timeout=timeout, raise_on_error=False,
+        ))
+    except Exception:  # math-verify raises on timeouts and odd inputs; treat as unparsable
+        return ()
+
+
+def _normalise(answer: str) -> str:
+    return re.sub(r"\s+", "", answer)
+
+
+def equivalent(a: str, b: str) -> bool:
+    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
+    if _normalise(a) == _normalise(b):
+        return True
+    if not a or not b:
+        return False
+    from math_verify import verify
+
+    timeout = _timeouts()
+    pa, pb = _parse(a, timeout), _parse(b, timeout)
+    if not pa or not pb:
+        return False
+    try:
+        return bool(
+            verify(list(pa), list(pb), timeout_seconds=timeout, raise_on_error=False)
+            or verify(list(pb), list(pa), timeout_seconds=timeout, raise_on_error=False)
+        )
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class AnswerChoice:
+    answer: str  # the chosen answer ("" when no trajectory gave one)
+    best_index: int | None  # index of the trajectory shown as the best one (None if none)
+    aggregate_scores: tuple[float, ...]  # per trajectory
+    answers: tuple[str, ...]  # extracted answer per trajectory
+    votes: dict[str, float] = field(default_factory=dict)  # group representative -> vote total
+
+
+def group_answers(answers: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by equivalence (first occurrence is the representative); "" excluded."""
+    groups: list[list[int]] = []
+    for i, ans in enumerate(answers):
+        if not ans:
+            continue
+        for g in groups:
+            if equivalent(answers[g[0]], ans):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def select_answer(
+    trajectories: Sequence[Trajectory], voting: str = "weighted_majority", aggregation: str = "last"
+) -> AnswerChoice:
+    """Choose the final answer.
+
+    weighted_majority: equivalent answers pool their trajectories' aggregated scores; majority:
+    they pool counts; best: the single highest aggregated score. Ties go to the group whose best
+    trajectory scores higher, then to the earlier one. The best trajectory is the highest-scoring
+    one inside the winning group (or the highest-scoring overall if no trajectory has an answer).
+    """
+    if voting not in ("weighted_majority", "majority", "best"):
+        raise ValueError(f"voting: unknown {voting!r}")
+    scores = tuple(aggregate(t.step_scores, aggregation) for t in trajectories)
+    answers = tuple(extract_answer(t.text) for t in trajectories)
+    if not trajectories:
+        return AnswerChoice("", None, scores, answers)
+    groups = group_answers(answers)
+    if not groups:
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        return AnswerChoice("", best, scores, answers)
+
+    def best_in(g: list[int]) -> int:
+        return max(g, key=lambda i: (scores[i], -i))
+
+    votes: dict[str, float] = {}
+    keyed = []
+    for order, g in enumerate(groups):
+        if voting == "weighted_majority":
+            total = float(sum(scores[i] for i in g))
+        elif voting == "majority":
+            total = float(len(g))
+        else:
+            total = float(max(scores[i] for i in g))
+        votes[answers[g[0]]] = total
+        keyed.append(((total, scores[best_in(g)], -order), g))
+    _, winner = max(keyed, key=lambda kv: kv[0])
+    best = best_in(winner)
+    return AnswerChoice(answers[best], best, scores, answers, votes)

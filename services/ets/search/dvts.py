@@ -1,0 +1,51 @@
+"""Diverse verifier tree search (DVTS): independent subtrees, greedy within each.
+
+After the root's first expansion (``width`` children) the width is split into
+ceil(sqrt(width)) subtrees: child i of the root joins subtree ``subtree_of_root_child``, and each
+subtree starts with as many units of width as it has first-level children. Within a subtree only
+the best candidate (the best child of its single expanded parent) is kept and it gets the
+subtree's whole remaining width; a terminal node spends one unit of its own subtree's width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ets.search.base import Selection
+
+
+def num_subtrees(width: int) -> int:
+    return max(1, math.ceil(math.sqrt(width)))
+
+
+def subtree_widths(width: int) -> list[int]:
+    """Width per subtree: as even as possible, summing to ``width``."""
+    b = min(num_subtrees(width), width)
+    return [width // b + (1 if k < width % b else 0) for k in range(b)]
+
+
+def subtree_of_root_child(index: int, width: int) -> int:
+    """Subtree of the root's ``index``-th child: contiguous blocks of ``subtree_widths``."""
+    acc = 0
+    for k, w in enumerate(subtree_widths(width)):
+        acc += w
+        if index < acc:
+            return k
+    raise ValueError(f"root child {index} beyond width {width}")
+
+
+def select_dvts(
+    scores: Sequence[float] | np.ndarray, subtrees: Sequence[int], remaining: Mapping[int, int]
+) -> Selection:
+    """Best candidate of each subtree gets that subtree's remaining width; the rest get 0."""
+    s = np.asarray(scores, dtype=float)
+    counts = np.zeros(s.shape[0], dtype=np.int64)
+    best: dict[int, int] = {}
+    for i, g in enumerate(subtrees):
+        if g not in best or s[i] > s[best[g]]:  # strict: ties keep the first in frontier order
+            best[g] = i
+    for g, i in best.items():
+        counts[i] = max(0, int(remaining.get(g, 0)))
+    return Selection(counts=tuple(int(c) for c in counts))
