@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -353,6 +354,8 @@ async def serve(settings: ServiceSettings, defaults: SearchConfig,
 
 def main(argv: list[str]) -> None:
     settings = settings_from_args(argv)
+    # One series per counter: the *_created gauges only double the exposition.
+    prometheus_client.disable_created_metrics()
     try:
         defaults = SearchConfig.from_env()
     except ConfigError as err:
