@@ -1,0 +1,112 @@
+"""``SGLangStepGenerator``: the search's ``StepGenerator`` on top of the SGLang policy client.
+
+Owns how one depth's expansions become engine requests: every sample of every node goes out in
+ONE batched ``/generate`` call, each sample as its own prompt (the node's ids repeated) with
+``n = 1``. Why not SGLang's ``n``: (1) a batch must use one ``n`` for all prompts, and ETS gives
+every candidate a different number of children; (2) with ``n > 1`` SGLang first sends one
+prefix-warmup request per prompt and awaits each in turn (sequential round trips per node), and
+that warmup's prefill never appears in any sample's accounting; (3) per-sample seeds
+(``seed + k``) keep seeded samples distinct. Repeated prompts still share their prefix: SGLang's
+lpm scheduler defers in-batch duplicates of an uncached prefix until the first one is cached.
+Each sample is then one engine request, so its ``prompt_tokens`` / ``cached_tokens`` are the
+engine's own numbers and sums over samples equal the engine's counters.
+
+Stop strings and trimming come from the policy model type (``ets.config.PolicyModelType``). The
+new ids are exactly what the engine cached (stop-string tokens included), so the child's prefix
+is ``parent ids + token_ids``. Caveat (observed on 0.5.23): when a stop string ends inside a
+token, ``text`` stops at the end of the stop string while ``token_ids`` hold the whole token;
+the few characters after the delimiter (whitespace for "\\n\\n" tokenizers; never for math-shepherd's
+single-token "ки") are in the ids, not in any step's text.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ets.policy.client import PolicyClient, Sample, SamplingParams
+from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
+
+_FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "length"}
+
+
+class SGLangStepGenerator:
+    """Expands nodes by sampling steps from an SGLang policy server (one HTTP call per expand)."""
+
+    def __init__(
+        self,
+        client: PolicyClient,
+        model_type: object | None = None,
+        *,
+        stop: Sequence[str] | None = None,
+        no_stop_trim: bool | None = None,
+        stop_token_ids: Sequence[int] = (),
+        top_p: float | None = None,
+    ) -> None:
+        """``model_type`` is an ``ets.config.PolicyModelType`` or its registered name; explicit
+        ``stop`` / ``no_stop_trim`` override it (or stand in for it)."""
+        if isinstance(model_type, str):
+            from ets.config import policy_model_type
+
+            model_type = policy_model_type(model_type)
+        mt_stop = tuple(getattr(model_type, "stop", ())) if model_type is not None else ()
+        mt_trim = bool(getattr(model_type, "no_stop_trim", True)) if model_type is not None else True
+        self.client = client
+        self.model_type = model_type
+        self.stop: tuple[str, ...] = tuple(stop) if stop is not None else mt_stop
+        self.no_stop_trim: bool = mt_trim if no_stop_trim is None else no_stop_trim
+        self.stop_token_ids = tuple(stop_token_ids)
+        self.top_p = top_p
+        if not self.stop and not self.stop_token_ids:
+            raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
+
+    def _params(self, request: ExpandRequest, params: StepParams, k: int) -> SamplingParams:
+        max_new = request.max_new_tokens if getattr(request, "max_new_tokens", None) is not None else params.max_new_tokens
+        return SamplingParams(
+            max_new_tokens=int(max_new), temperature=params.temperature, top_p=self.top_p,
+            stop=self.stop, stop_token_ids=self.stop_token_ids, no_stop_trim=self.no_stop_trim,
+            seed=None if request.seed is None else request.seed + k,
+        )
+
+    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+        """For each request in order, exactly ``request.n`` sampled steps (one batched call)."""
+        prompts: list[Sequence[int]] = []
+        plist: list[SamplingParams] = []
+        for r in requests:
+            if r.n < 0:
+                raise ValueError(f"n: must be >= 0, got {r.n}")
+            for k in range(r.n):
+                prompts.append(r.prefix_ids)
+                plist.append(self._params(r, params, k))
+        if not prompts:
+            return [[] for _ in requests]
+        flat = await self.client.generate(prompts, plist)
+        out: list[list[SampledStep]] = []
+        i = 0
+        for r in requests:
+            out.append([to_step(flat[i + k][0]) for k in range(r.n)])
+            i += r.n
+        return out
+
+
+def to_step(sample: Sample) -> SampledStep:
+    """A client ``Sample`` as the search's ``SampledStep`` (finish "stop" -> "step")."""
+    return SampledStep(
+        token_ids=sample.output_ids, text=sample.text, finish=_FINISH[sample.finish],
+        prompt_tokens=sample.prompt_tokens, cached_tokens=sample.cached_tokens,
+    )
+
+
+async def tokenize_root(client: PolicyClient, question: str, model_type: object) -> Root:
+    """The search root for ``question``: formatted per the policy model type and tokenized by
+    the policy server itself (``/tokenize``: its tokenizer and chat template), so the root ids are
+    the ones the engine caches. ``model_type`` is a ``PolicyModelType`` or its name."""
+    if isinstance(model_type, str):
+        from ets.config import policy_model_type
+
+        model_type = policy_model_type(model_type)
+    if getattr(model_type, "chat", False):
+        ids = await client.tokenize_chat(model_type.root_messages(question))  # type: ignore[attr-defined]
+    else:
+        ids = await client.tokenize(model_type.format_root(question), add_special_tokens=True)  # type: ignore[attr-defined]
+    if not ids:
+        raise ValueError("question: tokenized to an empty prompt")
+    return Root(question=question, prompt_ids=tuple(ids))
