@@ -57,7 +57,13 @@ class UpstreamRejected(Exception):
 
 # ---- upstream call instrumentation ------------------------------------------------------------
 
+_REASONS = {"PolicyUnavailable": "unavailable", "PolicyRequestError": "rejected", "PolicyServerError": "server_error"}
+
+
 def _reason(err: BaseException) -> str:
+    """A short, bounded label for the error metrics."""
+    if type(err).__name__ in _REASONS:
+        return _REASONS[type(err).__name__]
     if isinstance(err, grpc.aio.AioRpcError):
         return err.code().name.lower()
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
@@ -66,7 +72,9 @@ def _reason(err: BaseException) -> str:
         return f"http_{err.status}"
     if isinstance(err, (aiohttp.ClientConnectionError, ConnectionError, OSError)):
         return "unavailable"
-    return type(err).__name__.lower()
+    if isinstance(err, ValueError):
+        return "bad_response"
+    return "error"
 
 
 def _describe(err: BaseException) -> str:
@@ -74,6 +82,19 @@ def _describe(err: BaseException) -> str:
         return f"{err.code().name}: {err.details()}"
     text = str(err) or type(err).__name__
     return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+
+
+def policy_failure(address: str, err: BaseException) -> Exception:
+    """The service-level error for a failed policy call: the policy refusing the request itself
+    (HTTP 4xx, e.g. a prompt beyond its context length) is the request's fault; anything else
+    (unreachable, timeout, 5xx, a malformed answer) means the policy is not serving."""
+    try:
+        from ets.policy.client import PolicyRequestError
+    except ImportError:  # pragma: no cover - the search image always ships the client
+        PolicyRequestError = ()  # type: ignore[assignment,misc]
+    if PolicyRequestError and isinstance(err, PolicyRequestError):
+        return UpstreamRejected("policy", grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    return UpstreamUnavailable("policy", address, _describe(err))
 
 
 class TimedGenerator:
@@ -93,7 +114,7 @@ class TimedGenerator:
             raise
         except Exception as err:  # noqa: BLE001 - every other failure is the policy's
             self._metrics.policy_call_errors.labels(reason=_reason(err)).inc()
-            raise UpstreamUnavailable("policy", self._address, _describe(err)) from err
+            raise policy_failure(self._address, err) from err
         finally:
             elapsed = time.perf_counter() - start
             self.seconds += elapsed
@@ -223,47 +244,44 @@ class LiveUpstreams:
                 self.reward_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         return self._reward_channel
 
+    def policy_client(self) -> Any:
+        """The shared ``ets.policy.client.PolicyClient`` (one connection pool for all searches)."""
+        if self._policy_client is None:
+            from ets.policy.client import PolicyClient
+
+            self._policy_client = PolicyClient(self.policy_address, session=self._http())
+        return self._policy_client
+
     # -- root -------------------------------------------------------------------------------------
     async def root(self, question: str, config: SearchConfig) -> Any:
         """Format the root for the policy model type and tokenize it on the policy server (its
-        own tokenizer and chat template, so ids match what the engine caches)."""
-        from ets.search.loop import Root
+        own tokenizer and chat template, so the ids are what the engine caches)."""
+        from ets.search.interfaces import Root
 
         model_type = config.model_type
-        if model_type.chat:
-            body: dict[str, Any] = {"messages": model_type.root_messages(question), "add_generation_prompt": True}
-        else:
-            body = {"prompt": model_type.format_root(question), "add_special_tokens": True}
+        client = self.policy_client()
         start = time.perf_counter()
         try:
-            async with self._http().post(f"{self.policy_address}/tokenize", json=body,
-                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                if resp.status != 200:
-                    detail = (await resp.text())[:300]
-                    raise aiohttp.ClientResponseError(resp.request_info, resp.history, status=resp.status,
-                                                      message=f"/tokenize: {detail}")
-                payload = await resp.json()
+            if model_type.chat:
+                ids = await client.tokenize_chat(model_type.root_messages(question))
+            else:
+                ids = await client.tokenize(model_type.format_root(question), add_special_tokens=True)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001
             self._metrics.policy_call_errors.labels(reason=_reason(err)).inc()
-            raise UpstreamUnavailable("policy", self.policy_address, _describe(err)) from err
+            raise policy_failure(self.policy_address, err) from err
         finally:
             self._metrics.policy_call_duration.observe(time.perf_counter() - start)
-        ids = payload.get("tokens")
-        if not isinstance(ids, list) or not ids:
-            raise UpstreamUnavailable("policy", self.policy_address, f"/tokenize returned no tokens: {payload!r:.200}")
-        return Root(question=question, prompt_ids=tuple(int(t) for t in ids))
+        if not ids:
+            raise UpstreamUnavailable("policy", self.policy_address, "/tokenize returned no tokens")
+        return Root(question=question, prompt_ids=tuple(ids))
 
     # -- generator and scorer -----------------------------------------------------------------------
     def generator(self, config: SearchConfig) -> StepGenerator:
         from ets.policy.generator import SGLangStepGenerator
 
-        if self._policy_client is None:
-            from ets.policy.client import PolicyClient
-
-            self._policy_client = PolicyClient(self.policy_address, session=self._http())
-        return SGLangStepGenerator(self._policy_client, config.model_type)
+        return SGLangStepGenerator(self.policy_client(), config.model_type)
 
     def scorer(self, config: SearchConfig) -> StepScorer:
         if self._reward_client is None:
@@ -274,14 +292,14 @@ class LiveUpstreams:
 
     # -- readiness ---------------------------------------------------------------------------------
     async def _probe_policy(self) -> str | None:
+        # SGLang's /health runs a one-token generation: it fails while the engine cannot serve.
         try:
-            async with self._http().get(f"{self.policy_address}/health",
-                                        timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as resp:
-                return None if resp.status == 200 else f"/health answered HTTP {resp.status}"
+            healthy = await self.policy_client().health(timeout=PROBE_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001
             return _describe(err)
+        return None if healthy else f"GET {self.policy_address}/health failed"
 
     async def _probe_reward(self) -> str | None:
         stub = health_pb2_grpc.HealthStub(self._channel())
@@ -298,6 +316,8 @@ class LiveUpstreams:
         return {"policy": policy, "reward": reward}
 
     async def close(self) -> None:
+        if self._policy_client is not None:
+            await self._policy_client.close()
         if self._reward_client is not None and hasattr(self._reward_client, "close"):
             await self._reward_client.close()
         if self._reward_channel is not None:
@@ -330,7 +350,8 @@ class SearchRunner:
         generator = TimedGenerator(self.upstreams.generator(config), self.upstreams.policy_address, self._metrics)
         scorer = TimedScorer(self.upstreams.scorer(config), self.upstreams.reward_address, self._metrics)
         result = await run_search(root, config, generator, scorer, on_depth=on_depth)
-        served = choose_answer(config, result)
+        # Equivalence checks may run sympy: keep them off the event loop other searches share.
+        served = await asyncio.to_thread(choose_answer, config, result)
         served.wall_seconds = time.perf_counter() - start
         served.policy_seconds, served.reward_seconds = generator.seconds, scorer.seconds
         return served
@@ -338,6 +359,16 @@ class SearchRunner:
 
 def choose_answer(config: SearchConfig, result: Any) -> ServedSearch:
     """Extract each trajectory's answer, aggregate its step scores, vote (ets.search.answers)."""
-    from ets.search import answers
+    from ets.search.answers import select_answer
 
-    raise NotImplementedError
+    choice = select_answer(result.trajectories, voting=config.voting, aggregation=config.aggregation)
+    candidates = [
+        ServedCandidate(
+            text=t.text, answer=choice.answers[i], step_scores=[float(x) for x in t.step_scores],
+            aggregate_score=float(choice.aggregate_scores[i]), finish_reason=str(t.finish_reason),
+            depth=int(t.depth), tokens=int(t.tokens),
+        )
+        for i, t in enumerate(result.trajectories)
+    ]
+    return ServedSearch(config=result.config or config, result=result, answer=choice.answer,
+                        candidates=candidates, best_index=choice.best_index, wall_seconds=0.0)
