@@ -80,6 +80,8 @@ class SamplingParams:
     json_schema: str | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool | None = None
+    # token id -> additive logit bias (steers format, e.g. toward a step tag).
+    logit_bias: Mapping[int, float] | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -117,6 +119,8 @@ class SamplingParams:
             out["ignore_eos"] = True
         if self.skip_special_tokens is not None:
             out["skip_special_tokens"] = self.skip_special_tokens
+        if self.logit_bias:
+            out["logit_bias"] = {str(int(k)): float(v) for k, v in self.logit_bias.items()}
         return out
 
 

@@ -20,7 +20,7 @@ single-token "ки") are in the ids, not in any step's text.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
 from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
@@ -40,6 +40,7 @@ class SGLangStepGenerator:
         no_stop_trim: bool | None = None,
         stop_token_ids: Sequence[int] = (),
         top_p: float | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> None:
         """``model_type`` is an ``ets.config.PolicyModelType`` or its registered name; explicit
         ``stop`` / ``no_stop_trim`` override it (or stand in for it)."""
@@ -55,6 +56,7 @@ class SGLangStepGenerator:
         self.no_stop_trim: bool = mt_trim if no_stop_trim is None else no_stop_trim
         self.stop_token_ids = tuple(stop_token_ids)
         self.top_p = top_p
+        self.logit_bias = dict(logit_bias) if logit_bias else None
         if not self.stop and not self.stop_token_ids:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
 
@@ -63,7 +65,7 @@ class SGLangStepGenerator:
         return SamplingParams(
             max_new_tokens=int(max_new), temperature=params.temperature, top_p=self.top_p,
             stop=self.stop, stop_token_ids=self.stop_token_ids, no_stop_trim=self.no_stop_trim,
-            seed=None if request.seed is None else request.seed + k,
+            seed=None if request.seed is None else request.seed + k, logit_bias=self.logit_bias,
         )
 
     async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
