@@ -22,7 +22,7 @@ All series are prefixed ``ets_search_`` and served on ``ETS_SEARCH_METRICS_PORT`
 | ets_search_depth_reached | histogram | method | depth a search reached |
 | ets_search_searches_in_flight | gauge | | searches running now |
 | ets_search_searches_queued | gauge | | searches admitted to the queue, waiting for a slot |
-| ets_search_policy_call_duration_seconds | histogram | | latency of one batched policy call (one depth's expansions) |
+| ets_search_policy_call_duration_seconds | histogram | call | latency of one policy call (generate = one depth's batched expansions; tokenize = the root) |
 | ets_search_policy_call_errors_total | counter | reason | failed policy calls (unavailable, timeout, bad_response, ...) |
 | ets_search_reward_call_duration_seconds | histogram | call | latency of one batched reward call (call = score or embed) |
 | ets_search_reward_call_errors_total | counter | call, reason | failed reward calls |
@@ -117,8 +117,8 @@ class SearchMetrics:
         self.in_flight = Gauge(f"{p}searches_in_flight", "Searches running now.", registry=r)
         self.queued = Gauge(f"{p}searches_queued", "Searches waiting for a free slot.", registry=r)
         self.policy_call_duration = Histogram(f"{p}policy_call_duration_seconds",
-                                              "Latency of one batched policy call (a depth's expansions).",
-                                              buckets=_CALL_BUCKETS, registry=r)
+                                              "Latency of one policy call (generate: a depth's batched expansions).",
+                                              ["call"], buckets=_CALL_BUCKETS, registry=r)
         self.policy_call_errors = Counter(f"{p}policy_call_errors", "Failed policy calls by reason.",
                                           ["reason"], registry=r)
         self.reward_call_duration = Histogram(f"{p}reward_call_duration_seconds",

@@ -118,7 +118,7 @@ class TimedGenerator:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds += elapsed
-            self._metrics.policy_call_duration.observe(elapsed)
+            self._metrics.policy_call_duration.labels(call="generate").observe(elapsed)
 
 
 class TimedScorer:
@@ -256,26 +256,18 @@ class LiveUpstreams:
     async def root(self, question: str, config: SearchConfig) -> Any:
         """Format the root for the policy model type and tokenize it on the policy server (its
         own tokenizer and chat template, so the ids are what the engine caches)."""
-        from ets.search.interfaces import Root
+        from ets.policy.generator import tokenize_root
 
-        model_type = config.model_type
-        client = self.policy_client()
         start = time.perf_counter()
         try:
-            if model_type.chat:
-                ids = await client.tokenize_chat(model_type.root_messages(question))
-            else:
-                ids = await client.tokenize(model_type.format_root(question), add_special_tokens=True)
+            return await tokenize_root(self.policy_client(), question, config.model_type)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001
             self._metrics.policy_call_errors.labels(reason=_reason(err)).inc()
             raise policy_failure(self.policy_address, err) from err
         finally:
-            self._metrics.policy_call_duration.observe(time.perf_counter() - start)
-        if not ids:
-            raise UpstreamUnavailable("policy", self.policy_address, "/tokenize returned no tokens")
-        return Root(question=question, prompt_ids=tuple(ids))
+            self._metrics.policy_call_duration.labels(call="tokenize").observe(time.perf_counter() - start)
 
     # -- generator and scorer -----------------------------------------------------------------------
     def generator(self, config: SearchConfig) -> StepGenerator:
