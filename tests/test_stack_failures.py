@@ -1,0 +1,220 @@
+"""Failure handling on the real stack: deadlines and cancellation stop the search's work, a policy
+server killed mid-search gives a clean UNAVAILABLE with nothing leaked (and the next search
+succeeds once it is back), a dead reward server is named, 16 concurrent searches all finish,
+and a full queue answers RESOURCE_EXHAUSTED."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ets.api.v1 import search_pb2, search_pb2_grpc
+from ets.config import SearchConfig
+from ets.engine.launcher import LaunchConfig
+from ets.engine.process import free_port, start_server
+from ets.service.server import SearchServer, ServiceSettings
+from ets.service.stack import Stack
+from service_fixtures import SMALL_SEARCH_ENV, ServeProcess, http_get
+
+pytestmark = [pytest.mark.sglang, pytest.mark.stack]
+
+PROBLEM = "A box holds 12 pencils. How many pencils are in 4 boxes?"
+
+
+def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2.SearchConfig:
+    values: dict[str, object] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
+    values.update(extra)
+    return search_pb2.SearchConfig(**values)
+
+
+def long_config(width: int = 8) -> search_pb2.SearchConfig:
+    """A search with many depths, so that it is still running when the test interferes."""
+    return search_pb2.SearchConfig(method="ets", width=width, max_step_tokens=16, max_tokens=600, max_depth=30)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = ",".join(sorted((m.group(3) or "").split(","))) if m.group(3) else ""
+        if got == want:
+            return float(m.group(4))
+    return 0.0
+
+
+def search_metrics(stack: Stack) -> str:
+    return http_get(stack.search_metrics_url)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_deadline_exceeded_stops_issuing_work(search_stack: Stack) -> None:
+    before = search_metrics(search_stack)
+    with grpc.insecure_channel(search_stack.search_addr) as channel:
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=long_config()), timeout=1.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: metric(search_metrics(search_stack), "ets_search_searches_in_flight") == 0, 10,
+               "the expired search to leave")
+    # No more policy calls once the search is gone (nothing else runs on this service now).
+    calls = lambda: metric(search_metrics(search_stack), "ets_search_policy_call_duration_seconds_count",
+                           call="generate")
+    settled = calls()
+    time.sleep(2.0)
+    assert calls() == settled
+    after = search_metrics(search_stack)
+    expired = metric(after, "ets_search_searches_total", method="ets", outcome="deadline_exceeded")
+    assert expired == metric(before, "ets_search_searches_total", method="ets", outcome="deadline_exceeded") + 1
+
+
+def test_cancelled_stream_stops_the_search(search_stack: Stack) -> None:
+    with grpc.insecure_channel(search_stack.search_addr) as channel:
+        stream = search_pb2_grpc.SearchServiceStub(channel).SearchStream(
+            search_pb2.SearchRequest(problem=PROBLEM, config=long_config()), timeout=120)
+        first = next(stream)
+        assert first.HasField("progress") and first.progress.depth == 0
+        stream.cancel()
+    wait_until(lambda: metric(search_metrics(search_stack), "ets_search_searches_in_flight") == 0, 10,
+               "the cancelled search to leave")
+    assert metric(search_metrics(search_stack), "ets_search_searches_total", method="ets", outcome="cancelled") >= 1
+    # The service is fine afterwards.
+    with grpc.insecure_channel(search_stack.search_addr) as channel:
+        ok = search_pb2_grpc.SearchServiceStub(channel).Search(
+            search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
+    assert ok.candidates
+
+
+async def test_sixteen_concurrent_searches(search_stack: Stack) -> None:
+    methods = ["ets", "rebase", "beam", "dvts", "best_of_n"]
+    async with grpc.aio.insecure_channel(search_stack.search_addr) as channel:
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        started = time.perf_counter()
+        replies = await asyncio.gather(*(
+            stub.Search(search_pb2.SearchRequest(problem=f"{PROBLEM} (variant {i})",
+                                                 config=small(methods[i % 5], 4, seed=i), request_id=f"c{i}"),
+                        timeout=300)
+            for i in range(16)))
+        elapsed = time.perf_counter() - started
+    assert sorted(r.request_id for r in replies) == sorted(f"c{i}" for i in range(16))
+    for i, r in enumerate(replies):
+        assert r.config.method == methods[i % 5] and r.candidates and r.stats.total_kv_tokens > 0
+    # Eight ran at once (ETS_MAX_CONCURRENT_SEARCHES of the stack): concurrency, not a queue of one.
+    assert sum(r.stats.wall_seconds for r in replies) > elapsed
+
+
+def test_full_queue_is_resource_exhausted(search_stack: Stack, serve_factory: Callable[..., ServeProcess]) -> None:
+    serve = serve_factory(policy_url=search_stack.policy_url, reward_addr=search_stack.reward_addr,
+                          args=("--max-concurrent", "1", "--max-queued", "1"))
+    with grpc.insecure_channel(serve.addr) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                   == health_pb2.HealthCheckResponse.SERVING, 60, "SERVING")
+
+    async def burst() -> list[object]:
+        async with grpc.aio.insecure_channel(serve.addr) as ch:
+            stub = search_pb2_grpc.SearchServiceStub(ch)
+            return await asyncio.gather(*(
+                stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=small("rebase", 8), request_id=str(i)),
+                            timeout=300)
+                for i in range(5)), return_exceptions=True)
+
+    results = asyncio.run(burst())
+    ok = [r for r in results if isinstance(r, search_pb2.SearchResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) + len(refused) == 5
+    assert 2 <= len(ok) < 5, results  # one running + one queued at least
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ETS_MAX_QUEUED_SEARCHES" in err.details()
+    assert metric(serve.metrics(), "ets_search_searches_total", method="rebase",
+                  outcome="resource_exhausted") == len(refused)
+
+
+def test_dead_reward_server_is_unavailable_naming_it(search_stack: Stack,
+                                                     serve_factory: Callable[..., ServeProcess]) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    serve = serve_factory(policy_url=search_stack.policy_url, reward_addr=dead)
+    with grpc.insecure_channel(serve.addr) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            search_pb2_grpc.SearchServiceStub(channel).Search(
+                search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details().startswith(f"reward server unavailable at {dead}"), info.value.details()
+    assert metric(serve.metrics(), "ets_search_upstream_up", upstream="reward") == 0
+    assert metric(serve.metrics(), "ets_search_upstream_up", upstream="policy") == 1
+
+
+async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory: Callable[[str], Path],
+                                        tmp_path: Path) -> None:
+    """In-process service (to inspect its tasks) over a policy server of its own that is killed."""
+    launch = LaunchConfig(model_path=str(tiny_model_factory("policy")), host="127.0.0.1", port=free_port(),
+                          device="cpu", random_seed=0)
+    policy = await asyncio.to_thread(start_server, launch, log_path=tmp_path / "victim-1.log", name="victim",
+                                     timeout=240)
+    defaults = SearchConfig.from_env(environ=SMALL_SEARCH_ENV)
+    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, policy_url=policy.url,
+                                          reward_addr=search_stack.reward_addr, grace_s=5), defaults)
+    try:
+        await server.start()
+        assert await server.wait_ready(60), server.upstream_errors
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            await stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
+            baseline = set(asyncio.all_tasks())
+
+            call = stub.SearchStream(search_pb2.SearchRequest(problem=PROBLEM, config=long_config()), timeout=120)
+            first = await call.read()
+            assert first.progress.depth == 0
+            os.killpg(policy.pgid, signal.SIGKILL)  # no goodbye: connections just drop
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert info.value.details().startswith(f"policy server unavailable at {policy.url}"), info.value.details()
+            await asyncio.to_thread(policy.stop)
+
+            # Nothing leaked: no search task, no slot, no stray task beyond the baseline.
+            deadline = time.monotonic() + 10
+            while True:
+                stray = {t for t in asyncio.all_tasks() - baseline if not t.done()} - {asyncio.current_task()}
+                if not stray and not server.servicer.active and server.admission.running == 0:
+                    break
+                assert time.monotonic() < deadline, f"leaked: {stray} active={server.servicer.active}"
+                await asyncio.sleep(0.1)
+            # The failure triggered a re-probe: the service now reports NOT_SERVING.
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status \
+                    != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+
+            # The policy comes back on the same address: the next search succeeds.
+            policy = await asyncio.to_thread(start_server, launch, log_path=tmp_path / "victim-2.log",
+                                             name="victim", timeout=240)
+            assert await server.wait_ready(60), server.upstream_errors
+            again = await stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
+            assert again.candidates and again.stats.generated_tokens > 0
+    finally:
+        await server.stop(grace=0)
+        await asyncio.to_thread(policy.stop)
