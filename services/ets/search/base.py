@@ -18,6 +18,7 @@ class Selection:
     solver_status: SolverStatus = ""
     objective: float | None = None  # ETS objective of the kept set (full objective, constants included)
     clusters: int = 0  # semantic clusters K used by the coverage term (0 = no coverage term)
+    keep: tuple[bool, ...] | None = None  # ETS: the program's keep-set (before REBASE re-allocation)
 
     @property
     def kept(self) -> int:

@@ -405,7 +405,7 @@ def select_ets(
         # One candidate, or no node cost: every term is non-decreasing in x, so keeping all is
         # optimal, and then REBASE over the kept set is plain REBASE.
         counts = rebase_allocation(scores, width, softmax_temperature)
-        return Selection(counts=tuple(int(c) for c in counts), solver_status="trivial")
+        return Selection(counts=tuple(int(c) for c in counts), solver_status="trivial", keep=(True,) * n)
     labels = cluster_labels(frontier, lambda_s, cluster_distance)
     inst = build_instance(frontier, width, softmax_temperature, lambda_c, lambda_s, node_cost, labels)
     prog = build_program(inst, formulation)
@@ -423,5 +423,5 @@ def select_ets(
     return Selection(
         counts=tuple(int(c) for c in counts),
         solver_status="optimal" if solved.status == "optimal" else "time_limit",
-        objective=inst.objective(solved.keep), clusters=k,
+        objective=inst.objective(solved.keep), clusters=k, keep=tuple(bool(b) for b in solved.keep),
     )
