@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import ServerStartError, SGLangProcess, free_port, start_server
+from ets.engine.process import ServerStartError, SGLangProcess, free_port
 
 START_TIMEOUT_S = float(os.environ.get("ETS_STACK_START_TIMEOUT_S", "300"))
 
@@ -93,6 +93,16 @@ class Stack:
     def log_dir(self) -> Path:
         return self.config.work_dir / "logs"
 
+    @property
+    def pid_file(self) -> Path:
+        """``name pgid`` per started process: a last-resort cleanup (demo.sh's EXIT trap) can
+        kill these groups even if this orchestrator itself was killed."""
+        return self.config.work_dir / "pids"
+
+    def record(self, proc: SGLangProcess) -> None:
+        with open(self.pid_file, "a") as f:
+            f.write(f"{proc.name} {proc.pgid}\n")
+
     def processes(self) -> list[SGLangProcess]:
         return [p for p in (self.search, self.reward, self.policy) if p is not None]
 
@@ -128,7 +138,8 @@ def start_policy(cfg: StackConfig, stack: Stack, model: Path) -> None:
     port = cfg.policy_port or free_port(cfg.host)
     launch = LaunchConfig(model_path=str(model), host=cfg.host, port=port, device="cpu", random_seed=0,
                           max_total_tokens=cfg.policy_max_total_tokens)
-    stack.policy = start_server(launch, log_path=stack.log_dir / "policy.log", name="policy", timeout=START_TIMEOUT_S)
+    stack.policy = SGLangProcess.launch(launch, log_path=stack.log_dir / "policy.log", name="policy")
+    stack.record(stack.policy)
     stack.policy_url = stack.policy.url
 
 
@@ -154,7 +165,7 @@ def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path) -> None:
     stack.reward_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
     stack.reward = SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
                                        log_path=stack.log_dir / "reward.log", name="reward")
-    wait_grpc_serving(stack.reward, stack.reward_addr, START_TIMEOUT_S)
+    stack.record(stack.reward)
 
 
 def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int) -> tuple[list[str], dict[str, str]]:
@@ -175,6 +186,7 @@ def start_search(cfg: StackConfig, stack: Stack) -> None:
     stack.search_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
     stack.search = SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
                                        log_path=stack.log_dir / "search.log", name="search")
+    stack.record(stack.search)
     # SERVING means both upstreams answered the service's own readiness probes.
     wait_grpc_serving(stack.search, stack.search_addr, START_TIMEOUT_S)
 
@@ -190,11 +202,16 @@ def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
         if policy_model is None or prm_model is None:
             built_policy, built_prm = build_models(cfg.work_dir, cfg.prm_type)
             policy_model, prm_model = policy_model or built_policy, prm_model or built_prm
+        # Policy and reward (with its PRM server) load side by side; then the search service.
         if policy_url is None:
             start_policy(cfg, stack, policy_model)
         else:
             stack.policy_url = policy_url
         start_reward(cfg, stack, prm_model)
+        if stack.policy is not None:
+            stack.policy.wait_healthy(timeout=START_TIMEOUT_S)
+        assert stack.reward is not None
+        wait_grpc_serving(stack.reward, stack.reward_addr, START_TIMEOUT_S)
         start_search(cfg, stack)
     except BaseException:
         stack.stop()
