@@ -1,0 +1,237 @@
+"""PRM adapters: how each process reward model type formats a trajectory and reads a step score.
+
+Owns the per-type conventions of /work/shared/ets-algorithm.md ("Process reward models and how a
+score is read"), independent of the backend that runs the model:
+
+- ``math-shepherd``: ``question + "\\n"`` then each step followed by `` ки`` (one line per step);
+  the score of a step is P("+") of the softmax over the ["+", "-"] logits at its tag position.
+- ``rlhflow`` (RLHFlow Llama-3.1-8B PRM): chat format, one user turn per step (the first one
+  prefixed by the question), each answered by an assistant "+"; the score is P("+") vs "-" at
+  the assistant's answer position.
+- ``llemma`` (Llemma PRM800K, REBASE's reward model): math-shepherd formatting; the score is
+  sigmoid of the MEAN of the LM-head logits over the vocabulary at the tag position.
+- ``qwen-prm`` (Qwen2.5-Math-PRM): chat format, the assistant turn is the steps joined and
+  terminated by ``<extra_0>``; a 2-class head per separator, the score is P(class 1).
+
+An adapter turns (question, steps) into token ids plus ``score_positions``: the positions p whose
+model output (the logits that predict token p + 1) gives each step's score. Every token id comes
+from the tokenizer and the adapter's options (tag, "+"/"-" strings), never from numbers here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping, Sequence
+
+Readout = Literal["pair", "mean_logit", "class_head"]
+
+PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
+
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class AdapterError(ValueError):
+    """A configuration or input problem; ``field`` names the offending setting or request field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class PrmOptions:
+    """The strings an adapter looks up in the tokenizer (overridable per deployment)."""
+
+    step_tag: str = "ки"
+    plus: str = "+"
+    minus: str = "-"
+    separator: str = "<extra_0>"
+    system_prompt: str = QWEN_PRM_SYSTEM
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "PrmOptions":
+        """``ETS_PRM_STEP_TAG``, ``ETS_PRM_PLUS``, ``ETS_PRM_MINUS``, ``ETS_PRM_SEPARATOR``."""
+        overrides: dict[str, Any] = {}
+        for key, name in (("ETS_PRM_STEP_TAG", "step_tag"), ("ETS_PRM_PLUS", "plus"),
+                          ("ETS_PRM_MINUS", "minus"), ("ETS_PRM_SEPARATOR", "separator")):
+            if env.get(key):
+                overrides[name] = env[key]
+        return replace(cls(), **overrides)
+
+
+@dataclass(frozen=True)
+class EncodedTrajectory:
+    """Token ids of one formatted trajectory and the position whose output scores each step."""
+
+    input_ids: tuple[int, ...]
+    score_positions: tuple[int, ...] = field(default_factory=tuple)
+
+    def last_step_prompt(self) -> tuple[int, ...]:
+        """The ids up to and including the newest step's score position: the next-token output
+        of this prompt is the newest step's score (what an engine returns for a prompt's end)."""
+        return self.input_ids[: self.score_positions[-1] + 1]
+
+
+def single_token_id(tokenizer: Any, text: str, setting: str) -> int:
+    """The id of ``text`` when the tokenizer holds it as exactly one token, else AdapterError."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    # Sentencepiece vocabularies hold "+" as "▁+" and only produce it after a space.
+    ids = tokenizer.encode(f" {text}", add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    raise AdapterError(setting, f"{text!r} is not a single token for this tokenizer (got {len(ids)} ids)")
+
+
+def _clean_step(step: str, tag: str | None) -> str:
+    """A step's plain text: the policy may hand steps over with the tag or trailing space still
+    attached; a tag inside a step would add a score position the caller did not ask for."""
+    text = step.strip()
+    if tag:
+        text = text.replace(tag, "").strip()
+    return text
+
+
+class PrmAdapter:
+    """Formatting and readout of one PRM type over a tokenizer."""
+
+    name: str = ""
+    readout: Readout = "pair"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.options = options or PrmOptions()
+        self.plus_id: int | None = None
+        self.minus_id: int | None = None
+
+    def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
+        raise NotImplementedError
+
+    def _pair_ids(self) -> None:
+        self.plus_id = single_token_id(self.tokenizer, self.options.plus, "ETS_PRM_PLUS")
+        self.minus_id = single_token_id(self.tokenizer, self.options.minus, "ETS_PRM_MINUS")
+        if self.plus_id == self.minus_id:
+            raise AdapterError("ETS_PRM_PLUS", "plus and minus map to the same token")
+
+
+class _TaggedAdapter(PrmAdapter):
+    """Shared by math-shepherd and llemma: plain text, each step ends with the step tag."""
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self.tag_id = single_token_id(tokenizer, self.options.step_tag, "ETS_PRM_STEP_TAG")
+
+    def format(self, question: str, steps: Sequence[str]) -> str:
+        tag = self.options.step_tag
+        body = "\n".join(f"{_clean_step(s, tag)} {tag}" for s in steps)
+        return f"{_clean_step(question, tag)}\n{body}"
+
+    def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
+        ids = tuple(int(i) for i in self.tokenizer.encode(self.format(question, steps)))
+        positions = tuple(i for i, t in enumerate(ids) if t == self.tag_id)
+        if len(positions) != len(steps):
+            raise AdapterError(
+                "steps", f"expected {len(steps)} step tags after tokenization, found {len(positions)}"
+            )
+        return EncodedTrajectory(ids, positions)
+
+
+class MathShepherdAdapter(_TaggedAdapter):
+    name = "math-shepherd"
+    readout = "pair"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self._pair_ids()
+
+
+class LlemmaAdapter(_TaggedAdapter):
+    name = "llemma"
+    readout = "mean_logit"
+
+
+class _ChatAdapter(PrmAdapter):
+    def _render_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdapterError("ETS_PRM_MODEL", f"{self.name} needs a tokenizer with a chat template")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        # The template writes its own BOS where the model expects one.
+        return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+
+
+class RlhflowAdapter(_ChatAdapter):
+    """User turn per step, assistant answers "+"; read "+" vs "-" where the answer goes."""
+
+    name = "rlhflow"
+    readout = "pair"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self._pair_ids()
+
+    def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
+        messages: list[dict[str, str]] = []
+        positions: list[int] = []
+        prefixes: list[list[int]] = []
+        for k, step in enumerate(steps):
+            text = _clean_step(step, None)
+            content = f"{question.strip()} {text}" if k == 0 else text
+            messages.append({"role": "user", "content": content})
+            # The answer position of step k is where the generation prompt after its user turn ends.
+            prompt = self._render_ids(messages, add_generation_prompt=True)
+            positions.append(len(prompt) - 1)
+            prefixes.append(prompt)
+            messages.append({"role": "assistant", "content": self.options.plus})
+        full = self._render_ids(messages, add_generation_prompt=False)
+        for prompt in prefixes:
+            # Scores are read inside one forward pass over the whole conversation, so each step's
+            # prompt must tokenize as a prefix of it (true at special-token turn boundaries).
+            if full[: len(prompt)] != prompt or full[len(prompt)] != self.plus_id:
+                raise AdapterError(
+                    "ETS_PRM_MODEL", "chat template does not tokenize prefix-stably with the answer token for rlhflow"
+                )
+        return EncodedTrajectory(tuple(full), tuple(positions))
+
+
+class QwenPrmAdapter(_ChatAdapter):
+    """System + user question, assistant = steps each ended by the separator; 2-class head."""
+
+    name = "qwen-prm"
+    readout = "class_head"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self.separator_id = single_token_id(tokenizer, self.options.separator, "ETS_PRM_SEPARATOR")
+
+    def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
+        sep = self.options.separator
+        answer = "".join(f"{_clean_step(s, sep)}{sep}" for s in steps)
+        messages = [
+            {"role": "system", "content": self.options.system_prompt},
+            {"role": "user", "content": question.strip()},
+            {"role": "assistant", "content": answer},
+        ]
+        ids = tuple(self._render_ids(messages, add_generation_prompt=False))
+        positions = tuple(i for i, t in enumerate(ids) if t == self.separator_id)
+        if len(positions) != len(steps):
+            raise AdapterError("steps", f"expected {len(steps)} separators after tokenization, found {len(positions)}")
+        return EncodedTrajectory(ids, positions)
+
+
+ADAPTERS: dict[str, type[PrmAdapter]] = {
+    "math-shepherd": MathShepherdAdapter,
+    "rlhflow": RlhflowAdapter,
+    "llemma": LlemmaAdapter,
+    "qwen-prm": QwenPrmAdapter,
+}
+
+
+def make_adapter(prm_type: str, tokenizer: Any, options: PrmOptions | None = None,
+                 setting: str = "ETS_PRM_TYPE") -> PrmAdapter:
+    """The adapter for ``prm_type``; unknown types raise AdapterError naming ``setting``."""
+    if prm_type not in ADAPTERS:
+        raise AdapterError(setting, f"unknown PRM type {prm_type!r}; choose from {list(PRM_TYPES)}")
+    return ADAPTERS[prm_type](tokenizer, options)

@@ -1,0 +1,65 @@
+"""PRM backends behind one interface: ``transformers`` (in-process) and ``sglang`` (a supervised
+or attached SGLang server). Both take adapter-encoded trajectories and return per-step scores.
+
+Owns the ``PrmBackend`` protocol, ``ScoreOutcome``, ``BackendUnavailable`` and the readout
+arithmetic shared by both paths (so the two differ only in how they obtain logits).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from ets.reward.adapters import EncodedTrajectory, PrmAdapter
+
+BACKENDS: tuple[str, ...] = ("sglang", "transformers")
+
+
+class BackendUnavailable(RuntimeError):
+    """The PRM engine cannot answer right now (down, restarting, unreachable): gRPC UNAVAILABLE."""
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    """Per-trajectory step scores plus engine accounting (0 where the backend has none)."""
+
+    scores: list[list[float]]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class PrmBackend(Protocol):
+    name: str
+    adapter: PrmAdapter
+    # Longest input (tokens) the PRM accepts.
+    max_tokens: int
+
+    async def start(self) -> None:
+        """Load or launch the model; return when it can score (raise on a fatal problem)."""
+        ...
+
+    def is_up(self) -> bool:
+        ...
+
+    def set_health_listener(self, listener: Callable[[bool], None]) -> None:
+        """Called with True/False whenever the backend comes up or goes down."""
+        ...
+
+    async def score(self, encoded: Sequence[EncodedTrajectory], last_step_only: bool) -> ScoreOutcome:
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def pair_score(logit_plus: float, logit_minus: float) -> float:
+    """P("+") of the softmax over ["+", "-"]: sigmoid of the difference. Log-probabilities work
+    as well as logits here because the shared log-normaliser cancels."""
+    return sigmoid(logit_plus - logit_minus)

@@ -1,0 +1,125 @@
+"""``RewardClient``: the async gRPC client of the reward server, and the search's ``StepScorer``.
+
+Owns deadlines, bounded retries with exponential backoff on UNAVAILABLE (the PRM restarting, the
+server rolling), splitting large batches into the server's ``max_batch_size``, and the typed
+``RewardUnavailable`` raised when retries run out. Other gRPC errors surface as ``RewardError``
+with the server's message (INVALID_ARGUMENT names the field). No torch here: the search image
+imports this module.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+
+from ets.api.v1 import reward_pb2, reward_pb2_grpc
+from ets.search.interfaces import ScoredTrajectory
+
+
+class RewardError(RuntimeError):
+    """The reward server rejected or failed a call; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class RewardUnavailable(RewardError):
+    """The reward server (or its PRM) stayed unavailable through every retry."""
+
+
+# Codes worth retrying: the server or its PRM is (re)starting, or a deadline hit a busy server
+# before any work was done is not safe to assume, so only UNAVAILABLE is retried.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class RewardClient:
+    """Async client; use as ``async with RewardClient(addr) as c`` or call ``close()``."""
+
+    def __init__(self, address: str, *, timeout_s: float = 60.0, attempts: int = 5,
+                 backoff_initial_s: float = 0.25, backoff_max_s: float = 4.0,
+                 max_batch_size: int | None = None, channel: grpc.aio.Channel | None = None) -> None:
+        if attempts < 1:
+            raise ValueError("attempts: must be >= 1")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._max_batch_size = max_batch_size
+        self._channel = channel or grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+
+    async def __aenter__(self) -> "RewardClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request: Any) -> Any:
+        rpc = getattr(self._stub, method)
+        delay = self.backoff_initial_s
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(self.attempts):
+            try:
+                return await rpc(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE:
+                    raise RewardError(err.code(), err.details() or "") from None
+                last = err
+            if attempt + 1 < self.attempts:
+                # Full jitter keeps many searches from retrying in lockstep.
+                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
+                delay = min(delay * 2, self.backoff_max_s)
+        assert last is not None
+        raise RewardUnavailable(last.code(), f"{self.address} {method} after {self.attempts} attempts: "
+                                f"{last.details()}") from None
+
+    async def info(self) -> reward_pb2.InfoResponse:
+        return await self._call("Info", reward_pb2.InfoRequest())
+
+    async def _batch_size(self) -> int:
+        if self._max_batch_size is None:
+            self._max_batch_size = max(1, int((await self.info()).max_batch_size) or 1)
+        return self._max_batch_size
+
+    async def score(self, trajectories: Sequence[ScoredTrajectory | tuple[str, Sequence[str]]], *,
+                    last_step_only: bool = False, prm_type: str = "") -> list[list[float]]:
+        """Per-step PRM scores of each trajectory (only the newest step's when ``last_step_only``)."""
+        if not trajectories:
+            return []
+        trajs = [t if isinstance(t, ScoredTrajectory) else ScoredTrajectory(t[0], t[1]) for t in trajectories]
+        size = await self._batch_size()
+        chunks = [trajs[i: i + size] for i in range(0, len(trajs), size)]
+        replies = await asyncio.gather(*(
+            self._call("Score", reward_pb2.ScoreRequest(
+                trajectories=[reward_pb2.Trajectory(question=t.question, steps=list(t.steps)) for t in chunk],
+                last_step_only=last_step_only, prm_type=prm_type,
+            )) for chunk in chunks
+        ))
+        return [list(r.scores) for reply in replies for r in reply.results]
+
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
+        """``StepScorer``: the newest step's score of each trajectory."""
+        scores = await self.score(trajectories, last_step_only=True)
+        return [s[-1] for s in scores]
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``StepScorer``: (len(texts), dim) float32 L2-normalised embeddings."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        size = await self._batch_size()
+        chunks = [list(texts[i: i + size]) for i in range(0, len(texts), size)]
+        replies = await asyncio.gather(*(self._call("Embed", reward_pb2.EmbedRequest(texts=c)) for c in chunks))
+        rows = [np.asarray(e.values, dtype=np.float32) for reply in replies for e in reply.embeddings]
+        return np.stack(rows)

@@ -1,0 +1,442 @@
+"""The reward server (``ets reward-serve``): PRM scoring and sentence embeddings over gRPC.
+
+Owns the server configuration (``RewardServerConfig``: env ``ETS_PRM_*``, ``ETS_EMBEDDER_MODEL``,
+``ETS_DEVICE``, ``ETS_REWARD_*``, overridden by flags), request validation (INVALID_ARGUMENT
+naming the field), the ``RewardService`` implementation (grpc.aio), gRPC health (NOT_SERVING
+while the PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM:
+stop accepting, let in-flight calls finish within the grace period, stop the PRM subprocess.
+
+Model work never runs on the event loop: tokenization in a thread, inference in the backends'
+worker threads (or in SGLang).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ets.api.v1 import reward_pb2, reward_pb2_grpc
+from ets.reward.adapters import PRM_TYPES, AdapterError, EncodedTrajectory, PrmOptions
+from ets.reward.backends import BACKENDS, BackendUnavailable, PrmBackend
+from ets.reward.metrics import RewardMetrics
+
+log = logging.getLogger("ets.reward")
+
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+DEVICES = ("cuda", "cpu")
+GPU_PRM_MEM_FRACTION = 0.85
+
+
+class ConfigError(ValueError):
+    """An invalid server setting; ``field`` names the env var."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class InvalidRequest(ValueError):
+    """A bad request; the message starts with the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RewardServerConfig:
+    prm_model: str = ""
+    prm_type: str = "math-shepherd"
+    prm_backend: str = "sglang"
+    # Attach to this SGLang PRM server instead of spawning one (sglang backend only).
+    prm_url: str = ""
+    prm_port: int = 30001
+    prm_mem_fraction: float | None = None
+    prm_start_timeout_s: float = 600.0
+    prm_dtype: str = "auto"
+    embedder_model: str = ""
+    device: str = "cuda"
+    host: str = "0.0.0.0"
+    port: int = 50052
+    metrics_port: int = 9092
+    # Trajectories per Score call and texts per Embed call.
+    max_batch_size: int = 256
+    grace_s: float = 10.0
+    log_dir: str = "/tmp/ets-reward-logs"
+    options: PrmOptions = field(default_factory=PrmOptions)
+
+    def validate(self) -> "RewardServerConfig":
+        if self.prm_type not in PRM_TYPES:
+            raise ConfigError("ETS_PRM_TYPE", f"unknown PRM type {self.prm_type!r}; choose from {list(PRM_TYPES)}")
+        if self.prm_backend not in BACKENDS:
+            raise ConfigError("ETS_PRM_BACKEND", f"must be one of {list(BACKENDS)}, got {self.prm_backend!r}")
+        if not self.prm_model:
+            raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
+        if self.device not in DEVICES:
+            raise ConfigError("ETS_DEVICE", f"must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.prm_url and self.prm_backend != "sglang":
+            raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
+        for name, port in (("ETS_REWARD_PORT", self.port), ("ETS_REWARD_METRICS_PORT", self.metrics_port),
+                           ("ETS_PRM_PORT", self.prm_port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(name, f"must be in 0..65535, got {port}")
+        if self.max_batch_size < 1:
+            raise ConfigError("ETS_REWARD_MAX_BATCH_SIZE", f"must be >= 1, got {self.max_batch_size}")
+        if self.grace_s < 0:
+            raise ConfigError("ETS_REWARD_GRACE_S", f"must be >= 0, got {self.grace_s}")
+        return self
+
+    def replace(self, **overrides: Any) -> "RewardServerConfig":
+        return replace(self, **overrides)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "RewardServerConfig":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for key, name, kind in _ENV:
+            raw = env.get(key, "").strip()
+            if not raw:
+                continue
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise ConfigError(key, f"cannot parse {raw!r} as {kind.__name__}") from None
+        if "device" in values:
+            values["device"] = values["device"].lower()
+        values["options"] = PrmOptions.from_env(env)
+        return cls(**values)
+
+
+_ENV: tuple[tuple[str, str, type], ...] = (
+    ("ETS_PRM_MODEL", "prm_model", str),
+    ("ETS_PRM_TYPE", "prm_type", str),
+    ("ETS_PRM_BACKEND", "prm_backend", str),
+    ("ETS_PRM_URL", "prm_url", str),
+    ("ETS_PRM_PORT", "prm_port", int),
+    ("ETS_PRM_MEM_FRACTION", "prm_mem_fraction", float),
+    ("ETS_PRM_START_TIMEOUT_S", "prm_start_timeout_s", float),
+    ("ETS_PRM_DTYPE", "prm_dtype", str),
+    ("ETS_EMBEDDER_MODEL", "embedder_model", str),
+    ("ETS_DEVICE", "device", str),
+    ("ETS_REWARD_HOST", "host", str),
+    ("ETS_REWARD_PORT", "port", int),
+    ("ETS_REWARD_METRICS_PORT", "metrics_port", int),
+    ("ETS_REWARD_MAX_BATCH_SIZE", "max_batch_size", int),
+    ("ETS_REWARD_GRACE_S", "grace_s", float),
+    ("ETS_REWARD_LOG_DIR", "log_dir", str),
+)
+
+
+def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBackend:
+    """The configured PRM backend (not started). Raises AdapterError/ConfigError naming the setting."""
+    on_batch = metrics.model_batch.labels("prm").observe
+    if config.prm_backend == "transformers":
+        from ets.reward.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(config.prm_model, config.prm_type, options=config.options, device=config.device,
+                                   dtype=config.prm_dtype, max_batch_items=config.max_batch_size, on_batch=on_batch)
+    from ets.engine.launcher import config_from_env
+    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+
+    if config.prm_url:
+        supervisor = PrmSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
+                                   on_restart=metrics.prm_restarts.inc)
+    else:
+        # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
+        launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
+            model_path=config.prm_model, host="127.0.0.1", port=config.prm_port, device=config.device,
+            served_name="prm",
+        )
+        if launch.mem_fraction_static is None:
+            mem = config.prm_mem_fraction
+            if mem is None and config.device == "cuda":
+                mem = GPU_PRM_MEM_FRACTION
+            launch = launch.replace(mem_fraction_static=mem)
+        launch.validate()
+        supervisor = PrmSupervisor(launch=launch, log_dir=config.log_dir,
+                                   start_timeout_s=config.prm_start_timeout_s, on_restart=metrics.prm_restarts.inc)
+    backend = SglangBackend(config.prm_model, config.prm_type, supervisor, options=config.options)
+    return backend
+
+
+class RewardService(reward_pb2_grpc.RewardServiceServicer):
+    def __init__(self, config: RewardServerConfig, backend: PrmBackend, embedder: Any,
+                 metrics: RewardMetrics) -> None:
+        self.config = config
+        self.backend = backend
+        self.embedder = embedder
+        self.metrics = metrics
+
+    @asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext, items: int) -> AsyncIterator[None]:
+        """Metrics plus the mapping of failures to gRPC codes (never a stack trace to the caller)."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.metrics.inflight.inc()
+        self.metrics.request_items.labels(method).observe(items)
+        try:
+            try:
+                yield
+            except (InvalidRequest, AdapterError) as exc:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(exc))
+            except BackendUnavailable as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"{method}: {exc}")
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported as INTERNAL with the reason
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", method)
+                await context.abort(code, f"{method}: {type(exc).__name__}: {exc}")
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(method, code.name).inc()
+            if code != grpc.StatusCode.OK:
+                self.metrics.errors.labels(method, code.name).inc()
+
+    # -- Score --------------------------------------------------------------------------------
+    def _validate_score(self, request: reward_pb2.ScoreRequest) -> None:
+        n = len(request.trajectories)
+        if n == 0:
+            raise InvalidRequest("trajectories", "empty: send at least one trajectory")
+        if n > self.config.max_batch_size:
+            raise InvalidRequest("trajectories", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
+        if request.prm_type:
+            if request.prm_type not in PRM_TYPES:
+                raise InvalidRequest("prm_type", f"unknown PRM type {request.prm_type!r}; choose from {list(PRM_TYPES)}")
+            if request.prm_type != self.config.prm_type:
+                raise InvalidRequest("prm_type", f"this server serves {self.config.prm_type!r}, not {request.prm_type!r}")
+        for i, traj in enumerate(request.trajectories):
+            if not traj.question.strip():
+                raise InvalidRequest(f"trajectories[{i}].question", "empty")
+            if not traj.steps:
+                raise InvalidRequest(f"trajectories[{i}].steps", "no steps to score")
+            for j, step in enumerate(traj.steps):
+                if not step.strip():
+                    raise InvalidRequest(f"trajectories[{i}].steps[{j}]", "empty step")
+
+    def _encode(self, request: reward_pb2.ScoreRequest) -> list[EncodedTrajectory]:
+        encoded = []
+        limit = self.backend.max_tokens
+        for i, traj in enumerate(request.trajectories):
+            try:
+                enc = self.backend.adapter.encode(traj.question, list(traj.steps))
+            except AdapterError as exc:
+                raise InvalidRequest(f"trajectories[{i}].{exc.field}", exc.message) from None
+            if len(enc.input_ids) > limit:
+                raise InvalidRequest(f"trajectories[{i}]", f"{len(enc.input_ids)} tokens exceed the PRM's limit of {limit}")
+            encoded.append(enc)
+        return encoded
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+        async with self._rpc("Score", context, len(request.trajectories)):
+            self._validate_score(request)
+            if not self.backend.is_up():
+                raise BackendUnavailable(f"PRM backend ({self.config.prm_backend}) is not serving")
+            encoded = await asyncio.to_thread(self._encode, request)
+            outcome = await self.backend.score(encoded, request.last_step_only)
+            self.metrics.prm_tokens.labels("prompt").inc(outcome.prompt_tokens)
+            self.metrics.prm_tokens.labels("cached").inc(outcome.cached_tokens)
+            self.metrics.scored_steps.inc(sum(len(s) for s in outcome.scores))
+            return reward_pb2.ScoreResponse(
+                results=[reward_pb2.StepScores(scores=s) for s in outcome.scores],
+                prompt_tokens=outcome.prompt_tokens, cached_tokens=outcome.cached_tokens,
+            )
+        raise AssertionError("unreachable")  # _rpc aborts on every failure
+
+    # -- Embed --------------------------------------------------------------------------------
+    async def Embed(self, request: reward_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> reward_pb2.EmbedResponse:
+        async with self._rpc("Embed", context, len(request.texts)):
+            n = len(request.texts)
+            if n == 0:
+                raise InvalidRequest("texts", "empty: send at least one text")
+            if n > self.config.max_batch_size:
+                raise InvalidRequest("texts", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
+            vectors = await self.embedder.embed(list(request.texts))
+            return reward_pb2.EmbedResponse(
+                embeddings=[reward_pb2.Embedding(values=row.tolist()) for row in vectors], dim=int(vectors.shape[1])
+            )
+        raise AssertionError("unreachable")
+
+    async def Info(self, request: reward_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> reward_pb2.InfoResponse:
+        async with self._rpc("Info", context, 0):
+            return reward_pb2.InfoResponse(
+                prm_type=self.config.prm_type, prm_backend=self.config.prm_backend, prm_model=self.config.prm_model,
+                embedder_model=self.embedder.model_name, embedding_dim=self.embedder.dim,
+                max_batch_size=self.config.max_batch_size,
+            )
+        raise AssertionError("unreachable")
+
+
+class RewardServer:
+    """One reward server: gRPC + health + reflection + metrics over a backend and an embedder."""
+
+    def __init__(self, config: RewardServerConfig) -> None:
+        self.config = config.validate()
+        self.metrics = RewardMetrics()
+        self.backend: PrmBackend | None = None
+        self.embedder: Any = None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._backend_task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def _set_serving(self, up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _on_backend(self, up: bool) -> None:
+        self.metrics.backend_up.set(1 if up else 0)
+        if not self._stopped:
+            asyncio.get_running_loop().create_task(self._set_serving(up))
+
+    async def start(self, *, wait_backend: bool = True) -> None:
+        """Load the embedder, build the backend, open the ports; with ``wait_backend`` return only
+        once the PRM backend is up (else it comes up in the background, health tracking it)."""
+        from ets.reward.embedder import Embedder
+
+        cfg = self.config
+        self.backend = await asyncio.to_thread(build_backend, cfg, self.metrics)
+        self.backend.set_health_listener(self._on_backend)
+        self.embedder = Embedder(cfg.embedder_model or None, device=cfg.device,
+                                 on_batch=self.metrics.model_batch.labels("embedder").observe)
+        await asyncio.to_thread(self.embedder.load)
+
+        self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardService(cfg, self.backend, self.embedder, self.metrics), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        await self._set_serving(False)
+        await self.server.start()
+        log.info("reward server on %s:%d (metrics %d), PRM %s via %s", cfg.host, self.port, self.metrics_port,
+                 cfg.prm_type, cfg.prm_backend)
+        self._backend_task = asyncio.get_running_loop().create_task(self.backend.start())
+        if wait_backend:
+            await self._backend_task
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, finish in-flight calls within ``grace``, then stop the PRM and embedder."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self._backend_task is not None and not self._backend_task.done():
+            self._backend_task.cancel()
+            try:
+                await self._backend_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.backend is not None:
+            await self.backend.close()
+        if self.embedder is not None:
+            await self.embedder.close()
+        self.metrics.shutdown()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ets reward-serve", description="Run the reward server (PRM + embedder, gRPC). "
+                                "Flags override the environment variables named in parentheses.")
+    p.add_argument("--prm-model", help="PRM model folder (ETS_PRM_MODEL)")
+    p.add_argument("--prm-type", help=f"one of {list(PRM_TYPES)} (ETS_PRM_TYPE)")
+    p.add_argument("--prm-backend", help=f"one of {list(BACKENDS)} (ETS_PRM_BACKEND)")
+    p.add_argument("--prm-url", help="attach to this SGLang PRM server instead of spawning one (ETS_PRM_URL)")
+    p.add_argument("--prm-port", type=int, help="port of the spawned SGLang PRM server (ETS_PRM_PORT, 30001)")
+    p.add_argument("--prm-mem-fraction", type=float, help="spawned PRM's --mem-fraction-static (0.85 on GPU)")
+    p.add_argument("--prm-start-timeout-s", type=float, help="(ETS_PRM_START_TIMEOUT_S, 600)")
+    p.add_argument("--prm-dtype", help="transformers backend dtype: auto|bfloat16|float32 (ETS_PRM_DTYPE)")
+    p.add_argument("--embedder-model", help="sentence-transformers model (ETS_EMBEDDER_MODEL)")
+    p.add_argument("--device", help="cuda or cpu (ETS_DEVICE)")
+    p.add_argument("--host", help="bind address (ETS_REWARD_HOST, 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (ETS_REWARD_PORT, 50052; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (ETS_REWARD_METRICS_PORT, 9092)")
+    p.add_argument("--max-batch-size", type=int, help="trajectories/texts per call (ETS_REWARD_MAX_BATCH_SIZE, 256)")
+    p.add_argument("--grace-s", type=float, help="SIGTERM grace period for in-flight calls (ETS_REWARD_GRACE_S, 10)")
+    p.add_argument("--log-dir", help="where the spawned PRM server logs (ETS_REWARD_LOG_DIR)")
+    p.add_argument("--ready-file", help="write 'PORT METRICS_PORT' here once serving (tests, scripts)")
+    return p
+
+
+def config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
+    args = _parser().parse_args(list(argv))
+    config = RewardServerConfig.from_env(env)
+    names = {f.name for f in fields(RewardServerConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "device" in overrides:
+        overrides["device"] = overrides["device"].lower()
+    return config.replace(**overrides), args.ready_file
+
+
+async def _serve(config: RewardServerConfig, ready_file: str | None) -> int:
+    server = RewardServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start(wait_backend=False)
+        if ready_file:
+            Path(ready_file).write_text(f"{server.port} {server.metrics_port}\n")
+        backend_task = server._backend_task
+        assert backend_task is not None
+        stop_wait = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({backend_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if backend_task in done and backend_task.exception() is not None:
+            exc = backend_task.exception()
+            log.error("PRM backend failed to start: %s", exc)
+            stop_wait.cancel()
+            return 1
+        await stop_wait
+        log.info("signal received: draining for up to %.0fs", config.grace_s)
+        return 0
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("ETS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, ready_file = config_from_args(sys.argv[1:] if argv is None else argv)
+        config.validate()
+        code = asyncio.run(_serve(config, ready_file))
+    except (ConfigError, AdapterError) as exc:
+        print(f"ets reward-serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
