@@ -23,7 +23,7 @@ from ets.engine.launcher import LaunchConfig
 from ets.engine.process import SGLangProcess, free_port, start_server
 
 # Other areas' fixture modules (tests/<area>_fixtures.py); add yours here.
-pytest_plugins: list[str] = ["service_fixtures"]
+pytest_plugins: list[str] = ["service_fixtures", "reward_fixtures"]
 
 # Each CPU SGLang server holds ~2 GB; 5 people share this machine.
 MAX_SGLANG_SERVERS = int(os.environ.get("ETS_TEST_MAX_SGLANG_SERVERS", "3"))

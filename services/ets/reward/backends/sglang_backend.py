@@ -95,7 +95,7 @@ class PrmSupervisor:
         if self.process is not None:
             await self.process.stop_async(timeout=10.0)
         self.process = SGLangProcess.launch(
-            self.launch, log_path=self.log_dir / "prm-sglang.log", name="prm-sglang"
+            self.launch, log_path=self.log_dir / f"prm-sglang-{self.launch.port}.log", name="prm-sglang"
         )
         await self.process.wait_healthy_async(timeout=self.start_timeout_s)
 
