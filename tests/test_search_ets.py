@@ -14,7 +14,7 @@ import pytest
 
 from ets.search.clustering import cluster_steps, coverage_applies
 from ets.search.ets import (
-    build_instance, build_program, cluster_labels, select_ets, solve_highs,
+    FORMULATIONS, build_instance, build_program, cluster_labels, select_ets, solve_highs,
 )
 from ets.search.rebase import rebase_allocation
 from ets.search.tree import Frontier
@@ -66,20 +66,20 @@ CASES = [
 @pytest.mark.parametrize("seed,lambda_c,lambda_s,node_cost", CASES)
 def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: float, lambda_s: float, node_cost: str) -> None:
     rng = np.random.default_rng(1000 + seed)
-    for _ in range(4):
+    for _ in range(3):
         n = int(rng.integers(2, 11))
         width = int(rng.choice([n, 16, 64]))
         f = small_frontier(rng, n)
         labels = cluster_labels(f, lambda_s, 0.05)
         best = brute_force(f, width, lambda_c, lambda_s, node_cost, labels)
         inst = build_instance(f, width, T, lambda_c, lambda_s, node_cost, labels)
-        for formulation in ("compact", "naive"):
-            solved = solve_highs(build_program(inst, formulation), time_limit_s=10.0)
+        for formulation, lp_first in [(f, True) for f in FORMULATIONS] + [("compact", False), ("naive", False)]:
+            solved = solve_highs(build_program(inst, formulation), time_limit_s=10.0, lp_first=lp_first)
             assert solved.status == "optimal"
             got = spec_objective(f, width, lambda_c, lambda_s, node_cost, labels, tuple(solved.keep))
-            assert got == pytest.approx(best, abs=1e-9), formulation
+            assert got == pytest.approx(best, abs=1e-9), (formulation, lp_first)
             # The program's own value (constant folded in) agrees with the spec's objective.
-            assert solved.objective == pytest.approx(best, abs=1e-7), formulation
+            assert solved.objective == pytest.approx(best, abs=1e-7), (formulation, lp_first)
         sel = select_ets(f, width, softmax_temperature=T, lambda_c=lambda_c, lambda_s=lambda_s,
                          cluster_distance=0.05, node_cost=node_cost, time_limit_s=10.0)
         assert sel.solver_status == "optimal"
@@ -254,3 +254,22 @@ def test_coverage_keeps_a_distinct_low_scorer() -> None:
     covered = _select(f, 4, lambda_c=1.0, lambda_s=3.0)
     assert covered.keep[2] is True and covered.clusters == 2
     assert math.isclose(sum(covered.counts), 4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_split_clustering_equals_scipy_fcluster(seed: int) -> None:
+    """cluster_steps runs linkage per connected component of the <= t graph (exact for average
+    linkage); its partition must equal scipy's fcluster over the whole linkage on pdist."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        n, k, d = int(rng.integers(2, 60)), int(rng.integers(1, 12)), int(rng.integers(2, 12))
+        emb = rng.standard_normal((k, d))[rng.integers(0, k, n)]
+        emb += float(rng.choice([0.01, 0.1, 0.3])) * rng.standard_normal((n, d))
+        for cut in (0.05, 0.2, 0.6):
+            ref = fcluster(linkage(pdist(emb, "cosine"), "average"), cut, "distance")
+            got = cluster_steps(emb, cut)
+            assert len(set(zip(ref.tolist(), got.tolist()))) == len(set(ref.tolist())) == len(set(got.tolist()))
+            assert got[0] == 0 and set(got.tolist()) == set(range(got.max() + 1))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import highspy
 import numpy as np
@@ -35,9 +35,6 @@ from ets.search.base import Selection
 from ets.search.clustering import cluster_steps, coverage_applies
 from ets.search.rebase import outcome_values, rebase_allocation
 from ets.search.tree import Frontier
-
-Formulation = Literal["compact", "naive"]
-
 
 @dataclass(frozen=True)
 class EtsInstance:
@@ -157,16 +154,44 @@ class _Rows:
         self.lo.append(lo)
         self.hi.append(hi)
 
+    def add_pairs(self, pairs: Sequence[tuple[int, int]], lo: float, hi: float) -> None:
+        """Rows ``lo <= v[a] - v[b] <= hi`` for each (a, b)."""
+        first = len(self.lo)
+        for k, (a, b) in enumerate(pairs):
+            self.r += (first + k, first + k)
+            self.c += (a, b)
+            self.v += (1.0, -1.0)
+        self.lo += [lo] * len(pairs)
+        self.hi += [hi] * len(pairs)
+
     def matrix(self, n_cols: int) -> sp.csc_matrix:
         return sp.csc_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_cols))
 
 
-def build_program(inst: EtsInstance, formulation: Formulation = "compact") -> Program:
+# Formulations measured by bench/selection.py: the spec's rows, and the compact one with each of
+# its two structural ideas switched off in turn.
+FORMULATIONS: tuple[str, ...] = ("compact", "naive", "compact-nomerge", "compact-leaflinks")
+
+
+def build_program(inst: EtsInstance, formulation: str = "compact") -> Program:
     if formulation == "naive":
         return _build_naive(inst)
     if formulation == "compact":
-        return _build_compact(inst)
+        return _build_compact(inst, merge=True, edge_links=True)
+    if formulation == "compact-nomerge":
+        return _build_compact(inst, merge=False, edge_links=True)
+    if formulation == "compact-leaflinks":
+        return _build_compact(inst, merge=True, edge_links=False)
     raise ValueError(f"formulation: unknown {formulation!r}")
+
+
+def _cluster_members(inst: EtsInstance) -> list[list[int]]:
+    """Leaves of each cluster (in label order); empty when there is no coverage term."""
+    if inst.clusters is None:
+        return []
+    order = np.argsort(inst.clusters, kind="stable")
+    bounds = np.cumsum(np.bincount(inst.clusters, minlength=inst.num_clusters))[:-1]
+    return [part.tolist() for part in np.split(order, bounds)]
 
 
 def _build_naive(inst: EtsInstance) -> Program:
@@ -188,10 +213,8 @@ def _build_naive(inst: EtsInstance) -> Program:
             rows.add([col_of[j], i], [1.0, -1.0], 0.0, math.inf)  # y_j >= x_i
     for j in anc_ids:  # y_j <= sum of x under j
         rows.add([col_of[j]] + under[j], [1.0] + [-1.0] * len(under[j]), -math.inf, 0.0)
-    if inst.clusters is not None:
-        for k in range(k_clusters):
-            members = np.flatnonzero(inst.clusters == k).tolist()
-            rows.add([n + len(anc_ids) + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
+    for k, members in enumerate(_cluster_members(inst)):
+        rows.add([n + len(anc_ids) + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
     rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
     return Program(
         objective=obj, constant=0.0, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
@@ -200,7 +223,7 @@ def _build_naive(inst: EtsInstance) -> Program:
     )
 
 
-def _build_compact(inst: EtsInstance) -> Program:
+def _build_compact(inst: EtsInstance, merge: bool, edge_links: bool) -> Program:
     n = inst.size
     obj_x = inst.outcome - inst.leaf_cost
     constant = 0.0
@@ -209,57 +232,61 @@ def _build_compact(inst: EtsInstance) -> Program:
     for i, path in enumerate(inst.ancestors):
         for j in path:
             leaves_of.setdefault(j, []).append(i)
-    # Merge ancestors by identical leaf set; classify constants and single-leaf groups.
+    # Merge ancestors by identical leaf set; fold constants and single-leaf ancestors away.
     group_of_set: dict[tuple[int, ...], int] = {}
     group_cost: list[float] = []
+    group_leaves: list[list[int]] = []
     var_of_anc: dict[int, int | None] = {}  # ancestor -> group index, None when folded away
     for j, leaves in leaves_of.items():
         cost = inst.ancestor_cost[j]
-        if len(leaves) == n:
+        if merge and len(leaves) == n:
             constant -= cost  # retained by every non-empty keep-set
             var_of_anc[j] = None
-        elif len(leaves) == 1:
+            continue
+        if merge and len(leaves) == 1:
             obj_x[leaves[0]] -= cost  # retained exactly when that leaf is
             var_of_anc[j] = None
-        else:
-            key = tuple(leaves)
-            g = group_of_set.get(key)
-            if g is None:
-                g = group_of_set[key] = len(group_cost)
-                group_cost.append(0.0)
-            group_cost[g] += cost
-            var_of_anc[j] = g
+            continue
+        key = tuple(leaves) if merge else (j, -1)  # unmerged: one group per ancestor
+        g = group_of_set.get(key)
+        if g is None:
+            g = group_of_set[key] = len(group_cost)
+            group_cost.append(0.0)
+            group_leaves.append(leaves)
+        group_cost[g] += cost
+        var_of_anc[j] = g
     n_groups = len(group_cost)
     # Coverage: singleton clusters fold into their leaf; the others get a variable.
-    cluster_cols: list[list[int]] = []
+    cluster_cols = _cluster_members(inst)
     if inst.clusters is not None:
-        for k in range(inst.num_clusters):
-            members = np.flatnonzero(inst.clusters == k).tolist()
-            if len(members) == 1:
-                obj_x[members[0]] += inst.cluster_weight
-            else:
-                cluster_cols.append(members)
+        singles = [m[0] for m in cluster_cols if len(m) == 1]
+        obj_x[singles] += inst.cluster_weight
+        cluster_cols = [m for m in cluster_cols if len(m) > 1]
     n_vars = n + n_groups + len(cluster_cols)
     obj = np.zeros(n_vars)
     obj[:n] = obj_x
     obj[n:n + n_groups] = -np.array(group_cost)
     obj[n + n_groups:] = inst.cluster_weight
+    links: set[tuple[int, int]] = set()
+    if edge_links:
+        for i, path in enumerate(inst.ancestors):
+            prev: int | None = None
+            for j in path:  # leaf sets shrink down a path, so equal groups are contiguous
+                g = var_of_anc[j]
+                if g is None:
+                    continue
+                col = n + g
+                if prev is not None and prev != col:
+                    links.add((prev, col))
+                prev = col
+            if prev is not None:
+                links.add((prev, i))
+    else:
+        for g, leaves in enumerate(group_leaves):
+            links.update((n + g, i) for i in leaves)
     rows = _Rows()
-    edges: set[tuple[int, int]] = set()
-    for i, path in enumerate(inst.ancestors):
-        prev: int | None = None
-        for j in path:  # leaf sets shrink down a path, so equal groups are contiguous
-            g = var_of_anc[j]
-            if g is None:
-                continue
-            col = n + g
-            if prev is not None and prev != col:
-                edges.add((prev, col))
-            prev = col
-        if prev is not None:
-            edges.add((prev, i))
-    for parent_col, child_col in sorted(edges):
-        rows.add([parent_col, child_col], [1.0, -1.0], 0.0, math.inf)  # y_parent >= y_child / x_i
+    # y_parent - y_child >= 0 (or y - x_i >= 0), one two-entry row per link.
+    rows.add_pairs(sorted(links), 0.0, math.inf)
     for k, members in enumerate(cluster_cols):
         rows.add([n + n_groups + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
     rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
@@ -268,7 +295,8 @@ def _build_compact(inst: EtsInstance) -> Program:
     return Program(
         objective=obj, constant=constant, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
         integer=integer, matrix=rows.matrix(n_vars), row_lower=np.array(rows.lo),
-        row_upper=np.array(rows.hi), n_leaves=n, formulation="compact",
+        row_upper=np.array(rows.hi), n_leaves=n,
+        formulation="compact" + ("" if merge else "-nomerge") + ("" if edge_links else "-leaflinks"),
     )
 
 
@@ -285,20 +313,7 @@ class Solved:
     seconds: float
 
 
-def solve_highs(
-    prog: Program, time_limit_s: float, start: np.ndarray | None = None, gap: float = 1e-9,
-) -> Solved:
-    """Solve in-process with HiGHS; keep the best incumbent if the time limit hits.
-
-    ``start``: values of the x (a keep-set) to start from."""
-    t0 = time.perf_counter()
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(time_limit_s))
-    # Objectives are O(1) sums of fractions: the default relative gap (1e-4) could stop short of
-    # the true optimum, which the optimality tests would (rightly) catch.
-    h.setOptionValue("mip_rel_gap", gap)
-    h.setOptionValue("mip_abs_gap", gap)
+def _highs_lp(prog: Program) -> "highspy.HighsLp":
     lp = highspy.HighsLp()
     lp.num_col_ = prog.num_vars
     lp.num_row_ = prog.num_rows
@@ -319,9 +334,49 @@ def solve_highs(
     lp.integrality_ = [
         highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in prog.integer
     ]
-    status = h.passModel(lp)
-    if status == highspy.HighsStatus.kError:
+    return lp
+
+
+# An LP vertex whose x are within this of 0/1 is taken as integral.
+_INTEGRAL_TOL = 1e-6
+
+
+def solve_highs(
+    prog: Program, time_limit_s: float, start: np.ndarray | None = None, gap: float = 1e-9,
+    lp_first: bool = True,
+) -> Solved:
+    """Solve in-process with HiGHS; keep the best incumbent if the time limit hits.
+
+    ``lp_first``: solve the LP relaxation first and stop there when its x are integral (then it
+    is a proven MIP optimum: the relaxation's bound is attained). On the compact formulation this
+    is the common case - without coverage the program is a max-weight closure on a tree, whose
+    LP is integral - and it skips HiGHS's MIP root work (cuts, heuristics), several times the LP
+    time. ``start``: values of the x (a keep-set) to warm-start the MIP from.
+    """
+    t0 = time.perf_counter()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    # Objectives are O(1) sums of fractions: the default relative gap (1e-4) could stop short of
+    # the true optimum, which the optimality tests would (rightly) catch.
+    h.setOptionValue("mip_rel_gap", gap)
+    h.setOptionValue("mip_abs_gap", gap)
+    if h.passModel(_highs_lp(prog)) == highspy.HighsStatus.kError:
         return Solved(None, "error: passModel", None, time.perf_counter() - t0)
+    if lp_first:
+        h.setOptionValue("solve_relaxation", True)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.run()
+        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+            values = np.asarray(h.getSolution().col_value)
+            x = values[: prog.n_leaves]
+            if prog.integer.any() and np.all(np.minimum(x, 1.0 - x) <= _INTEGRAL_TOL) and (x > 0.5).any():
+                return Solved(x > 0.5, "optimal", float(h.getInfo().objective_function_value),
+                              time.perf_counter() - t0)
+        h.setOptionValue("solve_relaxation", False)
+    left = time_limit_s - (time.perf_counter() - t0)
+    if left <= 0:
+        return Solved(None, "none", None, time.perf_counter() - t0)
+    h.setOptionValue("time_limit", float(left))
     if start is not None:
         # A partial start (the x only): HiGHS completes the continuous part itself.
         idx = np.arange(prog.n_leaves, dtype=np.int32)
@@ -394,7 +449,7 @@ def cluster_labels(frontier: Frontier, lambda_s: float, cluster_distance: float)
 def select_ets(
     frontier: Frontier, width: int, *, softmax_temperature: float, lambda_c: float, lambda_s: float,
     cluster_distance: float, node_cost: str = "uniform", time_limit_s: float = 0.5,
-    formulation: Formulation = "compact", warm_start: bool = True,
+    formulation: str = "compact", warm_start: bool = True, lp_first: bool = True,
 ) -> Selection:
     """Keep-set by the integer program, then REBASE over the kept candidates."""
     n = frontier.size
@@ -414,7 +469,7 @@ def select_ets(
         # REBASE's own keep-set is always feasible: HiGHS starts with an incumbent, so a time
         # limit still returns a keep-set at least as good as plain REBASE's.
         start = (inst.outcome > 0).astype(float)
-    solved = solve_highs(prog, time_limit_s, start)
+    solved = solve_highs(prog, time_limit_s, start, lp_first=lp_first)
     k = inst.num_clusters
     if solved.keep is None or not solved.keep.any():
         counts = rebase_allocation(scores, width, softmax_temperature)

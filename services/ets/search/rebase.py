@@ -38,12 +38,13 @@ def rebase_allocation(
     order = idx[np.argsort(-s[idx], kind="stable")]
     # Shifting by the max leaves every ratio unchanged and keeps exp() finite for any T.
     w = np.exp((s[order] - s[order[0]]) / softmax_temperature)
-    suffix = np.cumsum(w[::-1])[::-1]
+    suffix = np.cumsum(w[::-1])[::-1].tolist()
+    weights = w.tolist()  # plain floats: the sequential walk is a Python loop
     remaining = int(width)
-    for pos, i in enumerate(order):
+    for pos, i in enumerate(order.tolist()):
         if remaining <= 0:
             break
-        share = remaining * w[pos] / suffix[pos]
+        share = remaining * weights[pos] / suffix[pos]
         k = min(remaining, max(0, math.ceil(share - _CEIL_SLACK)))
         counts[i] = k
         remaining -= k
