@@ -1,0 +1,121 @@
+"""Process supervision: fail fast with the log tail, stop the whole group by PID, and
+``ets policy-serve`` exec'ing real SGLang that shuts down cleanly on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ets.engine.process import SGLangProcess, ServerStartError, free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_dead_process_fails_fast_with_log_tail(tmp_path: Path) -> None:
+    proc = SGLangProcess.start(
+        [sys.executable, "-c", "import sys; print('loading weights'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"],
+        url=f"http://127.0.0.1:{free_port()}", log_path=tmp_path / "dead.log", name="dead",
+    )
+    start = time.monotonic()
+    with pytest.raises(ServerStartError) as err:
+        proc.wait_healthy(timeout=60)
+    assert time.monotonic() - start < 10  # not the full deadline
+    assert "exited with code 3" in str(err.value)
+    assert "CUDA out of memory" in err.value.log_tail and "loading weights" in err.value.log_tail
+    assert proc.stop() == 3
+
+
+def test_deadline_when_never_healthy(tmp_path: Path) -> None:
+    with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
+                             url=f"http://127.0.0.1:{free_port()}", log_path=tmp_path / "slow.log",
+                             name="slow") as proc:
+        with pytest.raises(ServerStartError, match="not healthy after 1s"):
+            proc.wait_healthy(timeout=1.0, poll_s=0.1)
+        assert proc.is_alive()
+    assert not proc.is_alive()
+
+
+def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
+    # The leader forks a child that ignores SIGTERM (like a stuck worker); the leader exits on it.
+    script = (
+        "import os, signal, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "print('child', pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
+                               log_path=tmp_path / "group.log", name="group")
+    deadline = time.monotonic() + 10
+    child = None
+    while time.monotonic() < deadline and child is None:
+        for line in proc.log_tail().splitlines():
+            if line.startswith("child "):
+                child = int(line.split()[1])
+        time.sleep(0.05)
+    assert child is not None and _alive(child)
+    start = time.monotonic()
+    rc = proc.stop(timeout=1.0)
+    assert rc == -signal.SIGTERM
+    assert time.monotonic() - start < 8
+    time.sleep(0.2)
+    assert not _alive(child), "the SIGTERM-ignoring child survived stop()"
+    assert proc.stop() == rc  # idempotent
+
+
+@pytest.mark.sglang
+def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "ETS_POLICY_MODEL": str(tiny_policy_model), "ETS_DEVICE": "cpu",
+           "ETS_POLICY_PORT": str(port), "ETS_POLICY_HOST": "127.0.0.1", "ETS_POLICY_SERVED_NAME": "tiny-policy"}
+    proc = SGLangProcess.start([sys.executable, "-m", "ets.cli", "policy-serve"], env=env,
+                               url=f"http://127.0.0.1:{port}", log_path=tmp_path / "policy-serve.log",
+                               name="policy-serve")
+    try:
+        proc.wait_healthy(timeout=240)
+        # exec: the PID we started is SGLang itself, not a wrapper around it.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"sglang.launch_server" in cmdline
+        import json
+        import urllib.request
+
+        info = json.loads(urllib.request.urlopen(f"{proc.url}/model_info", timeout=30).read())
+        assert info["served_model_name"] == "tiny-policy"
+        # What a container runtime does to PID 1: SIGTERM to that one process only.
+        os.kill(proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        while proc.is_alive() and time.monotonic() - start < 60:
+            time.sleep(0.2)
+        assert not proc.is_alive(), "SGLang did not exit within 60 s of SIGTERM"
+        assert proc.returncode == 0, proc.log_tail()
+        assert "SIGTERM received" in proc.log_tail(200)
+        # Its scheduler, detokenizer and multiprocessing resource tracker go with it (the tracker
+        # lingers as a zombie for a moment until init reaps it).
+        leftover = True
+        deadline = time.monotonic() + 15
+        while leftover and time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pgid, 0)
+                time.sleep(0.2)
+            except ProcessLookupError:
+                leftover = False
+        assert not leftover, "SGLang left worker processes behind after SIGTERM"
+    finally:
+        proc.stop()
