@@ -64,8 +64,9 @@ def _reason(err: BaseException) -> str:
     """A short, bounded label for the error metrics."""
     if type(err).__name__ in _REASONS:
         return _REASONS[type(err).__name__]
-    if isinstance(err, grpc.aio.AioRpcError):
-        return err.code().name.lower()
+    code = _grpc_code(err)
+    if code is not None:
+        return code.name.lower()
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
         return "timeout"
     if isinstance(err, aiohttp.ClientResponseError):
@@ -208,12 +209,39 @@ class Upstreams(Protocol):
 
     async def root(self, question: str, config: SearchConfig) -> Any: ...
     def generator(self, config: SearchConfig) -> StepGenerator: ...
-    def scorer(self, config: SearchConfig) -> StepScorer: ...
+    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
     async def probe(self) -> dict[str, str | None]: ...
     async def close(self) -> None: ...
 
     policy_address: str
     reward_address: str
+
+
+# A policy may end a step right at its delimiter, leaving no text (the tiny CPU models often do).
+# The reward API refuses empty steps (INVALID_ARGUMENT), so the PRM is shown this stand-in: it
+# still sees a step boundary at that position, and an empty step cannot be scored as progress.
+EMPTY_STEP = "(empty step)"
+
+
+class RewardScorer:
+    """``StepScorer`` over the shared ``RewardClient``; when the request named a PRM type, the
+    reward server checks it against the PRM it serves (INVALID_ARGUMENT on a mismatch)."""
+
+    def __init__(self, client: Any, prm_type: str = "") -> None:
+        self._client = client
+        self._prm_type = prm_type
+
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
+        sent = [
+            t if all(s.strip() for s in t.steps)
+            else ScoredTrajectory(t.question, [s if s.strip() else EMPTY_STEP for s in t.steps])
+            for t in trajectories
+        ]
+        scores = await self._client.score(sent, last_step_only=True, prm_type=self._prm_type)
+        return [s[-1] for s in scores]
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return await self._client.embed(texts)
 
 
 class LiveUpstreams:
@@ -275,12 +303,12 @@ class LiveUpstreams:
 
         return SGLangStepGenerator(self.policy_client(), config.model_type)
 
-    def scorer(self, config: SearchConfig) -> StepScorer:
+    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer:
         if self._reward_client is None:
             from ets.reward.client import RewardClient
 
-            self._reward_client = RewardClient(self.reward_address)
-        return self._reward_client.scorer(prm_type=config.prm_type)
+            self._reward_client = RewardClient(self.reward_address, channel=self._channel())
+        return RewardScorer(self._reward_client, expect_prm_type)
 
     # -- readiness ---------------------------------------------------------------------------------
     async def _probe_policy(self) -> str | None:
@@ -310,8 +338,6 @@ class LiveUpstreams:
     async def close(self) -> None:
         if self._policy_client is not None:
             await self._policy_client.close()
-        if self._reward_client is not None and hasattr(self._reward_client, "close"):
-            await self._reward_client.close()
         if self._reward_channel is not None:
             await self._reward_channel.close()
         if self._session is not None:
@@ -333,14 +359,17 @@ class SearchRunner:
     async def close(self) -> None:
         await self.upstreams.close()
 
-    async def run(self, problem: str, config: SearchConfig,
-                  on_depth: Callable[[Any], None] | None = None) -> ServedSearch:
+    async def run(self, problem: str, config: SearchConfig, on_depth: Callable[[Any], None] | None = None,
+                  *, expect_prm_type: str = "") -> ServedSearch:
+        """One search. ``expect_prm_type`` (the request's explicit ``prm_type``, if any) is checked
+        by the reward server against the PRM it serves; unset, whatever it serves is used."""
         from ets.search.loop import run_search
 
         start = time.perf_counter()
         root = await self.upstreams.root(problem, config)
         generator = TimedGenerator(self.upstreams.generator(config), self.upstreams.policy_address, self._metrics)
-        scorer = TimedScorer(self.upstreams.scorer(config), self.upstreams.reward_address, self._metrics)
+        scorer = TimedScorer(self.upstreams.scorer(config, expect_prm_type), self.upstreams.reward_address,
+                             self._metrics)
         result = await run_search(root, config, generator, scorer, on_depth=on_depth)
         # Equivalence checks may run sympy: keep them off the event loop other searches share.
         served = await asyncio.to_thread(choose_answer, config, result)

@@ -139,7 +139,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                         if on_depth is not None:
                             on_depth(convert.progress_to_proto(progress))
 
-                    served = await self._run_bounded(context, problem, config, report)
+                    served = await self._run_bounded(context, problem, config, report,
+                                                     request.config.prm_type.strip())
                     self._metrics.search_duration.labels(method=method).observe(time.perf_counter() - run_started)
             except convert.RequestError as err:
                 raise _Outcome(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
@@ -183,14 +184,15 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return response
 
     async def _run_bounded(self, context: grpc.aio.ServicerContext, problem: str, config: SearchConfig,
-                           report: Callable[[object], None]) -> ServedSearch:
+                           report: Callable[[object], None], expect_prm_type: str) -> ServedSearch:
         # grpc.aio cancels the handler when the client cancels; the explicit timeout makes the
         # deadline bind even while the search is between awaits on the network.
         remaining = context.time_remaining() if _has_deadline(context) else None
+        run = self._runner.run(problem, config, on_depth=report, expect_prm_type=expect_prm_type)
         if remaining is None:
-            return await self._runner.run(problem, config, on_depth=report)
+            return await run
         async with asyncio.timeout(max(remaining, 0.0)):
-            return await self._runner.run(problem, config, on_depth=report)
+            return await run
 
 
 def _has_deadline(context: grpc.aio.ServicerContext) -> bool:

@@ -151,6 +151,7 @@ def reward_command(cfg: StackConfig, prm_model: Path, embedder: str, reward_port
         "ETS_EMBEDDER_MODEL": embedder, "ETS_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
         "ETS_REWARD_PORT": str(reward_port), "ETS_REWARD_METRICS_PORT": str(metrics_port),
         "ETS_PRM_PORT": str(prm_port), "ETS_REWARD_HOST": cfg.host,
+        "ETS_REWARD_LOG_DIR": str(cfg.work_dir / "logs"),
     })
     return [_python(), "-m", "ets.cli", "reward-serve"], env
 
