@@ -1,24 +1,29 @@
 """ETS selection: which candidates to keep (an integer program), then REBASE over the kept ones.
 
 Owns the ETS instance (outcome values, node costs, clusters), its objective evaluated straight
-from the definitions, two formulations of the integer program as plain arrays, the in-process
-HiGHS solve (``highspy``; time limit, best incumbent, REBASE fallback) and ``select_ets``.
-A PuLP model of the same arrays (``to_pulp``) lets the benchmark solve the identical program with
-PuLP's bundled CBC subprocess, as the reference implementation does.
+from the definitions, the integer program as plain arrays in several formulations, the
+in-process HiGHS solve (``highspy``; LP first, then MIP with a time limit and the best incumbent,
+REBASE fallback when nothing feasible is found in time) and ``select_ets``. ``to_pulp`` /
+``solve_cbc`` build the identical arrays in PuLP and solve them with its bundled CBC subprocess,
+as the reference implementation does (used by the benchmark as the reference).
 
 Program (spec): maximise sum_i O_i x_i - cost * (retained nodes) + lambda_s/K * sum_k c_k,
 y_j >= x_i for leaf i under ancestor j, y_j <= sum of x under j, c_k <= sum of x in cluster k,
-sum_i x_i >= 1. Two formulations with the same optimum over x:
+sum_i x_i >= 1. Formulations, all with the same optimum over x (tests check them against
+exhaustive enumeration):
 
 * ``naive``: the spec's rows verbatim, every variable binary (what the reference builds).
-* ``compact`` (default): ancestors with identical leaf sets are merged into one variable (a chain
-  of single-child nodes), an ancestor covering every leaf is a constant (sum x >= 1 forces it),
-  an ancestor covering one leaf, and a singleton cluster, are folded into that leaf's coefficient;
-  the link y_j >= x_i goes through the tree edges (y_parent >= y_child), so rows grow with the
-  number of nodes rather than leaves x depth; y_j <= sum(x) rows are dropped (a retained node has
-  cost >= 0, so y sits at its lower bound at the optimum; with cost 0 it does not touch the
-  objective); y and c are continuous in [0, 1] (at an optimum they equal max / min(1, sum) of
-  integer x's, hence integral). Only x stays binary. bench/selection.py measures both.
+* ``compact`` (default), built from these ideas, each measured by bench/selection.py:
+  - merge: ancestors with identical leaf sets (single-child chains) are one variable; an
+    ancestor over every leaf is a constant (sum x >= 1 retains it); an ancestor over one leaf,
+    and a singleton cluster, fold into that leaf's coefficient;
+  - edge links: y_parent >= y_child along the tree instead of y_j >= x_i for every leaf below;
+  - y and c continuous in [0, 1]: at an optimum they are max / min(1, sum) of integer x's;
+  - down rows (y_g <= sum of its children, sum of top-level subtrees >= 1) and cluster covers by
+    subtrees (c_k <= sum of y over subtrees covering the members): valid for every integer
+    keep-set, they cut off the fractional vertices that appear when costs bind (two siblings at
+    1/2 paying their shared parent half), so the LP relaxation is usually integral already;
+  - LP first: if the relaxation's x are integral, that is a proven optimum and the MIP is skipped.
 """
 from __future__ import annotations
 
@@ -170,18 +175,24 @@ class _Rows:
 
 # Formulations measured by bench/selection.py: the spec's rows, and the compact one with each of
 # its two structural ideas switched off in turn.
-FORMULATIONS: tuple[str, ...] = ("compact", "naive", "compact-nomerge", "compact-leaflinks")
+FORMULATIONS: tuple[str, ...] = (
+    "compact", "naive", "compact-nomerge", "compact-leaflinks", "compact-nodown", "compact-plaincover",
+)
 
 
 def build_program(inst: EtsInstance, formulation: str = "compact") -> Program:
     if formulation == "naive":
         return _build_naive(inst)
     if formulation == "compact":
-        return _build_compact(inst, merge=True, edge_links=True)
+        return _build_compact(inst, merge=True, edge_links=True, down_rows=True)
     if formulation == "compact-nomerge":
-        return _build_compact(inst, merge=False, edge_links=True)
+        return _build_compact(inst, merge=False, edge_links=True, down_rows=True)
     if formulation == "compact-leaflinks":
-        return _build_compact(inst, merge=True, edge_links=False)
+        return _build_compact(inst, merge=True, edge_links=False, down_rows=True)
+    if formulation == "compact-nodown":
+        return _build_compact(inst, merge=True, edge_links=True, down_rows=False, pure_cover=False)
+    if formulation == "compact-plaincover":
+        return _build_compact(inst, merge=True, edge_links=True, down_rows=True, pure_cover=False)
     raise ValueError(f"formulation: unknown {formulation!r}")
 
 
@@ -223,7 +234,46 @@ def _build_naive(inst: EtsInstance) -> Program:
     )
 
 
-def _build_compact(inst: EtsInstance, merge: bool, edge_links: bool) -> Program:
+def _cluster_covers(
+    members: list[int], chains: list[list[int]], group_leaves: list[list[int]], n: int
+) -> list[list[int]]:
+    """Covers of a cluster's members by subtrees, each giving a valid row c_k <= sum of the
+    covering columns (a kept member makes every subtree above it have y = 1).
+
+    The spec's row uses the members' own x. With the down rows (y_g <= sum of children) a cover
+    by higher subtrees can be tighter: it cuts off fractional vertices where several members at
+    1/2 cover the cluster fully while paying their shared ancestors only half. Returned: the
+    cover by maximal subtrees whose leaves all belong to the cluster (at least as tight as the
+    spec's row), and the covers by each member's ancestor ``level`` steps up (parents,
+    grandparents, ...), deduplicated.
+    """
+    member_set = set(members)
+    covers: list[list[int]] = []
+
+    def add(cover: set[int]) -> None:
+        c = sorted(cover)
+        if c not in covers:
+            covers.append(c)
+
+    pure: set[int] = set()
+    for i in members:
+        col = i
+        for c in chains[i]:  # top first: the first pure column is the maximal one
+            if set(group_leaves[c - n]) <= member_set:
+                col = c
+                break
+        pure.add(col)
+    # A member under a pure column already in the cover needs no column of its own.
+    add(pure)
+    depth = max((len(chains[i]) for i in members), default=0)
+    for level in range(1, depth + 1):
+        add({chains[i][-level] if len(chains[i]) >= level else (chains[i][0] if chains[i] else i) for i in members})
+    return covers
+
+
+def _build_compact(
+    inst: EtsInstance, merge: bool, edge_links: bool, down_rows: bool, pure_cover: bool = True
+) -> Program:
     n = inst.size
     obj_x = inst.outcome - inst.leaf_cost
     constant = 0.0
@@ -267,28 +317,54 @@ def _build_compact(inst: EtsInstance, merge: bool, edge_links: bool) -> Program:
     obj[:n] = obj_x
     obj[n:n + n_groups] = -np.array(group_cost)
     obj[n + n_groups:] = inst.cluster_weight
-    links: set[tuple[int, int]] = set()
+    # The tree of variables: each leaf's path as a chain of group columns ending at x_i.
+    edges: set[tuple[int, int]] = set()
+    top: set[int] = set()
+    chains: list[list[int]] = []  # per leaf: its group columns, top first
+    for i, path in enumerate(inst.ancestors):
+        prev: int | None = None
+        chain: list[int] = []
+        chains.append(chain)
+        for j in path:  # leaf sets shrink down a path, so equal groups are contiguous
+            g = var_of_anc[j]
+            if g is None:
+                continue
+            col = n + g
+            if prev is None:
+                top.add(col)
+            elif prev != col:
+                edges.add((prev, col))
+            if prev != col:
+                chain.append(col)
+            prev = col
+        if prev is None:
+            top.add(i)
+        else:
+            edges.add((prev, i))
     if edge_links:
-        for i, path in enumerate(inst.ancestors):
-            prev: int | None = None
-            for j in path:  # leaf sets shrink down a path, so equal groups are contiguous
-                g = var_of_anc[j]
-                if g is None:
-                    continue
-                col = n + g
-                if prev is not None and prev != col:
-                    links.add((prev, col))
-                prev = col
-            if prev is not None:
-                links.add((prev, i))
+        links = edges
     else:
-        for g, leaves in enumerate(group_leaves):
-            links.update((n + g, i) for i in leaves)
+        links = {(n + g, i) for g, leaves in enumerate(group_leaves) for i in leaves}
     rows = _Rows()
     # y_parent - y_child >= 0 (or y - x_i >= 0), one two-entry row per link.
     rows.add_pairs(sorted(links), 0.0, math.inf)
+    if down_rows:
+        # Valid for every closure y = max(children) of an integer keep-set, and they cut off the
+        # typical fractional vertex: when sum(x) >= 1 binds, the LP would keep two sibling leaves
+        # at 1/2 each and pay their shared ancestor only half. A kept node needs a kept child
+        # (y_g <= sum of children) and some top-level subtree is kept (sum of tops >= 1).
+        children: dict[int, list[int]] = {}
+        for parent_col, child_col in edges:
+            children.setdefault(parent_col, []).append(child_col)
+        for parent_col in sorted(children):
+            kids = sorted(children[parent_col])
+            rows.add([parent_col] + kids, [1.0] + [-1.0] * len(kids), -math.inf, 0.0)
+        tops = sorted(top)
+        rows.add(tops, [1.0] * len(tops), 1.0, math.inf)
     for k, members in enumerate(cluster_cols):
-        rows.add([n + n_groups + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
+        covers = _cluster_covers(members, chains, group_leaves, n) if pure_cover else [members]
+        for cover in covers:
+            rows.add([n + n_groups + k] + cover, [1.0] + [-1.0] * len(cover), -math.inf, 0.0)
     rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
     integer = np.zeros(n_vars, dtype=bool)
     integer[:n] = True
@@ -296,7 +372,8 @@ def _build_compact(inst: EtsInstance, merge: bool, edge_links: bool) -> Program:
         objective=obj, constant=constant, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
         integer=integer, matrix=rows.matrix(n_vars), row_lower=np.array(rows.lo),
         row_upper=np.array(rows.hi), n_leaves=n,
-        formulation="compact" + ("" if merge else "-nomerge") + ("" if edge_links else "-leaflinks"),
+        formulation="compact" + ("" if merge else "-nomerge") + ("" if edge_links else "-leaflinks")
+        + ("" if down_rows else "-nodown") + ("" if pure_cover or not down_rows else "-plaincover"),
     )
 
 

@@ -1,0 +1,257 @@
+"""Selection-time benchmark: REBASE vs ETS (clustering + integer program), and the same ETS
+program solved by PuLP's bundled CBC subprocess as the reference implementation does.
+
+For each width (16, 64, 256, 1024) and each weighting (the paper's lambdas; lambda_c = 5, the
+heavy-tail case) it draws >= 50 realistic frontiers (a tree grown by a few REBASE depths, random
+scores and step lengths, random unit embeddings with ~30% near-duplicate steps) and times, per
+frontier and on the identical instance:
+
+* ``rebase``: the REBASE allocation;
+* ``ets``: the full ETS selection as the search runs it (clustering, compact program, LP-first
+  HiGHS in-process, REBASE over the kept set);
+* program variants on HiGHS (build + solve, clustering excluded): ``naive`` (the spec's rows,
+  all binary), ``compact`` with each structural idea off (``-nomerge``, ``-leaflinks``), and with
+  ``lp_first`` off - to measure what each part of the formulation buys;
+* ``cbc``: clustering + the naive program built in PuLP and solved by ``PULP_CBC_CMD`` (one
+  subprocess per call), checking that it reaches the same objective as ours (mismatches listed).
+
+Wall-clock times (perf_counter) and, for in-process work, CPU times (process_time) are reported:
+on a shared machine the CPU time is the steadier number. The machine's load average is recorded.
+Results go to bench/results/selection[-quick].json and a markdown table is printed.
+
+    .venv/bin/python bench/selection.py            # full run (a few minutes)
+    .venv/bin/python bench/selection.py --quick    # smoke run (seconds)
+"""
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: selection is a small single-request computation, and on a loaded 2-core box
+# OpenBLAS's thread pool turns a 1 ms matrix product into tens of ms. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ets.config import preset_lambda_s  # noqa: E402
+from ets.search.ets import (  # noqa: E402
+    build_instance, build_program, cluster_labels, select_ets, solve_cbc, solve_highs,
+)
+from ets.search.rebase import rebase_allocation, select_rebase  # noqa: E402
+from ets.testing.frontiers import grown_frontier  # noqa: E402
+
+T = 0.2
+CUT = 0.05
+# (label, formulation, lp_first): the spec's rows, then the compact formulation with one idea off.
+VARIANTS = [
+    ("naive", "naive", True),
+    ("naive (MIP only)", "naive", False),
+    ("compact-nomerge", "compact-nomerge", True),
+    ("compact-leaflinks", "compact-leaflinks", True),
+    ("compact-nodown", "compact-nodown", True),
+    ("compact-plaincover", "compact-plaincover", True),
+    ("compact (MIP only)", "compact", False),
+    ("compact", "compact", True),
+]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1e3
+    return {"median_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
+            "mean_ms": float(a.mean())}
+
+
+def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc_frontiers: int,
+             time_limit_s: float, seed: int, variants: bool) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    frontiers = [grown_frontier(rng, width, depths=4) for _ in range(n_frontiers)]
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    statuses: dict[str, int] = {}
+    mismatches: list[dict[str, Any]] = []
+    kv_ratio: list[float] = []
+    sizes: dict[str, list[int]] = {}
+
+    def rec(name: str, w: float, c: float | None = None) -> None:
+        wall.setdefault(name, []).append(w)
+        if c is not None:
+            cpu.setdefault(name, []).append(c)
+
+    for k, f in enumerate(frontiers):
+        _, w, c = _timed(lambda: select_rebase(f.scores, width, T))
+        rec("rebase", w, c)
+        sel, w, c = _timed(lambda: select_ets(f, width, softmax_temperature=T, lambda_c=lambda_c, lambda_s=lambda_s,
+                                              cluster_distance=CUT, time_limit_s=time_limit_s))
+        rec("ets", w, c)
+        statuses[sel.solver_status] = statuses.get(sel.solver_status, 0) + 1
+        rebase_keep = rebase_allocation(f.scores, width, T) > 0
+        ets_keep = np.array(sel.counts) > 0
+        kv_ratio.append(f.kv_tokens(ets_keep) / f.kv_tokens(rebase_keep))
+
+        labels, w_cl, c_cl = _timed(lambda: cluster_labels(f, lambda_s, CUT))
+        rec("clustering", w_cl, c_cl)
+        inst = build_instance(f, width, T, lambda_c, lambda_s, "uniform", labels)
+        ours = None
+        if variants:
+            for name, formulation, lp_first in VARIANTS:
+                def solve() -> Any:
+                    prog = build_program(inst, formulation)
+                    return prog, solve_highs(prog, time_limit_s, (inst.outcome > 0).astype(float), lp_first=lp_first)
+                (prog, solved), w, c = _timed(solve)
+                rec(f"program: {name}", w, c)
+                sizes.setdefault(f"{name} vars", []).append(prog.num_vars)
+                sizes.setdefault(f"{name} rows", []).append(prog.num_rows)
+                if name == "compact":
+                    ours = solved
+        if k < cbc_frontiers:
+            ref_prog = build_program(inst, "naive")
+            ref, w, _ = _timed(lambda: solve_cbc(ref_prog))
+            rec("program: cbc (naive)", w)
+            rec("cbc selection", w + w_cl)  # clustering + CBC program, as the reference runs it
+            mine = inst.objective(np.array(sel.keep)) if sel.keep is not None else None
+            if ref.keep is None or mine is None or abs(inst.objective(ref.keep) - mine) > 1e-6:
+                mismatches.append({"frontier": k, "ours": mine, "cbc": None if ref.keep is None else inst.objective(ref.keep),
+                                   "cbc_status": ref.status, "ours_status": sel.solver_status})
+            if ours is not None and ours.keep is not None and ref.keep is not None:
+                if abs(inst.objective(ours.keep) - inst.objective(ref.keep)) > 1e-6:
+                    mismatches.append({"frontier": k, "variant": "compact", "ours": inst.objective(ours.keep),
+                                       "cbc": inst.objective(ref.keep)})
+    out: dict[str, Any] = {
+        "width": width, "lambda_c": lambda_c, "lambda_s": lambda_s, "frontiers": n_frontiers,
+        "cbc_frontiers": min(cbc_frontiers, n_frontiers),
+        "candidates_median": int(np.median([f.size for f in frontiers])),
+        "wall": {k: _stats(v) for k, v in wall.items()},
+        "cpu": {k: _stats(v) for k, v in cpu.items()},
+        "ets_status": statuses,
+        "objective_mismatches": mismatches,
+        "kept_kv_vs_rebase_mean": float(np.mean(kv_ratio)),
+        "program_size_median": {k: int(np.median(v)) for k, v in sizes.items()},
+    }
+    if "cbc selection" in wall:
+        cbc = np.asarray(wall["cbc selection"])
+        ets = np.asarray(wall["ets"][: len(cbc)])
+        out["speedup_vs_cbc"] = {
+            "median": float(np.median(cbc) / np.median(ets)),
+            "p99": float(np.percentile(cbc, 99) / np.percentile(ets, 99)),
+        }
+    return out
+
+
+def bounded_case(width: int, time_limit_s: float, n: int, seed: int) -> dict[str, Any]:
+    """Selection time against the time limit over a sweep of lambda_c (any weighting)."""
+    rng = np.random.default_rng(seed)
+    frontiers = [grown_frontier(rng, width, depths=4) for _ in range(n)]
+    rows = []
+    for lc in (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0):
+        times, statuses = [], {}
+        for f in frontiers:
+            sel, w, _ = _timed(lambda: select_ets(f, width, softmax_temperature=T, lambda_c=lc,
+                                                  lambda_s=preset_lambda_s(width), cluster_distance=CUT,
+                                                  time_limit_s=time_limit_s))
+            times.append(w)
+            statuses[sel.solver_status] = statuses.get(sel.solver_status, 0) + 1
+        rows.append({"lambda_c": lc, "max_ms": max(times) * 1e3, "median_ms": statistics.median(times) * 1e3,
+                     "status": statuses})
+    return {"width": width, "time_limit_s": time_limit_s, "frontiers": n, "sweep": rows}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| width | N | lambda_c | rebase median | ets median / p99 (wall) | ets median / p99 (CPU) | "
+        "CBC median / p99 (wall) | speedup median / p99 | ETS statuses | objective mismatches | kept KV vs REBASE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["cases"]:
+        wl, cp = r["wall"], r["cpu"]
+        cbc = wl.get("cbc selection")
+        sp = r.get("speedup_vs_cbc")
+        lines.append(
+            f"| {r['width']} | {r['candidates_median']} | {r['lambda_c']:g} | {wl['rebase']['median_ms']:.2f} ms | "
+            f"{wl['ets']['median_ms']:.1f} / {wl['ets']['p99_ms']:.1f} ms | {cp['ets']['median_ms']:.1f} / {cp['ets']['p99_ms']:.1f} ms | "
+            + (f"{cbc['median_ms']:.0f} / {cbc['p99_ms']:.0f} ms | {sp['median']:.1f}x / {sp['p99']:.1f}x | " if cbc else "- | - | ")
+            + f"{r['ets_status']} | {len(r['objective_mismatches'])}/{r['cbc_frontiers']} | {r['kept_kv_vs_rebase_mean']:.2f} |"
+        )
+    variant_rows = [r for r in results["cases"] if any(k.startswith("program: ") for k in r["cpu"])]
+    if variant_rows:
+        names = [k for k in variant_rows[0]["cpu"] if k.startswith("program: ")]
+        lines += ["", "Program build + solve, CPU median / p99 ms (vars x rows, median):", "",
+                  "| width | lambda_c | " + " | ".join(n.removeprefix("program: ") for n in names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for r in variant_rows:
+            cells = []
+            for n in names:
+                v = r["cpu"][n]
+                base = n.removeprefix("program: ")
+                size = r["program_size_median"]
+                dims = f" ({size[base + ' vars']}x{size[base + ' rows']})" if base + " vars" in size else ""
+                cells.append(f"{v['median_ms']:.1f} / {v['p99_ms']:.1f}{dims}")
+            lines.append(f"| {r['width']} | {r['lambda_c']:g} | " + " | ".join(cells) + " |")
+    b = results.get("bounded")
+    if b:
+        lines += ["", f"Time limit {b['time_limit_s'] * 1e3:.0f} ms, width {b['width']}, {b['frontiers']} frontiers: "
+                  "max selection ms per lambda_c: " + ", ".join(f"{r['lambda_c']:g}: {r['max_ms']:.0f}" for r in b["sweep"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: widths 16 and 64, 4 frontiers")
+    ap.add_argument("--widths", type=int, nargs="*", default=None)
+    ap.add_argument("--frontiers", type=int, default=50)
+    ap.add_argument("--cbc-frontiers", type=int, default=None,
+                    help="frontiers per case also solved by CBC (default: all; 20 at width 1024)")
+    ap.add_argument("--time-limit", type=float, default=0.5, help="ETS solver time limit, seconds")
+    ap.add_argument("--bounded-limit", type=float, default=0.02, help="time limit of the lambda sweep, seconds")
+    ap.add_argument("--no-variants", action="store_true", help="skip the formulation variants")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    widths = args.widths or ([16, 64] if args.quick else [16, 64, 256, 1024])
+    n = 4 if args.quick else args.frontiers
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    cases = []
+    for width in widths:
+        for lambda_c in (1.0, 5.0):
+            cbc_n = args.cbc_frontiers if args.cbc_frontiers is not None else (20 if width >= 1024 else n)
+            r = run_case(width, lambda_c, preset_lambda_s(width), n, cbc_n, args.time_limit,
+                         args.seed + width, variants=not args.no_variants)
+            cases.append(r)
+            print(f"width {width} lambda_c {lambda_c:g}: ets median {r['wall']['ets']['median_ms']:.1f} ms, "
+                  f"cbc {r['wall'].get('cbc selection', {}).get('median_ms', float('nan')):.0f} ms, "
+                  f"mismatches {len(r['objective_mismatches'])}", file=sys.stderr, flush=True)
+    bounded = bounded_case(256 if not args.quick else 64, args.bounded_limit, 10 if not args.quick else 2, args.seed + 7)
+    results = {
+        "command": "bench/selection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "softmax_temperature": T, "cluster_distance": CUT, "time_limit_s": args.time_limit,
+        "cases": cases, "bounded": bounded, "seconds": time.perf_counter() - started,
+    }
+    out = args.out or Path(__file__).parent / "results" / ("selection-quick.json" if args.quick else "selection.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+    print(f"\nwrote {out} in {results['seconds']:.0f} s; load average before {load_before[0]:.1f}, "
+          f"after {results['machine']['loadavg_after'][0]:.1f}")
+    total_mismatches = sum(len(r["objective_mismatches"]) for r in cases)
+    return 1 if total_mismatches else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
