@@ -528,7 +528,12 @@ def select_ets(
     cluster_distance: float, node_cost: str = "uniform", time_limit_s: float = 0.5,
     formulation: str = "compact", warm_start: bool = True, lp_first: bool = True,
 ) -> Selection:
-    """Keep-set by the integer program, then REBASE over the kept candidates."""
+    """Keep-set by the integer program, then REBASE over the kept candidates.
+
+    ``time_limit_s`` bounds the whole selection (clustering and building count against it); the
+    solver gets what is left. No feasible keep-set by then -> plain REBASE, status "fallback".
+    """
+    started = time.perf_counter()
     n = frontier.size
     scores = frontier.scores
     if n == 0 or width <= 0:
@@ -546,9 +551,10 @@ def select_ets(
         # REBASE's own keep-set is always feasible: HiGHS starts with an incumbent, so a time
         # limit still returns a keep-set at least as good as plain REBASE's.
         start = (inst.outcome > 0).astype(float)
-    solved = solve_highs(prog, time_limit_s, start, lp_first=lp_first)
+    left = time_limit_s - (time.perf_counter() - started)
+    solved = solve_highs(prog, left, start, lp_first=lp_first) if left > 0 else None
     k = inst.num_clusters
-    if solved.keep is None or not solved.keep.any():
+    if solved is None or solved.keep is None or not solved.keep.any():
         counts = rebase_allocation(scores, width, softmax_temperature)
         return Selection(counts=tuple(int(c) for c in counts), solver_status="fallback", clusters=k)
     counts = rebase_allocation(scores, width, softmax_temperature, keep=solved.keep)
