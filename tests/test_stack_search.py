@@ -122,11 +122,11 @@ def test_reflection_only_client_runs_a_search(search_stack: Stack) -> None:
                            search_stack.search_addr, "ets.api.v1.SearchService/Search"],
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr
-    reply = json.loads(done.stdout)
-    assert reply["requestId"] == "grpcurl"
+    reply = json.loads(done.stdout)  # grpcurl prints the proto's own field names
+    assert reply["request_id"] == "grpcurl"
     assert reply["config"]["method"] == "rebase" and reply["config"]["width"] == 3
     assert 1 <= len(reply["candidates"]) <= 3
-    assert int(reply["stats"]["totalKvTokens"]) > 0 and int(reply["stats"]["generatedTokens"]) > 0
+    assert int(reply["stats"]["total_kv_tokens"]) > 0 and int(reply["stats"]["generated_tokens"]) > 0
     health = subprocess.run([grpcurl_path(), "-plaintext", "-d", '{"service": "ets.api.v1.SearchService"}',
                              search_stack.search_addr, "grpc.health.v1.Health/Check"],
                             capture_output=True, text=True, timeout=30, check=True)
