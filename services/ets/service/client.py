@@ -138,9 +138,9 @@ async def run_search(addr: str, request: search_pb2.SearchRequest, *, timeout: f
     async with grpc.aio.insecure_channel(addr, options=channel_options(retries)) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
         if not stream:
-            return await stub.Search(request, timeout=timeout, wait_for_ready=retries > 0), events
+            return await stub.Search(request, timeout=timeout), events
         response: search_pb2.SearchResponse | None = None
-        async for event in stub.SearchStream(request, timeout=timeout, wait_for_ready=retries > 0):
+        async for event in stub.SearchStream(request, timeout=timeout):
             if event.HasField("progress"):
                 events.append(event.progress)
                 if progress is not None:

@@ -149,7 +149,7 @@ async def _one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, method
     try:
         response = await stub.Search(
             search_pb2.SearchRequest(problem=problem.problem, config=config, request_id=f"eval-{problem.id}"),
-            timeout=timeout, wait_for_ready=True)
+            timeout=timeout)
     except grpc.aio.AioRpcError as err:
         result.error = f"{err.code().name}: {err.details()}"
         return result
