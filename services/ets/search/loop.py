@@ -22,15 +22,12 @@ import numpy as np
 
 from ets.config import ConfigError, SearchConfig
 from ets.search.base import Selection
-from ets.search.beam import select_beam
-from ets.search.best_of_n import select_best_of_n
 from ets.search.clustering import coverage_applies
-from ets.search.dvts import select_dvts, subtree_of_root_child, subtree_widths
-from ets.search.ets import select_ets
+from ets.search.dvts import subtree_of_root_child, subtree_widths
 from ets.search.interfaces import (
     ExpandRequest, Root, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
 )
-from ets.search.rebase import select_rebase
+from ets.search.selection import select
 from ets.search.tree import FinishReason, Node, SearchTree
 
 __all__ = [
@@ -257,7 +254,6 @@ async def _select(
     if depth == 0:
         # Every method starts the same way: the root gets the whole width.
         return Selection(counts=(remaining,) * len(candidates))
-    scores = np.array([float(c.score or 0.0) for c in candidates])
     method = config.method
     embeddings: np.ndarray | None = None
     if method == "ets":
@@ -270,21 +266,10 @@ async def _select(
                 raise ValueError(f"scorer returned embeddings of shape {embeddings.shape} for {len(texts)} texts")
     t0 = time.perf_counter()
     try:
-        if method == "ets":
-            frontier = SearchTree.frontier_of(candidates, embeddings)
-            return select_ets(
-                frontier, remaining, softmax_temperature=config.softmax_temperature,
-                lambda_c=config.lambda_c, lambda_s=lambda_s, cluster_distance=config.cluster_distance,
-                node_cost=config.node_cost, time_limit_s=config.solver_time_limit_s,
-            )
-        if method == "rebase":
-            return select_rebase(scores, remaining, config.softmax_temperature)
-        if method == "beam":
-            return select_beam(scores, remaining, config.effective_beam_keep)
-        if method == "dvts":
-            return select_dvts(scores, [int(c.group or 0) for c in candidates], group_remaining)
-        if method == "best_of_n":
-            return select_best_of_n(len(candidates), remaining)
-        raise ConfigError("method", f"unknown {method!r}")
+        frontier = SearchTree.frontier_of(candidates, embeddings)
+        return select(
+            frontier, remaining, config, subtrees=[int(c.group or 0) for c in candidates],
+            subtree_remaining=group_remaining,
+        )
     finally:
         stats.selection_seconds += time.perf_counter() - t0
