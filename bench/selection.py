@@ -84,6 +84,7 @@ def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc
     cpu: dict[str, list[float]] = {}
     statuses: dict[str, int] = {}
     mismatches: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
     kv_ratio: list[float] = []
     sizes: dict[str, list[int]] = {}
 
@@ -124,12 +125,16 @@ def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc
             rec("program: cbc (naive)", w)
             rec("cbc selection", w + w_cl)  # clustering + CBC program, as the reference runs it
             mine = inst.objective(np.array(sel.keep)) if sel.keep is not None else None
-            # A fallback (no keep-set in time) is counted in ets_status, not as a mismatch.
-            if sel.solver_status != "fallback" and (
-                    ref.keep is None or mine is None or abs(inst.objective(ref.keep) - mine) > 1e-6):
-                mismatches.append({"frontier": k, "ours": mine, "cbc": None if ref.keep is None else inst.objective(ref.keep),
-                                   "cbc_status": ref.status, "ours_status": sel.solver_status})
-            if ours is not None and ours.keep is not None and ref.keep is not None:
+            theirs = None if ref.keep is None else inst.objective(ref.keep)
+            entry = {"frontier": k, "ours": mine, "cbc": theirs, "cbc_status": ref.status, "ours_status": sel.solver_status}
+            # Only a proven optimum can mismatch; a time-limited incumbent (or a fallback, counted in
+            # ets_status) may legitimately fall short - recorded as a gap.
+            if sel.solver_status == "optimal":
+                if theirs is None or abs(theirs - mine) > 1e-6:
+                    mismatches.append(entry)
+            elif sel.solver_status == "time_limit" and theirs is not None:
+                gaps.append(entry | {"gap": theirs - mine})
+            if ours is not None and ours.status == "optimal" and ref.keep is not None:
                 if abs(inst.objective(ours.keep) - inst.objective(ref.keep)) > 1e-6:
                     mismatches.append({"frontier": k, "variant": "compact", "ours": inst.objective(ours.keep),
                                        "cbc": inst.objective(ref.keep)})
@@ -142,6 +147,7 @@ def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc
         "cpu": {k: _stats(v) for k, v in cpu.items()},
         "ets_status": statuses,
         "objective_mismatches": mismatches,
+        "time_limit_gaps": gaps,
         "kept_kv_vs_rebase_mean": float(np.mean(kv_ratio)),
         "program_size_median": {k: int(np.median(v)) for k, v in sizes.items()},
     }

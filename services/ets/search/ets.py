@@ -128,6 +128,9 @@ class Program:
     row_upper: np.ndarray
     n_leaves: int
     formulation: str
+    # Rows of the lean formulation (bool per row); the others only strengthen the LP relaxation.
+    # None: every row is core.
+    core_rows: np.ndarray | None = None
 
     @property
     def num_vars(self) -> int:
@@ -150,9 +153,11 @@ class _Rows:
         self.v: list[float] = []
         self.lo: list[float] = []
         self.hi: list[float] = []
+        self.core: list[bool] = []
 
-    def add(self, cols: Sequence[int], coefs: Sequence[float], lo: float, hi: float) -> None:
+    def add(self, cols: Sequence[int], coefs: Sequence[float], lo: float, hi: float, core: bool = True) -> None:
         row = len(self.lo)
+        self.core.append(core)
         self.r.extend([row] * len(cols))
         self.c.extend(cols)
         self.v.extend(coefs)
@@ -168,6 +173,7 @@ class _Rows:
             self.v += (1.0, -1.0)
         self.lo += [lo] * len(pairs)
         self.hi += [hi] * len(pairs)
+        self.core += [True] * len(pairs)
 
     def matrix(self, n_cols: int) -> sp.csc_matrix:
         return sp.csc_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_cols))
@@ -359,13 +365,16 @@ def _build_compact(
             children.setdefault(parent_col, []).append(child_col)
         for parent_col in sorted(children):
             kids = sorted(children[parent_col])
-            rows.add([parent_col] + kids, [1.0] + [-1.0] * len(kids), -math.inf, 0.0)
+            rows.add([parent_col] + kids, [1.0] + [-1.0] * len(kids), -math.inf, 0.0, core=False)
         tops = sorted(top)
-        rows.add(tops, [1.0] * len(tops), 1.0, math.inf)
+        rows.add(tops, [1.0] * len(tops), 1.0, math.inf, core=False)
     for k, members in enumerate(cluster_cols):
-        covers = _cluster_covers(members, chains, group_leaves, n) if pure_cover else [members]
-        for cover in covers:
-            rows.add([n + n_groups + k] + cover, [1.0] + [-1.0] * len(cover), -math.inf, 0.0)
+        # The spec's row (members' own x) is core; subtree covers only strengthen.
+        rows.add([n + n_groups + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
+        if pure_cover:
+            for cover in _cluster_covers(members, chains, group_leaves, n):
+                if cover != sorted(members):
+                    rows.add([n + n_groups + k] + cover, [1.0] + [-1.0] * len(cover), -math.inf, 0.0, core=False)
     rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
     integer = np.zeros(n_vars, dtype=bool)
     integer[:n] = True
@@ -375,6 +384,7 @@ def _build_compact(
         row_upper=np.array(rows.hi), n_leaves=n,
         formulation="compact" + ("" if merge else "-nomerge") + ("" if edge_links else "-leaflinks")
         + ("" if down_rows else "-nodown") + ("" if pure_cover or not down_rows else "-plaincover"),
+        core_rows=np.array(rows.core, dtype=bool),
     )
 
 
@@ -391,24 +401,36 @@ class Solved:
     seconds: float
 
 
-def _highs_lp(prog: Program) -> "highspy.HighsLp":
+def _bounds(values: np.ndarray) -> np.ndarray:
+    """Row bounds with infinities as HiGHS spells them."""
+    out = np.array(values, dtype=np.float64)
+    out[np.isposinf(out)] = highspy.kHighsInf
+    out[np.isneginf(out)] = -highspy.kHighsInf
+    return out
+
+
+def _highs_lp(prog: Program, rows: np.ndarray | None = None) -> "highspy.HighsLp":
+    """The program (or only the rows selected by the bool mask ``rows``) as a HiGHS model."""
+    m = prog.matrix if rows is None else prog.matrix[rows]
+    lo = prog.row_lower if rows is None else prog.row_lower[rows]
+    hi = prog.row_upper if rows is None else prog.row_upper[rows]
+    m = sp.csc_matrix(m)
     lp = highspy.HighsLp()
     lp.num_col_ = prog.num_vars
-    lp.num_row_ = prog.num_rows
+    lp.num_row_ = int(lo.shape[0])
     lp.col_cost_ = prog.objective
     lp.col_lower_ = prog.col_lower
     lp.col_upper_ = prog.col_upper
-    lp.row_lower_ = np.where(np.isinf(prog.row_lower), -highspy.kHighsInf, prog.row_lower)
-    lp.row_upper_ = np.where(np.isinf(prog.row_upper), highspy.kHighsInf, prog.row_upper)
+    lp.row_lower_ = _bounds(lo)
+    lp.row_upper_ = _bounds(hi)
     lp.offset_ = prog.constant
     lp.sense_ = highspy.ObjSense.kMaximize
-    m = prog.matrix
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_ = m.indptr
     lp.a_matrix_.index_ = m.indices
     lp.a_matrix_.value_ = m.data
     lp.a_matrix_.num_col_ = prog.num_vars
-    lp.a_matrix_.num_row_ = prog.num_rows
+    lp.a_matrix_.num_row_ = int(lo.shape[0])
     lp.integrality_ = [
         highspy.HighsVarType.kInteger if b else highspy.HighsVarType.kContinuous for b in prog.integer
     ]
@@ -429,7 +451,9 @@ def solve_highs(
     is a proven MIP optimum: the relaxation's bound is attained). On the compact formulation this
     is the common case - without coverage the program is a max-weight closure on a tree, whose
     LP is integral - and it skips HiGHS's MIP root work (cuts, heuristics), several times the LP
-    time. ``start``: values of the x (a keep-set) to warm-start the MIP from.
+    time. The LP goes in two stages: the lean rows (``core_rows``) first, then, only if that is
+    fractional, the strengthening rows added to the warm model. ``start``: values of the x (a
+    keep-set) to warm-start the MIP from.
     """
     t0 = time.perf_counter()
     h = highspy.Highs()
@@ -438,20 +462,37 @@ def solve_highs(
     # the true optimum, which the optimality tests would (rightly) catch.
     h.setOptionValue("mip_rel_gap", gap)
     h.setOptionValue("mip_abs_gap", gap)
-    if h.passModel(_highs_lp(prog)) == highspy.HighsStatus.kError:
+    core = prog.core_rows if lp_first and prog.core_rows is not None and not prog.core_rows.all() else None
+    if h.passModel(_highs_lp(prog, core)) == highspy.HighsStatus.kError:
         return Solved(None, "error: passModel", None, time.perf_counter() - t0)
     if lp_first:
         h.setOptionValue("solve_relaxation", True)
         # These LPs are small and sparse: presolve costs more than it saves (measured ~2x).
         h.setOptionValue("presolve", "off")
-        h.setOptionValue("time_limit", float(time_limit_s))
-        h.run()
-        if h.getModelStatus() == highspy.HighsModelStatus.kOptimal:
-            values = np.asarray(h.getSolution().col_value)
-            x = values[: prog.n_leaves]
-            if prog.integer.any() and np.all(np.minimum(x, 1.0 - x) <= _INTEGRAL_TOL) and (x > 0.5).any():
+        stages = 2 if core is not None else 1
+        for stage in range(stages):
+            if stage == 1:
+                # Lean LP fractional: add the strengthening rows; dual simplex re-optimises
+                # from the current basis.
+                extra = sp.csr_matrix(prog.matrix[~core])
+                h.addRows(extra.shape[0], _bounds(prog.row_lower[~core]), _bounds(prog.row_upper[~core]),
+                          extra.nnz, extra.indptr[:-1].astype(np.int32), extra.indices.astype(np.int32),
+                          extra.data)
+            left = time_limit_s - (time.perf_counter() - t0)
+            if left <= 0:
+                return Solved(None, "none", None, time.perf_counter() - t0)
+            h.setOptionValue("time_limit", float(left))
+            h.run()
+            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                continue
+            x = np.asarray(h.getSolution().col_value)[: prog.n_leaves]
+            if np.all(np.minimum(x, 1.0 - x) <= _INTEGRAL_TOL) and (x > 0.5).any():
                 return Solved(x > 0.5, "optimal", float(h.getInfo().objective_function_value),
                               time.perf_counter() - t0)
+        if core is not None and h.getNumRow() < prog.num_rows:  # the lean LP did not finish
+            extra = sp.csr_matrix(prog.matrix[~core])
+            h.addRows(extra.shape[0], _bounds(prog.row_lower[~core]), _bounds(prog.row_upper[~core]),
+                      extra.nnz, extra.indptr[:-1].astype(np.int32), extra.indices.astype(np.int32), extra.data)
         h.setOptionValue("solve_relaxation", False)
         h.setOptionValue("presolve", "choose")
     left = time_limit_s - (time.perf_counter() - t0)
