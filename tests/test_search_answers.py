@@ -112,3 +112,26 @@ def test_no_answers_and_ties() -> None:
     assert tie.answer == "5"
     with pytest.raises(ValueError, match="voting"):
         select_answer([traj("x", 0.1)], "plurality")
+
+
+def test_grouping_off_the_main_thread_uses_a_worker_process() -> None:
+    """A server runs answer choice in a worker thread: math-verify's alarms only work on a main
+    thread, so the grouping runs in a spawned worker process (on its main thread)."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(group_answers(["x = 3", "3", "(1, 2]", r"\left(1,2\right]", "7"])))
+    t.start()
+    t.join(120)
+    assert out == [[[0, 1], [2, 3], [4]]]
+
+
+def test_grouping_deadline_kills_the_worker_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ets.search import answers
+
+    monkeypatch.setattr(answers, "GROUPING_TIMEOUT_S", 1e-4)  # no worker can even start in time
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(group_answers(["0.5", r"\frac{1}{2}", "0.5 ", "2"])))
+    t.start()
+    t.join(60)
+    # Fallback: grouping by normalised strings only (\frac{1}{2} is no longer matched with 0.5).
+    assert out == [[[0, 2], [1], [3]]]
+    assert answers._pool is None  # the worker was killed, nothing left running

@@ -5,16 +5,23 @@ is: X"), ``aggregate`` (last / min / mean / prod), answer equivalence through ``
 (parse + verify; no hand-written LaTeX grading) and ``select_answer`` (weighted majority vote,
 majority vote, best-of).
 
-Timeouts: math-verify bounds parse/verify with ``signal.alarm``, which only works on the main
-thread. There it is used (``EQUIVALENCE_TIMEOUT_S``); elsewhere (e.g. a server's worker thread)
-it would raise, so the alarm is off and answers longer than ``MAX_ANSWER_CHARS`` are compared as
-plain strings instead of symbolically - the pathological sympy inputs are the long ones.
+Timeouts: math-verify bounds parse/verify with ``signal.alarm``, which only works on a main
+thread. On the main thread it is used directly (``EQUIVALENCE_TIMEOUT_S`` per parse/compare).
+Off it (a server running answer choice in a worker thread) the work goes to one spawned worker
+process, where it runs on that process's main thread with the same alarms, under an overall
+deadline (``GROUPING_TIMEOUT_S``); past it, or if the worker dies, the worker is killed and
+answers are grouped by their normalised strings instead. Either way nothing can hang a search.
+The search core itself does no I/O; this process pool is the only concession, and only here.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
 import re
 import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -22,7 +29,7 @@ from typing import Any, Sequence
 from ets.search.loop import Trajectory
 
 EQUIVALENCE_TIMEOUT_S = 2
-MAX_ANSWER_CHARS = 200
+GROUPING_TIMEOUT_S = 30.0
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MARKERS = re.compile(
@@ -84,20 +91,20 @@ def aggregate(scores: Sequence[float], how: str = "last") -> float:
     raise ValueError(f"aggregation: unknown {how!r}")
 
 
-def _timeouts() -> int | None:
-    return EQUIVALENCE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @lru_cache(maxsize=4096)
-def _parse(answer: str, timeout: int | None) -> tuple[Any, ...]:
+def _parse(answer: str) -> tuple[Any, ...]:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    if not answer or (timeout is None and len(answer) > MAX_ANSWER_CHARS):
+    if not answer:
         return ()
     try:
         return tuple(parse(
             f"${answer}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-            parsing_timeout=timeout, raise_on_error=False,
+            parsing_timeout=EQUIVALENCE_TIMEOUT_S, raise_on_error=False,
         ))
     except Exception:  # math-verify raises on timeouts and odd inputs; treat as unparsable
         return ()
@@ -107,25 +114,95 @@ def _normalise(answer: str) -> str:
     return re.sub(r"\s+", "", answer)
 
 
-def equivalent(a: str, b: str) -> bool:
-    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
+def _equivalent_here(a: str, b: str) -> bool:
+    """Equivalence on this (main) thread, with math-verify's alarms."""
     if _normalise(a) == _normalise(b):
         return True
     if not a or not b:
         return False
     from math_verify import verify
 
-    timeout = _timeouts()
-    pa, pb = _parse(a, timeout), _parse(b, timeout)
+    pa, pb = _parse(a), _parse(b)
     if not pa or not pb:
         return False
     try:
         return bool(
-            verify(list(pa), list(pb), timeout_seconds=timeout, raise_on_error=False)
-            or verify(list(pb), list(pa), timeout_seconds=timeout, raise_on_error=False)
+            verify(list(pa), list(pb), timeout_seconds=EQUIVALENCE_TIMEOUT_S, raise_on_error=False)
+            or verify(list(pb), list(pa), timeout_seconds=EQUIVALENCE_TIMEOUT_S, raise_on_error=False)
         )
     except Exception:
         return False
+
+
+def _group_here(answers: Sequence[str]) -> list[list[int]]:
+    groups: list[list[int]] = []
+    for i, ans in enumerate(answers):
+        if not ans:
+            continue
+        for g in groups:
+            if _equivalent_here(answers[g[0]], ans):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _group_by_string(answers: Sequence[str]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, ans in enumerate(answers):
+        if ans:
+            groups.setdefault(_normalise(ans), []).append(i)
+    return list(groups.values())
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> ProcessPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # spawn, not fork: the caller is typically a threaded server.
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return _pool
+
+
+def _kill_pool() -> None:
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _off_main_thread(fn: Any, fallback: Any, *args: Any) -> Any:
+    try:
+        return _worker_pool().submit(fn, *args).result(timeout=GROUPING_TIMEOUT_S)
+    except (FutureTimeout, BrokenProcessPool):
+        _kill_pool()
+        return fallback(*args)
+
+
+def equivalent(a: str, b: str) -> bool:
+    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
+    if _normalise(a) == _normalise(b):
+        return True
+    if _on_main_thread():
+        return _equivalent_here(a, b)
+    return bool(_off_main_thread(_equivalent_here, lambda x, y: False, a, b))
+
+
+def group_answers(answers: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by equivalence (first occurrence is the representative); "" excluded."""
+    answers = list(answers)
+    distinct = {_normalise(a) for a in answers if a}
+    if len(distinct) <= 1 or _on_main_thread():
+        return _group_here(answers)
+    return _off_main_thread(_group_here, _group_by_string, answers)
 
 
 @dataclass(frozen=True)
@@ -135,21 +212,6 @@ class AnswerChoice:
     aggregate_scores: tuple[float, ...]  # per trajectory
     answers: tuple[str, ...]  # extracted answer per trajectory
     votes: dict[str, float] = field(default_factory=dict)  # group representative -> vote total
-
-
-def group_answers(answers: Sequence[str]) -> list[list[int]]:
-    """Indices grouped by equivalence (first occurrence is the representative); "" excluded."""
-    groups: list[list[int]] = []
-    for i, ans in enumerate(answers):
-        if not ans:
-            continue
-        for g in groups:
-            if equivalent(answers[g[0]], ans):
-                g.append(i)
-                break
-        else:
-            groups.append([i])
-    return groups
 
 
 def select_answer(
