@@ -42,6 +42,8 @@ def test_gpu_policy_argv_and_pinning() -> None:
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "SGLANG_USE_CPU_ENGINE" not in cmd.env
     assert cmd.env["PATH"] == "/bin"
+    assert "--enable-deterministic-inference" not in argv
+    assert "--enable-deterministic-inference" in build_command(cfg.replace(deterministic=True), base_env={}).argv
 
 
 def test_gpu_without_pinning_keeps_inherited_visibility() -> None:
@@ -94,6 +96,7 @@ def test_prm_server_reuse_with_overrides() -> None:
         ({"schedule_policy": "longest"}, "schedule_policy"),
         ({"grammar_backend": "regex"}, "grammar_backend"),
         ({"log_level": "loud"}, "log_level"),
+        ({"device": "cpu", "deterministic": True}, "deterministic"),
     ],
 )
 def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:

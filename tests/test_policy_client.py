@@ -213,3 +213,33 @@ async def test_server_killed_mid_session_becomes_unavailable(sglang_servers, tin
         with pytest.raises(PolicyUnavailable):
             await client.generate_one(ids, SamplingParams(max_new_tokens=2))
 
+
+
+_ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+                  "additionalProperties": False}
+
+
+@pytest.mark.sglang
+async def test_json_schema_constrained_answer_xgrammar(client: PolicyClient) -> None:
+    import json
+
+    ids = await _prompt(client)
+    [s] = await client.generate_one(ids, SamplingParams(max_new_tokens=48, json_schema=json.dumps(_ANSWER_SCHEMA)))
+    assert s.finish == "eos", s
+    assert isinstance(json.loads(s.text)["answer"], int)
+
+
+@pytest.mark.sglang
+async def test_outlines_grammar_backend(sglang_servers, tiny_policy_model: Path, vocab: dict[str, int]) -> None:
+    """The launcher's grammar-backend choice reaches SGLang; outlines needs `datasets` (pinned in
+    requirements/sglang-cpu.txt) or every constrained request fails to compile."""
+    import json
+
+    proc = sglang_servers.get(tiny_policy_model, grammar_backend="outlines")
+    assert "--grammar-backend outlines" in proc.log_tail(10_000)
+    async with PolicyClient(proc.url, timeout_s=120, vocab_size=vocab["size"]) as c:
+        ids = await c.tokenize("What is 12 plus 30?\n")
+        for s in await c.generate_one(ids, SamplingParams(max_new_tokens=24, regex=r"The answer is [0-9]+"), n=2):
+            assert re.fullmatch(r"The answer is [0-9]+", s.text), s.text
+        [s] = await c.generate_one(ids, SamplingParams(max_new_tokens=48, json_schema=json.dumps(_ANSWER_SCHEMA)))
+        assert isinstance(json.loads(s.text)["answer"], int), s.text

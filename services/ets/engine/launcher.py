@@ -65,6 +65,10 @@ class LaunchConfig:
     random_seed: int | None = None
     log_level: str = "info"
     skip_warmup: bool = False
+    # --enable-deterministic-inference: the only mode in which SGLang honours per-request
+    # ``sampling_seed``. Needs a GPU attention backend (triton/fa3/flashinfer); SGLang 0.5.23
+    # refuses it with the CPU engine's torch_native attention.
+    deterministic: bool = False
     # Extra raw flags appended verbatim (escape hatch for upstream options we do not model).
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -108,6 +112,11 @@ class LaunchConfig:
         if self.grammar_backend not in GRAMMAR_BACKENDS:
             raise LaunchConfigError(
                 "grammar_backend", f"must be one of {GRAMMAR_BACKENDS}, got {self.grammar_backend!r}"
+            )
+        if self.deterministic and self.device == "cpu":
+            raise LaunchConfigError(
+                "deterministic", "SGLang's deterministic inference needs a GPU attention backend; "
+                "the CPU engine (torch_native attention) does not support it"
             )
         if self.log_level not in LOG_LEVELS:
             raise LaunchConfigError("log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
@@ -157,6 +166,8 @@ def build_command(
         argv += ["--random-seed", str(config.random_seed)]
     if config.skip_warmup:
         argv.append("--skip-server-warmup")
+    if config.deterministic:
+        argv.append("--enable-deterministic-inference")
 
     mem_fraction = config.mem_fraction_static
     max_total = config.max_total_tokens
@@ -238,6 +249,7 @@ _ENV_FIELDS: dict[str, tuple[str, str]] = {
     "RANDOM_SEED": ("random_seed", "int"),
     "LOG_LEVEL": ("log_level", "str"),
     "SKIP_WARMUP": ("skip_warmup", "bool"),
+    "DETERMINISTIC": ("deterministic", "bool"),
     "GPU_IDS": ("gpu_ids", "gpu_ids"),
 }
 
@@ -295,6 +307,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grammar-backend", choices=GRAMMAR_BACKENDS, help="(ETS_POLICY_GRAMMAR_BACKEND, default xgrammar)")
     p.add_argument("--random-seed", type=int, help="(ETS_POLICY_RANDOM_SEED)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="(ETS_POLICY_LOG_LEVEL)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic inference, honours per-request seeds; GPU only (ETS_POLICY_DETERMINISTIC)")
     p.add_argument("--print-command", action="store_true", help="print the SGLang command and exit")
     return p
 
