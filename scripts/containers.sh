@@ -87,6 +87,8 @@ cmd_build() {
       || { tail -40 "$CACHE/build-$name.log" >&2; echo "containers.sh: build of $name failed" >&2; exit 1; }
     echo "containers.sh: localhost/ets-$name:$TAG built in $((SECONDS - t0)) s ($(podman image inspect --format '{{.Size}}' "localhost/ets-$name:$TAG") bytes)"
   done
+  # Layers of superseded builds pile up in the cache; keep the recent ones (the build cache).
+  podman image prune -f --filter until=72h >/dev/null 2>&1 || true
 }
 
 cmd_compose() {
