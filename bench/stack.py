@@ -89,6 +89,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         wall = sum(r["wall_seconds"] for r in rs)
         overhead = sum(r["wall_seconds"] - r["policy_seconds"] - r["reward_seconds"] for r in rs)
         selection = sum(r["selection_seconds"] for r in rs)
+        rpc = sum(r["client_wall_seconds"] - r["wall_seconds"] for r in rs)
         steps = sum(r["selections"] for r in rs)
         prompt = sum(r["prompt_tokens"] for r in rs)
         out.append({
@@ -102,6 +103,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "overhead_share": overhead / wall if wall else 0.0,
             "selection_share": selection / wall if wall else 0.0,
             "overhead_ms_per_step": 1000 * overhead / steps if steps else 0.0,
+            # gRPC + queueing + response conversion as the client sees it, per search.
+            "rpc_overhead_ms_per_search": 1000 * rpc / len(rs),
             "mean_depth": statistics.fmean(r["depth_reached"] for r in rs),
         })
     return out
@@ -122,15 +125,15 @@ def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | gen tok/s | service overhead | of which selection | overhead ms/step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | gen tok/s | service overhead | of which selection | overhead ms/step | RPC ms/search |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
         lines.append(
             f"| {s['width']} | {s['method']} | {s['mean_total_kv_tokens']:.0f} | {s['mean_peak_kv_tokens']:.0f} | "
             f"{100 * s['cached_ratio']:.1f}% | {s['mean_generated_tokens']:.0f} | {s['mean_wall_seconds']:.2f} | "
             f"{s['generated_tokens_per_second']:.0f} | {100 * s['overhead_share']:.1f}% | "
-            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} |")
+            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} | {s['rpc_overhead_ms_per_search']:.1f} |")
     lines.append("")
     for r in ratio_rows:
         lines.append(f"- width {r['width']}: ETS/REBASE KV tokens total {r['ets_over_rebase_total_kv']:.2f}x, "
