@@ -30,6 +30,9 @@ class TinyModelKind:
     # (P(+) vs P(-) at a position), "mean_logit" (sigmoid of the mean LM-head logit), "class_head"
     # (a 2-class token-classification head, Qwen2.5-Math-PRM style).
     prm_readout: str = ""
+    # Weights dtype. The PRM kinds are float32 so that the reward server's two backends (SGLang
+    # and transformers, different kernels) agree to ~1e-3 rather than to bf16 rounding noise.
+    dtype: str = "bfloat16"
 
 
 _PLAIN_CHAT = (
@@ -45,14 +48,15 @@ _RLHFLOW_CHAT = (
 
 KINDS: dict[str, TinyModelKind] = {
     "policy": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
-    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair"),
+    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair", dtype="float32"),
     "rlhflow": TinyModelKind(
         special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), chat_template=_RLHFLOW_CHAT,
-        prm_readout="pair",
+        prm_readout="pair", dtype="float32",
     ),
-    "llemma": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="mean_logit"),
+    "llemma": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="mean_logit", dtype="float32"),
     "qwen-prm": TinyModelKind(
-        arch="qwen2", special_tokens=("<extra_0>",), chat_template=_PLAIN_CHAT, prm_readout="class_head"
+        arch="qwen2", special_tokens=("<extra_0>",), chat_template=_PLAIN_CHAT, prm_readout="class_head",
+        dtype="float32",
     ),
     "policy-qwen2": TinyModelKind(arch="qwen2", added_tokens=("ки",), chat_template=_PLAIN_CHAT),
 }
@@ -128,7 +132,7 @@ def make_tiny_model(out: str | Path, kind: str = "policy", *, seed: int = 0, hid
         vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
         max_position_embeddings=4096, bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False, torch_dtype="bfloat16",
+        pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=False, torch_dtype=spec.dtype,
     )
     if spec.prm_readout:
         common["initializer_range"] = PRM_INIT_STD
@@ -140,9 +144,9 @@ def make_tiny_model(out: str | Path, kind: str = "policy", *, seed: int = 0, hid
         from transformers import AutoModelForTokenClassification
 
         config.num_labels = 2
-        model = AutoModelForTokenClassification.from_config(config).to(torch.bfloat16)
+        model = AutoModelForTokenClassification.from_config(config).to(getattr(torch, spec.dtype))
     else:
-        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, spec.dtype))
     if spec.prm_readout == "mean_logit":
         _add_scalar_head(model, seed)
     if getattr(model, "generation_config", None) is not None:

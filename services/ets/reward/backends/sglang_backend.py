@@ -211,7 +211,8 @@ class SglangBackend:
     name = "sglang"
 
     def __init__(self, model_path: str, prm_type: str, supervisor: PrmSupervisor, *,
-                 options: PrmOptions | None = None, request_timeout_s: float = 120.0) -> None:
+                 options: PrmOptions | None = None, request_timeout_s: float = 120.0,
+                 reuse_prefix: bool = True) -> None:
         from transformers import AutoTokenizer
 
         if prm_type not in SGLANG_TYPES:
@@ -228,6 +229,9 @@ class SglangBackend:
         self.prm_type = prm_type
         self.supervisor = supervisor
         self.request_timeout_s = request_timeout_s
+        # False = logprob_start_len 0 (every call recomputes the whole prompt): the naive way,
+        # kept for bench/reward_scoring.py's comparison.
+        self.reuse_prefix = reuse_prefix
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.adapter = make_adapter(prm_type, self.tokenizer, options)
         self.max_tokens = int(getattr(self.tokenizer, "model_max_length", 4096) or 4096)
@@ -274,7 +278,7 @@ class SglangBackend:
             return ScoreOutcome(scores=[])
         prompts = [list(e.last_step_prompt()) for e in encoded]
         wanted = [(e.score_positions[-1:] if last_step_only else e.score_positions) for e in encoded]
-        starts = [w[0] for w in wanted]
+        starts = [w[0] for w in wanted] if self.reuse_prefix else [0] * len(wanted)
         body: dict[str, Any] = {
             "input_ids": prompts,
             "return_logprob": True,
