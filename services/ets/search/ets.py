@@ -458,6 +458,9 @@ def solve_highs(
     t0 = time.perf_counter()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
+    # One thread: a selection is small, the service runs searches concurrently, and HiGHS's
+    # worker threads only contend with it for the cores.
+    h.setOptionValue("threads", 1)
     # Objectives are O(1) sums of fractions: the default relative gap (1e-4) could stop short of
     # the true optimum, which the optimality tests would (rightly) catch.
     h.setOptionValue("mip_rel_gap", gap)
@@ -590,6 +593,10 @@ def select_ets(
         return Selection(counts=tuple(int(c) for c in counts), solver_status="trivial", keep=(True,) * n)
     labels = cluster_labels(frontier, lambda_s, cluster_distance)
     inst = build_instance(frontier, width, softmax_temperature, lambda_c, lambda_s, node_cost, labels)
+    k = inst.num_clusters
+    if time.perf_counter() - started >= 0.9 * time_limit_s:  # no time left to even build it
+        counts = rebase_allocation(scores, width, softmax_temperature)
+        return Selection(counts=tuple(int(c) for c in counts), solver_status="fallback", clusters=k)
     prog = build_program(inst, formulation)
     start = None
     if warm_start:
