@@ -109,6 +109,10 @@ class SGLangServers:
                     del self._servers[key]
         proc.stop()
 
+    def alive(self) -> list[SGLangProcess]:
+        with self._lock:
+            return [p for p in self._servers.values() if p.is_alive()]
+
     def stop_all(self) -> None:
         with self._lock:
             servers = list(self._servers.values())
@@ -117,14 +121,32 @@ class SGLangServers:
             proc.stop()
 
 
+_SESSION_SERVERS: list[SGLangServers] = []
+
+
 @pytest.fixture(scope="session")
 def sglang_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangServers]:
-    """Factory/cache of real SGLang CPU servers: ``sglang_servers.get(model_dir) -> SGLangProcess``."""
+    """Factory/cache of real SGLang CPU servers: ``sglang_servers.get(model_dir) -> SGLangProcess``.
+    Fixtures that start servers of their own (a whole stack) can call ``stop_all()`` first to
+    stay under the memory cap."""
     servers = SGLangServers(tmp_path_factory.mktemp("sglang-logs"), MAX_SGLANG_SERVERS)
+    _SESSION_SERVERS.append(servers)
     try:
         yield servers
     finally:
         servers.stop_all()
+        _SESSION_SERVERS.remove(servers)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """On a failing test that used the SGLang fixtures, attach each live server's log tail."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "sglang_servers" in getattr(item, "fixturenames", ()):
+        for servers in _SESSION_SERVERS:
+            for proc in servers.alive():
+                report.sections.append((f"SGLang log tail: {proc.name} ({proc.log_path})", proc.log_tail(40)))
 
 
 @pytest.fixture(scope="session")
