@@ -119,3 +119,29 @@ def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_mode
         assert not leftover, "SGLang left worker processes behind after SIGTERM"
     finally:
         proc.stop()
+
+
+def test_stop_after_leader_crash_cleans_up_orphaned_workers_quickly(tmp_path: Path) -> None:
+    # Like a crashed SGLang leader whose scheduler is still running.
+    script = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "print('child', pid, flush=True)\n"
+        "sys.exit(7)\n"
+    )
+    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
+                               log_path=tmp_path / "crash.log", name="crash")
+    deadline = time.monotonic() + 10
+    while proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.returncode == 7
+    child = int(next(l for l in proc.log_tail().splitlines() if l.startswith("child ")).split()[1])
+    assert _alive(child)
+    start = time.monotonic()
+    assert proc.stop(timeout=20) == 7
+    assert time.monotonic() - start < 5, "stop() waited out its timeout for an orphan that took SIGTERM"
+    time.sleep(0.2)
+    assert not _alive(child)

@@ -162,7 +162,25 @@ class SGLangProcess:
             return False
 
     def _group_alive(self) -> bool:
-        return self._signal_group(0)
+        """Whether any non-zombie process of the group is left. Zombies do not count: orphaned
+        workers are reparented to PID 1, which in a container (e.g. the reward server supervising
+        its PRM server) may never reap them."""
+        if not self._signal_group(0):
+            return False
+        try:
+            pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+        except OSError:  # no procfs: trust the signal probe
+            return True
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # After "pid (comm)": state, ppid, pgrp, ...
+            if len(fields) > 2 and int(fields[2]) == self.pgid and fields[0] not in (b"Z", b"X"):
+                return True
+        return False
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         """SIGTERM the leader, wait up to ``timeout``, then SIGKILL what is left of the group.
@@ -177,6 +195,8 @@ class SGLangProcess:
                     self._popen.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+            else:  # the leader already died (crash): its orphaned workers get the SIGTERM
+                self._signal_group(signal.SIGTERM)
             deadline = time.monotonic() + timeout
             try:
                 self._popen.wait(timeout=max(timeout, 0.0))
