@@ -17,7 +17,6 @@ from typing import Callable
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc

@@ -52,6 +52,20 @@ class PrmBackend(Protocol):
         ...
 
 
+def check_model_ref(model_path: str) -> None:
+    """Accept a local model folder or a hub id (``org/name``, fetched by transformers/SGLang on
+    hosts with hub access); refuse an empty value or a local path that is not there."""
+    from pathlib import Path
+
+    from ets.reward.adapters import AdapterError
+
+    if not model_path:
+        raise AdapterError("ETS_PRM_MODEL", "required: a model folder or hub id")
+    local = model_path.startswith(("/", ".", "~")) or model_path.count("/") != 1
+    if local and not Path(model_path).expanduser().is_dir():
+        raise AdapterError("ETS_PRM_MODEL", f"model folder {model_path!r} does not exist")
+
+
 def sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))

@@ -29,7 +29,7 @@ import aiohttp
 
 from ets.engine.launcher import LaunchConfig
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import BackendUnavailable, ScoreOutcome, pair_score, sigmoid
+from ets.reward.backends import BackendUnavailable, ScoreOutcome, check_model_ref, pair_score, sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,11 @@ def load_head_mean(model_path: str) -> tuple[list[float], float]:
     import torch
     from safetensors import safe_open
 
+    if not Path(model_path).is_dir():
+        # A hub id: fetch the same files SGLang loads (the weights are in the shared HF cache).
+        from huggingface_hub import snapshot_download
+
+        model_path = snapshot_download(model_path, allow_patterns=["*.safetensors", "config.json"])
     files = sorted(Path(model_path).glob("*.safetensors"))
     if not files:
         raise AdapterError("ETS_PRM_MODEL", f"llemma on sglang needs the safetensors checkpoint in {model_path}")
@@ -222,9 +227,8 @@ class SglangBackend:
                     "served by SGLang 0.5.23; use ETS_PRM_BACKEND=transformers"
                 )
             make_adapter(prm_type, None)  # raises the unknown-type error naming ETS_PRM_TYPE
-        if not model_path or not Path(model_path).exists():
-            raise AdapterError("ETS_PRM_MODEL", f"model folder {model_path!r} does not exist (the tokenizer "
-                               "is needed locally even when attaching by ETS_PRM_URL)")
+        # The tokenizer is loaded here even when attaching by ETS_PRM_URL: scoring sends token ids.
+        check_model_ref(model_path)
         self.model_path = model_path
         self.prm_type = prm_type
         self.supervisor = supervisor
@@ -236,7 +240,9 @@ class SglangBackend:
         self.adapter = make_adapter(prm_type, self.tokenizer, options)
         self.max_tokens = int(getattr(self.tokenizer, "model_max_length", 4096) or 4096)
         try:
-            limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings")
+            from transformers import AutoConfig
+
+            limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
             if limit:
                 self.max_tokens = min(self.max_tokens, int(limit))
         except (OSError, ValueError):

@@ -8,11 +8,10 @@ types run the token-classification model. Concurrent requests are merged by ``Mi
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import ScoreOutcome
+from ets.reward.adapters import EncodedTrajectory, PrmOptions, make_adapter
+from ets.reward.backends import ScoreOutcome, check_model_ref
 from ets.reward.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -30,8 +29,7 @@ class TransformersBackend:
                  on_batch: Callable[[int], None] | None = None) -> None:
         from transformers import AutoTokenizer
 
-        if not model_path or not Path(model_path).exists():
-            raise AdapterError("ETS_PRM_MODEL", f"model folder {model_path!r} does not exist")
+        check_model_ref(model_path)
         self.model_path = model_path
         self.prm_type = prm_type
         self.device = device
