@@ -185,9 +185,7 @@ def parse_sample(obj: Mapping[str, Any], stop_token_ids: Sequence[int] = ()) -> 
             cached_tokens=int(meta.get("cached_tokens", 0)),
             e2e_latency_s=meta.get("e2e_latency"), meta=meta,
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, PolicyError):
-            raise
+    except (KeyError, TypeError, ValueError) as exc:  # PolicyErrors raised above pass through
         raise PolicyServerError(f"malformed /generate result: {exc!r}") from exc
 
 
