@@ -27,11 +27,12 @@ def coverage_applies(lambda_s: float, step_texts: Sequence[str]) -> bool:
 
 def cosine_distances(embeddings: np.ndarray) -> np.ndarray:
     """Full (N, N) cosine distance matrix (rows re-normalised; clipped to [0, 2]; zero diagonal)."""
-    emb = np.asarray(embeddings, dtype=np.float64)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    # float32 throughout the product: twice as fast as float64, and its ~1e-7 error is far below
+    # any meaningful cut.
+    emb = np.asarray(embeddings, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))[:, None]
     norms[norms == 0] = 1.0
-    # float32 product: twice as fast, and ~1e-7 error is far below any meaningful cut.
-    unit = (emb / norms).astype(np.float32)
+    unit = emb / norms
     dist = 1.0 - (unit @ unit.T).astype(np.float64)
     np.clip(dist, 0.0, 2.0, out=dist)
     np.fill_diagonal(dist, 0.0)
