@@ -273,3 +273,20 @@ def test_component_split_clustering_equals_scipy_fcluster(seed: int) -> None:
             got = cluster_steps(emb, cut)
             assert len(set(zip(ref.tolist(), got.tolist()))) == len(set(ref.tolist())) == len(set(got.tolist()))
             assert got[0] == 0 and set(got.tolist()) == set(range(got.max() + 1))
+
+
+@pytest.mark.parametrize("lambda_c,node_cost", [(1.0, "uniform"), (5.0, "uniform"), (5.0, "tokens")])
+def test_formulations_agree_on_realistic_frontiers(lambda_c: float, node_cost: str) -> None:
+    """Beyond exhaustive reach (width 64, ~64 candidates): every formulation, with and without
+    the LP-first path, reaches the same optimum as the spec's naive program solved as a MIP."""
+    rng = np.random.default_rng(77)
+    for _ in range(4):
+        f = grown_frontier(rng, 64, depths=4, dim=32)
+        inst = build_instance(f, 64, T, lambda_c, 1.4, node_cost, cluster_labels(f, 1.4, 0.05))
+        ref = solve_highs(build_program(inst, "naive"), 30.0, lp_first=False)
+        assert ref.status == "optimal"
+        for formulation in FORMULATIONS:
+            for lp_first in (True, False):
+                got = solve_highs(build_program(inst, formulation), 30.0, lp_first=lp_first)
+                assert got.status == "optimal"
+                assert inst.objective(got.keep) == pytest.approx(inst.objective(ref.keep), abs=1e-9)
