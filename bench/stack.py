@@ -39,10 +39,21 @@ PROBLEMS = [
 ]
 
 
-def flush_policy_cache(policy_url: str) -> None:
-    req = urllib.request.Request(f"{policy_url.rstrip('/')}/flush_cache", method="POST", data=b"")
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        resp.read()
+def flush_policy_cache(policy_url: str) -> bool:
+    """Empty the policy's radix cache. SGLang refuses (HTTP 400) while any request runs, e.g. the
+    search service's one-token /health probe, so wait for idle (``timeout``) and retry."""
+    import urllib.error
+
+    for _ in range(10):
+        req = urllib.request.Request(f"{policy_url.rstrip('/')}/flush_cache?timeout=5", method="POST", data=b"")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                resp.read()
+                return True
+        except urllib.error.HTTPError:
+            time.sleep(0.5)
+    print("bench: warning: policy cache not flushed (server kept busy)", file=sys.stderr)
+    return False
 
 
 async def run(addr: str, policy_url: str | None, widths: list[int], methods: list[str], problems: list[str],
@@ -56,8 +67,7 @@ async def run(addr: str, policy_url: str | None, widths: list[int], methods: lis
         for width in widths:
             for pi, problem in enumerate(problems):
                 for method in methods:
-                    if policy_url:
-                        await asyncio.to_thread(flush_policy_cache, policy_url)
+                    flushed = bool(policy_url) and await asyncio.to_thread(flush_policy_cache, policy_url)
                     config = search_pb2.SearchConfig(method=method, width=width, max_step_tokens=step_tokens,
                                                      max_tokens=max_tokens, max_depth=max_depth, seed=seed + pi)
                     t0 = time.perf_counter()
@@ -73,7 +83,7 @@ async def run(addr: str, policy_url: str | None, widths: list[int], methods: lis
                         "wall_seconds": s.wall_seconds, "client_wall_seconds": client_wall,
                         "policy_seconds": s.policy_seconds, "reward_seconds": s.reward_seconds,
                         "selection_seconds": s.selection_seconds, "solver_fallbacks": s.solver_fallbacks,
-                        "finished": len(reply.candidates),
+                        "finished": len(reply.candidates), "cache_flushed": flushed,
                     })
                     print(f"  w{width:<3} {method:<10} p{pi}: KV {s.total_kv_tokens:>7} (peak {s.peak_kv_tokens:>6}) "
                           f"gen {s.generated_tokens:>6} cached {s.cached_prompt_tokens}/{s.prompt_tokens} "
