@@ -57,10 +57,13 @@ def test_different_answers(a: str, b: str) -> None:
 
 def test_equivalence_off_the_main_thread() -> None:
     """signal-based timeouts cannot run there; math-verify is still used (without the alarm)."""
+    from ets.search import answers
+
     out: list[bool] = []
     t = threading.Thread(target=lambda: out.extend([equivalent(r"\frac{3}{4}", "0.75"), equivalent("1", "2")]))
     t.start()
-    t.join(30)
+    t.join(120)
+    answers.shutdown()
     assert out == [True, False]
 
 
@@ -117,11 +120,17 @@ def test_no_answers_and_ties() -> None:
 def test_grouping_off_the_main_thread_uses_a_worker_process() -> None:
     """A server runs answer choice in a worker thread: math-verify's alarms only work on a main
     thread, so the grouping runs in a spawned worker process (on its main thread)."""
+    from ets.search import answers
+
     out: list = []
     t = threading.Thread(target=lambda: out.append(group_answers(["x = 3", "3", "(1, 2]", r"\left(1,2\right]", "7"])))
     t.start()
     t.join(120)
     assert out == [[[0, 1], [2, 3], [4]]]
+    workers = list(answers._pool._processes.values())
+    assert len(workers) == 1 and workers[0].is_alive()
+    answers.shutdown()
+    assert answers._pool is None and not workers[0].is_alive()
 
 
 def test_grouping_deadline_kills_the_worker_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:

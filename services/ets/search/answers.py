@@ -179,6 +179,16 @@ def _kill_pool() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def shutdown() -> None:
+    """Stop the equivalence worker process, if one was started (e.g. at server shutdown);
+    a later off-main-thread call starts a fresh one."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _off_main_thread(fn: Any, fallback: Any, *args: Any) -> Any:
     try:
         return _worker_pool().submit(fn, *args).result(timeout=GROUPING_TIMEOUT_S)
