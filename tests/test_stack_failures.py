@@ -24,7 +24,8 @@ from ets.service.server import SearchServer, ServiceSettings
 from ets.service.stack import Stack
 from service_fixtures import SMALL_SEARCH_ENV, ServeProcess, http_get
 
-pytestmark = [pytest.mark.sglang, pytest.mark.stack]
+# The first test of a session also pays for starting the stack (minutes on a loaded CPU).
+pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 PROBLEM = "A box holds 12 pencils. How many pencils are in 4 boxes?"
 
@@ -174,6 +175,7 @@ def test_dead_reward_server_is_unavailable_naming_it(search_stack: Stack,
     assert metric(serve.metrics(), "ets_search_upstream_up", upstream="policy") == 1
 
 
+@pytest.mark.timeout(1800)  # two extra SGLang starts on top of the stack
 async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory: Callable[[str], Path],
                                         tmp_path: Path) -> None:
     """In-process service (to inspect its tasks) over a policy server of its own that is killed."""

@@ -15,7 +15,8 @@ from ets.service.stack import Stack
 from service_fixtures import http_get, start_prometheus
 from test_stack_failures import metric
 
-pytestmark = [pytest.mark.sglang, pytest.mark.stack]
+# The first test of a session also pays for starting the stack (minutes on a loaded CPU).
+pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 
 def _run_searches(addr: str, n: int, method: str = "rebase") -> list[search_pb2.SearchResponse]:

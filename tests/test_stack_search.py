@@ -18,7 +18,8 @@ from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.service.stack import Stack
 from service_fixtures import REPO, grpcurl_path
 
-pytestmark = [pytest.mark.sglang, pytest.mark.stack]
+# The first test of a session also pays for starting the stack (minutes on a loaded CPU).
+pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 METHODS = ("ets", "rebase", "beam", "dvts", "best_of_n")
 FINISH = {"answer", "eos", "max_tokens", "max_depth"}
