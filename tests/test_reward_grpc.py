@@ -49,6 +49,7 @@ async def test_embeddings_are_normalised_and_semantic(server: ThreadedRewardServ
     async with RewardClient(server.address) as client:
         vectors = await client.embed(texts)
         info = await client.info()
+        assert (await client.embed([])).shape == (0, 384)
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     assert info.embedding_dim == 384
     assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)

@@ -51,6 +51,7 @@ class RewardClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._max_batch_size = max_batch_size
+        self._dim: int | None = None
         self._channel = channel or grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -90,7 +91,9 @@ class RewardClient:
 
     async def _batch_size(self) -> int:
         if self._max_batch_size is None:
-            self._max_batch_size = max(1, int((await self.info()).max_batch_size) or 1)
+            info = await self.info()
+            self._max_batch_size = max(1, int(info.max_batch_size) or 1)
+            self._dim = int(info.embedding_dim)
         return self._max_batch_size
 
     async def score(self, trajectories: Sequence[ScoredTrajectory | tuple[str, Sequence[str]]], *,
@@ -116,9 +119,11 @@ class RewardClient:
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``StepScorer``: (len(texts), dim) float32 L2-normalised embeddings."""
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
         size = await self._batch_size()
+        if not texts:
+            if self._dim is None:
+                self._dim = int((await self.info()).embedding_dim)
+            return np.zeros((0, self._dim), dtype=np.float32)
         chunks = [list(texts[i: i + size]) for i in range(0, len(texts), size)]
         replies = await asyncio.gather(*(self._call("Embed", reward_pb2.EmbedRequest(texts=c)) for c in chunks))
         rows = [np.asarray(e.values, dtype=np.float32) for reply in replies for e in reply.embeddings]

@@ -157,6 +157,9 @@ class PrmSupervisor:
                     raise BackendUnavailable(f"PRM server {self.url}{path} answered {resp.status}: {text[:200]}")
                 if resp.status != 200:
                     raise RuntimeError(f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
+                if len(text) > 1 << 20:
+                    # Hidden-state replies (llemma) can be megabytes: parse off the event loop.
+                    return await asyncio.to_thread(json.loads, text)
                 return json.loads(text)
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             self.mark(False)
