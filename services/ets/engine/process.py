@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import http.client
 import os
 import signal
 import subprocess
@@ -123,7 +124,9 @@ class SGLangProcess:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=timeout) as resp:
                 return resp.status == 200
-        except (urllib.error.URLError, OSError, TimeoutError):
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException):
+            # HTTPException: something that is not SGLang answered on the port (a free_port race
+            # with another server), e.g. BadStatusLine from an HTTP/2 gRPC server.
             return False
 
     # -- readiness ---------------------------------------------------------------------------
