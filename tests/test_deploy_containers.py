@@ -33,7 +33,7 @@ BIN = Path(sys.executable).parent
 CONTAINERS = ROOT / "scripts/containers.sh"
 TAG = "cpu"
 IMAGES = {name: f"localhost/ets-{name}:{TAG}" for name in ("policy", "reward", "search")}
-HEALTH_TIMEOUT_S = float(os.environ.get("ETS_TEST_COMPOSE_HEALTH_TIMEOUT_S", "600"))
+HEALTH_TIMEOUT_S = float(os.environ.get("ETS_TEST_COMPOSE_HEALTH_TIMEOUT_S", "1200"))
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(3000)]
 
