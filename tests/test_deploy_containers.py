@@ -254,6 +254,12 @@ def test_prometheus_scrapes_stack_and_dashboard_uses_real_series(stack: Stack) -
     for panel in dash["panels"]:
         for target in panel["targets"]:
             stack.query(target["expr"].replace("$__rate_interval", "1m"))
+    # One more search now that every series exists in Prometheus, so rates over 1m see it move.
+    res = subprocess.run([str(BIN / "ets"), "search", "--addr", f"127.0.0.1:{stack.ports['search']}", "--json",
+                          "--method", "ets", "--width", "4", "--max-depth", "3", "--seed", "11", "What is 4 + 4?"],
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr
+    time.sleep(8)
     assert stack.query("sum(rate(ets_search_searches_total[1m])) > 0")
     assert stack.query('sum(rate(sglang:prompt_tokens_total{job="sglang-policy"}[1m])) > 0')
     assert stack.query('sum(rate(sglang:prompt_tokens_total{job="sglang-prm"}[1m])) > 0')
