@@ -7,4 +7,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 scripts/install-system.sh
 scripts/install.sh --profile all --editable
+# Console scripts of the venv (ets, grpcurl, hadolint, kubectl, ...) are used by tests and scripts.
+export PATH="$ROOT/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest -p no:cacheprovider -rA --durations=25 "$@"
