@@ -1,7 +1,9 @@
 """Kubernetes manifests: every overlay built with `kubectl kustomize`, validated with
 `kubernetes-validate --strict` (core/apps/... schemas) and, for the ServiceMonitor/PodMonitor,
-against the prometheus-operator CRD schema kept in deploy/schemas/ (strictly: unknown fields
-rejected, as `kubectl apply --validate=strict` would). Plus the deployment rules of issue #5:
+against the prometheus-operator CRD schema as shipped on PyPI by
+`cloudcoil-models-prometheus-operator` (models generated from the operator's v0.80 CRDs; pinned
+in requirements/dev.txt), closed so that unknown fields are rejected as
+`kubectl apply --validate=strict` would. Plus the deployment rules of issue #5:
 GPUs, probes, security contexts, resources, network policies, the router's real CLI.
 """
 from __future__ import annotations
@@ -21,10 +23,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OVERLAYS = ["gpu", "cpu", "scale-out"]
-CRDS = {
-    "ServiceMonitor": ROOT / "deploy/schemas/monitoring.coreos.com_servicemonitors.yaml",
-    "PodMonitor": ROOT / "deploy/schemas/monitoring.coreos.com_podmonitors.yaml",
-}
 
 
 def tool(name: str) -> str:
@@ -78,10 +76,9 @@ def _closed(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(CRDS[kind].read_text())
-    assert crd["spec"]["names"]["kind"] == kind
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    schema = _closed(version["schema"]["openAPIV3Schema"])
+    from cloudcoil.models.prometheus_operator import v1 as monitoring_v1
+
+    schema = _closed(getattr(monitoring_v1, kind).model_json_schema(by_alias=True, mode="validation"))
     # metadata is validated by the API server's ObjectMeta, not by the CRD.
     schema["properties"]["metadata"] = {"type": "object"}
     return jsonschema.Draft7Validator(schema)
