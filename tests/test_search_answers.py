@@ -136,7 +136,8 @@ def test_grouping_off_the_main_thread_uses_a_worker_process() -> None:
 def test_grouping_deadline_kills_the_worker_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     from ets.search import answers
 
-    monkeypatch.setattr(answers, "GROUPING_TIMEOUT_S", 1e-4)  # no worker can even start in time
+    answers.shutdown()  # a worker left warm by an earlier test would answer within any deadline
+    monkeypatch.setattr(answers, "GROUPING_TIMEOUT_S", 1e-4)  # no new worker can even start in time
     out: list = []
     t = threading.Thread(target=lambda: out.append(group_answers(["0.5", r"\frac{1}{2}", "0.5 ", "2"])))
     t.start()
