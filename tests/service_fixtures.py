@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -103,7 +103,7 @@ def serve_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 
 @pytest.fixture(scope="session")
-def search_stack(tmp_path_factory: pytest.TempPathFactory, policy_process: SGLangProcess,
+def search_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
                  tiny_model_factory: Callable[[str], Path]) -> Iterator[Stack]:
     """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
     PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
@@ -112,7 +112,10 @@ def search_stack(tmp_path_factory: pytest.TempPathFactory, policy_process: SGLan
         policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
         search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
     )
-    stack = start_stack(cfg, policy_url=policy_process.url)
+    # Resolved here, not through the session's ``policy_process``: earlier tests may have evicted
+    # that server under the SGLang cap, and get() restarts it.
+    policy = sglang_servers.get(cfg.policy_model)
+    stack = start_stack(cfg, policy_url=policy.url)
     try:
         yield stack
     finally:
