@@ -163,7 +163,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             await context.abort(failure.code, failure.message)
             return None  # pragma: no cover - abort raises
         except asyncio.CancelledError:
-            expired = (context.time_remaining() or 1.0) <= 0 if _has_deadline(context) else False
+            # The client gives up at its own deadline and cancels the stream, which can reach us a
+            # little before our copy of the deadline passes: count the last second as expiry.
+            expired = _has_deadline(context) and (context.time_remaining() or 0.0) <= DEADLINE_SLACK_S
             self._metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")
             log.info("search %s %s", request.request_id or "-", "deadline passed" if expired else "cancelled")
             raise
@@ -193,6 +195,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return await run
         async with asyncio.timeout(max(remaining, 0.0)):
             return await run
+
+
+DEADLINE_SLACK_S = 1.0
 
 
 def _has_deadline(context: grpc.aio.ServicerContext) -> bool:
