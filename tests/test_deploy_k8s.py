@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
 import pytest
+from tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 OVERLAYS = ["gpu", "cpu", "scale-out"]
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    assert found, f"{name} is not installed (requirements/dev.txt installs it)"
-    return found
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:

@@ -9,30 +9,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DOCKERFILES = ["Dockerfile.policy", "Dockerfile.reward", "Dockerfile.search"]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/ets.json"
 # Metric names in PromQL: ours and SGLang's (labels and functions never carry these prefixes).
 METRIC_RE = re.compile(r"\b(ets_[a-z0-9_]+|sglang:[a-z0-9_]+)")
 
 
-def tool(name: str) -> str:
-    """The venv's copy of a tool, else the system's; fail (not skip) when neither exists."""
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    assert found, f"{name} is not installed (scripts/install.sh / scripts/install-system.sh install it)"
-    return found
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:

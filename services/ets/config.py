@@ -7,6 +7,8 @@ type names. Pure: no I/O except reading a given environment mapping in ``from_en
 """
 from __future__ import annotations
 
+from ets.errors import FieldError
+
 import dataclasses
 import math
 import os
@@ -37,13 +39,8 @@ def preset_lambda_s(width: int) -> float:
     return LAMBDA_S_PRESETS[best]
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """An invalid configuration value; ``field`` names the offending ``SearchConfig`` field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 # --------------------------------------------------------------------------------------------

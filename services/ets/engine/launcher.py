@@ -11,6 +11,8 @@ Nothing here starts a subprocess; ``ets.engine.process`` supervises one.
 """
 from __future__ import annotations
 
+from ets.errors import FieldError
+
 import argparse
 import os
 import sys
@@ -32,13 +34,8 @@ CPU_MAX_TOTAL_TOKENS = 8192
 GPU_POLICY_MEM_FRACTION = 0.85
 
 
-class LaunchConfigError(ValueError):
+class LaunchConfigError(FieldError):
     """An invalid launch setting; ``field`` names the setting (env var / flag stem)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

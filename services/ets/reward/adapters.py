@@ -19,6 +19,8 @@ from the tokenizer and the adapter's options (tag, "+"/"-" strings), never from 
 """
 from __future__ import annotations
 
+from ets.errors import FieldError
+
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Sequence
 
@@ -29,13 +31,8 @@ PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-class AdapterError(ValueError):
+class AdapterError(FieldError):
     """A configuration or input problem; ``field`` names the offending setting or request field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ worker threads (or in SGLang).
 """
 from __future__ import annotations
 
+from ets.errors import FieldError
+
 import argparse
 import asyncio
 import logging
@@ -39,20 +41,12 @@ DEVICES = ("cuda", "cpu")
 GPU_PRM_MEM_FRACTION = 0.85
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """An invalid server setting; ``field`` names the env var."""
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
-
-class InvalidRequest(ValueError):
+class InvalidRequest(FieldError):
     """A bad request; the message starts with the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

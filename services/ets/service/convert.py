@@ -7,6 +7,8 @@ served search -> ``SearchResponse``.
 """
 from __future__ import annotations
 
+from ets.errors import FieldError
+
 import dataclasses
 from typing import Any
 
@@ -20,13 +22,8 @@ from ets.config import ConfigError, SearchConfig
 MAX_PROBLEM_CHARS = 64_000
 
 
-class RequestError(ValueError):
+class RequestError(FieldError):
     """Bad request content; ``field`` is the request field path (e.g. ``config.width``)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
