@@ -37,9 +37,10 @@ SGLANG_VERSION=0.5.23
 TORCHVISION_VERSION=0.28.0
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
 
-VENV_ARGS=(); PROJECT_ARGS=()
-# The official SGLang image runs Python 3.12; the project is tested on 3.11 (pyproject's range).
-[ "$ENGINE" = image ] && { VENV_ARGS=(--system-site-packages); PROJECT_ARGS=(--ignore-requires-python); }
+VENV_ARGS=()
+# The official SGLang image runs Python 3.12 (inside pyproject's range; CI tests on 3.11): the
+# venv sees the image's torch/SGLang through --system-site-packages.
+[ "$ENGINE" = image ] && VENV_ARGS=(--system-site-packages)
 [ -x "$VENV/bin/python" ] || python3 -m venv "${VENV_ARGS[@]}" "$VENV"
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q)
@@ -84,8 +85,8 @@ fi  # stage deps
 [ "$STAGE" = deps ] && { echo "install.sh: profile $PROFILE dependencies ready in $VENV"; exit 0; }
 
 if [ $EDITABLE = 1 ]; then
-  "${PIP[@]}" "${PROJECT_ARGS[@]}" --no-deps --no-build-isolation -e "$ROOT"
+  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
-  "${PIP[@]}" "${PROJECT_ARGS[@]}" --no-deps --no-build-isolation "$ROOT"
+  "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
 fi
 echo "install.sh: profile $PROFILE ready in $VENV"

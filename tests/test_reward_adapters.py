@@ -107,6 +107,19 @@ def test_score_positions(kind: str, tokenizers: dict[str, object]) -> None:
     assert ids[: len(parent.last_step_prompt())] == parent.last_step_prompt()
 
 
+@pytest.mark.parametrize("kind", PRM_KINDS)
+def test_empty_steps_keep_their_score_position(kind: str, tokenizers: dict[str, object]) -> None:
+    adapter = make_adapter(kind, tokenizers[kind])
+    q, steps = CASES[0]
+    with_empty = [steps[0], "", " ", *steps[1:]]
+    enc = adapter.encode(q, with_empty)
+    assert len(enc.score_positions) == len(with_empty)
+    assert len(set(enc.score_positions)) == len(with_empty)
+    # The first step's prompt is unchanged by what follows it.
+    first = adapter.encode(q, steps[:1])
+    assert enc.input_ids[: len(first.last_step_prompt())] == first.last_step_prompt()
+
+
 def _reference_scores(kind: str, model_dir: Path, question: str, steps: list[str]) -> list[float]:
     """The readout computed the plain way: format by hand, one full forward, full logits."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer

@@ -86,6 +86,9 @@ def test_supervised_prm_restarts_after_crash_and_sigterm_stops_it(
         ETS_PRM_TYPE="math-shepherd", ETS_PRM_BACKEND="sglang", ETS_PRM_PORT=str(free_port()),
         ETS_REWARD_HOST="127.0.0.1", ETS_REWARD_PORT="0", ETS_REWARD_METRICS_PORT="0",
         ETS_REWARD_LOG_DIR=str(tmp_path / "prm-logs"), ETS_PRM_START_TIMEOUT_S=str(START_TIMEOUT_S),
+        # As in the images: the PRM binds all interfaces (for Prometheus), the supervisor still
+        # reaches it over loopback.
+        ETS_PRM_HOST="0.0.0.0",
     )
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ets.cli", "reward-serve", "--ready-file", str(ready)],
@@ -98,6 +101,8 @@ def test_supervised_prm_restarts_after_crash_and_sigterm_stops_it(
         _wait(lambda: _health(address) == "SERVING", START_TIMEOUT_S, "SERVING", proc, log)
         leaders = _prm_leaders(proc.pid)
         assert len(leaders) == 1, leaders
+        argv = leaders[0].cmdline()
+        assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv.count("--host") == 1, argv
         first = leaders[0].pid
         prm_groups.add(first)
 

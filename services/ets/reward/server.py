@@ -57,6 +57,9 @@ class RewardServerConfig:
     # Attach to this SGLang PRM server instead of spawning one (sglang backend only).
     prm_url: str = ""
     prm_port: int = 30001
+    # Bind address of the spawned PRM server: loopback by default (only the reward server talks to
+    # it); 0.0.0.0 in containers so Prometheus can scrape its /metrics.
+    prm_host: str = "127.0.0.1"
     prm_mem_fraction: float | None = None
     prm_start_timeout_s: float = 600.0
     prm_dtype: str = "auto"
@@ -80,6 +83,8 @@ class RewardServerConfig:
             raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
         if self.device not in DEVICES:
             raise ConfigError("ETS_DEVICE", f"must be one of {list(DEVICES)}, got {self.device!r}")
+        if not self.prm_host or any(c.isspace() for c in self.prm_host):
+            raise ConfigError("ETS_PRM_HOST", f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
         if self.prm_url and self.prm_backend != "sglang":
             raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
         for name, port in (("ETS_REWARD_PORT", self.port), ("ETS_REWARD_METRICS_PORT", self.metrics_port),
@@ -119,6 +124,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("ETS_PRM_BACKEND", "prm_backend", str),
     ("ETS_PRM_URL", "prm_url", str),
     ("ETS_PRM_PORT", "prm_port", int),
+    ("ETS_PRM_HOST", "prm_host", str),
     ("ETS_PRM_MEM_FRACTION", "prm_mem_fraction", float),
     ("ETS_PRM_START_TIMEOUT_S", "prm_start_timeout_s", float),
     ("ETS_PRM_DTYPE", "prm_dtype", str),
@@ -150,7 +156,7 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
     else:
         # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
         launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
-            model_path=config.prm_model, host="127.0.0.1", port=config.prm_port, device=config.device,
+            model_path=config.prm_model, host=config.prm_host, port=config.prm_port, device=config.device,
             served_name="prm",
         )
         if launch.mem_fraction_static is None:
@@ -222,9 +228,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 raise InvalidRequest(f"trajectories[{i}].question", "empty")
             if not traj.steps:
                 raise InvalidRequest(f"trajectories[{i}].steps", "no steps to score")
-            for j, step in enumerate(traj.steps):
-                if not step.strip():
-                    raise InvalidRequest(f"trajectories[{i}].steps[{j}]", "empty step")
+            # An empty step is valid: a policy may stop right at its delimiter. Every adapter still
+            # writes that step's boundary (tag / turn / separator), so the PRM scores it like any other.
 
     def _encode(self, request: reward_pb2.ScoreRequest) -> list[EncodedTrajectory]:
         encoded = []
@@ -368,6 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prm-backend", help=f"one of {list(BACKENDS)} (ETS_PRM_BACKEND)")
     p.add_argument("--prm-url", help="attach to this SGLang PRM server instead of spawning one (ETS_PRM_URL)")
     p.add_argument("--prm-port", type=int, help="port of the spawned SGLang PRM server (ETS_PRM_PORT, 30001)")
+    p.add_argument("--prm-host", help="bind address of the spawned SGLang PRM server (ETS_PRM_HOST, 127.0.0.1)")
     p.add_argument("--prm-mem-fraction", type=float, help="spawned PRM's --mem-fraction-static (0.85 on GPU)")
     p.add_argument("--prm-start-timeout-s", type=float, help="(ETS_PRM_START_TIMEOUT_S, 600)")
     p.add_argument("--prm-dtype", help="transformers backend dtype: auto|bfloat16|float32 (ETS_PRM_DTYPE)")

@@ -217,12 +217,6 @@ class Upstreams(Protocol):
     reward_address: str
 
 
-# A policy may end a step right at its delimiter, leaving no text (the tiny CPU models often do).
-# The reward API refuses empty steps (INVALID_ARGUMENT), so the PRM is shown this stand-in: it
-# still sees a step boundary at that position, and an empty step cannot be scored as progress.
-EMPTY_STEP = "(empty step)"
-
-
 class RewardScorer:
     """``StepScorer`` over the shared ``RewardClient``; when the request named a PRM type, the
     reward server checks it against the PRM it serves (INVALID_ARGUMENT on a mismatch)."""
@@ -232,12 +226,9 @@ class RewardScorer:
         self._prm_type = prm_type
 
     async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
-        sent = [
-            t if all(s.strip() for s in t.steps)
-            else ScoredTrajectory(t.question, [s if s.strip() else EMPTY_STEP for s in t.steps])
-            for t in trajectories
-        ]
-        scores = await self._client.score(sent, last_step_only=True, prm_type=self._prm_type)
+        # Steps that are empty (the policy stopped at its delimiter) go as they are: the reward
+        # server scores them at their boundary.
+        scores = await self._client.score(trajectories, last_step_only=True, prm_type=self._prm_type)
         return [s[-1] for s in scores]
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:

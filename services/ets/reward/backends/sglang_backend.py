@@ -37,6 +37,12 @@ SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
 
 
+def _local_url(launch: LaunchConfig) -> str:
+    """Where the reward server reaches the PRM server it spawned: loopback for a wildcard bind."""
+    host = "127.0.0.1" if launch.host in ("0.0.0.0", "::", "") else launch.host
+    return f"http://[{host}]:{launch.port}" if ":" in host else f"http://{host}:{launch.port}"
+
+
 class PrmSupervisor:
     """Keeps an SGLang PRM server available: spawned (and restarted) or attached by URL."""
 
@@ -47,7 +53,7 @@ class PrmSupervisor:
         if (url is None) == (launch is None):
             raise ValueError("PrmSupervisor needs exactly one of url (attach) or launch (spawn)")
         self.launch = launch
-        self.url = (url or f"http://127.0.0.1:{launch.port}").rstrip("/")  # type: ignore[union-attr]
+        self.url = (url or _local_url(launch)).rstrip("/")  # type: ignore[arg-type]
         self.log_dir = Path(log_dir)
         self.start_timeout_s = start_timeout_s
         self.poll_s = poll_s
