@@ -186,12 +186,13 @@ def test_configmap_search_defaults_are_a_valid_search_config(overlay: tuple[str,
 def test_network_policies_only_search_reaches_model_servers(overlay: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = overlay
     policies = by_kind(docs, "NetworkPolicy")
-    front = "policy-router" if name == "scale-out" else "search"
-    for target, client in (("policy", front), ("reward", "search")):
+    # Scale-out: the router, and the search pods for /tokenize (the router has none).
+    front = ["policy-router", "search"] if name == "scale-out" else ["search"]
+    for target, clients in (("policy", front), ("reward", ["search"])):
         rules = policies[target]["spec"]["ingress"]
         from_pods = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
                      for r in rules for p in r.get("from", []) if "podSelector" in p]
-        assert from_pods == [client]
+        assert from_pods == clients
         assert all(r.get("from") for r in rules), "no rule open to every source"
 
 
@@ -216,3 +217,10 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     assert svc.items() <= deploys["policy-router"]["spec"]["template"]["metadata"]["labels"].items()
     role = by_kind(docs, "Role")["policy-router"]
     assert {"list", "watch"} <= set(role["rules"][0]["verbs"])
+    # The search service's policy client runs in routed mode (tests/test_deploy_router.py):
+    # ETS_POLICY_ENGINE_URL names a Service of the engines themselves, for tokenization.
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ets-config"))
+    engine_url = config["data"]["ETS_POLICY_ENGINE_URL"]
+    engine_svc = by_kind(docs, "Service")[engine_url.split("//")[1].split(":")[0]]["spec"]
+    assert engine_svc["selector"].items() <= policy_labels.items()
+    assert [p["port"] for p in engine_svc["ports"]] == [int(engine_url.rsplit(":", 1)[1])]

@@ -9,7 +9,9 @@ that warmup's prefill never appears in any sample's accounting; (3) per-sample s
 (``seed + k``) keep seeded samples distinct. Repeated prompts still share their prefix: SGLang's
 lpm scheduler defers in-batch duplicates of an uncached prefix until the first one is cached.
 Each sample is then one engine request, so its ``prompt_tokens`` / ``cached_tokens`` are the
-engine's own numbers and sums over samples equal the engine's counters.
+engine's own numbers and sums over samples equal the engine's counters. Behind sglang-router (a
+client with ``engine_url``) the client sends the same prompts as one concurrent ``/generate``
+each, so the router's cache-aware policy can route each by its own prefix (``ets.policy.client``).
 
 Stop strings and trimming come from the policy model type (``ets.config.PolicyModelType``). The
 new ids are exactly what the engine cached (stop-string tokens included), so the child's prefix

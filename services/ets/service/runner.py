@@ -236,10 +236,16 @@ class RewardScorer:
 
 
 class LiveUpstreams:
-    """The SGLang policy server (HTTP) and the reward server (gRPC), shared by all searches."""
+    """The SGLang policy server (HTTP) and the reward server (gRPC), shared by all searches.
 
-    def __init__(self, policy_url: str, reward_addr: str, *, metrics: SearchMetrics) -> None:
+    ``policy_engine_url``: set when ``policy_url`` is an sglang-router (k8s scale-out overlay); one
+    engine reached directly for tokenization, and generation goes out one prompt per request so
+    the router's cache-aware policy can route each by its prefix (``ets.policy.client``)."""
+
+    def __init__(self, policy_url: str, reward_addr: str, *, metrics: SearchMetrics,
+                 policy_engine_url: str | None = None) -> None:
         self.policy_address = policy_url.rstrip("/")
+        self.policy_engine_url = policy_engine_url or None
         self.reward_address = reward_addr
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
@@ -268,7 +274,8 @@ class LiveUpstreams:
         if self._policy_client is None:
             from ets.policy.client import PolicyClient
 
-            self._policy_client = PolicyClient(self.policy_address, session=self._http())
+            self._policy_client = PolicyClient(self.policy_address, session=self._http(),
+                                               engine_url=self.policy_engine_url)
         return self._policy_client
 
     # -- root -------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ per-depth progress stream, the upstream readiness monitor that drives the gRPC h
 the Prometheus endpoint, and SIGTERM: stop accepting, let in-flight searches finish within the
 grace period, cancel the rest.
 
-    ets serve [--port 50051] [--metrics-port 9091] [--policy-url URL] [--reward-addr HOST:PORT]
-              [--grace 30] [--max-concurrent N] [--max-queued N]
+    ets serve [--port 50051] [--metrics-port 9091] [--policy-url URL] [--policy-engine-url URL]
+              [--reward-addr HOST:PORT] [--grace 30] [--max-concurrent N] [--max-queued N]
 
-Environment: ETS_POLICY_URL, ETS_REWARD_ADDR, ETS_SEARCH_PORT, ETS_SEARCH_METRICS_PORT,
+Environment: ETS_POLICY_URL, ETS_POLICY_ENGINE_URL (set when ETS_POLICY_URL is an sglang-router:
+one engine for tokenization; see ets.policy.client), ETS_REWARD_ADDR, ETS_SEARCH_PORT, ETS_SEARCH_METRICS_PORT,
 ETS_MAX_CONCURRENT_SEARCHES, ETS_MAX_QUEUED_SEARCHES, ETS_SEARCH_GRACE_S, ETS_SEARCH_* (defaults).
 """
 from __future__ import annotations
@@ -60,6 +61,8 @@ class ServiceSettings:
     host: str = "0.0.0.0"
     metrics_port: int | None = 9091  # None: no metrics endpoint (in-process tests may pass 0)
     policy_url: str = "http://policy:30000"
+    # Set when policy_url is an sglang-router: one engine reached directly (tokenization).
+    policy_engine_url: str | None = None
     reward_addr: str = "reward:50052"
     grace_s: float = DEFAULT_GRACE_S
     max_concurrent: int = 8
@@ -215,7 +218,8 @@ class SearchServer:
         self.defaults = defaults
         self.metrics = metrics or SearchMetrics()
         self.runner: SearchRunner = runner or SearchRunner(
-            LiveUpstreams(settings.policy_url, settings.reward_addr, metrics=self.metrics))
+            LiveUpstreams(settings.policy_url, settings.reward_addr, metrics=self.metrics,
+                          policy_engine_url=settings.policy_engine_url))
         self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed)
         self.health = health.aio.HealthServicer()
         self.servicer = SearchServicer(self.runner, defaults, self.admission, self.metrics,
@@ -322,6 +326,8 @@ def settings_from_args(argv: list[str], env: dict[str, str] | None = None) -> Se
     parser.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
                         help="Prometheus endpoint port (ETS_SEARCH_METRICS_PORT); -1 disables it")
     parser.add_argument("--policy-url", default=env.get("ETS_POLICY_URL", "http://policy:30000"))
+    parser.add_argument("--policy-engine-url", default=env.get("ETS_POLICY_ENGINE_URL", ""),
+                        help="when --policy-url is an sglang-router: one policy engine, for tokenization")
     parser.add_argument("--reward-addr", default=env.get("ETS_REWARD_ADDR", "reward:50052"))
     parser.add_argument("--grace", type=float, default=float(env.get("ETS_SEARCH_GRACE_S", DEFAULT_GRACE_S)),
                         help="seconds in-flight searches may finish after SIGTERM")
@@ -337,7 +343,8 @@ def settings_from_args(argv: list[str], env: dict[str, str] | None = None) -> Se
         parser.error("--max-queued (ETS_MAX_QUEUED_SEARCHES) must be at least 0")
     return ServiceSettings(
         port=args.port, host=args.host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        policy_url=args.policy_url, reward_addr=args.reward_addr, grace_s=args.grace,
+        policy_url=args.policy_url, policy_engine_url=args.policy_engine_url or None,
+        reward_addr=args.reward_addr, grace_s=args.grace,
         max_concurrent=args.max_concurrent, max_queued=args.max_queued,
     )
 
