@@ -75,6 +75,8 @@ def render(prometheus: str, out: Path, minutes: float, rate_interval: str, step:
         counts[panel["title"]] = n
         ax.set_title(panel["title"], fontsize=10, loc="left")
         ax.set_ylabel(UNIT_LABELS.get(panel["fieldConfig"]["defaults"].get("unit", ""), ""), fontsize=8)
+        # The whole window on every panel, also on one with no series (Grafana's "No data").
+        ax.set_xlim(datetime.fromtimestamp(start, tz=timezone.utc), datetime.fromtimestamp(end, tz=timezone.utc))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
