@@ -108,7 +108,9 @@ class Stack:
 
     def logs(self, service: str, tail: int = 40) -> str:
         try:
-            return podman("logs", "--tail", str(tail), self.container(service), check=False).stdout[-4000:]
+            # The services log to stderr, which `podman logs` replays on its own stderr.
+            res = podman("logs", "--tail", str(tail), self.container(service), check=False)
+            return (res.stdout + res.stderr)[-4000:]
         except AssertionError as err:
             return str(err)
 
