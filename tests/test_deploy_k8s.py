@@ -209,6 +209,8 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     args = [a.replace("$(POD_NAMESPACE)", "ets") for a in router["args"]]
     parsed = RouterArgs.from_cli_args(parser.parse_args(args))
     assert parsed.policy == "cache_aware" and parsed.service_discovery
+    # A width-256 depth (256 single-sample requests) stays on its replica.
+    assert parsed.balance_abs_threshold >= 256
     policy_labels = deploys["policy"]["spec"]["template"]["metadata"]["labels"]
     assert parsed.selector.items() <= policy_labels.items()
     assert parsed.service_discovery_port == 30000
