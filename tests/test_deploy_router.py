@@ -1,7 +1,7 @@
 """The scale-out overlay's router, for real: PyPI sglang-router 0.3.2
 (``python -m sglang_router.launch_router --policy cache_aware``) in front of two real SGLang CPU
 engines of the tiny policy model, driven by the project's own PolicyClient / SGLangStepGenerator /
-run_search.
+run_search, with a real reward server (tiny PRM, transformers backend) scoring the steps.
 
 What the router does with our requests (source: lightseekorg/smg at the "release 0.3.2" commit,
 the crate the wheel is built from): ``route_typed_request`` (src/routers/http/router.rs) routes on
@@ -24,7 +24,6 @@ sums of those answers.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -39,15 +38,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import aiohttp
-import numpy as np
 import pytest
 
 from ets.config import SearchConfig
 from ets.engine.process import SGLangProcess, free_port
 from ets.policy.client import PolicyClient, PolicyRequestError, Sample, SamplingParams
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
-from ets.search.interfaces import ScoredTrajectory
+from ets.reward.client import RewardClient
 from ets.search.loop import run_search
+from ets.service.runner import RewardScorer
+from reward_fixtures import ThreadedRewardServer, reward_config
 
 # The first test's setup starts two SGLang engines (minutes each on a loaded machine).
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(1200)]
@@ -178,19 +178,12 @@ class RecordingClient(PolicyClient):
         return out
 
 
-class HashScorer:
-    """Stand-in PRM (the reward server is not under test): a fixed score and embedding per text."""
-
-    @staticmethod
-    def _seed(text: str) -> int:
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-
-    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
-        return [(self._seed(t.steps[-1]) % 1000) / 1000 for t in trajectories]
-
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        e = np.array([np.random.default_rng(self._seed(t)).standard_normal(16) for t in texts])
-        return e / np.linalg.norm(e, axis=1, keepdims=True)
+@pytest.fixture(scope="module")
+def reward_address(reward_servers: Callable[..., ThreadedRewardServer],
+                   tiny_model_factory: Callable[[str], Path]) -> str:
+    """A real reward server (tiny math-shepherd PRM on the transformers backend, MiniLM embedder)
+    scores and embeds the searches' steps, as in the deployed stack."""
+    return reward_servers(reward_config(tiny_model_factory("math-shepherd"), "math-shepherd", "transformers")).address
 
 
 async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[str, SGLangProcess],
@@ -229,17 +222,19 @@ async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[
 
 
 async def test_searches_stay_on_the_engine_that_holds_their_prefix(engines: dict[str, SGLangProcess],
-                                                                   router: Router) -> None:
+                                                                   router: Router, reward_address: str) -> None:
     """Four ETS searches at once through the router, as the search service runs them (routed
     client, real generator, run_search): every request of a search lands on one engine, the
     searches are spread over both engines, and continuation prompts hit that engine's cache."""
     before = await engine_counters(engines)
-    async with RecordingClient(router.url, engine_url=engines[WORKERS[0]].url, timeout_s=300) as client:
+    async with RecordingClient(router.url, engine_url=engines[WORKERS[0]].url, timeout_s=300) as client, \
+            RewardClient(reward_address) as reward:
+        scorer = RewardScorer(reward)
         roots = [await tokenize_root(client, q, "math-shepherd") for q in QUESTIONS]
         config = SearchConfig(method="ets", width=4, max_step_tokens=12, max_depth=3, max_tokens=1024,
                               temperature=1.0, seed=11)
         results = await asyncio.gather(*(
-            run_search(root, config, SGLangStepGenerator(client, "math-shepherd"), HashScorer()) for root in roots
+            run_search(root, config, SGLangStepGenerator(client, "math-shepherd"), scorer) for root in roots
         ))
         record = list(client.record)
     after = await engine_counters(engines)
