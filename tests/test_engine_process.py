@@ -145,3 +145,14 @@ def test_stop_after_leader_crash_cleans_up_orphaned_workers_quickly(tmp_path: Pa
     assert time.monotonic() - start < 5, "stop() waited out its timeout for an orphan that took SIGTERM"
     time.sleep(0.2)
     assert not _alive(child)
+
+
+def test_local_url_reaches_the_bound_address() -> None:
+    from ets.engine.launcher import LaunchConfig
+    from ets.engine.process import local_url
+
+    cfg = LaunchConfig(model_path="m", port=30001)
+    assert local_url(cfg.replace(host="0.0.0.0")) == "http://127.0.0.1:30001"
+    assert local_url(cfg.replace(host="::")) == "http://127.0.0.1:30001"
+    assert local_url(cfg.replace(host="10.1.2.3")) == "http://10.1.2.3:30001"
+    assert local_url(cfg.replace(host="fd00::5")) == "http://[fd00::5]:30001"

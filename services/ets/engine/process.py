@@ -92,12 +92,10 @@ class SGLangProcess:
         return cls(popen, url, log_path, name)
 
     @classmethod
-    def launch(
-        cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang", connect_host: str = "127.0.0.1"
-    ) -> "SGLangProcess":
+    def launch(cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang") -> "SGLangProcess":
         """Build the SGLang command for ``config`` and start it (not yet waited for)."""
         command = build_command(config)
-        return cls.start(command, url=f"http://{connect_host}:{config.port}", log_path=log_path, name=name)
+        return cls.start(command, url=local_url(config), log_path=log_path, name=name)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -231,6 +229,13 @@ class SGLangProcess:
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else f"exited({self.returncode})"
         return f"SGLangProcess(name={self.name!r}, pid={self.pid}, url={self.url!r}, {state})"
+
+
+def local_url(config: LaunchConfig) -> str:
+    """Where this host reaches a server launched with ``config``: loopback for a wildcard bind
+    (0.0.0.0 / ::), else the bound address itself."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

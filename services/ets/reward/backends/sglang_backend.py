@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import aiohttp
 
 from ets.engine.launcher import LaunchConfig
+from ets.engine.process import local_url
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
 from ets.reward.backends import BackendUnavailable, ScoreOutcome, check_model_ref, pair_score, sigmoid
 
@@ -35,12 +36,6 @@ log = logging.getLogger(__name__)
 
 SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
-
-
-def _local_url(launch: LaunchConfig) -> str:
-    """Where the reward server reaches the PRM server it spawned: loopback for a wildcard bind."""
-    host = "127.0.0.1" if launch.host in ("0.0.0.0", "::", "") else launch.host
-    return f"http://[{host}]:{launch.port}" if ":" in host else f"http://{host}:{launch.port}"
 
 
 class PrmSupervisor:
@@ -53,7 +48,7 @@ class PrmSupervisor:
         if (url is None) == (launch is None):
             raise ValueError("PrmSupervisor needs exactly one of url (attach) or launch (spawn)")
         self.launch = launch
-        self.url = (url or _local_url(launch)).rstrip("/")  # type: ignore[arg-type]
+        self.url = (url or local_url(launch)).rstrip("/")  # type: ignore[arg-type]
         self.log_dir = Path(log_dir)
         self.start_timeout_s = start_timeout_s
         self.poll_s = poll_s
