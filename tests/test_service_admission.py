@@ -87,3 +87,19 @@ def test_limits_validated() -> None:
         Admission(0, 1)
     with pytest.raises(ValueError, match="ETS_MAX_QUEUED_SEARCHES"):
         Admission(1, -1)
+
+
+@pytest.mark.parametrize(("argv", "env_name"), [
+    (["--policy-url", "policy:30000"], "ETS_POLICY_URL"),
+    (["--policy-engine-url", "policy-engine:30000"], "ETS_POLICY_ENGINE_URL"),
+])
+def test_policy_urls_validated_at_startup(argv: list[str], env_name: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from ets.service.server import settings_from_args
+
+    with pytest.raises(SystemExit) as err:
+        settings_from_args(argv, env={})
+    assert err.value.code == 2
+    assert env_name in capsys.readouterr().err
+    ok = settings_from_args(["--policy-url", "http://router:30000", "--policy-engine-url", "http://e:30000"], env={})
+    assert ok.policy_engine_url == "http://e:30000"

@@ -341,6 +341,11 @@ def settings_from_args(argv: list[str], env: dict[str, str] | None = None) -> Se
         parser.error("--max-concurrent (ETS_MAX_CONCURRENT_SEARCHES) must be at least 1")
     if args.max_queued < 0:
         parser.error("--max-queued (ETS_MAX_QUEUED_SEARCHES) must be at least 0")
+    # Checked here, not when the first search creates the policy client.
+    for flag, env_name, url in (("--policy-url", "ETS_POLICY_URL", args.policy_url),
+                                ("--policy-engine-url", "ETS_POLICY_ENGINE_URL", args.policy_engine_url)):
+        if url and not url.startswith(("http://", "https://")):
+            parser.error(f"{flag} ({env_name}): expected http(s)://host:port, got {url!r}")
     return ServiceSettings(
         port=args.port, host=args.host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         policy_url=args.policy_url, policy_engine_url=args.policy_engine_url or None,
