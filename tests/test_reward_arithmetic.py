@@ -1,23 +1,27 @@
 """The ``arithmetic`` PRM type: equations found and checked in hand-written steps, the score
-mapping, the configuration rules of the model-free ``rules`` backend, and the type served
-end to end by a real reward server over gRPC (with the embedder still served for coverage).
+mapping, the configuration rules of the model-free ``rules`` backend, the type served by a
+real reward server over gRPC (with the embedder still served for coverage), and a search request
+naming it through the real search service (tiny policy on SGLang CPU).
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 import numpy as np
 import pytest
 
-from ets.api.v1 import reward_pb2, reward_pb2_grpc
+from ets.api.v1 import reward_pb2, reward_pb2_grpc, search_pb2, search_pb2_grpc
 from ets.healthcheck import check
 from ets.reward.client import RewardClient
 from ets.reward.rules import SCORE_NONE, SCORE_RIGHT, SCORE_WRONG, find_equations, score_steps
 from ets.reward.server import ConfigError, RewardServerConfig
 from ets.search.interfaces import ScoredTrajectory
+from ets.service.stack import wait_grpc_serving
 from reward_fixtures import ThreadedRewardServer, reward_config
+from service_fixtures import ServeProcess
 
 # (step text, verdict of each equation found in it, in order).
 EQUATIONS: list[tuple[str, list[bool]]] = [
@@ -123,3 +127,27 @@ async def test_other_prm_type_requested_is_invalid_argument(arithmetic_server: T
             await stub.Score(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith("prm_type:")
+
+
+@pytest.mark.sglang
+def test_search_service_scores_with_arithmetic_end_to_end(
+    arithmetic_server: ThreadedRewardServer, serve_factory: Callable[..., ServeProcess], sglang_servers: Any,
+    tiny_policy_model: Path,
+) -> None:
+    """A search request naming prm_type=arithmetic passes the search service's validation and is
+    scored by the rules backend; one naming judge reaches this server and is refused by it."""
+    policy = sglang_servers.get(tiny_policy_model)
+    serve = serve_factory(policy_url=policy.url, reward_addr=arithmetic_server.address, name="search-arith")
+    wait_grpc_serving(serve.proc, serve.addr, timeout=120)
+    config = search_pb2.SearchConfig(method="ets", width=4, max_step_tokens=12, max_tokens=96, max_depth=3, seed=3,
+                                     prm_type="arithmetic")
+    with grpc.insecure_channel(serve.addr) as channel:
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        response = stub.Search(search_pb2.SearchRequest(problem="What is 3 + 5?", config=config), timeout=300)
+        config.prm_type = "judge"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Search(search_pb2.SearchRequest(problem="What is 3 + 5?", config=config), timeout=300)
+    assert response.config.prm_type == "arithmetic" and response.candidates
+    scores = [s for c in response.candidates for s in c.step_scores]
+    assert scores and all(any(s == pytest.approx(v) for v in (SCORE_WRONG, SCORE_NONE, SCORE_RIGHT)) for s in scores)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prm_type" in (err.value.details() or "")
