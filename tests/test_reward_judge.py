@@ -1,7 +1,8 @@
-"""The ``judge`` PRM type on the real SmolLM2-135M-Instruct: its conversation over the model's own
-tokenizer and chat template, its options, the transformers backend against a direct forward pass
-formatted by hand here, and the SGLang backend against the transformers backend through two real
-reward servers (per step within 1e-2), with SGLang's prefix cache serving the parent's turns.
+"""The ``judge`` PRM type on the real SmolLM2-135M-Instruct (conftest's ``smollm2``, prepared by
+``ets models prepare``): its conversation over the model's own tokenizer and chat template, its
+options, the transformers backend against a direct forward pass formatted by hand here, and the
+SGLang backend against the transformers backend through two real reward servers (per step within
+1e-2), with SGLang's prefix cache serving the parent's turns.
 
 Both backends run the model in float32 here: in bfloat16 the two paths round the "Yes"/"No"
 logits differently (measured up to 0.057 apart in P(Yes) on these cases), in float32 they agree
@@ -33,17 +34,6 @@ CASES = [
     ScoredTrajectory("There are 30 students and each group has 6 students. How many groups are there?",
                      ["30 * 6 = 180", ""]),
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    """The real SmolLM2-135M-Instruct, converted from its PyPI GGUF into a transformers folder."""
-    import os
-
-    path = Path(os.environ.get("ETS_TEST_SMOLLM2_DIR", "/tmp/smollm2-hf"))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"SmolLM2 not prepared at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
