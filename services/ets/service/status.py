@@ -72,7 +72,7 @@ _TABLE: tuple[tuple[type[BaseException], Callable[[BaseException], Failure]], ..
     (QueueFull, lambda e: Failure(Status.RESOURCE_EXHAUSTED, str(e))),
     (UpstreamUnavailable, lambda e: Failure(Status.UNAVAILABLE, str(e))),
     (UpstreamRejected, lambda e: Failure(e.status, str(e))),  # type: ignore[attr-defined]
-    (TimeoutError, lambda e: Failure(Status.DEADLINE_EXCEEDED, "search did not finish before the deadline")),
+    (TimeoutError, lambda e: Failure(Status.DEADLINE_EXCEEDED, str(e) or "search did not finish before the deadline")),
 )
 
 
