@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 import prometheus_client
 
 from ets.config import ConfigError, SearchConfig
+from ets.search.selection import validate
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 from ets.service.metrics import metrics_port_from_env
 from ets.service.server import DEFAULT_GRACE_S, DEFAULT_PORT, SearchServer, ServiceSettings
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
     # One series per counter: the *_created gauges only double the exposition.
     prometheus_client.disable_created_metrics()
     try:
-        defaults = SearchConfig.from_env()
+        defaults = validate(SearchConfig.from_env())
     except ConfigError as err:
         print(f"ets serve: bad search default ETS_SEARCH_{err.field.upper()}: {err.message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from ets.config import ConfigError, SearchConfig
 from ets.errors import FieldError
+from ets.search.selection import validate
 
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).
@@ -32,8 +33,7 @@ def validate_problem(problem: str) -> str:
 def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig) -> SearchConfig:
     """The request's config fields over the server defaults, validated (``RequestError``)."""
     try:
-        config = defaults.replace(**overrides)
-        config.validate()
+        config = validate(defaults.replace(**overrides))
     except ConfigError as err:
         raise RequestError(f"config.{err.field}", err.message) from None
     return config
