@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.search.answers import Grouping
+from ets.search.loop import DepthReport
 from ets.service import convert
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, Admission
 from ets.service.grouping import EquivalenceWorker
@@ -95,10 +96,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         yield search_pb2.SearchEvent(result=response)
 
     async def _serve(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
-                     on_depth: object) -> search_pb2.SearchResponse:
+                     on_depth: Callable[[DepthReport], None] | None) -> search_pb2.SearchResponse:
         call = SearchCall(problem=request.problem, overrides=convert.config_overrides(request.config),
                           request_id=request.request_id, expect_prm_type=request.config.prm_type.strip(),
-                          timeout_s=_timeout_of(context), on_depth=on_depth)  # type: ignore[arg-type]
+                          timeout_s=_timeout_of(context), on_depth=on_depth)
         try:
             served: ServedSearch = await self._runner.search(call)
         except SearchFailed as failed:
@@ -122,12 +123,15 @@ class SearchServer:
         self.upstreams: Upstreams = upstreams or LiveUpstreams(
             settings.policy_url, settings.reward_addr, metrics=self.metrics,
             policy_engine_url=settings.policy_engine_url)
-        self._worker = EquivalenceWorker() if grouping is None else None
+        self._worker: EquivalenceWorker | None = None
+        if grouping is None:
+            self._worker = EquivalenceWorker()
+            grouping = self._worker.group
         self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed)
         self.health = health.aio.HealthServicer()
         self.readiness = Readiness(self.upstreams.probe, self.metrics, on_change=self._readiness_changed)
         self.runner = SearchRunner(self.upstreams, defaults, self.admission, self.metrics,
-                                   grouping=grouping or self._worker.group,  # type: ignore[union-attr]
+                                   grouping=grouping,
                                    on_upstream_failure=self.readiness.reprobe)
         self.servicer = SearchServicer(self.runner)
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

@@ -3,15 +3,13 @@
 Owns the errors a search can end with that are not the search core's own (``UpstreamUnavailable``,
 ``UpstreamRejected``), the abstract ``Status`` every transport translates (gRPC codes in
 ``ets.service.server``; an HTTP front door maps the same values to 400 / 429 / 503 / 504 / 500), and
-``status_for(exc)``: the ordered table from exception class to status and client-facing message.
+``status_for(exc)``: exception class -> status and client-facing message.
 No transport library is imported here, so every transport shares this one mapping.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable
-
 from ets.config import ConfigError
 from ets.errors import FieldError
 from ets.service.admission import QueueFull
@@ -63,23 +61,21 @@ class Failure:
     message: str
 
 
-# Checked in order: the first matching class decides (ConfigError before its base FieldError).
-# ConfigError comes from the search core, which names fields by their config name; requests name
-# them as ``config.<field>``.
-_TABLE: tuple[tuple[type[BaseException], Callable[[BaseException], Failure]], ...] = (
-    (ConfigError, lambda e: Failure(Status.INVALID_ARGUMENT, f"config.{e.field}: {e.message}")),  # type: ignore[attr-defined]
-    (FieldError, lambda e: Failure(Status.INVALID_ARGUMENT, str(e))),
-    (QueueFull, lambda e: Failure(Status.RESOURCE_EXHAUSTED, str(e))),
-    (UpstreamUnavailable, lambda e: Failure(Status.UNAVAILABLE, str(e))),
-    (UpstreamRejected, lambda e: Failure(e.status, str(e))),  # type: ignore[attr-defined]
-    (TimeoutError, lambda e: Failure(Status.DEADLINE_EXCEEDED, str(e) or "search did not finish before the deadline")),
-)
-
-
 def status_for(exc: BaseException) -> Failure:
-    """The status and client message for a search that raised ``exc``; anything unexpected is
-    INTERNAL with the exception's type and text (never a stack trace)."""
-    for cls, failure in _TABLE:
-        if isinstance(exc, cls):
-            return failure(exc)
+    """The status and client message for a search that raised ``exc``, by exception class (checked
+    in order: ConfigError before its base FieldError); anything unexpected is INTERNAL with the
+    exception's type and text (never a stack trace)."""
+    if isinstance(exc, ConfigError):
+        # The search core names fields by their config name; requests name them config.<field>.
+        return Failure(Status.INVALID_ARGUMENT, f"config.{exc.field}: {exc.message}")
+    if isinstance(exc, FieldError):
+        return Failure(Status.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, QueueFull):
+        return Failure(Status.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, UpstreamUnavailable):
+        return Failure(Status.UNAVAILABLE, str(exc))
+    if isinstance(exc, UpstreamRejected):
+        return Failure(exc.status, str(exc))
+    if isinstance(exc, TimeoutError):
+        return Failure(Status.DEADLINE_EXCEEDED, str(exc) or "search did not finish before the deadline")
     return Failure(Status.INTERNAL, f"search failed: {type(exc).__name__}: {exc}")
