@@ -15,22 +15,36 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from ets.config import SearchConfig
 from ets.search.answers import Grouping, group_answers, select_answer
+from ets.search.interfaces import Root, StepGenerator, StepScorer
 from ets.search.loop import DepthReport, SearchResult, run_search
 from ets.service.admission import Admission
 from ets.service.metrics import SearchMetrics
 from ets.service.request import resolve_config, validate_problem
 from ets.service.status import Failure, Status, UpstreamUnavailable, status_for
-from ets.service.upstreams import Upstreams
 
 log = logging.getLogger("ets.service")
 
 # A client gives up at its own deadline and cancels, which can reach us a little before our copy
 # of the deadline passes: a cancel within this much of the deadline counts as expiry.
 DEADLINE_SLACK_S = 1.0
+
+
+class Upstreams(Protocol):
+    """What a search needs from the outside world (live: ``ets.service.upstreams``;
+    in-process fakes: ``ets.testing.upstreams``)."""
+
+    policy_address: str
+    reward_address: str
+
+    async def root(self, question: str, config: SearchConfig) -> Root: ...
+    def generator(self, config: SearchConfig) -> StepGenerator: ...
+    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
+    async def probe(self) -> dict[str, str | None]: ...
+    async def close(self) -> None: ...
 
 
 @dataclass

@@ -29,9 +29,9 @@ from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, Ad
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.readiness import Readiness
-from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch
+from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
 from ets.service.status import Status
-from ets.service.upstreams import LiveUpstreams, Upstreams
+from ets.service.upstreams import LiveUpstreams
 
 log = logging.getLogger("ets.service")
 

@@ -1,4 +1,4 @@
-"""What a search needs from the outside world: the ``Upstreams`` protocol and its live version.
+"""The live upstreams of the search service (``ets.service.runner.Upstreams`` over real servers).
 
 Owns the SGLang policy server (HTTP, ``ets.policy.client``) and the reward server (gRPC client,
 ``ets.reward.client``) as one shared set of connections for all searches: building the root
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import aiohttp
 import grpc
@@ -40,19 +40,6 @@ from ets.service.status import UpstreamRejected, UpstreamUnavailable
 PROBE_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
-
-
-class Upstreams(Protocol):
-    """What a search needs from the outside world (``ets.testing.upstreams`` has in-process fakes)."""
-
-    policy_address: str
-    reward_address: str
-
-    async def root(self, question: str, config: SearchConfig) -> Root: ...
-    def generator(self, config: SearchConfig) -> StepGenerator: ...
-    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
-    async def probe(self) -> dict[str, str | None]: ...
-    async def close(self) -> None: ...
 
 
 # ---- failure classification ----------------------------------------------------------------

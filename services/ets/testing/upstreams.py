@@ -116,7 +116,7 @@ class _Gated:
 
 
 class ScriptedUpstreams:
-    """``ets.service.upstreams.Upstreams`` over a ``ScriptedPolicy`` and a ``TableScorer``.
+    """``ets.service.runner.Upstreams`` over a ``ScriptedPolicy`` and a ``TableScorer``.
 
     ``hold()`` makes every expansion wait until ``release()``; ``policy_error`` /
     ``reward_error`` are raised by the next policy / reward call (e.g. an
