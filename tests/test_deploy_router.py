@@ -42,7 +42,8 @@ import pytest
 
 from ets.config import SearchConfig
 from ets.engine.process import SGLangProcess, free_port
-from ets.policy.client import PolicyClient, PolicyRequestError, RoutedPolicyClient, Sample, SamplingParams
+from ets.policy.client import PolicyClient, PolicyRequestError, Sample, SamplingParams
+from ets.policy.routed import RoutedPolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.reward.client import RewardClient
 from ets.search.loop import run_search

@@ -20,24 +20,9 @@ Inputs are checked before they are sent: an out-of-vocabulary token id crashes S
 scheduler (IndexError in the embedding, the whole server exits), so ids are range-checked when the
 vocabulary size is known.
 
-Behind sglang-router (``RoutedPolicyClient``; the k8s scale-out overlay): the router (PyPI
-sglang-router 0.3.2, crate ``smg``) is not a transparent proxy of the engine's native API, so the
-routed client overrides three things of the shared wire/retry/parse path
-(tests/test_deploy_router.py shows each point on real processes):
-- it has no ``/tokenize`` / ``/detokenize`` / ``/model_info`` (404): those go to ``engine_url``, one
-  engine reached directly (any replica: tokenization is stateless);
-- its ``/generate`` takes one ``sampling_params`` object, not a per-prompt list (422), and drops
-  fields it does not model (``logit_bias``: refused here rather than silently ignored);
-- its cache-aware policy routes on ``GenerateRequest::extract_text_for_routing``: the ids joined by
-  spaces, a batch's prompts all concatenated into one string, matched against a per-worker
-  character tree; a batch of k prompts matches at most 1/k of its text, below the 0.3 cache
-  threshold, and falls back to the least-loaded worker. So every prompt goes out as its own
-  ``/generate`` request (concurrently): each one is then routed by its own prefix, to the worker
-  that served its parent;
-- its ``/health`` is the router's liveness (200 with no engine up); ``/readiness`` is 503 until a
-  worker is healthy, so ``health()`` asks that.
-
-``make_policy_client(url, engine_url=...)`` picks the class.
+Behind sglang-router (the k8s scale-out overlay) the wire format differs in three places:
+``ets.policy.routed.RoutedPolicyClient`` overrides exactly those (``_generate``, ``engine_url``,
+``_health_path``) and shares everything else here.
 """
 from __future__ import annotations
 
@@ -241,7 +226,7 @@ class PolicyClient:
         max_connections: int = 64,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.base_url = _checked_url("base_url", base_url)
+        self.base_url = checked_url("base_url", base_url)
         # Where calls go that only an engine answers (tokenization, model info): the server itself.
         self.engine_url = self.base_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
@@ -423,48 +408,8 @@ class PolicyClient:
         return body
 
 
-class RoutedPolicyClient(PolicyClient):
-    """The client behind sglang-router (``base_url``): tokenization and model info go to
-    ``engine_url`` (one engine, any replica), every prompt of a batch is its own ``/generate``
-    (so the router routes each by its own prefix), and readiness is the router's ``/readiness``
-    (a healthy worker exists). Everything else is ``PolicyClient``'s."""
-
-    _health_path = "/readiness"
-
-    def __init__(self, base_url: str, *, engine_url: str, **kwargs: Any) -> None:
-        super().__init__(base_url, **kwargs)
-        self.engine_url = _checked_url("engine_url", engine_url)
-
-    async def _generate(self, ids: list[list[int]], plist: list[SamplingParams], shared: bool, n: int,
-                        timeout: float | None) -> list[Any]:
-        """One ``/generate`` per prompt (single ``input_ids``, one parameter object: the router
-        refuses per-prompt lists), all in flight at once; results in prompt order, ``n`` per
-        prompt. The first failure cancels the others."""
-        for p in plist:
-            if p.logit_bias:
-                raise PolicyRequestError("logit_bias: sglang-router 0.3.2 drops it from /generate; "
-                                         "not supported behind the router")
-        tasks = [asyncio.ensure_future(self._json("POST", "/generate", {"input_ids": row, "sampling_params": p.to_json(n)},
-                                                  timeout=timeout))
-                 for row, p in zip(ids, plist)]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        return [r for data in answers for r in (data if isinstance(data, list) else [data])]
-
-
-def make_policy_client(base_url: str, *, engine_url: str | None = None, **kwargs: Any) -> PolicyClient:
-    """``PolicyClient`` for one engine, ``RoutedPolicyClient`` when ``engine_url`` names the engine
-    behind an sglang-router at ``base_url``."""
-    if engine_url:
-        return RoutedPolicyClient(base_url, engine_url=engine_url, **kwargs)
-    return PolicyClient(base_url, **kwargs)
-
-
-def _checked_url(name: str, url: str) -> str:
+def checked_url(name: str, url: str) -> str:
+    """``url`` without its trailing slash; ValueError naming ``name`` unless it is http(s)."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{name}: expected http(s)://host:port, got {url!r}")
     return url.rstrip("/")

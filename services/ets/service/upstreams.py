@@ -200,7 +200,7 @@ class LiveUpstreams:
     def policy_client(self) -> PolicyClient:
         """The shared policy client (one connection pool for all searches)."""
         if self._policy_client is None:
-            from ets.policy.client import make_policy_client
+            from ets.policy.routed import make_policy_client
 
             self._policy_client = make_policy_client(self.policy_address, session=self._http(),
                                                      engine_url=self.policy_engine_url)
