@@ -116,4 +116,8 @@ def test_model_types() -> None:
     assert info.value.field == "policy_model_type"
     with pytest.raises(ConfigError):
         policy_model_type("nope")
-    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
+    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
+    # One list: the reward server validates against the same object.
+    from ets.reward import adapters, server
+
+    assert adapters.PRM_TYPES is PRM_TYPES and server.PRM_TYPES is PRM_TYPES
