@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-METHODS: tuple[str, ...] = ("ets", "rebase", "beam", "dvts", "best_of_n")
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "mean", "prod")
 VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
 NODE_COSTS: tuple[str, ...] = ("uniform", "tokens")
@@ -253,8 +252,11 @@ class SearchConfig:
     def validate(self, max_width: int = MAX_WIDTH) -> "SearchConfig":
         """Raise ConfigError(field, message) for the first invalid field; return self if valid.
 
-        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests)."""
-        _choice("method", self.method, METHODS)
+        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests).
+        ``method`` must name a registered selection method; the names live with the methods
+        (``ets.search.selection.validate`` checks both)."""
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise ConfigError("method", f"must name a selection method, got {self.method!r}")
         _int("width", self.width)
         if not 1 <= self.width <= max_width:
             raise ConfigError("width", f"must be between 1 and {max_width}, got {self.width}")
