@@ -240,7 +240,9 @@ def _describe(s: Setting, prefix: str) -> str:
     if s.spec.choices:
         parts.append("one of " + "|".join(s.spec.choices))
     parts.append(" / ".join(s.env_names(prefix)))
-    if s.default not in (None, "", ()):
+    if isinstance(s.default, bool):
+        parts.append(f"default {'on' if s.default else 'off'}")
+    elif s.default not in (None, "", ()):
         parts.append(f"default {s.default}")
     return "; ".join(parts)
 
