@@ -142,3 +142,14 @@ def test_reward_server_settings_env_flags_and_checks() -> None:
     with pytest.raises(ConfigError) as err:
         RewardServerConfig(prm_model="/prm", metrics_port=70000).validate()
     assert err.value.field == "ETS_REWARD_METRICS_PORT"
+
+
+def test_readme_settings_reference_is_the_generated_one() -> None:
+    from pathlib import Path
+
+    from ets.settings_reference import reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin = readme.index("<!-- settings:begin (generated: ets settings) -->\n")
+    section = readme[readme.index("\n", begin) + 1: readme.index("<!-- settings:end -->")]
+    assert section == reference(), "README's Settings section is stale: paste the output of `ets settings`"

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
     "tiny-model": ("ets.testing.tiny_models", "write a tiny random-weight model for CPU runs"),
+    "settings": ("ets.settings_reference", "print every environment variable with its flag and default"),
 }
 
 

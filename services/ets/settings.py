@@ -310,11 +310,17 @@ def check(obj: Any, *, error: type[FieldError] = FieldError, naming: Literal["fi
             raise error(s.env_names(prefix)[0] if naming == "env" else s.name, str(exc)) from None
 
 
-def table(cls: type, *, prefix: str = "") -> str:
+def table(cls: type, *, prefix: str = "", every_field: bool = False) -> str:
     """A markdown table of ``cls``'s settings (env var, flag, default, meaning) for docs."""
     rows = ["| env | flag | default | meaning |", "|---|---|---|---|"]
-    for s in settings_of(cls):
-        default = "-" if s.default in (None, "", ()) else f"`{s.default}`"
-        rows.append(f"| {' / '.join(f'`{n}`' for n in s.env_names(prefix))} | "
-                    f"{f'`{s.flag}`' if s.flag else '-'} | {default} | {s.spec.help} |")
+    for s in settings_of(cls, every_field=every_field):
+        if isinstance(s.default, bool):
+            default = "on" if s.default else "off"
+        else:
+            default = "-" if s.default in (None, "", ()) else f"`{s.default}`"
+        meaning = "; ".join(x for x in (s.spec.help, "one of " + ", ".join(f"`{c}`" for c in s.spec.choices)
+                                        if s.spec.choices else "") if x)
+        flag = f"`{s.flag}`" if s.flag and not every_field else "-"
+        meaning = meaning.replace("|", "\\|")  # a literal | would split the Markdown cell
+        rows.append(f"| {' / '.join(f'`{n}`' for n in s.env_names(prefix))} | {flag} | {default} | {meaning} |")
     return "\n".join(rows)

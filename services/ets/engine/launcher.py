@@ -66,16 +66,16 @@ class LaunchConfig:
                                                 help="KV pool memory fraction")
     # None -> device default (CPU_MAX_TOTAL_TOKENS on cpu, unbounded / fraction-sized on cuda).
     max_total_tokens: int | None = setting(None, env="{prefix}MAX_TOTAL_TOKENS", ge=64, help="KV pool size in tokens")
-    context_length: int | None = setting(None, env="{prefix}CONTEXT_LENGTH", ge=1)
+    context_length: int | None = setting(None, env="{prefix}CONTEXT_LENGTH", ge=1, help="model context length")
     schedule_policy: str = setting("lpm", env="{prefix}SCHEDULE_POLICY", choices=SCHEDULE_POLICIES,
                                    help="lpm: requests sharing a cached prefix run together")
     grammar_backend: str = setting("xgrammar", env="{prefix}GRAMMAR_BACKEND", choices=GRAMMAR_BACKENDS)
     enable_metrics: bool = setting(True, env="{prefix}ENABLE_METRICS", help="Prometheus /metrics")
     enable_cache_report: bool = setting(True, env="{prefix}ENABLE_CACHE_REPORT",
                                         help="cached prompt tokens in responses")
-    random_seed: int | None = setting(None, env="{prefix}RANDOM_SEED")
+    random_seed: int | None = setting(None, env="{prefix}RANDOM_SEED", help="engine random seed")
     log_level: str = setting("info", env="{prefix}LOG_LEVEL", choices=LOG_LEVELS)
-    skip_warmup: bool = setting(False, env="{prefix}SKIP_WARMUP")
+    skip_warmup: bool = setting(False, env="{prefix}SKIP_WARMUP", help="skip SGLang's warmup request")
     # --enable-deterministic-inference: the only mode in which SGLang honours per-request
     # ``sampling_seed``. Needs a GPU attention backend (triton/fa3/flashinfer); SGLang 0.5.23
     # refuses it with the CPU engine's torch_native attention.
@@ -83,7 +83,8 @@ class LaunchConfig:
                                   help="deterministic inference (honours per-request seeds); GPU only")
     # Extra raw flags appended verbatim (escape hatch for upstream options we do not model);
     # on the command line they follow "--".
-    extra_args: tuple[str, ...] = setting(default_factory=tuple, env="{prefix}EXTRA_ARGS", flag="")
+    extra_args: tuple[str, ...] = setting(default_factory=tuple, env="{prefix}EXTRA_ARGS", flag="",
+                                          help="more SGLang flags, verbatim (command line: after `--`)")
 
     def validate(self) -> "LaunchConfig":
         """Raise ``LaunchConfigError`` naming the first invalid field; return self when valid."""

@@ -66,7 +66,8 @@ class RewardServerConfig:
     prm_host: str = setting("127.0.0.1", env="ETS_PRM_HOST", help="bind address of the spawned SGLang PRM server")
     prm_mem_fraction: float | None = setting(None, env="ETS_PRM_MEM_FRACTION", gt=0, lt=1,
                                              help="spawned PRM's --mem-fraction-static (0.85 on GPU)")
-    prm_start_timeout_s: float = setting(600.0, env="ETS_PRM_START_TIMEOUT_S", ge=0)
+    prm_start_timeout_s: float = setting(600.0, env="ETS_PRM_START_TIMEOUT_S", ge=0,
+                                         help="seconds the spawned PRM server may take to become healthy")
     prm_dtype: str = setting("auto", env="ETS_PRM_DTYPE", help="transformers backend dtype: auto|bfloat16|float32")
     embedder_model: str = setting("", env="ETS_EMBEDDER_MODEL", help="sentence-transformers model")
     device: str = setting("cuda", env="ETS_DEVICE", choices=DEVICES, lower=True)
