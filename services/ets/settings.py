@@ -25,11 +25,14 @@ import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence, TypeVar, Union
 
 from ets.errors import FieldError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 _KEY = "ets.setting"
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -230,7 +233,7 @@ def from_env(cls: type[T], env: Mapping[str, str] | None = None, *, prefix: str 
              base: T | None = None, error: type[FieldError] = FieldError) -> T:
     """``base`` (default: ``cls()``) with the settings found in ``env`` applied."""
     values = env_values(cls, env, prefix=prefix, error=error)
-    return dataclasses.replace(base if base is not None else cls(), **values)  # type: ignore[type-var]
+    return dataclasses.replace(base if base is not None else cls(), **values)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ def from_args(cls: type[T], args: argparse.Namespace, *, env: Mapping[str, str] 
               prefix: str = "", base: T | None = None, error: type[FieldError] = FieldError) -> T:
     """``base`` (default ``cls()``) with the environment applied, then the flags given."""
     config = from_env(cls, env, prefix=prefix, base=base, error=error)
-    return dataclasses.replace(config, **args_values(cls, args, prefix=prefix, error=error))  # type: ignore[type-var]
+    return dataclasses.replace(config, **args_values(cls, args, prefix=prefix, error=error))
 
 
 # ---- checks on finished objects -----------------------------------------------------------------
