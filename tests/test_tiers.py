@@ -48,5 +48,7 @@ def test_tiers_assigned_and_checked(pytester: pytest.Pytester) -> None:
         assert collected == expected, (tier, result.outlines)
     result = pytester.runpytest("-m", "pure")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*_ test_starts_an_engine_unmarked _*",
-                                 "this test is in the pure tier but started SGLang (pids *): mark it pytest.mark.sglang"])
+    result.stdout.fnmatch_lines([
+        "*_ test_starts_an_engine_unmarked _*",
+        "this test is in the pure tier but started SGLang (pids *): mark it pytest.mark.sglang",
+    ])
