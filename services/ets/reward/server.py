@@ -29,9 +29,10 @@ from grpc_reflection.v1alpha import reflection
 
 from ets import settings
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
+from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.engine.launcher import DEVICES
 from ets.errors import FieldError
-from ets.reward.adapters import PRM_TYPES, AdapterError, EncodedTrajectory, PrmOptions
+from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions
 from ets.reward.backends import BACKENDS, BackendUnavailable, PrmBackend
 from ets.reward.metrics import RewardMetrics
 from ets.settings import setting
@@ -55,7 +56,7 @@ class RewardServerConfig:
     """The reward server's settings: each field's env var, ``--flag``, default and bounds are
     declared once here (``ets.settings``); ``validate`` adds the rules that span fields."""
 
-    prm_model: str = setting("", env="ETS_PRM_MODEL", help="PRM model folder")
+    prm_model: str = setting("", env="ETS_PRM_MODEL", help="PRM model folder (none for the rules backend)")
     prm_type: str = setting("math-shepherd", env="ETS_PRM_TYPE", choices=PRM_TYPES)
     prm_backend: str = setting("sglang", env="ETS_PRM_BACKEND", choices=BACKENDS)
     # Attach to this SGLang PRM server instead of spawning one (sglang backend only).
@@ -83,7 +84,17 @@ class RewardServerConfig:
 
     def validate(self) -> "RewardServerConfig":
         settings.check(self, error=ConfigError, naming="env")
-        if not self.prm_model:
+        model_free = self.prm_type in MODEL_FREE_PRM_TYPES
+        if model_free and self.prm_backend != "rules":
+            raise ConfigError("ETS_PRM_BACKEND", f"PRM type {self.prm_type!r} is scored by rules without a model: "
+                              f"set ETS_PRM_BACKEND=rules, got {self.prm_backend!r}")
+        if self.prm_backend == "rules" and not model_free:
+            raise ConfigError("ETS_PRM_TYPE", f"the rules backend serves {list(MODEL_FREE_PRM_TYPES)}; "
+                              f"{self.prm_type!r} needs a model (ETS_PRM_BACKEND=sglang or transformers)")
+        if model_free and self.prm_model:
+            # Info would report a model that scores nothing.
+            raise ConfigError("ETS_PRM_MODEL", f"PRM type {self.prm_type!r} uses no model; leave it empty")
+        if not model_free and not self.prm_model:
             raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
         if not self.prm_host or any(c.isspace() for c in self.prm_host):
             raise ConfigError("ETS_PRM_HOST", f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
@@ -103,6 +114,10 @@ class RewardServerConfig:
 def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBackend:
     """The configured PRM backend (not started). Raises AdapterError/ConfigError naming the setting."""
     on_batch = metrics.model_batch.labels("prm").observe
+    if config.prm_backend == "rules":
+        from ets.reward.backends.rules_backend import RulesBackend
+
+        return RulesBackend(config.prm_type)
     if config.prm_backend == "transformers":
         from ets.reward.backends.transformers_backend import TransformersBackend
 
