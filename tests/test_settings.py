@@ -27,6 +27,7 @@ class Demo:
     device: str = setting("cuda", env="ETS_DEVICE", choices=("cuda", "cpu"), lower=True)
     gpus: tuple[int, ...] | None = setting(None, env=("{prefix}GPUS", "ETS_GPUS"))
     extra: tuple[str, ...] = setting(default_factory=tuple, env="{prefix}EXTRA", flag="")
+    tag: str = setting(" ки", env="{prefix}TAG", strip=False, flag="")
     plain: int = 7  # not a setting: never read from the environment
 
 
@@ -36,6 +37,8 @@ def test_env_values_parse_by_annotation() -> None:
     d = settings.from_env(Demo, env, prefix="X_", error=DemoError)
     assert d == Demo(name="n", port=31000, ratio=0.5, on=True, device="cpu", gpus=(1, 2),
                      extra=("--a", "1", "--b"), plain=7)
+    # strip=False keeps whitespace that is part of the value (a token, a template).
+    assert settings.from_env(Demo, {"X_TAG": " x\n"}, prefix="X_").tag == " x\n"
     # First name set wins: the per-prefix list over the shared one; empty values are unset.
     d = settings.from_env(Demo, {**env, "X_GPUS": "3", "X_PORT": "  "}, prefix="X_")
     assert d.gpus == (3,) and d.port == 30000
@@ -86,7 +89,7 @@ def test_check_names_field_or_env() -> None:
 
 def test_table_lists_every_setting() -> None:
     rows = settings.table(Demo, prefix="X_").splitlines()
-    assert len(rows) == 2 + 7
+    assert len(rows) == 2 + 8
     assert "| `X_GPUS` / `ETS_GPUS` | `--gpus` | - |" in rows[7]
 
 

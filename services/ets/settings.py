@@ -56,12 +56,14 @@ class Spec:
     parse: Callable[[str], Any] | None = None
     # Case-insensitive values (device names): lower-cased before checks.
     lower: bool = False
+    # Surrounding whitespace is dropped unless it is part of the value (templates, token strings).
+    strip: bool = True
 
 
 def setting(default: Any = dataclasses.MISSING, *, env: str | Sequence[str] | None = None, help: str = "",
             flag: str | None = None, choices: Sequence[str] | None = None, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
-            parse: Callable[[str], Any] | None = None, lower: bool = False,
+            parse: Callable[[str], Any] | None = None, lower: bool = False, strip: bool = True,
             default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field that is also a setting (see the module docstring).
 
@@ -71,7 +73,7 @@ def setting(default: Any = dataclasses.MISSING, *, env: str | Sequence[str] | No
     if env is not None:
         names = (env,) if isinstance(env, str) else tuple(env)
     spec = Spec(env=names or (), help=help, flag=flag, choices=tuple(choices) if choices is not None else None,
-                ge=ge, gt=gt, le=le, lt=lt, parse=parse, lower=lower)
+                ge=ge, gt=gt, le=le, lt=lt, parse=parse, lower=lower, strip=strip)
     meta = {_KEY: spec}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -99,7 +101,7 @@ class Setting:
 
     def parse(self, raw: str) -> Any:
         """Text -> value (ValueError with the reason); the spec's checks applied."""
-        text = raw.strip()
+        text = raw.strip() if self.spec.strip else raw
         value = self.spec.parse(text) if self.spec.parse is not None else parse_as(self.type, text)
         if self.spec.lower and isinstance(value, str):
             value = value.lower()
@@ -320,7 +322,9 @@ def table(cls: type, *, prefix: str = "", every_field: bool = False) -> str:
         if isinstance(s.default, bool):
             default = "on" if s.default else "off"
         else:
-            default = "-" if s.default in (None, "", ()) else f"`{s.default}`"
+            # One table line per setting: newlines shown as \n, a literal | escaped.
+            text = str(s.default).replace("\n", "\\n").replace("|", "\\|")
+            default = "-" if s.default in (None, "", ()) else f"`{text}`"
         meaning = "; ".join(x for x in (s.spec.help, "one of " + ", ".join(f"`{c}`" for c in s.spec.choices)
                                         if s.spec.choices else "") if x)
         flag = f"`{s.flag}`" if s.flag and not every_field else "-"

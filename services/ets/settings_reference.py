@@ -10,6 +10,7 @@ import sys
 from ets import settings
 from ets.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
+from ets.reward.adapters import PrmOptions
 from ets.reward.server import RewardServerConfig
 from ets.service.settings import ServiceSettings
 
@@ -24,6 +25,8 @@ def reference() -> str:
         settings.table(SearchConfig, prefix="ETS_SEARCH_", every_field=True),
         "#### `ets reward-serve` (reward server)",
         settings.table(RewardServerConfig),
+        "#### PRM token strings and judge templates (`ets reward-serve`; environment only)",
+        settings.table(PrmOptions),
         "#### `ets policy-serve` (policy SGLang server; the reward server's PRM engine reads the same "
         "names with `ETS_PRM_SGLANG_` in place of `ETS_POLICY_`)",
         settings.table(LaunchConfig, prefix="ETS_POLICY_"),

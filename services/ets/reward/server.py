@@ -79,7 +79,7 @@ class RewardServerConfig:
     max_batch_size: int = setting(256, env="ETS_REWARD_MAX_BATCH_SIZE", ge=1, help="trajectories/texts per call")
     grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
     log_dir: str = setting("/tmp/ets-reward-logs", env="ETS_REWARD_LOG_DIR", help="where the spawned PRM server logs")
-    # ETS_PRM_STEP_TAG / _PLUS / _MINUS / _SEPARATOR (PrmOptions.from_env).
+    # ETS_PRM_STEP_TAG, _PLUS, _MINUS, _SEPARATOR, _YES, _NO, _JUDGE_*_TURN (PrmOptions.from_env).
     options: PrmOptions = field(default_factory=PrmOptions)
 
     def validate(self) -> "RewardServerConfig":
