@@ -176,7 +176,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 raise
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - reported as INTERNAL with the reason
+            except Exception as exc:  # reported as INTERNAL with the reason
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method)
                 await context.abort(code, f"{method}: {type(exc).__name__}: {exc}")

@@ -87,7 +87,7 @@ class PrmSupervisor:
         try:
             async with self._session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _spawn(self) -> None:
@@ -166,7 +166,7 @@ class PrmSupervisor:
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             self.mark(False)
             raise BackendUnavailable(f"PRM server {self.url} unreachable: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendUnavailable(f"PRM server {self.url} timed out after {timeout:.0f}s") from None
 
     async def close(self) -> None:
