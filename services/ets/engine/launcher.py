@@ -2,9 +2,9 @@
 
 Owns: ``LaunchConfig`` (what a policy or PRM SGLang server needs: model, port, device, GPU
 pinning, memory fraction, schedule policy, grammar backend), its validation, and
-``build_command`` which returns the argv and environment to run. ``ets policy-serve`` (``main``) execs SGLang in place so the container's
-PID 1 *is* SGLang and SIGTERM reaches it directly (SGLang's HTTP server maps SIGTERM to a
-graceful stop). The reward server reuses ``build_command`` for its PRM server.
+``build_command`` which returns the argv and environment to run. ``ets policy-serve`` (``main``)
+execs SGLang in place so the container's PID 1 *is* SGLang and SIGTERM reaches it directly
+(SGLang's HTTP server maps SIGTERM to a graceful stop). The reward server reuses ``build_command`` for its PRM server.
 
 The env vars and ``ets policy-serve`` flags are generated from ``LaunchConfig``'s fields by the
 one settings loader (``ets.settings``). Nothing here starts a subprocess; ``ets.engine.process``

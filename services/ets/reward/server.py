@@ -1,9 +1,9 @@
 """The reward server (``ets reward-serve``): PRM scoring and sentence embeddings over gRPC.
 
 Owns the server configuration (``RewardServerConfig``: env ``ETS_PRM_*``, ``ETS_EMBEDDER_MODEL``,
-``ETS_DEVICE``, ``ETS_REWARD_*``, and the flags generated from them by ``ets.settings``), request validation (INVALID_ARGUMENT
-naming the field), the ``RewardService`` implementation (grpc.aio), gRPC health (NOT_SERVING
-while the PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM:
+``ETS_DEVICE``, ``ETS_REWARD_*``, and the flags generated from them by ``ets.settings``), request
+validation (INVALID_ARGUMENT naming the field), the ``RewardService`` implementation (grpc.aio),
+gRPC health (NOT_SERVING while the PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM:
 stop accepting, let in-flight calls finish within the grace period, stop the PRM subprocess.
 
 Model work never runs on the event loop: tokenization in a thread, inference in the backends'
@@ -97,7 +97,8 @@ class RewardServerConfig:
         if not model_free and not self.prm_model:
             raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
         if not self.prm_host or any(c.isspace() for c in self.prm_host):
-            raise ConfigError("ETS_PRM_HOST", f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
+            raise ConfigError("ETS_PRM_HOST",
+                              f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
         if self.prm_url and self.prm_backend != "sglang":
             raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
         return self
@@ -196,9 +197,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             raise InvalidRequest("trajectories", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
         if request.prm_type:
             if request.prm_type not in PRM_TYPES:
-                raise InvalidRequest("prm_type", f"unknown PRM type {request.prm_type!r}; choose from {list(PRM_TYPES)}")
+                raise InvalidRequest("prm_type",
+                                     f"unknown PRM type {request.prm_type!r}; choose from {list(PRM_TYPES)}")
             if request.prm_type != self.config.prm_type:
-                raise InvalidRequest("prm_type", f"this server serves {self.config.prm_type!r}, not {request.prm_type!r}")
+                raise InvalidRequest("prm_type",
+                                     f"this server serves {self.config.prm_type!r}, not {request.prm_type!r}")
         for i, traj in enumerate(request.trajectories):
             if not traj.question.strip():
                 raise InvalidRequest(f"trajectories[{i}].question", "empty")
@@ -216,11 +219,13 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             except AdapterError as exc:
                 raise InvalidRequest(f"trajectories[{i}].{exc.field}", exc.message) from None
             if len(enc.input_ids) > limit:
-                raise InvalidRequest(f"trajectories[{i}]", f"{len(enc.input_ids)} tokens exceed the PRM's limit of {limit}")
+                raise InvalidRequest(f"trajectories[{i}]",
+                                     f"{len(enc.input_ids)} tokens exceed the PRM's limit of {limit}")
             encoded.append(enc)
         return encoded
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+    async def Score(self, request: reward_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         async with self._rpc("Score", context, len(request.trajectories)):
             self._validate_score(request)
             if not self.backend.is_up():
@@ -237,7 +242,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         raise AssertionError("unreachable")  # _rpc aborts on every failure
 
     # -- Embed --------------------------------------------------------------------------------
-    async def Embed(self, request: reward_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> reward_pb2.EmbedResponse:
+    async def Embed(self, request: reward_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> reward_pb2.EmbedResponse:
         async with self._rpc("Embed", context, len(request.texts)):
             n = len(request.texts)
             if n == 0:
@@ -330,10 +336,8 @@ class RewardServer:
             await self.server.stop(grace)
         if self._backend_task is not None and not self._backend_task.done():
             self._backend_task.cancel()
-            try:
-                await self._backend_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Its outcome (cancelled, or an error already reported) is not this caller's.
+            await asyncio.gather(self._backend_task, return_exceptions=True)
         if self.backend is not None:
             await self.backend.close()
         if self.embedder is not None:
@@ -349,7 +353,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
+def config_from_args(argv: Sequence[str],
+                     env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
     args = _parser().parse_args(list(argv))
     env = os.environ if env is None else env
     config = settings.from_args(RewardServerConfig, args, env=env,
