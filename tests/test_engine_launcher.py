@@ -38,6 +38,7 @@ def test_gpu_policy_argv_and_pinning() -> None:
     assert "--enable-metrics" in argv and "--enable-cache-report" in argv
     # No CPU recipe on GPU.
     assert "--attention-backend" not in argv and "--disable-cuda-graph" not in argv
+    assert "--sleep-on-idle" not in argv  # a CPU launch setting: the GPU scheduler keeps polling
     assert "--max-total-tokens" not in argv
     assert cmd.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "SGLANG_USE_CPU_ENGINE" not in cmd.env
@@ -62,9 +63,27 @@ def test_cpu_argv_uses_the_cpu_recipe() -> None:
     assert _flag(argv, "--attention-backend") == "torch_native"
     assert _flag(argv, "--sampling-backend") == "pytorch"
     assert "--disable-cuda-graph" in argv
+    # An idle CPU scheduler without it spins a whole core (two engines starve a 2-core host).
+    assert "--sleep-on-idle" in argv
     assert float(_flag(argv, "--mem-fraction-static")) <= 0.1
     assert int(_flag(argv, "--max-total-tokens")) == CPU_MAX_TOTAL_TOKENS
     assert _flag(argv, "--host") == "127.0.0.1"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_argv_parses_with_the_installed_sglang(device: str) -> None:
+    """Every flag we emit exists in the pinned SGLang (an upstream rename would otherwise only
+    surface as a server that exits at start); the CPU one sleeps when idle, the GPU one polls."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    argv = build_command(LaunchConfig(model_path="/m", device=device), base_env={}).argv
+    args = parser.parse_args(argv[3:])
+    assert args.device == device
+    assert args.sleep_on_idle is (device == "cpu")
 
 
 def test_prm_server_reuse_with_overrides() -> None:
@@ -165,7 +184,7 @@ def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path) -> Non
     assert "sglang.launch_server" in ok.stdout and "--port 31234" in ok.stdout and "--device cpu" in ok.stdout
     bad = _policy_serve(["--print-command"], {**env, "ETS_POLICY_MEM_FRACTION": "2"})
     assert bad.returncode == 2
-    assert "mem_fraction_static" in bad.stderr and "Traceback" not in bad.stderr
+    assert "ETS_POLICY_MEM_FRACTION" in bad.stderr and "Traceback" not in bad.stderr  # names the variable
     missing = _policy_serve([], {k: v for k, v in env.items() if k != "ETS_POLICY_MODEL"})
     assert missing.returncode == 2 and "model_path" in missing.stderr
     typo = _policy_serve([], {**env, "ETS_POLICY_MODEL": "no-such-model"})

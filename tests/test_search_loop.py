@@ -1,82 +1,21 @@
 """The search loop against a deterministic in-process step source (scripted trees, hand counts).
 
-``ScriptedPolicy`` is a tiny policy, not a mock of a server: each step it emits is a token
-sequence whose first id names the step, so it can read the path back from ``prefix_ids`` and
-answer from a script (path of step texts -> children). ``TableScorer`` scores a step by its text.
+``ScriptedPolicy`` / ``TableScorer`` (``ets.testing.upstreams``): a tiny scripted policy that reads
+a node's path back from its ``prefix_ids``, and a scorer that scores a step by its text.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
-from typing import Sequence
 
 import numpy as np
 import pytest
 
 from ets.config import ConfigError, SearchConfig
-from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepFinish, StepParams
+from ets.search.interfaces import SampledStep
 from ets.search.loop import DepthReport, Root, derive_seed, run_search
-
-PROMPT = tuple([1] * 10)  # 10 root tokens
-STEP_BASE = 1000  # first token of every step: STEP_BASE + index into the policy's step table
-
-Spec = tuple[str, int, StepFinish]  # (text, tokens, finish)
-
-
-class ScriptedPolicy:
-    """Expands a node from a script keyed by its path of step texts; unknown paths get a default
-    child "<path depth>.<k> ки". Records every call."""
-
-    def __init__(self, script: dict[tuple[str, ...], Sequence[Spec]] | None = None, step_tokens: int = 5) -> None:
-        self.script = script or {}
-        self.step_tokens = step_tokens
-        self.steps: list[str] = []
-        self.calls: list[tuple[list[ExpandRequest], StepParams]] = []
-
-    def path_of(self, prefix_ids: Sequence[int]) -> tuple[str, ...]:
-        return tuple(self.steps[t - STEP_BASE] for t in prefix_ids if t >= STEP_BASE)
-
-    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
-        self.calls.append((list(requests), params))
-        out = []
-        for r in requests:
-            path = self.path_of(r.prefix_ids)
-            specs = self.script.get(path)
-            row = []
-            for k in range(r.n):
-                if specs:
-                    text, ntok, finish = specs[k % len(specs)]
-                else:
-                    text, ntok, finish = f"{len(path) + 1}.{k} ки", self.step_tokens, "step"
-                limit = params.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
-                if ntok > limit:
-                    ntok, finish = limit, "length"
-                self.steps.append(text)
-                ids = (STEP_BASE + len(self.steps) - 1,) + (2,) * (ntok - 1)
-                row.append(SampledStep(ids, text, finish, prompt_tokens=len(r.prefix_ids),
-                                       cached_tokens=len(r.prefix_ids) - 1))
-            out.append(row)
-        return out
-
-
-class TableScorer:
-    """Scores the newest step by its plain text (default 0.5); embeds texts by a hash, so equal
-    texts get equal embeddings."""
-
-    def __init__(self, table: dict[str, float] | None = None) -> None:
-        self.table = table or {}
-        self.score_calls: list[list[ScoredTrajectory]] = []
-        self.embed_calls: list[list[str]] = []
-
-    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
-        self.score_calls.append(list(trajectories))
-        return [self.table.get(t.steps[-1], 0.5) for t in trajectories]
-
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        self.embed_calls.append(list(texts))
-        rows = [np.random.default_rng(abs(hash(t)) % (2**32)).standard_normal(16) for t in texts]
-        e = np.array(rows)
-        return e / np.linalg.norm(e, axis=1, keepdims=True)
+from ets.testing.upstreams import PROMPT, STEP_BASE, ScriptedPolicy, TableScorer
 
 
 def cfg(**kw) -> SearchConfig:
@@ -175,10 +114,13 @@ async def test_width_accounting_on_random_trees() -> None:
             rng = np.random.default_rng(seed)
 
             class RandomPolicy(ScriptedPolicy):
+                draw = rng  # bound per iteration (a closure would see the loop's latest rng)
+
                 async def expand(self, requests, params):
                     out = await super().expand(requests, params)
-                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if rng.random() < 0.2 else s.text,
-                                         "eos" if rng.random() < 0.05 else s.finish) for s in row] for row in out]
+                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if self.draw.random() < 0.2 else s.text,
+                                         "eos" if self.draw.random() < 0.05 else s.finish) for s in row]
+                            for row in out]
 
             scorer = TableScorer({f"{d}.{k}": float(rng.random()) for d in range(1, 30) for k in range(64)})
             reports: list[DepthReport] = []
@@ -186,7 +128,7 @@ async def test_width_accounting_on_random_trees() -> None:
             result = await run_search(Root("q", PROMPT), cfg(method=method, width=width), RandomPolicy(),
                                       scorer, on_depth=reports.append)
             assert len([t for t in result.trajectories if t.finish_reason != "max_depth"]) <= width
-            for before, after in zip(reports, reports[1:]):
+            for before, after in itertools.pairwise(reports):
                 spent = after.finished - before.finished
                 assert after.remaining_width == before.remaining_width - spent
             assert result.stats.selections == len(reports)
@@ -200,7 +142,7 @@ async def test_every_depth_spends_at_most_the_remaining_width() -> None:
         reports: list[DepthReport] = []
         await run_search(Root("q", PROMPT), cfg(method=method, width=9, max_depth=4), policy,
                          TableScorer({f"x{k}": 0.1 * k for k in range(8)}), on_depth=reports.append)
-        for (reqs, _), rep in zip(policy.calls, reports):
+        for (reqs, _), rep in zip(policy.calls, reports, strict=False):
             assert sum(r.n for r in reqs) <= rep.remaining_width, method
 
 
@@ -332,5 +274,6 @@ async def test_interface_violations_are_clear_errors() -> None:
 
 
 async def test_result_carries_the_resolved_config() -> None:
-    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(), TableScorer())
+    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(),
+                              TableScorer())
     assert result.config is not None and result.config.lambda_s == 1.4 and result.config.beam_keep == 8

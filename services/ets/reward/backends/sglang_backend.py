@@ -5,8 +5,9 @@ Owns two things:
   ``ets.engine.launcher``/``ets.engine.process`` and restarts it with exponential backoff when it
   dies, or attaches to an already-running URL (``ETS_PRM_URL``; tests, k8s sidecars) and only
   watches its ``/health``. Either way it reports up/down so the gRPC health status follows it.
-- ``SglangBackend``: scoring requests with no generation. "+"/"-" types (math-shepherd, rlhflow)
-  ask for ``token_ids_logprob: [plus_id, minus_id]`` with ``max_new_tokens: 0``: the newest step
+- ``SglangBackend``: scoring requests with no generation. Pair types (math-shepherd and rlhflow
+  read "+"/"-", judge "Yes"/"No") ask for ``token_ids_logprob: [plus_id, minus_id]`` with
+  ``max_new_tokens: 0``: the newest step
   is the prompt's next-token distribution (``output_token_ids_logprobs``), earlier steps come from
   ``input_token_ids_logprobs`` (element k predicts token ``logprob_start_len + k``).
   ``logprob_start_len`` is the first score position, because with ``return_logprob`` SGLang caps
@@ -34,7 +35,7 @@ from ets.reward.backends import BackendUnavailable, ScoreOutcome, check_model_re
 
 log = logging.getLogger(__name__)
 
-SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma")
+SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
 
 
@@ -86,7 +87,7 @@ class PrmSupervisor:
         try:
             async with self._session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _spawn(self) -> None:
@@ -157,7 +158,8 @@ class PrmSupervisor:
                 if resp.status >= 500:
                     raise BackendUnavailable(f"PRM server {self.url}{path} answered {resp.status}: {text[:200]}")
                 if resp.status != 200:
-                    raise RuntimeError(f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
+                    raise RuntimeError(
+                        f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
                 if len(text) > 1 << 20:
                     # Hidden-state replies (llemma) can be megabytes: parse off the event loop.
                     return await asyncio.to_thread(json.loads, text)
@@ -165,17 +167,15 @@ class PrmSupervisor:
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             self.mark(False)
             raise BackendUnavailable(f"PRM server {self.url} unreachable: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendUnavailable(f"PRM server {self.url} timed out after {timeout:.0f}s") from None
 
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Its outcome (cancelled, or an error already reported) is not this caller's.
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.process is not None:
             await self.process.stop_async()
         if self._session is not None:
@@ -309,7 +309,7 @@ class SglangBackend:
             raise RuntimeError(f"SGLang returned {len(outs)} results for {len(prompts)} prompts")
         scores: list[list[float]] = []
         prompt_tokens = cached = 0
-        for prompt, pos, start, out in zip(prompts, wanted, starts, outs):
+        for prompt, pos, start, out in zip(prompts, wanted, starts, outs, strict=True):
             meta = out["meta_info"]
             prompt_tokens += int(meta.get("prompt_tokens", len(prompt)))
             cached += int(meta.get("cached_tokens", 0) or 0)
