@@ -71,7 +71,7 @@ def cluster_counts(embeddings: np.ndarray, cuts: Sequence[float]) -> dict[float,
 
 def analyse(problems: list[dict[str, Any]], cuts: Sequence[float]) -> dict[str, Any]:
     """Per-cut summary over problems (each with ``labels`` per cut and ``numbers`` per step)."""
-    per_cut = []
+    per_cut: list[dict[str, Any]] = []
     for cut in cuts:
         key = f"{cut:g}"
         clusters = [len(set(p["labels"][key])) for p in problems]
@@ -89,7 +89,7 @@ def analyse(problems: list[dict[str, Any]], cuts: Sequence[float]) -> dict[str, 
             "pair_precision": precision, "pair_recall": recall,
             "pair_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         })
-    best = max(per_cut, key=lambda c: (round(c["pair_f1"], 6), -c["cut"]))
+    best = max(per_cut, key=lambda c: (round(float(c["pair_f1"]), 6), -float(c["cut"])))
     return {"per_cut": per_cut, "recommended_cut": best["cut"]}
 
 
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
     embedder.load()
     embeddings = asyncio.run(_embed_all(embedder, steps))
     rows: list[dict[str, Any]] = []
-    for problem, texts, emb in zip(problems, steps, embeddings):
+    for problem, texts, emb in zip(problems, steps, embeddings, strict=True):
         dist = cosine_distances(emb)
         upper = dist[np.triu_indices(len(texts), 1)]
         labels = cluster_counts(emb, cuts)

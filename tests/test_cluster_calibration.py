@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import cluster_calibration as cal  # noqa: E402
+import cluster_calibration as cal
 
 sys.path.pop(0)
 

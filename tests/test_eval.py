@@ -70,11 +70,12 @@ def test_committed_gsm8k_subset_is_the_easiest_and_licensed() -> None:
 
 
 def test_gsm8k_selector_ranks_by_steps_then_length(tmp_path: Path) -> None:
-    sys.path.insert(0, str(DATA))
-    try:
-        import make_gsm8k_easy as sel
-    finally:
-        sys.path.remove(str(DATA))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_gsm8k_easy", DATA / "make_gsm8k_easy.py")
+    assert spec is not None and spec.loader is not None
+    sel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sel)
     rows = [
         {"id": "three", "problem": "short", "answer": "1", "solution": "a=<<1=1>>1\nb=<<2=2>>2\nc=<<3=3>>3"},
         {"id": "two-long", "problem": "a longer problem", "answer": "2", "solution": "a=<<1=1>>1\nb=<<2=2>>2"},
@@ -102,7 +103,7 @@ def test_arith_generator_is_deterministic_and_its_answers_are_right(tmp_path: Pa
         # Each solution line is "a op b = c" and holds; the last result is the answer.
         for line in r["solution"].splitlines():
             lhs, rhs = line.split("=")
-            assert eval(lhs) == int(rhs), (r["id"], line)  # noqa: S307 - our own generated arithmetic
+            assert eval(lhs) == int(rhs), (r["id"], line)  # our own generated arithmetic
         assert r["solution"].splitlines()[-1].split("=")[1].strip() == r["answer"]
         assert r["answer"] not in ("", "0") and int(r["answer"]) > 0
         assert len(r["solution"].splitlines()) == r["steps"]

@@ -177,7 +177,7 @@ def plan_runs(methods: Sequence[str], widths: Sequence[int], sweep: dict[str, li
         names = sorted(sweep)
         for w in (sweep_widths or widths):
             for values in itertools.product(*(sweep[n] for n in names)):
-                runs.append(RunSpec(sweep_method, w, tuple(zip(names, values))))
+                runs.append(RunSpec(sweep_method, w, tuple(zip(names, values, strict=True))))
     unique: dict[RunSpec, None] = {}
     for r in runs:
         unique.setdefault(r, None)
@@ -303,6 +303,10 @@ class Summary:
     generated_tokens_per_second: float  # generated tokens / summed search wall time
 
 
+def _mean(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs) if xs else 0.0
+
+
 def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
     """One Summary per (label, width), sorted by width, then label."""
     groups: dict[tuple[str, int], list[ProblemResult]] = {}
@@ -311,7 +315,6 @@ def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
     out = []
     for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ok = [r for r in rs if not r.error]
-        mean = (lambda xs: statistics.fmean(xs) if xs else 0.0)
         prompt = sum(r.prompt_tokens for r in ok)
         wall = sum(r.wall_seconds for r in ok)
         frontier = sum(r.frontier for r in ok)
@@ -323,13 +326,13 @@ def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
             accuracy=correct / len(rs), accuracy_ci_low=lo, accuracy_ci_high=hi,
             answered=sum(bool(r.answer) for r in rs) / len(rs),
             oracle_accuracy=sum(r.oracle for r in rs) / len(rs),
-            mean_total_kv_tokens=mean([r.total_kv_tokens for r in ok]),
-            mean_peak_kv_tokens=mean([r.peak_kv_tokens for r in ok]),
+            mean_total_kv_tokens=_mean([r.total_kv_tokens for r in ok]),
+            mean_peak_kv_tokens=_mean([r.peak_kv_tokens for r in ok]),
             max_peak_kv_tokens=max((r.peak_kv_tokens for r in ok), default=0),
-            mean_generated_tokens=mean([r.generated_tokens for r in ok]),
+            mean_generated_tokens=_mean([r.generated_tokens for r in ok]),
             cache_reuse=sum(r.cached_prompt_tokens for r in ok) / prompt if prompt else 0.0,
             kept_share=sum(r.kept for r in ok) / frontier if frontier else 0.0,
-            mean_wall_seconds=mean([r.wall_seconds for r in ok]),
+            mean_wall_seconds=_mean([r.wall_seconds for r in ok]),
             generated_tokens_per_second=sum(r.generated_tokens for r in ok) / wall if wall else 0.0,
         ))
     return out
@@ -433,9 +436,10 @@ def plot(summaries: Sequence[Summary], path: str | Path, title: str = "") -> Non
         pts = sorted((s for s in plain if s.method == method), key=lambda s: s.width)
         xs = [s.mean_total_kv_tokens for s in pts]
         ys = [100 * s.accuracy for s in pts]
-        err = [[100 * (s.accuracy - s.accuracy_ci_low) for s in pts], [100 * (s.accuracy_ci_high - s.accuracy) for s in pts]]
+        err = [[100 * (s.accuracy - s.accuracy_ci_low) for s in pts],
+               [100 * (s.accuracy_ci_high - s.accuracy) for s in pts]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method, alpha=0.9)
-        for s, x, y in zip(pts, xs, ys):
+        for s, x, y in zip(pts, xs, ys, strict=True):
             ax.annotate(f"w{s.width}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     swept = [s for s in summaries if s.overrides]
     if swept:
