@@ -62,6 +62,12 @@ def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) 
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")  # ChatML
+    # The policy model type the registry names renders its root through this tokenizer's template.
+    from ets.config import policy_model_type
+
+    mt = policy_model_type(SPEC.policy_model_type)
+    root = mt.format_root("Q?", lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    assert root.startswith("<|im_start|>system\n") and f"Q?\n{mt.instruction}<|im_end|>" in root
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
