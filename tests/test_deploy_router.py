@@ -13,7 +13,7 @@ picks the worker holding the match, else the least-loaded one (in-flight request
 do steer routing, but only one prompt per request does: a batch of k prompts matches at most ~1/k
 of its string. The router also has no ``/tokenize`` (404) and takes one ``sampling_params`` object
 per request (a per-prompt list is a 422), and drops ``logit_bias``. Hence the client's routed mode
-(``PolicyClient(router, engine_url=engine)``): tokenization on an engine, one ``/generate`` per
+(``RoutedPolicyClient(router, engine_url=engine)``): tokenization on an engine, one ``/generate`` per
 prompt.
 
 Which engine served a request is read from the answer itself: each engine runs with its own
@@ -43,10 +43,10 @@ import pytest
 from ets.config import SearchConfig
 from ets.engine.process import SGLangProcess, free_port
 from ets.policy.client import PolicyClient, PolicyRequestError, Sample, SamplingParams
+from ets.policy.routed import RoutedPolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.reward.client import RewardClient
 from ets.search.loop import run_search
-from ets.service.runner import RewardScorer
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 # The first test's setup starts two SGLang engines (minutes each on a loaded machine).
@@ -164,7 +164,7 @@ async def engine_counters(engines: dict[str, SGLangProcess]) -> dict[str, dict[s
     return out
 
 
-class RecordingClient(PolicyClient):
+class RecordingClient(RoutedPolicyClient):
     """The real client; keeps every (prompt ids, sample) it got back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -212,7 +212,7 @@ async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[
     assert outs["engine"] == [300] * 8
     assert outs["router"] != [300] * 8
     # The routed client tokenizes on the engine and refuses what the router would drop.
-    async with PolicyClient(router.url, engine_url=engine.url, timeout_s=120) as routed, \
+    async with RoutedPolicyClient(router.url, engine_url=engine.url, timeout_s=120) as routed, \
             PolicyClient(engine.url, timeout_s=120) as direct:
         text = "What is 2 plus 2?\n"
         assert await routed.tokenize(text) == await direct.tokenize(text)
@@ -229,7 +229,7 @@ async def test_searches_stay_on_the_engine_that_holds_their_prefix(engines: dict
     before = await engine_counters(engines)
     async with RecordingClient(router.url, engine_url=engines[WORKERS[0]].url, timeout_s=300) as client, \
             RewardClient(reward_address) as reward:
-        scorer = RewardScorer(reward)
+        scorer = reward  # the reward client is itself a StepScorer
         roots = [await tokenize_root(client, q, "math-shepherd") for q in QUESTIONS]
         config = SearchConfig(method="ets", width=4, max_step_tokens=12, max_depth=3, max_tokens=1024,
                               temperature=1.0, seed=11)
@@ -285,7 +285,7 @@ async def test_prefix_affinity_beats_load_only_for_one_prompt_per_request(engine
     only batch form the router accepts: one shared sampling_params) goes to the idle engine."""
     engine = engines[WORKERS[0]]
     question = "A rectangle is 3 times as long as it is wide and its perimeter is 96 cm. What is its area?"
-    async with PolicyClient(router.url, engine_url=engine.url, timeout_s=300) as client, \
+    async with RoutedPolicyClient(router.url, engine_url=engine.url, timeout_s=300) as client, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
         root = list((await tokenize_root(client, question, "math-shepherd")).prompt_ids)
         [first] = await client.generate_one(root, SamplingParams(max_new_tokens=12))

@@ -9,6 +9,7 @@ from ets.api.v1 import search_pb2
 from ets.config import (
     POLICY_MODEL_TYPES, PRM_TYPES, ConfigError, SearchConfig, policy_model_type, preset_lambda_s,
 )
+from ets.search.selection import validate
 
 
 def test_defaults_are_the_papers() -> None:
@@ -43,7 +44,7 @@ def test_lambda_s_follows_the_width_preset(width: int, lam: float) -> None:
         ({"width": 2.5}, "width"),
         ({"lambda_c": -1.0}, "lambda_c"),
         ({"lambda_s": -0.1}, "lambda_s"),
-        ({"method": "mcts"}, "method"),
+        ({"method": "mcts"}, "method"),  # checked against the method registry
         ({"aggregation": "median"}, "aggregation"),
         ({"voting": "plurality"}, "voting"),
         ({"node_cost": "flops"}, "node_cost"),
@@ -64,7 +65,7 @@ def test_lambda_s_follows_the_width_preset(width: int, lam: float) -> None:
 )
 def test_invalid_values_name_their_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        SearchConfig().replace(**overrides).validate()
+        validate(SearchConfig().replace(**overrides))
     assert info.value.field == field
     assert field in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -122,4 +123,8 @@ def test_model_types() -> None:
     assert "The answer is N." in sm.instruction and sm.has_answer("So he has 8 apples.\nThe answer is 8.")
     with pytest.raises(ConfigError):
         policy_model_type("nope")
-    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
+    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
+    # One list: the reward server validates against the same object.
+    from ets.reward import adapters, server
+
+    assert adapters.PRM_TYPES is PRM_TYPES and server.PRM_TYPES is PRM_TYPES

@@ -1,82 +1,20 @@
 """The search loop against a deterministic in-process step source (scripted trees, hand counts).
 
-``ScriptedPolicy`` is a tiny policy, not a mock of a server: each step it emits is a token
-sequence whose first id names the step, so it can read the path back from ``prefix_ids`` and
-answer from a script (path of step texts -> children). ``TableScorer`` scores a step by its text.
+``ScriptedPolicy`` / ``TableScorer`` (``ets.testing.upstreams``): a tiny scripted policy that reads
+a node's path back from its ``prefix_ids``, and a scorer that scores a step by its text.
 """
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Sequence
 
 import numpy as np
 import pytest
 
 from ets.config import ConfigError, SearchConfig
-from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepFinish, StepParams
+from ets.search.interfaces import SampledStep
 from ets.search.loop import DepthReport, Root, derive_seed, run_search
-
-PROMPT = tuple([1] * 10)  # 10 root tokens
-STEP_BASE = 1000  # first token of every step: STEP_BASE + index into the policy's step table
-
-Spec = tuple[str, int, StepFinish]  # (text, tokens, finish)
-
-
-class ScriptedPolicy:
-    """Expands a node from a script keyed by its path of step texts; unknown paths get a default
-    child "<path depth>.<k> ки". Records every call."""
-
-    def __init__(self, script: dict[tuple[str, ...], Sequence[Spec]] | None = None, step_tokens: int = 5) -> None:
-        self.script = script or {}
-        self.step_tokens = step_tokens
-        self.steps: list[str] = []
-        self.calls: list[tuple[list[ExpandRequest], StepParams]] = []
-
-    def path_of(self, prefix_ids: Sequence[int]) -> tuple[str, ...]:
-        return tuple(self.steps[t - STEP_BASE] for t in prefix_ids if t >= STEP_BASE)
-
-    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
-        self.calls.append((list(requests), params))
-        out = []
-        for r in requests:
-            path = self.path_of(r.prefix_ids)
-            specs = self.script.get(path)
-            row = []
-            for k in range(r.n):
-                if specs:
-                    text, ntok, finish = specs[k % len(specs)]
-                else:
-                    text, ntok, finish = f"{len(path) + 1}.{k} ки", self.step_tokens, "step"
-                limit = params.max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
-                if ntok > limit:
-                    ntok, finish = limit, "length"
-                self.steps.append(text)
-                ids = (STEP_BASE + len(self.steps) - 1,) + (2,) * (ntok - 1)
-                row.append(SampledStep(ids, text, finish, prompt_tokens=len(r.prefix_ids),
-                                       cached_tokens=len(r.prefix_ids) - 1))
-            out.append(row)
-        return out
-
-
-class TableScorer:
-    """Scores the newest step by its plain text (default 0.5); embeds texts by a hash, so equal
-    texts get equal embeddings."""
-
-    def __init__(self, table: dict[str, float] | None = None) -> None:
-        self.table = table or {}
-        self.score_calls: list[list[ScoredTrajectory]] = []
-        self.embed_calls: list[list[str]] = []
-
-    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
-        self.score_calls.append(list(trajectories))
-        return [self.table.get(t.steps[-1], 0.5) for t in trajectories]
-
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        self.embed_calls.append(list(texts))
-        rows = [np.random.default_rng(abs(hash(t)) % (2**32)).standard_normal(16) for t in texts]
-        e = np.array(rows)
-        return e / np.linalg.norm(e, axis=1, keepdims=True)
+from ets.testing.upstreams import PROMPT, STEP_BASE, ScriptedPolicy, TableScorer
 
 
 def cfg(**kw) -> SearchConfig:

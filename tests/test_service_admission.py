@@ -95,7 +95,7 @@ def test_limits_validated() -> None:
 ])
 def test_policy_urls_validated_at_startup(argv: list[str], env_name: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from ets.service.server import settings_from_args
+    from ets.service.main import settings_from_args
 
     with pytest.raises(SystemExit) as err:
         settings_from_args(argv, env={})

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.engine.process import free_port
-from service_fixtures import ServeProcess, grpcurl_path
+from service_fixtures import ServeProcess
+from tools import free_port, tool
 
 SERVICE = "ets.api.v1.SearchService"
 
@@ -89,7 +89,7 @@ def test_dead_policy_is_unavailable_naming_it(lone_serve: ServeProcess) -> None:
 
 
 def test_reflection_only_client_grpcurl(lone_serve: ServeProcess) -> None:
-    grpcurl = grpcurl_path()
+    grpcurl = tool("grpcurl")
     listed = subprocess.run([grpcurl, "-plaintext", lone_serve.addr, "list"], capture_output=True, text=True,
                             timeout=30, check=True).stdout.split()
     assert SERVICE in listed and "grpc.health.v1.Health" in listed

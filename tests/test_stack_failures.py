@@ -19,21 +19,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import free_port, start_server
+from ets.engine.process import start_server
 from ets.service.server import SearchServer, ServiceSettings
 from ets.service.stack import Stack
-from service_fixtures import SMALL_SEARCH_ENV, ServeProcess, http_get
+from service_fixtures import SMALL_SEARCH_ENV, ServeProcess
+from tools import free_port, http_get, small
 
 # The first test of a session also pays for starting the stack (minutes on a loaded CPU).
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 PROBLEM = "A box holds 12 pencils. How many pencils are in 4 boxes?"
-
-
-def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2.SearchConfig:
-    values: dict[str, object] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
-    values.update(extra)
-    return search_pb2.SearchConfig(**values)
 
 
 def long_config(width: int = 8) -> search_pb2.SearchConfig:
@@ -188,7 +183,7 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
                                           reward_addr=search_stack.reward_addr, grace_s=5), defaults)
     try:
         await server.start()
-        assert await server.wait_ready(60), server.upstream_errors
+        assert await server.wait_ready(60), server.readiness.errors
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = search_pb2_grpc.SearchServiceStub(channel)
             await stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
@@ -211,9 +206,9 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
             while True:
                 stray = {t for t in asyncio.all_tasks() - baseline
                          if not t.done() and t is not asyncio.current_task() and _runs_search_code(t)}
-                if not stray and not server.servicer.active and server.admission.running == 0:
+                if not stray and not server.runner.active and server.admission.running == 0:
                     break
-                assert time.monotonic() < deadline, f"leaked: {stray} active={server.servicer.active}"
+                assert time.monotonic() < deadline, f"leaked: {stray} active={server.runner.active}"
                 await asyncio.sleep(0.1)
             # The failure triggered a re-probe: the service now reports NOT_SERVING.
             health = health_pb2_grpc.HealthStub(channel)
@@ -226,7 +221,7 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
             # The policy comes back on the same address: the next search succeeds.
             policy = await asyncio.to_thread(start_server, launch, log_path=tmp_path / "victim-2.log",
                                              name="victim", timeout=240)
-            assert await server.wait_ready(60), server.upstream_errors
+            assert await server.wait_ready(60), server.readiness.errors
             again = await stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
             assert again.candidates and again.stats.generated_tokens > 0
     finally:

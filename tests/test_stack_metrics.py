@@ -12,7 +12,8 @@ import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.service.stack import Stack
-from service_fixtures import http_get, start_prometheus
+from service_fixtures import start_prometheus
+from tools import http_get
 from test_stack_failures import metric
 
 # The first test of a session also pays for starting the stack (minutes on a loaded CPU).

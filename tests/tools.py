@@ -1,9 +1,19 @@
-"""Command-line tools the deployment tests run (hadolint, kubectl, promtool, ...)."""
+"""Helpers every test area shares, written once: command-line tools (hadolint, kubectl, promtool,
+grpcurl, prometheus, ...), a free loopback port, a plain HTTP GET, and the small search config
+the real-stack tests send to the tiny models."""
 from __future__ import annotations
 
 import shutil
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Callable
+
+from ets.api.v1 import search_pb2
+from ets.engine.process import free_port
+
+__all__ = ["BIN", "free_port", "http_get", "small", "tool", "wait_http"]
 
 BIN = Path(sys.executable).parent
 
@@ -16,3 +26,33 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} is not installed (scripts/install.sh / scripts/install-system.sh install it)"
     return found
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def wait_http(url: str, *, what: str, alive: Callable[[], bool], log_tail: Callable[[], str],
+              stop: Callable[[], None], timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers; if the process exits or ``timeout`` passes first, stop it
+    and fail with its log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            raise RuntimeError(f"{what} exited early:\n{log_tail()}")
+        try:
+            http_get(url)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                stop()
+                raise RuntimeError(f"{what} did not come up within {timeout:.0f}s:\n{log_tail()}") from None
+            time.sleep(0.2)
+
+
+def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2.SearchConfig:
+    """A search short enough for the tiny CPU models (12-token steps, 96 tokens, 4 depths)."""
+    values: dict[str, object] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
+    values.update(extra)
+    return search_pb2.SearchConfig(**values)

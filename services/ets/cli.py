@@ -10,7 +10,7 @@ import sys
 
 # subcommand -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("ets.service.server", "run the gRPC search service"),
+    "serve": ("ets.service.main", "run the gRPC search service"),
     "search": ("ets.service.client", "run one search against a search service and print it"),
     "eval": ("ets.service.evaluate", "evaluate methods and widths over a JSONL dataset"),
     "reward-serve": ("ets.reward.server", "run the reward server (PRM + embedder)"),

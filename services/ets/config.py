@@ -15,11 +15,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-METHODS: tuple[str, ...] = ("ets", "rebase", "beam", "dvts", "best_of_n")
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "mean", "prod")
 VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
 NODE_COSTS: tuple[str, ...] = ("uniform", "tokens")
-PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
+# Every PRM type the reward server serves (formats: ets.reward.adapters; rules: ets.reward.rules).
+# The one list: the reward server and its adapters import it from here.
+PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
+# Types scored by rules on the text, without a model (served by the reward server's ``rules`` backend).
+MODEL_FREE_PRM_TYPES: tuple[str, ...] = ("arithmetic",)
 
 # Upper bound on width accepted from a request; a guard against runaway requests, not a limit of
 # the algorithm (the selection benchmark runs width 1024).
@@ -273,8 +276,11 @@ class SearchConfig:
     def validate(self, max_width: int = MAX_WIDTH) -> "SearchConfig":
         """Raise ConfigError(field, message) for the first invalid field; return self if valid.
 
-        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests)."""
-        _choice("method", self.method, METHODS)
+        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests).
+        ``method`` must name a registered selection method; the names live with the methods
+        (``ets.search.selection.validate`` checks both)."""
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise ConfigError("method", f"must name a selection method, got {self.method!r}")
         _int("width", self.width)
         if not 1 <= self.width <= max_width:
             raise ConfigError("width", f"must be between 1 and {max_width}, got {self.width}")

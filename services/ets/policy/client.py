@@ -12,29 +12,17 @@ Owns the wire format and its failure modes, nothing about search:
 - the engine's own accounting per sample (``prompt_tokens``, ``completion_tokens``,
   ``cached_tokens``);
 - errors: 4xx -> ``PolicyRequestError`` carrying the server's message; connection failures and
-  503 are retried with capped exponential backoff, then ``PolicyUnavailable``; a request timeout
-  raises ``PolicyUnavailable`` at once (the server may still be working on it).
+  502 / 503 / 504 (starting, overloaded, behind a restarting proxy) are retried with capped
+  exponential backoff, then ``PolicyUnavailable``; other 5xx -> ``PolicyServerError`` at once; a
+  request timeout raises ``PolicyUnavailable`` at once (the server may still be working on it).
 
 Inputs are checked before they are sent: an out-of-vocabulary token id crashes SGLang 0.5.23's
 scheduler (IndexError in the embedding, the whole server exits), so ids are range-checked when the
 vocabulary size is known.
 
-Behind sglang-router (``engine_url`` given; the k8s scale-out overlay): the router (PyPI
-sglang-router 0.3.2, crate ``smg``) is not a transparent proxy of the engine's native API, so the
-client changes its wire format there (tests/test_deploy_router.py shows each point on real
-processes):
-- it has no ``/tokenize`` / ``/detokenize`` / ``/model_info`` (404): those go to ``engine_url``, one
-  engine reached directly (any replica: tokenization is stateless);
-- its ``/generate`` takes one ``sampling_params`` object, not a per-prompt list (422), and drops
-  fields it does not model (``logit_bias``: refused here rather than silently ignored);
-- its cache-aware policy routes on ``GenerateRequest::extract_text_for_routing``: the ids joined by
-  spaces, a batch's prompts all concatenated into one string, matched against a per-worker
-  character tree; a batch of k prompts matches at most 1/k of its text, below the 0.3 cache
-  threshold, and falls back to the least-loaded worker. So every prompt goes out as its own
-  ``/generate`` request (concurrently): each one is then routed by its own prefix, to the worker
-  that served its parent;
-- its ``/health`` is the router's liveness (200 with no engine up); ``/readiness`` is 503 until a
-  worker is healthy, so ``health()`` asks that.
+Behind sglang-router (the k8s scale-out overlay) the wire format differs in three places:
+``ets.policy.routed.RoutedPolicyClient`` overrides exactly those (``_generate``, ``engine_url``,
+``_health_path``) and shares everything else here.
 """
 from __future__ import annotations
 
@@ -237,16 +225,10 @@ class PolicyClient:
         vocab_size: int | None = None,
         max_connections: int = 64,
         session: aiohttp.ClientSession | None = None,
-        engine_url: str | None = None,
     ) -> None:
-        """``engine_url``: set when ``base_url`` is an sglang-router in front of several engines;
-        one engine reached directly, for tokenization (see the module docstring)."""
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url: expected http(s)://host:port, got {base_url!r}")
-        if engine_url is not None and not engine_url.startswith(("http://", "https://")):
-            raise ValueError(f"engine_url: expected http(s)://host:port, got {engine_url!r}")
-        self.base_url = base_url.rstrip("/")
-        self.engine_url = engine_url.rstrip("/") if engine_url else None
+        self.base_url = checked_url("base_url", base_url)
+        # Where calls go that only an engine answers (tokenization, model info): the server itself.
+        self.engine_url = self.base_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self.retry = retry or RetryPolicy()
         self.vocab_size = vocab_size
@@ -277,16 +259,14 @@ class PolicyClient:
         return self._session
 
     # -- transport ---------------------------------------------------------------------------
-    @property
-    def routed(self) -> bool:
-        """True when ``base_url`` is an sglang-router (an ``engine_url`` was given)."""
-        return self.engine_url is not None
+    # Readiness: SGLang's /health runs a one-token generation (fails while the engine cannot serve).
+    _health_path = "/health"
 
     async def _request(self, method: str, path: str, payload: Any = None, *, timeout: float | None = None,
                        retries: int | None = None, engine: bool = False) -> tuple[int, str]:
         """One call with bounded retries; returns (status, body) for non-retried statuses.
-        ``engine``: send it to ``engine_url`` when there is one (calls the router does not proxy)."""
-        url = ((self.engine_url or self.base_url) if engine else self.base_url) + path
+        ``engine``: send it to ``engine_url`` (calls a router does not proxy)."""
+        url = (self.engine_url if engine else self.base_url) + path
         attempts = (self.retry.max_retries if retries is None else retries) + 1
         last: str = ""
         # Always per request: a shared session may carry no timeout of its own.
@@ -366,13 +346,7 @@ class PolicyClient:
         if n > 1 and any(p.seed is not None for p in plist):
             # Same seed for all n samples would make them identical under deterministic inference.
             raise PolicyRequestError("sampling_seed: with n > 1 give one prompt per sample and distinct seeds")
-        if self.routed:
-            results = await self._generate_per_prompt(ids, plist, n, timeout)
-        else:
-            sp: Any = plist[0].to_json(n) if shared else [p.to_json(n) for p in plist]
-            payload = {"input_ids": ids, "sampling_params": sp}
-            data = await self._json("POST", "/generate", payload, timeout=timeout)
-            results = data if isinstance(data, list) else [data]
+        results = await self._generate(ids, plist, shared, n, timeout)
         if len(results) != len(ids) * n:
             raise PolicyServerError(f"expected {len(ids) * n} results, got {len(results)}")
         out: list[list[Sample]] = []
@@ -381,30 +355,12 @@ class PolicyClient:
             out.append([parse_sample(r, p.stop_token_ids) for r in results[i * n:(i + 1) * n]])
         return out
 
-    async def _generate_per_prompt(self, ids: list[list[int]], plist: list[SamplingParams], n: int,
-                                   timeout: float | None) -> list[Any]:
-        """Behind the router: one ``/generate`` per prompt (single ``input_ids``, one parameter
-        object), all in flight at once; results in prompt order, ``n`` per prompt. The first
-        failure cancels the others."""
-        for p in plist:
-            if p.logit_bias:
-                raise PolicyRequestError("logit_bias: sglang-router 0.3.2 drops it from /generate; "
-                                         "not supported behind the router")
-        tasks = [
-            asyncio.ensure_future(self._json("POST", "/generate", {"input_ids": row, "sampling_params": p.to_json(n)},
-                                             timeout=timeout))
-            for row, p in zip(ids, plist)
-        ]
-        try:
-            answers = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-        results: list[Any] = []
-        for data in answers:
-            results.extend(data if isinstance(data, list) else [data])
-        return results
+    async def _generate(self, ids: list[list[int]], plist: list[SamplingParams], shared: bool, n: int,
+                        timeout: float | None) -> list[Any]:
+        """The raw result objects of one batched ``/generate`` (prompt-major, ``n`` per prompt)."""
+        sp: Any = plist[0].to_json(n) if shared else [p.to_json(n) for p in plist]
+        data = await self._json("POST", "/generate", {"input_ids": ids, "sampling_params": sp}, timeout=timeout)
+        return data if isinstance(data, list) else [data]
 
     async def generate_one(self, prompt: Sequence[int], params: SamplingParams, *, n: int = 1) -> list[Sample]:
         return (await self.generate([prompt], params, n=n))[0]
@@ -425,11 +381,6 @@ class PolicyClient:
         )
         return [int(t) for t in data["tokens"]]
 
-    async def detokenize(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        data = await self._json("POST", "/detokenize",
-                                {"tokens": list(ids), "skip_special_tokens": skip_special_tokens}, engine=True)
-        return str(data["text"])
-
     async def max_model_len(self) -> int:
         data = await self._json("POST", "/tokenize", {"prompt": "", "add_special_tokens": False}, engine=True)
         return int(data["max_model_len"])
@@ -437,15 +388,10 @@ class PolicyClient:
     async def model_info(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/model_info", engine=True))
 
-    async def server_info(self) -> dict[str, Any]:
-        return dict(await self._json("GET", "/server_info", engine=True))
-
     async def health(self, timeout: float = 10.0) -> bool:
-        """True when ``/health`` answers 200 (one try, no retries); behind the router its
-        ``/readiness`` (a healthy worker exists)."""
+        """True when the server's readiness path answers 200 (one try, no retries)."""
         try:
-            status, _ = await self._request("GET", "/readiness" if self.routed else "/health",
-                                            timeout=timeout, retries=0)
+            status, _ = await self._request("GET", self._health_path, timeout=timeout, retries=0)
         except PolicyUnavailable:
             return False
         return status == 200
@@ -460,3 +406,10 @@ class PolicyClient:
         if status >= 400:
             raise PolicyServerError(_error_message(body), status)
         return body
+
+
+def checked_url(name: str, url: str) -> str:
+    """``url`` without its trailing slash; ValueError naming ``name`` unless it is http(s)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{name}: expected http(s)://host:port, got {url!r}")
+    return url.rstrip("/")

@@ -12,6 +12,14 @@ score is read"), independent of the backend that runs the model:
   sigmoid of the MEAN of the LM-head logits over the vocabulary at the tag position.
 - ``qwen-prm`` (Qwen2.5-Math-PRM): chat format, the assistant turn is the steps joined and
   terminated by ``<extra_0>``; a 2-class head per separator, the score is P(class 1).
+- ``judge``: any instruct model as a verifier (no PRM training). rlhflow's conversation shape
+  with a verification prompt: the first user turn holds the question and the first step, each
+  later one the next step, every turn ending with "Is the newest step correct? Answer Yes or
+  No."; each is answered by an assistant "Yes". The score is P("Yes") vs "No" at the answer
+  position. So the solution so far is the conversation before the newest turn, and a child's
+  conversation extends its parent's: one forward pass scores every step, and an engine's
+  prefix cache holds everything but the newest turn.
+- ``arithmetic`` needs no model and no tokens: ets.reward.rules checks the equations in the text.
 
 An adapter turns (question, steps) into token ids plus ``score_positions``: the positions p whose
 model output (the logits that predict token p + 1) gives each step's score. Every token id comes
@@ -19,16 +27,19 @@ from the tokenizer and the adapter's options (tag, "+"/"-" strings), never from 
 """
 from __future__ import annotations
 
-from ets.errors import FieldError
-
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Sequence
 
+from ets.config import PRM_TYPES
+from ets.errors import FieldError
+
 Readout = Literal["pair", "mean_logit", "class_head"]
 
-PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm")
-
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# The judge's turns: {question} and {step} are filled in; the first turn carries the question.
+JUDGE_FIRST_TURN = "Question: {question}\n\nNewest step of the solution:\n{step}\n\nIs the newest step correct? Answer Yes or No."
+JUDGE_NEXT_TURN = "Newest step of the solution:\n{step}\n\nIs the newest step correct? Answer Yes or No."
 
 
 class AdapterError(FieldError):
@@ -44,24 +55,52 @@ class PrmOptions:
     minus: str = "-"
     separator: str = "<extra_0>"
     system_prompt: str = QWEN_PRM_SYSTEM
+    # judge: the answer words it reads and its two turn templates ({question}, {step}).
+    yes: str = "Yes"
+    no: str = "No"
+    judge_first_turn: str = JUDGE_FIRST_TURN
+    judge_next_turn: str = JUDGE_NEXT_TURN
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "PrmOptions":
-        """``ETS_PRM_STEP_TAG``, ``ETS_PRM_PLUS``, ``ETS_PRM_MINUS``, ``ETS_PRM_SEPARATOR``."""
+        """``ETS_PRM_STEP_TAG``, ``ETS_PRM_PLUS``, ``ETS_PRM_MINUS``, ``ETS_PRM_SEPARATOR``, and for
+        judge ``ETS_PRM_YES``, ``ETS_PRM_NO``, ``ETS_PRM_JUDGE_FIRST_TURN``, ``ETS_PRM_JUDGE_NEXT_TURN``."""
         overrides: dict[str, Any] = {}
-        for key, name in (("ETS_PRM_STEP_TAG", "step_tag"), ("ETS_PRM_PLUS", "plus"),
-                          ("ETS_PRM_MINUS", "minus"), ("ETS_PRM_SEPARATOR", "separator")):
+        for key, name in _ENV_OPTIONS:
             if env.get(key):
                 overrides[name] = env[key]
-        return replace(cls(), **overrides)
+        return replace(cls(), **overrides).validate()
+
+    def validate(self) -> "PrmOptions":
+        """Refuse judge templates that would drop the text they exist to show."""
+        for setting, template, names in (("ETS_PRM_JUDGE_FIRST_TURN", self.judge_first_turn, ("question", "step")),
+                                         ("ETS_PRM_JUDGE_NEXT_TURN", self.judge_next_turn, ("step",))):
+            for name in names:
+                if "{" + name + "}" not in template:
+                    raise AdapterError(setting, f"must contain {{{name}}}")
+            try:
+                template.format(question="", step="")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise AdapterError(setting, f"only {{question}} and {{step}} may be filled in ({exc!r}); "
+                                   "write literal braces as {{ and }}") from None
+        return self
+
+
+_ENV_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("ETS_PRM_STEP_TAG", "step_tag"), ("ETS_PRM_PLUS", "plus"), ("ETS_PRM_MINUS", "minus"),
+    ("ETS_PRM_SEPARATOR", "separator"), ("ETS_PRM_YES", "yes"), ("ETS_PRM_NO", "no"),
+    ("ETS_PRM_JUDGE_FIRST_TURN", "judge_first_turn"), ("ETS_PRM_JUDGE_NEXT_TURN", "judge_next_turn"),
+)
 
 
 @dataclass(frozen=True)
 class EncodedTrajectory:
-    """Token ids of one formatted trajectory and the position whose output scores each step."""
+    """Token ids of one formatted trajectory and the position whose output scores each step.
+    Rule-based types (no tokenizer) carry the plain step texts in ``steps`` instead of ids."""
 
     input_ids: tuple[int, ...]
     score_positions: tuple[int, ...] = field(default_factory=tuple)
+    steps: tuple[str, ...] = field(default_factory=tuple)
 
     def last_step_prompt(self) -> tuple[int, ...]:
         """The ids up to and including the newest step's score position: the next-token output
@@ -105,11 +144,14 @@ class PrmAdapter:
     def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
         raise NotImplementedError
 
-    def _pair_ids(self) -> None:
-        self.plus_id = single_token_id(self.tokenizer, self.options.plus, "ETS_PRM_PLUS")
-        self.minus_id = single_token_id(self.tokenizer, self.options.minus, "ETS_PRM_MINUS")
+    def _pair_ids(self, plus: tuple[str, str] | None = None, minus: tuple[str, str] | None = None) -> None:
+        """The two answer ids read as a pair: (text, setting) each, "+"/"-" unless given."""
+        plus = plus or (self.options.plus, "ETS_PRM_PLUS")
+        minus = minus or (self.options.minus, "ETS_PRM_MINUS")
+        self.plus_id = single_token_id(self.tokenizer, *plus)
+        self.minus_id = single_token_id(self.tokenizer, *minus)
         if self.plus_id == self.minus_id:
-            raise AdapterError("ETS_PRM_PLUS", "plus and minus map to the same token")
+            raise AdapterError(plus[1], f"{plus[0]!r} and {minus[0]!r} map to the same token")
 
 
 class _TaggedAdapter(PrmAdapter):
@@ -159,38 +201,74 @@ class _ChatAdapter(PrmAdapter):
         return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
 
 
-class RlhflowAdapter(_ChatAdapter):
-    """User turn per step, assistant answers "+"; read "+" vs "-" where the answer goes."""
+class _TurnAdapter(_ChatAdapter):
+    """One user turn per step, each answered by the positive answer token; the step's score is
+    read where that answer goes (shared by rlhflow and judge)."""
 
-    name = "rlhflow"
     readout = "pair"
 
-    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
-        super().__init__(tokenizer, options)
-        self._pair_ids()
+    def _user_turn(self, question: str, step: str, k: int) -> str:
+        raise NotImplementedError
+
+    def _answer_text(self) -> str:
+        raise NotImplementedError
 
     def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
         messages: list[dict[str, str]] = []
         positions: list[int] = []
         prefixes: list[list[int]] = []
         for k, step in enumerate(steps):
-            text = _clean_step(step, None)
-            content = f"{question.strip()} {text}" if k == 0 else text
-            messages.append({"role": "user", "content": content})
+            messages.append({"role": "user", "content": self._user_turn(question.strip(), _clean_step(step, None), k)})
             # The answer position of step k is where the generation prompt after its user turn ends.
             prompt = self._render_ids(messages, add_generation_prompt=True)
             positions.append(len(prompt) - 1)
             prefixes.append(prompt)
-            messages.append({"role": "assistant", "content": self.options.plus})
+            messages.append({"role": "assistant", "content": self._answer_text()})
         full = self._render_ids(messages, add_generation_prompt=False)
         for prompt in prefixes:
             # Scores are read inside one forward pass over the whole conversation, so each step's
             # prompt must tokenize as a prefix of it (true at special-token turn boundaries).
             if full[: len(prompt)] != prompt or full[len(prompt)] != self.plus_id:
                 raise AdapterError(
-                    "ETS_PRM_MODEL", "chat template does not tokenize prefix-stably with the answer token for rlhflow"
+                    "ETS_PRM_MODEL", f"chat template does not tokenize prefix-stably with the answer token for {self.name}"
                 )
         return EncodedTrajectory(tuple(full), tuple(positions))
+
+
+class RlhflowAdapter(_TurnAdapter):
+    """User turn per step (the first prefixed by the question), assistant answers "+"."""
+
+    name = "rlhflow"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self._pair_ids()
+
+    def _user_turn(self, question: str, step: str, k: int) -> str:
+        return f"{question} {step}" if k == 0 else step
+
+    def _answer_text(self) -> str:
+        return self.options.plus
+
+
+class JudgeAdapter(_TurnAdapter):
+    """Any instruct model asked "Is the newest step correct?" per step; P("Yes") vs "No"."""
+
+    name = "judge"
+
+    def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
+        super().__init__(tokenizer, options)
+        self.options.validate()
+        self._pair_ids((self.options.yes, "ETS_PRM_YES"), (self.options.no, "ETS_PRM_NO"))
+
+    def _user_turn(self, question: str, step: str, k: int) -> str:
+        template = self.options.judge_first_turn if k == 0 else self.options.judge_next_turn
+        return template.format(question=question, step=step)
+
+    def _answer_text(self) -> str:
+        # The earlier turns' answers are fixed (whatever the model said there) so that a child's
+        # conversation extends its parent's; "Yes" is what a correct prefix would have earned.
+        return self.options.yes
 
 
 class QwenPrmAdapter(_ChatAdapter):
@@ -218,17 +296,23 @@ class QwenPrmAdapter(_ChatAdapter):
         return EncodedTrajectory(ids, positions)
 
 
+# The model-scored PRM types (every type in PRM_TYPES except the rule-based ones).
 ADAPTERS: dict[str, type[PrmAdapter]] = {
     "math-shepherd": MathShepherdAdapter,
     "rlhflow": RlhflowAdapter,
     "llemma": LlemmaAdapter,
     "qwen-prm": QwenPrmAdapter,
+    "judge": JudgeAdapter,
 }
 
 
 def make_adapter(prm_type: str, tokenizer: Any, options: PrmOptions | None = None,
                  setting: str = "ETS_PRM_TYPE") -> PrmAdapter:
-    """The adapter for ``prm_type``; unknown types raise AdapterError naming ``setting``."""
-    if prm_type not in ADAPTERS:
+    """The adapter for model-scored ``prm_type``; unknown types raise AdapterError naming ``setting``,
+    rule-based ones (no model, no tokenizer) name ``ETS_PRM_BACKEND``."""
+    if prm_type not in PRM_TYPES:
         raise AdapterError(setting, f"unknown PRM type {prm_type!r}; choose from {list(PRM_TYPES)}")
+    if prm_type not in ADAPTERS:
+        raise AdapterError("ETS_PRM_BACKEND", f"PRM type {prm_type!r} is scored by rules, without a model: "
+                           "use ETS_PRM_BACKEND=rules")
     return ADAPTERS[prm_type](tokenizer, options)

@@ -98,7 +98,8 @@ class RewardClient:
 
     async def score(self, trajectories: Sequence[ScoredTrajectory | tuple[str, Sequence[str]]], *,
                     last_step_only: bool = False, prm_type: str = "") -> list[list[float]]:
-        """Per-step PRM scores of each trajectory (only the newest step's when ``last_step_only``)."""
+        """Per-step PRM scores of each trajectory (only the newest step's when ``last_step_only``).
+        ``prm_type``, when given, is checked by the server against the PRM it serves."""
         if not trajectories:
             return []
         trajs = [t if isinstance(t, ScoredTrajectory) else ScoredTrajectory(t[0], t[1]) for t in trajectories]
@@ -112,9 +113,9 @@ class RewardClient:
         ))
         return [list(r.scores) for reply in replies for r in reply.results]
 
-    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
-        """``StepScorer``: the newest step's score of each trajectory."""
-        scores = await self.score(trajectories, last_step_only=True)
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory], *, prm_type: str = "") -> list[float]:
+        """``StepScorer``: the newest step's score of each trajectory (``prm_type``: see ``score``)."""
+        scores = await self.score(trajectories, last_step_only=True, prm_type=prm_type)
         return [s[-1] for s in scores]
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:

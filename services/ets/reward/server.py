@@ -30,7 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.reward.adapters import PRM_TYPES, AdapterError, EncodedTrajectory, PrmOptions
+from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions
 from ets.reward.backends import BACKENDS, BackendUnavailable, PrmBackend
 from ets.reward.metrics import RewardMetrics
 
@@ -79,7 +80,17 @@ class RewardServerConfig:
             raise ConfigError("ETS_PRM_TYPE", f"unknown PRM type {self.prm_type!r}; choose from {list(PRM_TYPES)}")
         if self.prm_backend not in BACKENDS:
             raise ConfigError("ETS_PRM_BACKEND", f"must be one of {list(BACKENDS)}, got {self.prm_backend!r}")
-        if not self.prm_model:
+        model_free = self.prm_type in MODEL_FREE_PRM_TYPES
+        if model_free and self.prm_backend != "rules":
+            raise ConfigError("ETS_PRM_BACKEND", f"PRM type {self.prm_type!r} is scored by rules without a model: "
+                              f"set ETS_PRM_BACKEND=rules, got {self.prm_backend!r}")
+        if self.prm_backend == "rules" and not model_free:
+            raise ConfigError("ETS_PRM_TYPE", f"the rules backend serves {list(MODEL_FREE_PRM_TYPES)}; "
+                              f"{self.prm_type!r} needs a model (ETS_PRM_BACKEND=sglang or transformers)")
+        if model_free and self.prm_model:
+            # Info would report a model that scores nothing.
+            raise ConfigError("ETS_PRM_MODEL", f"PRM type {self.prm_type!r} uses no model; leave it empty")
+        if not model_free and not self.prm_model:
             raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
         if self.device not in DEVICES:
             raise ConfigError("ETS_DEVICE", f"must be one of {list(DEVICES)}, got {self.device!r}")
@@ -142,6 +153,10 @@ _ENV: tuple[tuple[str, str, type], ...] = (
 def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBackend:
     """The configured PRM backend (not started). Raises AdapterError/ConfigError naming the setting."""
     on_batch = metrics.model_batch.labels("prm").observe
+    if config.prm_backend == "rules":
+        from ets.reward.backends.rules_backend import RulesBackend
+
+        return RulesBackend(config.prm_type)
     if config.prm_backend == "transformers":
         from ets.reward.backends.transformers_backend import TransformersBackend
 
@@ -368,7 +383,7 @@ class RewardServer:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ets reward-serve", description="Run the reward server (PRM + embedder, gRPC). "
                                 "Flags override the environment variables named in parentheses.")
-    p.add_argument("--prm-model", help="PRM model folder (ETS_PRM_MODEL)")
+    p.add_argument("--prm-model", help="PRM model folder (ETS_PRM_MODEL; none for the rules backend)")
     p.add_argument("--prm-type", help=f"one of {list(PRM_TYPES)} (ETS_PRM_TYPE)")
     p.add_argument("--prm-backend", help=f"one of {list(BACKENDS)} (ETS_PRM_BACKEND)")
     p.add_argument("--prm-url", help="attach to this SGLang PRM server instead of spawning one (ETS_PRM_URL)")

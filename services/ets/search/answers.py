@@ -5,31 +5,28 @@ is: X"), ``aggregate`` (last / min / mean / prod), answer equivalence through ``
 (parse + verify; no hand-written LaTeX grading) and ``select_answer`` (weighted majority vote,
 majority vote, best-of).
 
-Timeouts: math-verify bounds parse/verify with ``signal.alarm``, which only works on a main
-thread. On the main thread it is used directly (``EQUIVALENCE_TIMEOUT_S`` per parse/compare).
-Off it (a server running answer choice in a worker thread) the work goes to one spawned worker
-process, where it runs on that process's main thread with the same alarms, under an overall
-deadline (``GROUPING_TIMEOUT_S``); past it, or if the worker dies, the worker is killed and
-answers are grouped by their normalised strings instead. Either way nothing can hang a search.
-The search core itself does no I/O; this process pool is the only concession, and only here.
+Equivalence is a function the caller may replace (``select_answer(..., group=...)``): this
+module's ``group_answers`` runs math-verify on the calling thread. math-verify bounds parse/verify
+with ``signal.alarm``, which only works on a main thread: there each parse/compare gets
+``EQUIVALENCE_TIMEOUT_S``; on other threads it runs unbounded. A server, which chooses answers in
+worker threads, passes a bounded grouping instead (``ets.service.grouping``: a worker process
+with a deadline and a fallback to ``group_by_string``). No I/O here.
 """
 from __future__ import annotations
 
 import math
-import multiprocessing
 import re
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ets.search.loop import Trajectory
 
 EQUIVALENCE_TIMEOUT_S = 2
-GROUPING_TIMEOUT_S = 30.0
+
+# answers -> indices grouped by equivalence (first occurrence first; "" excluded).
+Grouping = Callable[[Sequence[str]], list[list[int]]]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MARKERS = re.compile(
@@ -91,12 +88,13 @@ def aggregate(scores: Sequence[float], how: str = "last") -> float:
     raise ValueError(f"aggregation: unknown {how!r}")
 
 
-def _on_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+def _timeout() -> int | None:
+    """math-verify's per-call timeout: its alarms only work on the main thread."""
+    return EQUIVALENCE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 @lru_cache(maxsize=4096)
-def _parse(answer: str) -> tuple[Any, ...]:
+def _parse(answer: str, timeout: int | None) -> tuple[Any, ...]:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     if not answer:
@@ -104,43 +102,45 @@ def _parse(answer: str) -> tuple[Any, ...]:
     try:
         return tuple(parse(
             f"${answer}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-            parsing_timeout=EQUIVALENCE_TIMEOUT_S, raise_on_error=False,
+            parsing_timeout=timeout, raise_on_error=False,
         ))
     except Exception:  # math-verify raises on timeouts and odd inputs; treat as unparsable
         return ()
 
 
-def _normalise(answer: str) -> str:
+def normalise(answer: str) -> str:
     return re.sub(r"\s+", "", answer)
 
 
-def _equivalent_here(a: str, b: str) -> bool:
-    """Equivalence on this (main) thread, with math-verify's alarms."""
-    if _normalise(a) == _normalise(b):
+def equivalent(a: str, b: str) -> bool:
+    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
+    if normalise(a) == normalise(b):
         return True
     if not a or not b:
         return False
     from math_verify import verify
 
-    pa, pb = _parse(a), _parse(b)
+    timeout = _timeout()
+    pa, pb = _parse(a, timeout), _parse(b, timeout)
     if not pa or not pb:
         return False
     try:
         return bool(
-            verify(list(pa), list(pb), timeout_seconds=EQUIVALENCE_TIMEOUT_S, raise_on_error=False)
-            or verify(list(pb), list(pa), timeout_seconds=EQUIVALENCE_TIMEOUT_S, raise_on_error=False)
+            verify(list(pa), list(pb), timeout_seconds=timeout, raise_on_error=False)
+            or verify(list(pb), list(pa), timeout_seconds=timeout, raise_on_error=False)
         )
     except Exception:
         return False
 
 
-def _group_here(answers: Sequence[str]) -> list[list[int]]:
+def group_answers(answers: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by equivalence (first occurrence is the representative); "" excluded."""
     groups: list[list[int]] = []
     for i, ans in enumerate(answers):
         if not ans:
             continue
         for g in groups:
-            if _equivalent_here(answers[g[0]], ans):
+            if equivalent(answers[g[0]], ans):
                 g.append(i)
                 break
         else:
@@ -148,71 +148,14 @@ def _group_here(answers: Sequence[str]) -> list[list[int]]:
     return groups
 
 
-def _group_by_string(answers: Sequence[str]) -> list[list[int]]:
+def group_by_string(answers: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by their whitespace-normalised strings (the fallback when equivalence
+    cannot finish in time)."""
     groups: dict[str, list[int]] = {}
     for i, ans in enumerate(answers):
         if ans:
-            groups.setdefault(_normalise(ans), []).append(i)
+            groups.setdefault(normalise(ans), []).append(i)
     return list(groups.values())
-
-
-_pool: ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _worker_pool() -> ProcessPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            # spawn, not fork: the caller is typically a threaded server.
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return _pool
-
-
-def _kill_pool() -> None:
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def shutdown() -> None:
-    """Stop the equivalence worker process, if one was started (e.g. at server shutdown);
-    a later off-main-thread call starts a fresh one."""
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _off_main_thread(fn: Any, fallback: Any, *args: Any) -> Any:
-    try:
-        return _worker_pool().submit(fn, *args).result(timeout=GROUPING_TIMEOUT_S)
-    except (FutureTimeout, BrokenProcessPool):
-        _kill_pool()
-        return fallback(*args)
-
-
-def equivalent(a: str, b: str) -> bool:
-    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
-    if _normalise(a) == _normalise(b):
-        return True
-    if _on_main_thread():
-        return _equivalent_here(a, b)
-    return bool(_off_main_thread(_equivalent_here, lambda x, y: False, a, b))
-
-
-def group_answers(answers: Sequence[str]) -> list[list[int]]:
-    """Indices grouped by equivalence (first occurrence is the representative); "" excluded."""
-    answers = list(answers)
-    distinct = {_normalise(a) for a in answers if a}
-    if len(distinct) <= 1 or _on_main_thread():
-        return _group_here(answers)
-    return _off_main_thread(_group_here, _group_by_string, answers)
 
 
 @dataclass(frozen=True)
@@ -225,7 +168,8 @@ class AnswerChoice:
 
 
 def select_answer(
-    trajectories: Sequence[Trajectory], voting: str = "weighted_majority", aggregation: str = "last"
+    trajectories: Sequence[Trajectory], voting: str = "weighted_majority", aggregation: str = "last",
+    group: Grouping = group_answers,
 ) -> AnswerChoice:
     """Choose the final answer.
 
@@ -233,6 +177,7 @@ def select_answer(
     they pool counts; best: the single highest aggregated score. Ties go to the group whose best
     trajectory scores higher, then to the earlier one. The best trajectory is the highest-scoring
     one inside the winning group (or the highest-scoring overall if no trajectory has an answer).
+    ``group`` decides which answers are equivalent.
     """
     if voting not in ("weighted_majority", "majority", "best"):
         raise ValueError(f"voting: unknown {voting!r}")
@@ -240,7 +185,7 @@ def select_answer(
     answers = tuple(extract_answer(t.text) for t in trajectories)
     if not trajectories:
         return AnswerChoice("", None, scores, answers)
-    groups = group_answers(answers)
+    groups = group(answers)
     if not groups:
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         return AnswerChoice("", best, scores, answers)

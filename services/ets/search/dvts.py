@@ -26,10 +26,11 @@ def subtree_widths(width: int) -> list[int]:
     return [width // b + (1 if k < width % b else 0) for k in range(b)]
 
 
-def subtree_of_root_child(index: int, width: int) -> int:
-    """Subtree of the root's ``index``-th child: contiguous blocks of ``subtree_widths``."""
+def subtree_of_root_child(index: int, width: int, widths: list[int] | None = None) -> int:
+    """Subtree of the root's ``index``-th child: contiguous blocks of ``widths`` (default
+    ``subtree_widths(width)``)."""
     acc = 0
-    for k, w in enumerate(subtree_widths(width)):
+    for k, w in enumerate(subtree_widths(width) if widths is None else widths):
         acc += w
         if index < acc:
             return k

@@ -565,6 +565,13 @@ def solve_cbc(prog: Program, time_limit_s: float | None = None) -> Solved:
 # --------------------------------------------------------------------------------------------
 
 
+def uses_coverage(step_texts: Sequence[str], lambda_c: float, lambda_s: float) -> bool:
+    """Whether an ETS selection over candidates with these newest-step texts clusters them (and so
+    needs their embeddings): not for one candidate or without node cost (``select_ets`` then skips
+    the program), nor when the spec skips the coverage term."""
+    return len(step_texts) > 1 and lambda_c > 0 and coverage_applies(lambda_s, step_texts)
+
+
 def cluster_labels(frontier: Frontier, lambda_s: float, cluster_distance: float) -> np.ndarray | None:
     """Cluster labels for the coverage term, or None when the spec skips it."""
     if not coverage_applies(lambda_s, frontier.step_texts):
@@ -589,7 +596,7 @@ def select_ets(
     scores = frontier.scores
     if n == 0 or width <= 0:
         return Selection(counts=(0,) * n, solver_status="trivial")
-    if n == 1 or lambda_c == 0:
+    if n == 1 or lambda_c == 0:  # the cases ``uses_coverage`` excludes
         # One candidate, or no node cost: every term is non-decreasing in x, so keeping all is
         # optimal, and then REBASE over the kept set is plain REBASE.
         counts = rebase_allocation(scores, width, softmax_temperature)

@@ -22,12 +22,10 @@ import numpy as np
 
 from ets.config import ConfigError, SearchConfig
 from ets.search.base import Selection
-from ets.search.clustering import coverage_applies
-from ets.search.dvts import subtree_of_root_child, subtree_widths
 from ets.search.interfaces import (
     ExpandRequest, Root, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
 )
-from ets.search.selection import select
+from ets.search.selection import SelectionMethod, Subtrees, method_of, validate
 from ets.search.tree import FinishReason, Node, SearchTree
 
 __all__ = [
@@ -138,9 +136,9 @@ async def run_search(
     ValueError when the generator or scorer breaks its interface (wrong counts, scores outside
     [0, 1]). Cancellation propagates: no expansion or scoring is issued after it.
     """
-    config.validate()
+    validate(config)
+    method = method_of(config)
     model_type = config.model_type
-    lambda_s = config.effective_lambda_s
     if len(root.prompt_ids) >= config.max_tokens:
         raise ConfigError(
             "max_tokens", f"the prompt has {len(root.prompt_ids)} tokens; max_tokens ({config.max_tokens}) must exceed it"
@@ -159,7 +157,7 @@ async def run_search(
         stats.total_kv_tokens += kv
         stats.peak_kv_tokens = max(stats.peak_kv_tokens, kv)
 
-        selection = await _select(candidates, depth, remaining, group_remaining, config, lambda_s, scorer, stats)
+        selection = await _select(method, candidates, depth, remaining, group_remaining, config, scorer, stats)
         stats.selections += 1
         if selection.fell_back:
             stats.solver_fallbacks += 1
@@ -197,10 +195,10 @@ async def run_search(
                 raise ValueError(f"generator returned {len(samples)} samples, {k} requested")
             for s in samples:
                 children.append(_add_child(tree, parent, s, model_type.plain_step(s.text), stats))
-        if config.method == "dvts" and depth == 0:
+        if method.split is not None and depth == 0:
             for i, child in enumerate(children):
-                child.group = subtree_of_root_child(i, config.width)
-            group_remaining = dict(enumerate(subtree_widths(config.width)))
+                child.group = method.subtree_of_root_child(i, config.width)
+            group_remaining = dict(enumerate(method.split(config.width)))
 
         # One scoring call for all new children.
         t0 = time.perf_counter()
@@ -247,29 +245,25 @@ def _add_child(tree: SearchTree, parent: Node, step: SampledStep, plain: str, st
 
 
 async def _select(
-    candidates: list[Node], depth: int, remaining: int, group_remaining: dict[int, int],
-    config: SearchConfig, lambda_s: float, scorer: StepScorer, stats: SearchStats,
+    method: SelectionMethod, candidates: list[Node], depth: int, remaining: int, group_remaining: dict[int, int],
+    config: SearchConfig, scorer: StepScorer, stats: SearchStats,
 ) -> Selection:
     """Child counts for this depth's candidates; times selection (not the embedding call)."""
     if depth == 0:
         # Every method starts the same way: the root gets the whole width.
         return Selection(counts=(remaining,) * len(candidates))
-    method = config.method
     embeddings: np.ndarray | None = None
-    if method == "ets":
-        texts = [c.plain_text for c in candidates]
-        if config.lambda_c > 0 and coverage_applies(lambda_s, texts):
-            t0 = time.perf_counter()
-            embeddings = np.asarray(await scorer.embed(texts), dtype=float)
-            stats.reward_seconds += time.perf_counter() - t0
-            if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
-                raise ValueError(f"scorer returned embeddings of shape {embeddings.shape} for {len(texts)} texts")
+    texts = [c.plain_text for c in candidates]
+    if method.needs_embeddings(config, texts):
+        t0 = time.perf_counter()
+        embeddings = np.asarray(await scorer.embed(texts), dtype=float)
+        stats.reward_seconds += time.perf_counter() - t0
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ValueError(f"scorer returned embeddings of shape {embeddings.shape} for {len(texts)} texts")
     t0 = time.perf_counter()
     try:
         frontier = SearchTree.frontier_of(candidates, embeddings)
-        return select(
-            frontier, remaining, config, subtrees=[int(c.group or 0) for c in candidates],
-            subtree_remaining=group_remaining,
-        )
+        return method.select(frontier, remaining, config,
+                             Subtrees([int(c.group or 0) for c in candidates], group_remaining))
     finally:
         stats.selection_seconds += time.perf_counter() - t0

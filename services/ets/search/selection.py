@@ -1,21 +1,88 @@
-"""One entry point over the selection methods: frontier + remaining width + config -> child counts.
+"""The one registry of selection methods: everything the loop needs to know about each.
 
-Each method lives in its own module (``rebase``, ``ets``, ``beam``, ``dvts``, ``best_of_n``);
-``select`` dispatches on ``config.method`` so callers (the loop, benchmarks) need not know their
-signatures. DVTS additionally needs each candidate's subtree and each subtree's remaining width.
+Each method's algorithm lives in its own module (``rebase``, ``ets``, ``beam``, ``dvts``,
+``best_of_n``); its ``SelectionMethod`` entry here says how to call it and what else the loop must
+do for it: whether the candidates' newest steps must be embedded first (ETS with a coverage
+term), and whether the root's children are split into subtrees with their own width (DVTS).
+Adding a method is its module plus one entry in ``METHODS``; the config, the loop, the service and
+the benchmarks take the names from here. ``select`` dispatches on ``config.method``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 from ets.config import ConfigError, SearchConfig
 from ets.search.base import Selection
 from ets.search.beam import select_beam
 from ets.search.best_of_n import select_best_of_n
-from ets.search.dvts import select_dvts
-from ets.search.ets import select_ets
+from ets.search.dvts import select_dvts, subtree_of_root_child, subtree_widths
+from ets.search.ets import select_ets, uses_coverage
 from ets.search.rebase import select_rebase
 from ets.search.tree import Frontier
+
+
+@dataclass(frozen=True)
+class Subtrees:
+    """Where each candidate sits (DVTS): its subtree, and each subtree's remaining width."""
+
+    of_candidate: Sequence[int]
+    remaining: Mapping[int, int]
+
+
+@dataclass(frozen=True)
+class SelectionMethod:
+    """A selection method as the loop uses it (after the root, which always gets the whole width).
+
+    ``select(frontier, width, config, subtrees)``: child counts for the frontier's candidates.
+    ``needs_embeddings(config, newest_step_texts)``: embed the candidates' newest steps first
+    (they arrive as ``frontier.embeddings``). ``split(width)``: the root's children go into
+    subtrees in contiguous blocks of these widths, each spending its own width (None: no split).
+    """
+
+    name: str
+    select: Callable[[Frontier, int, SearchConfig, Subtrees], Selection]
+    needs_embeddings: Callable[[SearchConfig, Sequence[str]], bool] = lambda config, texts: False
+    split: Callable[[int], list[int]] | None = None
+
+    def subtree_of_root_child(self, index: int, width: int) -> int | None:
+        return None if self.split is None else subtree_of_root_child(index, width, self.split(width))
+
+
+def _ets(frontier: Frontier, width: int, c: SearchConfig, _: Subtrees) -> Selection:
+    return select_ets(frontier, width, softmax_temperature=c.softmax_temperature, lambda_c=c.lambda_c,
+                      lambda_s=c.effective_lambda_s, cluster_distance=c.cluster_distance, node_cost=c.node_cost,
+                      time_limit_s=c.solver_time_limit_s)
+
+
+METHODS: dict[str, SelectionMethod] = {m.name: m for m in (
+    SelectionMethod(
+        "ets", _ets,
+        needs_embeddings=lambda c, texts: uses_coverage(texts, c.lambda_c, c.effective_lambda_s)),
+    SelectionMethod(
+        "rebase", lambda f, width, c, _: select_rebase(f.scores, width, c.softmax_temperature)),
+    SelectionMethod(
+        "beam", lambda f, width, c, _: select_beam(f.scores, width, c.effective_beam_keep)),
+    SelectionMethod(
+        "dvts", lambda f, width, c, s: select_dvts(f.scores, s.of_candidate, s.remaining), split=subtree_widths),
+    SelectionMethod(
+        "best_of_n", lambda f, width, c, _: select_best_of_n(f.size, width)),
+)}
+
+
+def method_of(config: SearchConfig) -> SelectionMethod:
+    """The registered method ``config.method`` names (ConfigError naming the field if none)."""
+    try:
+        return METHODS[config.method]
+    except KeyError:
+        raise ConfigError("method", f"unknown {config.method!r}; expected one of {list(METHODS)}") from None
+
+
+def validate(config: SearchConfig) -> SearchConfig:
+    """``config.validate()`` plus the method name (the names live in this registry)."""
+    config.validate()
+    method_of(config)
+    return config
 
 
 def select(
@@ -26,22 +93,9 @@ def select(
     subtrees: Sequence[int] | None = None,
     subtree_remaining: Mapping[int, int] | None = None,
 ) -> Selection:
-    """Child counts for ``frontier``'s candidates with ``width`` units of width left."""
-    method = config.method
-    if method == "ets":
-        return select_ets(
-            frontier, width, softmax_temperature=config.softmax_temperature, lambda_c=config.lambda_c,
-            lambda_s=config.effective_lambda_s, cluster_distance=config.cluster_distance,
-            node_cost=config.node_cost, time_limit_s=config.solver_time_limit_s,
-        )
-    if method == "rebase":
-        return select_rebase(frontier.scores, width, config.softmax_temperature)
-    if method == "beam":
-        return select_beam(frontier.scores, width, config.effective_beam_keep)
-    if method == "dvts":
-        if subtrees is None or subtree_remaining is None:
-            raise ValueError("dvts: needs each candidate's subtree and the subtrees' remaining width")
-        return select_dvts(frontier.scores, subtrees, subtree_remaining)
-    if method == "best_of_n":
-        return select_best_of_n(frontier.size, width)
-    raise ConfigError("method", f"unknown {method!r}")
+    """Child counts for ``frontier``'s candidates with ``width`` units of width left. DVTS needs
+    each candidate's subtree and each subtree's remaining width."""
+    method = method_of(config)
+    if method.split is not None and (subtrees is None or subtree_remaining is None):
+        raise ValueError(f"{method.name}: needs each candidate's subtree and the subtrees' remaining width")
+    return method.select(frontier, width, config, Subtrees(subtrees or (), subtree_remaining or {}))

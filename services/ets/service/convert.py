@@ -1,13 +1,11 @@
 """Conversions between the gRPC messages and the search core's types (no I/O).
 
-Owns: request validation (``RequestError`` naming the field as ``problem`` or ``config.<name>``),
-proto ``SearchConfig`` -> ``ets.config.SearchConfig`` on top of the server defaults (unset fields
+Owns: the proto ``SearchConfig`` -> the overrides it sets (checked by ``ets.service.request``) and
+-> ``ets.config.SearchConfig`` on top of the server defaults (unset fields
 keep the defaults), the resolved config back to proto, ``DepthReport`` -> ``DepthProgress``, and a
 served search -> ``SearchResponse``.
 """
 from __future__ import annotations
-
-from ets.errors import FieldError
 
 import dataclasses
 from typing import Any
@@ -15,16 +13,11 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2
-from ets.config import ConfigError, SearchConfig
+from ets.config import SearchConfig
+from ets.service.request import RequestError, resolve_config, validate_problem
 
-# A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
-# the method: MATH500's longest problem is ~4 KB).
-MAX_PROBLEM_CHARS = 64_000
-
-
-class RequestError(FieldError):
-    """Bad request content; ``field`` is the request field path (e.g. ``config.width``)."""
-
+__all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
+           "response_to_proto", "validate_problem"]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 _PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}
@@ -54,21 +47,7 @@ def config_overrides(message: search_pb2.SearchConfig) -> dict[str, Any]:
 
 def config_from_proto(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
     """The request's config over the server defaults, validated (``RequestError`` on bad input)."""
-    try:
-        config = defaults.replace(**config_overrides(message))
-        config.validate()
-    except ConfigError as err:
-        raise RequestError(f"config.{err.field}", err.message) from None
-    return config
-
-
-def validate_problem(problem: str) -> str:
-    text = problem.strip()
-    if not text:
-        raise RequestError("problem", "must not be empty")
-    if len(problem) > MAX_PROBLEM_CHARS:
-        raise RequestError("problem", f"must be at most {MAX_PROBLEM_CHARS} characters, got {len(problem)}")
-    return problem
+    return resolve_config(config_overrides(message), defaults)
 
 
 def config_to_proto(config: SearchConfig) -> search_pb2.SearchConfig:

@@ -1,58 +1,46 @@
-"""The gRPC search service (``ets serve``): servicer, health, reflection, metrics, shutdown.
+"""The gRPC transport of the search service: servicer, health, reflection, metrics endpoint, shutdown.
 
-Owns the transport edge only: request validation and status mapping, admission control
-(RESOURCE_EXHAUSTED beyond the limits), deadline/cancellation propagation (the search runs in
-the RPC's task, so a cancelled or expired RPC cancels its policy and reward calls), the
-per-depth progress stream, the upstream readiness monitor that drives the gRPC health status
-(NOT_SERVING until policy and reward both answer; the service starts even when they are down),
-the Prometheus endpoint, and SIGTERM: stop accepting, let in-flight searches finish within the
-grace period, cancel the rest.
-
-    ets serve [--port 50051] [--metrics-port 9091] [--policy-url URL] [--policy-engine-url URL]
-              [--reward-addr HOST:PORT] [--grace 30] [--max-concurrent N] [--max-queued N]
-
-Environment: ETS_POLICY_URL, ETS_POLICY_ENGINE_URL (set when ETS_POLICY_URL is an sglang-router:
-one engine for tokenization; see ets.policy.client), ETS_REWARD_ADDR, ETS_SEARCH_PORT, ETS_SEARCH_METRICS_PORT,
-ETS_MAX_CONCURRENT_SEARCHES, ETS_MAX_QUEUED_SEARCHES, ETS_SEARCH_GRACE_S, ETS_SEARCH_* (defaults).
+Owns the gRPC edge only: a ``SearchRequest`` becomes a ``SearchCall`` for the shared
+``SearchRunner`` (which checks, admits, bounds and measures it), its result becomes a
+``SearchResponse`` / ``SearchEvent`` stream, and a ``SearchFailed`` status becomes the gRPC code
+of the same name. The RPC's deadline goes to the runner; a cancelled RPC cancels its search (the
+search runs in the RPC's task). ``SearchServer`` assembles the service: upstreams, runner,
+readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
+Prometheus endpoint, and graceful stop (refuse new searches, let in-flight ones finish within
+the grace period, cancel the rest). The command line is ``ets.service.main``.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
-import signal
-import sys
-import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Callable
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import ConfigError, SearchConfig
+from ets.config import SearchConfig
+from ets.search.answers import Grouping
+from ets.search.loop import DepthReport
 from ets.service import convert
-from ets.service.admission import Admission, QueueFull
-from ets.service.metrics import MetricsHTTPServer, SearchMetrics, metrics_port_from_env
-from ets.service.runner import (
-    LiveUpstreams,
-    SearchRunner,
-    ServedSearch,
-    UpstreamRejected,
-    UpstreamUnavailable,
-)
+from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, Admission
+from ets.service.grouping import EquivalenceWorker
+from ets.service.metrics import MetricsHTTPServer, SearchMetrics
+from ets.service.readiness import Readiness
+from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
+from ets.service.status import Status
+from ets.service.upstreams import LiveUpstreams
 
 log = logging.getLogger("ets.service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_S = 30.0
-# How often upstreams are probed: quickly while one is down, slowly once both answer.
-PROBE_INTERVAL_DOWN_S = 1.0
-PROBE_INTERVAL_UP_S = 5.0
+
+# The abstract statuses carry gRPC's names; INTERNAL's outcome label is "error".
+GRPC_CODES: dict[Status, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in Status}
 
 
 @dataclass
@@ -65,44 +53,33 @@ class ServiceSettings:
     policy_engine_url: str | None = None
     reward_addr: str = "reward:50052"
     grace_s: float = DEFAULT_GRACE_S
-    max_concurrent: int = 8
-    max_queued: int = 32
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queued: int = DEFAULT_MAX_QUEUED
 
 
-class _Outcome(Exception):
-    """An RPC failure with its status and the metric outcome label."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+def _timeout_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    # grpc reports "no deadline" as None or as a huge number depending on the version.
+    if remaining is None or remaining >= 10 * 365 * 24 * 3600:
+        return None
+    return max(remaining, 0.0)
 
 
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     """Search and SearchStream over one shared ``SearchRunner``."""
 
-    def __init__(self, runner: SearchRunner, defaults: SearchConfig, admission: Admission,
-                 metrics: SearchMetrics, on_upstream_failure: Callable[[], None] | None = None) -> None:
+    def __init__(self, runner: SearchRunner) -> None:
         self._runner = runner
-        self._defaults = defaults
-        self._admission = admission
-        self._metrics = metrics
-        self._on_upstream_failure = on_upstream_failure
-        # Tasks of searches in progress (the RPC handler tasks); tests and shutdown look here.
-        self.active: set[asyncio.Task[object]] = set()
 
-    # -- RPCs ---------------------------------------------------------------------------------
     async def Search(self, request: search_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        served = await self._serve(request, context, on_depth=None)
-        if served is None:  # the status is already set on the context
-            return search_pb2.SearchResponse()
-        return served
+        return await self._serve(request, context, on_depth=None)
 
     async def SearchStream(self, request: search_pb2.SearchRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[search_pb2.SearchEvent]:
         events: asyncio.Queue[search_pb2.DepthProgress | None] = asyncio.Queue()
-        task = asyncio.ensure_future(self._serve(request, context, on_depth=events.put_nowait))
+        task = asyncio.ensure_future(
+            self._serve(request, context, on_depth=lambda r: events.put_nowait(convert.progress_to_proto(r))))
         task.add_done_callback(lambda _: events.put_nowait(None))
         try:
             while True:
@@ -116,114 +93,47 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if response is not None:
-            yield search_pb2.SearchEvent(result=response)
+        yield search_pb2.SearchEvent(result=response)
 
-    # -- shared path --------------------------------------------------------------------------
     async def _serve(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
-                     on_depth: Callable[[search_pb2.DepthProgress], None] | None,
-                     ) -> search_pb2.SearchResponse | None:
-        method = (request.config.method.strip() or self._defaults.method)[:32]
-        started = time.perf_counter()
-        task = asyncio.current_task()
-        if task is not None:
-            self.active.add(task)
+                     on_depth: Callable[[DepthReport], None] | None) -> search_pb2.SearchResponse:
+        call = SearchCall(problem=request.problem, overrides=convert.config_overrides(request.config),
+                          request_id=request.request_id, expect_prm_type=request.config.prm_type.strip(),
+                          timeout_s=_timeout_of(context), on_depth=on_depth)
         try:
-            try:
-                problem = convert.validate_problem(request.problem)
-                config = convert.config_from_proto(request.config, self._defaults)
-                method = config.method
-                async with self._admission.slot() as waited:
-                    self._metrics.queue_wait.observe(waited)
-                    run_started = time.perf_counter()
-
-                    def report(progress: object) -> None:
-                        self._metrics.observe_selection(method, int(getattr(progress, "kv_tokens", 0)))
-                        if on_depth is not None:
-                            on_depth(convert.progress_to_proto(progress))
-
-                    served = await self._run_bounded(context, problem, config, report,
-                                                     request.config.prm_type.strip())
-                    self._metrics.search_duration.labels(method=method).observe(time.perf_counter() - run_started)
-            except convert.RequestError as err:
-                raise _Outcome(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-            except ConfigError as err:  # raised by the search core on a combination it refuses
-                raise _Outcome(grpc.StatusCode.INVALID_ARGUMENT, f"config.{err.field}: {err.message}") from None
-            except QueueFull as err:
-                raise _Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
-            except UpstreamUnavailable as err:
-                if self._on_upstream_failure is not None:
-                    self._on_upstream_failure()
-                raise _Outcome(grpc.StatusCode.UNAVAILABLE, str(err)) from None
-            except UpstreamRejected as err:
-                raise _Outcome(err.code, str(err)) from None
-            except TimeoutError:
-                raise _Outcome(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"search did not finish before the deadline ({time.perf_counter() - started:.1f}s)") from None
-        except _Outcome as failure:
-            self._metrics.observe_failure(method, failure.code.name.lower())
-            log.info("search %s failed: %s: %s", request.request_id or "-", failure.code.name, failure.message)
-            await context.abort(failure.code, failure.message)
-            return None  # pragma: no cover - abort raises
-        except asyncio.CancelledError:
-            # The client gives up at its own deadline and cancels the stream, which can reach us a
-            # little before our copy of the deadline passes: count the last second as expiry.
-            expired = _has_deadline(context) and (context.time_remaining() or 0.0) <= DEADLINE_SLACK_S
-            self._metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")
-            log.info("search %s %s", request.request_id or "-", "deadline passed" if expired else "cancelled")
-            raise
-        except Exception as err:  # noqa: BLE001 - last line: a clear INTERNAL, never a stack trace
-            if isinstance(err, grpc.aio.AbortError):
-                raise
-            log.exception("search %s failed", request.request_id or "-")
-            self._metrics.observe_failure(method, "error")
-            await context.abort(grpc.StatusCode.INTERNAL, f"search failed: {type(err).__name__}: {err}")
-            return None  # pragma: no cover
-        finally:
-            if task is not None:
-                self.active.discard(task)
-        self._metrics.observe_result(method, served.result.stats)
-        response = served.to_proto(request.request_id)
-        log.info("search %s ok: method=%s width=%d answer=%r wall=%.2fs", request.request_id or "-", method,
-                 config.width, response.answer, response.stats.wall_seconds)
-        return response
-
-    async def _run_bounded(self, context: grpc.aio.ServicerContext, problem: str, config: SearchConfig,
-                           report: Callable[[object], None], expect_prm_type: str) -> ServedSearch:
-        # grpc.aio cancels the handler when the client cancels; the explicit timeout makes the
-        # deadline bind even while the search is between awaits on the network.
-        remaining = context.time_remaining() if _has_deadline(context) else None
-        run = self._runner.run(problem, config, on_depth=report, expect_prm_type=expect_prm_type)
-        if remaining is None:
-            return await run
-        async with asyncio.timeout(max(remaining, 0.0)):
-            return await run
-
-
-DEADLINE_SLACK_S = 1.0
-
-
-def _has_deadline(context: grpc.aio.ServicerContext) -> bool:
-    remaining = context.time_remaining()
-    # grpc reports "no deadline" as None or as a huge number depending on the version.
-    return remaining is not None and remaining < 10 * 365 * 24 * 3600
+            served: ServedSearch = await self._runner.search(call)
+        except SearchFailed as failed:
+            await context.abort(GRPC_CODES[failed.failure.status], failed.failure.message)
+            raise  # pragma: no cover - abort raises
+        return convert.response_to_proto(served, request.request_id)
 
 
 class SearchServer:
-    """The assembled service: gRPC server, health, reflection, metrics endpoint, readiness."""
+    """The assembled service: gRPC server, health, reflection, metrics endpoint, readiness.
 
-    def __init__(self, settings: ServiceSettings, defaults: SearchConfig,
-                 runner: SearchRunner | None = None, metrics: SearchMetrics | None = None) -> None:
+    ``upstreams``: the live policy and reward servers unless given (in-process tests pass
+    ``ets.testing.upstreams`` fakes); ``grouping``: answer equivalence (a bounded worker process
+    unless given)."""
+
+    def __init__(self, settings: ServiceSettings, defaults: SearchConfig, *, upstreams: Upstreams | None = None,
+                 metrics: SearchMetrics | None = None, grouping: Grouping | None = None) -> None:
         self.settings = settings
         self.defaults = defaults
         self.metrics = metrics or SearchMetrics()
-        self.runner: SearchRunner = runner or SearchRunner(
-            LiveUpstreams(settings.policy_url, settings.reward_addr, metrics=self.metrics,
-                          policy_engine_url=settings.policy_engine_url))
+        self.upstreams: Upstreams = upstreams or LiveUpstreams(
+            settings.policy_url, settings.reward_addr, metrics=self.metrics,
+            policy_engine_url=settings.policy_engine_url)
+        self._worker: EquivalenceWorker | None = None
+        if grouping is None:
+            self._worker = EquivalenceWorker()
+            grouping = self._worker.group
         self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed)
         self.health = health.aio.HealthServicer()
-        self.servicer = SearchServicer(self.runner, defaults, self.admission, self.metrics,
-                                       on_upstream_failure=self.reprobe)
+        self.readiness = Readiness(self.upstreams.probe, self.metrics, on_change=self._readiness_changed)
+        self.runner = SearchRunner(self.upstreams, defaults, self.admission, self.metrics,
+                                   grouping=grouping,
+                                   on_upstream_failure=self.readiness.reprobe)
+        self.servicer = SearchServicer(self.runner)
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         search_pb2_grpc.add_SearchServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -232,14 +142,18 @@ class SearchServer:
             self.server)
         self.port = 0
         self._metrics_http: MetricsHTTPServer | None = None
-        self._monitor: asyncio.Task[None] | None = None
-        self._reprobe = asyncio.Event()
-        self.ready = False
-        self.upstream_errors: dict[str, str | None] = {"policy": "not probed yet", "reward": "not probed yet"}
 
     def _admission_changed(self, running: int, queued: int) -> None:
         self.metrics.in_flight.set(running)
         self.metrics.queued.set(queued)
+
+    async def _readiness_changed(self, ready: bool) -> None:
+        await self._set_status(health_pb2.HealthCheckResponse.SERVING if ready
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def start(self) -> int:
         s = self.settings
@@ -250,138 +164,31 @@ class SearchServer:
         await self.server.start()
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.metrics_port, s.host)
-        self._monitor = asyncio.create_task(self._watch_upstreams(), name="ets-upstream-monitor")
+        self.readiness.start()
         log.info("search service on %s:%d (metrics %s), policy %s, reward %s", s.host, self.port,
-                 self._metrics_http.port if self._metrics_http else "off", s.policy_url, s.reward_addr)
+                 self._metrics_http.port if self._metrics_http else "off", self.upstreams.policy_address,
+                 self.upstreams.reward_address)
         return self.port
 
     @property
     def metrics_port(self) -> int | None:
         return self._metrics_http.port if self._metrics_http else None
 
-    async def _set_status(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-
-    def reprobe(self) -> None:
-        """Probe the upstreams now (after a search saw one fail)."""
-        self._reprobe.set()
-
-    async def probe_once(self) -> bool:
-        errors = await self.runner.probe()
-        self.upstream_errors = errors
-        for upstream, error in errors.items():
-            self.metrics.upstream_up.labels(upstream=upstream).set(0 if error else 1)
-        ready = all(e is None for e in errors.values())
-        if ready != self.ready:
-            log.info("upstreams %s: %s", "ready" if ready else "not ready",
-                     {k: v or "ok" for k, v in errors.items()})
-        self.ready = ready
-        await self._set_status(health_pb2.HealthCheckResponse.SERVING if ready
-                               else health_pb2.HealthCheckResponse.NOT_SERVING)
-        return ready
-
-    async def _watch_upstreams(self) -> None:
-        while True:
-            try:
-                ready = await self.probe_once()
-            except Exception:  # noqa: BLE001 - the monitor must outlive any probe bug
-                log.exception("upstream probe failed")
-                ready = False
-            self._reprobe.clear()
-            try:
-                await asyncio.wait_for(self._reprobe.wait(),
-                                       PROBE_INTERVAL_UP_S if ready else PROBE_INTERVAL_DOWN_S)
-            except TimeoutError:
-                pass
-
     async def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ready and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        return self.ready
+        return await self.readiness.wait_ready(timeout)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new searches, finish in-flight ones within ``grace``, cancel the rest."""
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
+        await self.readiness.stop()
         await self.server.stop(grace)
         # Handler tasks the server cancelled may still be unwinding their upstream calls.
-        if self.servicer.active:
-            await asyncio.wait(list(self.servicer.active), timeout=5)
+        if self.runner.active:
+            await asyncio.wait(list(self.runner.active), timeout=5)
         await self.runner.close()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.close)
         if self._metrics_http is not None:
             self._metrics_http.stop()
             self._metrics_http = None
-
-
-def settings_from_args(argv: list[str], env: dict[str, str] | None = None) -> ServiceSettings:
-    env = dict(os.environ if env is None else env)
-    parser = argparse.ArgumentParser(prog="ets serve", description="run the gRPC search service")
-    parser.add_argument("--host", default=env.get("ETS_SEARCH_HOST", "0.0.0.0"))
-    parser.add_argument("--port", type=int, default=int(env.get("ETS_SEARCH_PORT", DEFAULT_PORT)))
-    parser.add_argument("--metrics-port", type=int, default=metrics_port_from_env(),
-                        help="Prometheus endpoint port (ETS_SEARCH_METRICS_PORT); -1 disables it")
-    parser.add_argument("--policy-url", default=env.get("ETS_POLICY_URL", "http://policy:30000"))
-    parser.add_argument("--policy-engine-url", default=env.get("ETS_POLICY_ENGINE_URL", ""),
-                        help="when --policy-url is an sglang-router: one policy engine, for tokenization")
-    parser.add_argument("--reward-addr", default=env.get("ETS_REWARD_ADDR", "reward:50052"))
-    parser.add_argument("--grace", type=float, default=float(env.get("ETS_SEARCH_GRACE_S", DEFAULT_GRACE_S)),
-                        help="seconds in-flight searches may finish after SIGTERM")
-    parser.add_argument("--max-concurrent", type=int, default=int(env.get("ETS_MAX_CONCURRENT_SEARCHES", 8)))
-    parser.add_argument("--max-queued", type=int, default=int(env.get("ETS_MAX_QUEUED_SEARCHES", 32)))
-    parser.add_argument("--log-level", default=env.get("ETS_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.max_concurrent < 1:
-        parser.error("--max-concurrent (ETS_MAX_CONCURRENT_SEARCHES) must be at least 1")
-    if args.max_queued < 0:
-        parser.error("--max-queued (ETS_MAX_QUEUED_SEARCHES) must be at least 0")
-    # Checked here, not when the first search creates the policy client.
-    for flag, env_name, url in (("--policy-url", "ETS_POLICY_URL", args.policy_url),
-                                ("--policy-engine-url", "ETS_POLICY_ENGINE_URL", args.policy_engine_url)):
-        if url and not url.startswith(("http://", "https://")):
-            parser.error(f"{flag} ({env_name}): expected http(s)://host:port, got {url!r}")
-    return ServiceSettings(
-        port=args.port, host=args.host, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        policy_url=args.policy_url, policy_engine_url=args.policy_engine_url or None,
-        reward_addr=args.reward_addr, grace_s=args.grace,
-        max_concurrent=args.max_concurrent, max_queued=args.max_queued,
-    )
-
-
-async def serve(settings: ServiceSettings, defaults: SearchConfig,
-                ready: Callable[[SearchServer], Awaitable[None]] | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    server = SearchServer(settings, defaults)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    if ready is not None:
-        await ready(server)
-    await stop.wait()
-    log.info("shutting down: %d search(es) in flight, grace %.0fs", server.admission.running, settings.grace_s)
-    await server.stop()
-    log.info("stopped")
-
-
-def main(argv: list[str]) -> None:
-    settings = settings_from_args(argv)
-    # One series per counter: the *_created gauges only double the exposition.
-    prometheus_client.disable_created_metrics()
-    try:
-        defaults = SearchConfig.from_env()
-    except ConfigError as err:
-        print(f"ets serve: bad search default ETS_SEARCH_{err.field.upper()}: {err.message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    asyncio.run(serve(settings, defaults))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

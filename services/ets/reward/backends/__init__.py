@@ -1,5 +1,6 @@
-"""PRM backends behind one interface: ``transformers`` (in-process) and ``sglang`` (a supervised
-or attached SGLang server). Both take adapter-encoded trajectories and return per-step scores.
+"""PRM backends behind one interface: ``transformers`` (in-process), ``sglang`` (a supervised
+or attached SGLang server) and ``rules`` (model-free types such as ``arithmetic``). All take
+adapter-encoded trajectories and return per-step scores.
 
 Owns the ``PrmBackend`` protocol, ``ScoreOutcome``, ``BackendUnavailable`` and the readout
 arithmetic shared by both paths (so the two differ only in how they obtain logits).
@@ -12,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 from ets.reward.adapters import EncodedTrajectory, PrmAdapter
 
-BACKENDS: tuple[str, ...] = ("sglang", "transformers")
+BACKENDS: tuple[str, ...] = ("sglang", "transformers", "rules")
 
 
 class BackendUnavailable(RuntimeError):

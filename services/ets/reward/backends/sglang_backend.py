@@ -5,8 +5,9 @@ Owns two things:
   ``ets.engine.launcher``/``ets.engine.process`` and restarts it with exponential backoff when it
   dies, or attaches to an already-running URL (``ETS_PRM_URL``; tests, k8s sidecars) and only
   watches its ``/health``. Either way it reports up/down so the gRPC health status follows it.
-- ``SglangBackend``: scoring requests with no generation. "+"/"-" types (math-shepherd, rlhflow)
-  ask for ``token_ids_logprob: [plus_id, minus_id]`` with ``max_new_tokens: 0``: the newest step
+- ``SglangBackend``: scoring requests with no generation. Pair types (math-shepherd and rlhflow
+  read "+"/"-", judge "Yes"/"No") ask for ``token_ids_logprob: [plus_id, minus_id]`` with
+  ``max_new_tokens: 0``: the newest step
   is the prompt's next-token distribution (``output_token_ids_logprobs``), earlier steps come from
   ``input_token_ids_logprobs`` (element k predicts token ``logprob_start_len + k``).
   ``logprob_start_len`` is the first score position, because with ``return_logprob`` SGLang caps
@@ -34,7 +35,7 @@ from ets.reward.backends import BackendUnavailable, ScoreOutcome, check_model_re
 
 log = logging.getLogger(__name__)
 
-SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma")
+SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
 
 

@@ -1,0 +1,39 @@
+"""Transport-neutral request checks: the problem text and the config overrides a request set.
+
+Owns ``RequestError`` (field named as ``problem`` or ``config.<name>``) and the rules every
+transport applies before a search is admitted. Transports parse their own wire format into a
+plain mapping of ``SearchConfig`` field names (``ets.service.convert`` for the proto).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ets.config import ConfigError, SearchConfig
+from ets.errors import FieldError
+from ets.search.selection import validate
+
+# A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
+# the method: MATH500's longest problem is ~4 KB).
+MAX_PROBLEM_CHARS = 64_000
+
+
+class RequestError(FieldError):
+    """Bad request content; ``field`` is the request field path (e.g. ``config.width``)."""
+
+
+def validate_problem(problem: str) -> str:
+    text = problem.strip()
+    if not text:
+        raise RequestError("problem", "must not be empty")
+    if len(problem) > MAX_PROBLEM_CHARS:
+        raise RequestError("problem", f"must be at most {MAX_PROBLEM_CHARS} characters, got {len(problem)}")
+    return problem
+
+
+def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig) -> SearchConfig:
+    """The request's config fields over the server defaults, validated (``RequestError``)."""
+    try:
+        config = validate(defaults.replace(**overrides))
+    except ConfigError as err:
+        raise RequestError(f"config.{err.field}", err.message) from None
+    return config

@@ -1,0 +1,81 @@
+"""The one place a failed search becomes a status: exception class -> transport-neutral ``Status``.
+
+Owns the errors a search can end with that are not the search core's own (``UpstreamUnavailable``,
+``UpstreamRejected``), the abstract ``Status`` every transport translates (gRPC codes in
+``ets.service.server``; an HTTP front door maps the same values to 400 / 429 / 503 / 504 / 500), and
+``status_for(exc)``: exception class -> status and client-facing message.
+No transport library is imported here, so every transport shares this one mapping.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ets.config import ConfigError
+from ets.errors import FieldError
+from ets.service.admission import QueueFull
+
+
+class Status(enum.Enum):
+    """How a search ended, independent of the transport (names equal gRPC's status codes)."""
+
+    OK = "ok"
+    INVALID_ARGUMENT = "invalid_argument"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    INTERNAL = "error"
+
+    @property
+    def outcome(self) -> str:
+        """The ``outcome`` label of ``ets_search_searches_total`` (see ``ets.service.metrics``)."""
+        return self.value
+
+
+class UpstreamUnavailable(Exception):
+    """The policy or the reward server could not serve a call (UNAVAILABLE)."""
+
+    def __init__(self, upstream: str, address: str, detail: str) -> None:
+        super().__init__(f"{upstream} server unavailable at {address}: {detail}")
+        self.upstream = upstream
+        self.address = address
+        self.detail = detail
+
+
+class UpstreamRejected(Exception):
+    """An upstream refused the request itself (e.g. a PRM type the reward server does not serve,
+    a prompt beyond the policy's context): the request's fault, INVALID_ARGUMENT."""
+
+    def __init__(self, upstream: str, detail: str, status: Status = Status.INVALID_ARGUMENT) -> None:
+        super().__init__(f"{upstream} server rejected the request: {detail}")
+        self.upstream = upstream
+        self.detail = detail
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A search's failure as clients see it."""
+
+    status: Status
+    message: str
+
+
+def status_for(exc: BaseException) -> Failure:
+    """The status and client message for a search that raised ``exc``, by exception class (checked
+    in order: ConfigError before its base FieldError); anything unexpected is INTERNAL with the
+    exception's type and text (never a stack trace)."""
+    if isinstance(exc, ConfigError):
+        # The search core names fields by their config name; requests name them config.<field>.
+        return Failure(Status.INVALID_ARGUMENT, f"config.{exc.field}: {exc.message}")
+    if isinstance(exc, FieldError):
+        return Failure(Status.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, QueueFull):
+        return Failure(Status.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, UpstreamUnavailable):
+        return Failure(Status.UNAVAILABLE, str(exc))
+    if isinstance(exc, UpstreamRejected):
+        return Failure(exc.status, str(exc))
+    if isinstance(exc, TimeoutError):
+        return Failure(Status.DEADLINE_EXCEEDED, str(exc) or "search did not finish before the deadline")
+    return Failure(Status.INTERNAL, f"search failed: {type(exc).__name__}: {exc}")

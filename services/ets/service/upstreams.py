@@ -1,0 +1,261 @@
+"""The live upstreams of the search service (``ets.service.runner.Upstreams`` over real servers).
+
+Owns the SGLang policy server (HTTP, ``ets.policy.client``) and the reward server (gRPC client,
+``ets.reward.client``) as one shared set of connections for all searches: building the root
+(format per policy model type, tokenized on the policy server so the ids are exactly the
+engine's), the step generator and scorer the search loop awaits, readiness probes, and one
+``instrumented`` wrapper that times every upstream call (Prometheus latency/error metrics) and
+turns its failure into ``UpstreamUnavailable`` / ``UpstreamRejected`` naming the upstream.
+Failures are matched by the clients' exception classes.
+
+Many searches share one policy HTTP session and one reward gRPC channel; all expansions of a
+depth go out as one batched call (the loop batches through the interfaces).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import aiohttp
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ets.config import ConfigError, SearchConfig
+from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
+from ets.reward.client import RewardClient, RewardError, RewardUnavailable
+from ets.search.interfaces import (
+    ExpandRequest,
+    Root,
+    SampledStep,
+    ScoredTrajectory,
+    StepGenerator,
+    StepParams,
+    StepScorer,
+)
+from ets.service.metrics import SearchMetrics
+from ets.service.status import UpstreamRejected, UpstreamUnavailable
+
+PROBE_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+
+
+# ---- failure classification ----------------------------------------------------------------
+
+# The metric ``reason`` of a failed call, by the clients' exception classes (bounded label set).
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (PolicyRequestError, "rejected"),
+    (PolicyServerError, "server_error"),
+    (PolicyUnavailable, "unavailable"),
+    (asyncio.TimeoutError, "timeout"),
+    (aiohttp.ClientConnectionError, "unavailable"),
+    (OSError, "unavailable"),
+    (ValueError, "bad_response"),
+)
+
+
+def reason(err: BaseException) -> str:
+    """A short, bounded label for the error metrics."""
+    if isinstance(err, RewardError):
+        return err.code.name.lower()
+    if isinstance(err, grpc.aio.AioRpcError):
+        return err.code().name.lower()
+    if isinstance(err, aiohttp.ClientResponseError):
+        return f"http_{err.status}"
+    for cls, label in _REASONS:
+        if isinstance(err, cls):
+            return label
+    return "error"
+
+
+def describe(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if type(err).__name__ not in text else text
+
+
+def policy_failure(address: str, err: BaseException) -> Exception:
+    """The policy refusing the request itself (HTTP 4xx, e.g. a prompt beyond its context length)
+    is the request's fault; anything else (unreachable, timeout, 5xx, a malformed answer) means
+    the policy is not serving."""
+    if isinstance(err, PolicyRequestError):
+        return UpstreamRejected("policy", str(err))
+    return UpstreamUnavailable("policy", address, describe(err))
+
+
+# The reward server refusing the request (e.g. a prm_type it does not serve).
+_REWARD_REJECTIONS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+
+
+def reward_failure(address: str, err: BaseException) -> Exception:
+    if isinstance(err, RewardError) and not isinstance(err, RewardUnavailable) and err.code in _REWARD_REJECTIONS:
+        return UpstreamRejected("reward", describe(err))
+    return UpstreamUnavailable("reward", address, describe(err))
+
+
+# Errors that already say what they mean (or are the request's own): never re-classified.
+_PASS_THROUGH = (ConfigError, UpstreamUnavailable, UpstreamRejected)
+
+
+async def instrumented(call: Callable[[], Awaitable[T]], *, duration: Any, count_error: Callable[[str], None],
+                       failure: Callable[[BaseException], Exception]) -> T:
+    """Await ``call()``, observing its latency on ``duration`` (a histogram child); a failure is
+    counted by ``reason`` and raised as ``failure(err)``. Cancellation passes through untouched."""
+    start = time.perf_counter()
+    try:
+        return await call()
+    except _PASS_THROUGH:
+        raise
+    except Exception as err:  # noqa: BLE001 - every other failure is the upstream's
+        count_error(reason(err))
+        raise failure(err) from err
+    finally:
+        duration.observe(time.perf_counter() - start)
+
+
+# ---- the live upstreams ----------------------------------------------------------------------
+
+class InstrumentedGenerator:
+    """``StepGenerator`` over the policy's generator: every batched expand timed and classified."""
+
+    def __init__(self, inner: StepGenerator, upstreams: "LiveUpstreams") -> None:
+        self._inner = inner
+        self._up = upstreams
+
+    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+        return await self._up.policy_call("generate", lambda: self._inner.expand(requests, params))
+
+
+class InstrumentedScorer:
+    """``StepScorer`` over the shared ``RewardClient``; when the request named a PRM type, the reward
+    server checks it against the PRM it serves (INVALID_ARGUMENT on a mismatch)."""
+
+    def __init__(self, client: RewardClient, upstreams: "LiveUpstreams", prm_type: str = "") -> None:
+        self._client = client
+        self._up = upstreams
+        self._prm_type = prm_type
+
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
+        # Empty steps (the policy stopped at its delimiter) go as they are: the reward server
+        # scores them at their boundary.
+        return await self._up.reward_call(
+            "score", lambda: self._client.score_last_steps(trajectories, prm_type=self._prm_type))
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return await self._up.reward_call("embed", lambda: self._client.embed(texts))
+
+
+class LiveUpstreams:
+    """The SGLang policy server (HTTP) and the reward server (gRPC), shared by all searches.
+
+    ``policy_engine_url``: set when ``policy_url`` is an sglang-router (k8s scale-out overlay); one
+    engine reached directly for tokenization, and generation goes out one prompt per request so
+    the router's cache-aware policy can route each by its prefix (``ets.policy.client``)."""
+
+    def __init__(self, policy_url: str, reward_addr: str, *, metrics: SearchMetrics,
+                 policy_engine_url: str | None = None) -> None:
+        self.policy_address = policy_url.rstrip("/")
+        self.policy_engine_url = policy_engine_url or None
+        self.reward_address = reward_addr
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._reward_channel: grpc.aio.Channel | None = None
+        self._policy_client: PolicyClient | None = None
+        self._reward_client: RewardClient | None = None
+
+    # -- instrumentation ----------------------------------------------------------------------------
+    async def policy_call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+        m = self._metrics
+        return await instrumented(
+            fn, duration=m.policy_call_duration.labels(call=call),
+            count_error=lambda r: m.policy_call_errors.labels(reason=r).inc(),
+            failure=lambda err: policy_failure(self.policy_address, err))
+
+    async def reward_call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+        m = self._metrics
+        return await instrumented(
+            fn, duration=m.reward_call_duration.labels(call=call),
+            count_error=lambda r: m.reward_call_errors.labels(call=call, reason=r).inc(),
+            failure=lambda err: reward_failure(self.reward_address, err))
+
+    # -- shared connections (created lazily inside the server's event loop) ---------------------
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # Many searches x width concurrent step requests share this pool.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            )
+        return self._session
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self._reward_channel is None:
+            self._reward_channel = grpc.aio.insecure_channel(
+                self.reward_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        return self._reward_channel
+
+    def policy_client(self) -> PolicyClient:
+        """The shared policy client (one connection pool for all searches)."""
+        if self._policy_client is None:
+            from ets.policy.routed import make_policy_client
+
+            self._policy_client = make_policy_client(self.policy_address, session=self._http(),
+                                                     engine_url=self.policy_engine_url)
+        return self._policy_client
+
+    def reward_client(self) -> RewardClient:
+        if self._reward_client is None:
+            self._reward_client = RewardClient(self.reward_address, channel=self._channel())
+        return self._reward_client
+
+    # -- what a search uses ---------------------------------------------------------------------------
+    async def root(self, question: str, config: SearchConfig) -> Root:
+        """Format the root for the policy model type and tokenize it on the policy server (its
+        own tokenizer and chat template, so the ids are what the engine caches)."""
+        from ets.policy.generator import tokenize_root
+
+        return await self.policy_call(
+            "tokenize", lambda: tokenize_root(self.policy_client(), question, config.model_type))
+
+    def generator(self, config: SearchConfig) -> StepGenerator:
+        from ets.policy.generator import SGLangStepGenerator
+
+        return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.model_type), self)
+
+    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer:
+        return InstrumentedScorer(self.reward_client(), self, expect_prm_type)
+
+    # -- readiness ---------------------------------------------------------------------------------
+    async def _probe_policy(self) -> str | None:
+        # SGLang's /health runs a one-token generation: it fails while the engine cannot serve.
+        try:
+            healthy = await self.policy_client().health(timeout=PROBE_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - a probe reports, it never raises
+            return describe(err)
+        return None if healthy else f"GET {self.policy_address}/health failed"
+
+    async def _probe_reward(self) -> str | None:
+        stub = health_pb2_grpc.HealthStub(self._channel())
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            return f"{err.code().name}: {err.details()}"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        return None
+
+    async def probe(self) -> dict[str, str | None]:
+        """Per upstream: None when it answers, else why not."""
+        policy, reward = await asyncio.gather(self._probe_policy(), self._probe_reward())
+        return {"policy": policy, "reward": reward}
+
+    async def close(self) -> None:
+        if self._policy_client is not None:
+            await self._policy_client.close()
+        if self._reward_channel is not None:
+            await self._reward_channel.close()
+        if self._session is not None:
+            await self._session.close()
