@@ -73,8 +73,10 @@ class Stack:
                                                "policy")}
         self.env = dict(
             os.environ, ETS_IMAGE_TAG=TAG, ETS_GRAFANA_PASSWORD_FILE="/dev/null",
-            ETS_SEARCH_HOST_PORT=str(self.ports["search"]), ETS_SEARCH_METRICS_HOST_PORT=str(self.ports["search_metrics"]),
-            ETS_REWARD_HOST_PORT=str(self.ports["reward"]), ETS_REWARD_METRICS_HOST_PORT=str(self.ports["reward_metrics"]),
+            ETS_SEARCH_HOST_PORT=str(self.ports["search"]),
+            ETS_SEARCH_METRICS_HOST_PORT=str(self.ports["search_metrics"]),
+            ETS_REWARD_HOST_PORT=str(self.ports["reward"]),
+            ETS_REWARD_METRICS_HOST_PORT=str(self.ports["reward_metrics"]),
             ETS_PRM_HOST_PORT=str(self.ports["prm"]), ETS_POLICY_HOST_PORT=str(self.ports["policy"]),
         )
         self.tmp = tmp
@@ -191,7 +193,8 @@ def test_images_are_cpu_variants_with_healthchecks(images: dict[str, str]) -> No
         if name != "search":
             assert env["HF_HOME"] == "/models/hf"
     # The search image is slim: the service imports, torch and SGLang are absent.
-    probe = "import ets.service.server, importlib.util as u; assert u.find_spec('torch') is None and u.find_spec('sglang') is None"
+    probe = ("import ets.service.server, importlib.util as u; "
+             "assert u.find_spec('torch') is None and u.find_spec('sglang') is None")
     podman("run", "--rm", "--entrypoint", "python", images["search"], "-c", probe)
     # No model weights baked in: the model cache is empty and no weight files lie outside the
     # installed libraries (which ship small data tables, and the packaged test embedder).

@@ -144,7 +144,8 @@ def test_gpu_engines_and_probes() -> None:
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
         assert c["readinessProbe"] and c["livenessProbe"]
         assert {"name": "models", "persistentVolumeClaim": {"claimName": "ets-models"}} in pod["volumes"]
-    assert deploys["policy"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/health"
+    policy = deploys["policy"]["spec"]["template"]["spec"]["containers"][0]
+    assert policy["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "grpc" in deploys["reward"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     search = deploys["search"]["spec"]["template"]["spec"]["containers"][0]
     assert "grpc" in search["readinessProbe"] and "grpc" in search["startupProbe"]

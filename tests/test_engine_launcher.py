@@ -184,7 +184,7 @@ def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path) -> Non
     assert "sglang.launch_server" in ok.stdout and "--port 31234" in ok.stdout and "--device cpu" in ok.stdout
     bad = _policy_serve(["--print-command"], {**env, "ETS_POLICY_MEM_FRACTION": "2"})
     assert bad.returncode == 2
-    assert "mem_fraction_static" in bad.stderr and "Traceback" not in bad.stderr
+    assert "ETS_POLICY_MEM_FRACTION" in bad.stderr and "Traceback" not in bad.stderr  # names the variable
     missing = _policy_serve([], {k: v for k, v in env.items() if k != "ETS_POLICY_MODEL"})
     assert missing.returncode == 2 and "model_path" in missing.stderr
     typo = _policy_serve([], {**env, "ETS_POLICY_MODEL": "no-such-model"})

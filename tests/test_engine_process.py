@@ -27,7 +27,8 @@ def _alive(pid: int) -> bool:
 
 def test_dead_process_fails_fast_with_log_tail(tmp_path: Path) -> None:
     proc = SGLangProcess.start(
-        [sys.executable, "-c", "import sys; print('loading weights'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"],
+        [sys.executable, "-c",
+         "import sys; print('loading weights'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"],
         url=f"http://127.0.0.1:{free_port()}", log_path=tmp_path / "dead.log", name="dead",
     )
     start = time.monotonic()
@@ -138,7 +139,7 @@ def test_stop_after_leader_crash_cleans_up_orphaned_workers_quickly(tmp_path: Pa
     while proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.returncode == 7
-    child = int(next(l for l in proc.log_tail().splitlines() if l.startswith("child ")).split()[1])
+    child = int(next(line for line in proc.log_tail().splitlines() if line.startswith("child ")).split()[1])
     assert _alive(child)
     start = time.monotonic()
     assert proc.stop(timeout=20) == 7

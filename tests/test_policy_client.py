@@ -77,7 +77,8 @@ async def test_stop_string_tag_kept_or_trimmed_ids_always_exact(client: PolicyCl
 @pytest.mark.sglang
 async def test_eos_is_distinguished_from_stop(client: PolicyClient, vocab: dict[str, int]) -> None:
     ids = await _prompt(client)
-    [s] = await client.generate_one(ids, SamplingParams(max_new_tokens=16, stop=(TAG,), logit_bias={vocab["eos"]: 50.0}))
+    params = SamplingParams(max_new_tokens=16, stop=(TAG,), logit_bias={vocab["eos"]: 50.0})
+    [s] = await client.generate_one(ids, params)
     assert s.finish == "eos" and s.matched == vocab["eos"]
     # A stop *token* we asked for is a stop, not an eos.
     [t] = await client.generate_one(

@@ -161,7 +161,8 @@ def _reference_scores(kind: str, model_dir: Path, question: str, steps: list[str
 
 
 @pytest.mark.parametrize("kind", PRM_KINDS)
-async def test_transformers_backend_matches_direct_forward(kind: str, tiny_model_factory: Callable[[str], Path]) -> None:
+async def test_transformers_backend_matches_direct_forward(kind: str,
+                                                           tiny_model_factory: Callable[[str], Path]) -> None:
     model_dir = tiny_model_factory(kind)
     backend = TransformersBackend(str(model_dir), kind, max_batch_tokens=256)  # small: forces several chunks
     await backend.start()
@@ -174,7 +175,7 @@ async def test_transformers_backend_matches_direct_forward(kind: str, tiny_model
     finally:
         await backend.close()
     flat: list[float] = []
-    for (q, steps), got, got_last, single in zip(CASES, full, last, singles):
+    for (q, steps), got, got_last, single in zip(CASES, full, last, singles, strict=True):
         want = _reference_scores(kind, model_dir, q, steps)
         assert len(got) == len(steps)
         assert got == pytest.approx(want, abs=1e-2)

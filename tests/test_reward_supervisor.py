@@ -56,7 +56,8 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, proc: subpro
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            pytest.fail(f"reward server exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"reward server exited ({proc.returncode}) while waiting for {what}:\n"
+                        f"{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
         time.sleep(0.25)

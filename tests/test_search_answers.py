@@ -50,7 +50,8 @@ def test_equivalent_answers(a: str, b: str) -> None:
     assert equivalent(a, b) and equivalent(b, a)
 
 
-@pytest.mark.parametrize("a,b", [(r"\frac{1}{2}", r"\frac{1}{3}"), ("(1, 2]", "[1, 2]"), ("3", "-3"), ("", "0"), ("x", "y")])
+@pytest.mark.parametrize("a,b", [(r"\frac{1}{2}", r"\frac{1}{3}"), ("(1, 2]", "[1, 2]"), ("3", "-3"), ("", "0"),
+                                 ("x", "y")])
 def test_different_answers(a: str, b: str) -> None:
     assert not equivalent(a, b)
 
@@ -108,7 +109,8 @@ def test_no_answers_and_ties() -> None:
     none = select_answer([traj("hmm", 0.2), traj("hmm", 0.6)])
     assert none.answer == "" and none.best_index == 1
     # Tie on votes: the group whose best trajectory scores higher wins.
-    tie = select_answer([traj(r"\boxed{1}", 0.3), traj(r"\boxed{1}", 0.3), traj(r"\boxed{5}", 0.6)], "weighted_majority")
+    tie = select_answer([traj(r"\boxed{1}", 0.3), traj(r"\boxed{1}", 0.3), traj(r"\boxed{5}", 0.6)],
+                        "weighted_majority")
     assert tie.answer == "5"
     with pytest.raises(ValueError, match="voting"):
         select_answer([traj("x", 0.1)], "plurality")

@@ -94,10 +94,10 @@ def test_from_env() -> None:
     assert (c.width, c.method, c.lambda_c, c.seed, c.effective_lambda_s) == (256, "rebase", 5.0, None, 1.45)
     with pytest.raises(ConfigError) as info:
         SearchConfig.from_env(environ={"ETS_SEARCH_WIDTH": "wide"})
-    assert info.value.field == "width"
+    assert info.value.field == "ETS_SEARCH_WIDTH"  # errors name the variable to fix
     with pytest.raises(ConfigError) as info:
         SearchConfig.from_env(environ={"X_MAX_TOKENS": "10"}, prefix="X_")
-    assert info.value.field == "max_step_tokens"  # 256 > 10
+    assert info.value.field == "X_MAX_STEP_TOKENS"  # 256 > 10
 
 
 def test_model_types() -> None:

@@ -64,7 +64,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("seed,lambda_c,lambda_s,node_cost", CASES)
-def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: float, lambda_s: float, node_cost: str) -> None:
+def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: float, lambda_s: float,
+                                                        node_cost: str) -> None:
     rng = np.random.default_rng(1000 + seed)
     for _ in range(3):
         n = int(rng.integers(2, 11))
@@ -150,9 +151,9 @@ def test_raising_lambda_c_never_raises_what_the_cost_counts(seed: int) -> None:
     lambdas = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
     width = 16
     kv_tok = [_kv_of_optimum(f, width, lc, ls, "tokens", labels)[0] for lc in lambdas]
-    assert all(b <= a for a, b in zip(kv_tok, kv_tok[1:])), kv_tok
+    assert all(b <= a for a, b in itertools.pairwise(kv_tok)), kv_tok
     nodes_uni = [_kv_of_optimum(f, width, lc, ls, "uniform", labels)[1] for lc in lambdas]
-    assert all(b <= a for a, b in zip(nodes_uni, nodes_uni[1:])), nodes_uni
+    assert all(b <= a for a, b in itertools.pairwise(nodes_uni)), nodes_uni
 
 
 def test_uniform_cost_can_trade_few_long_nodes_for_more_short_ones() -> None:
@@ -271,7 +272,8 @@ def test_component_split_clustering_equals_scipy_fcluster(seed: int) -> None:
         for cut in (0.05, 0.2, 0.6):
             ref = fcluster(linkage(pdist(emb, "cosine"), "average"), cut, "distance")
             got = cluster_steps(emb, cut)
-            assert len(set(zip(ref.tolist(), got.tolist()))) == len(set(ref.tolist())) == len(set(got.tolist()))
+            pairs = set(zip(ref.tolist(), got.tolist(), strict=True))
+            assert len(pairs) == len(set(ref.tolist())) == len(set(got.tolist()))
             assert got[0] == 0 and set(got.tolist()) == set(range(got.max() + 1))
 
 

@@ -6,6 +6,7 @@ a node's path back from its ``prefix_ids``, and a scorer that scores a step by i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 
 import numpy as np
@@ -113,10 +114,13 @@ async def test_width_accounting_on_random_trees() -> None:
             rng = np.random.default_rng(seed)
 
             class RandomPolicy(ScriptedPolicy):
+                draw = rng  # bound per iteration (a closure would see the loop's latest rng)
+
                 async def expand(self, requests, params):
                     out = await super().expand(requests, params)
-                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if rng.random() < 0.2 else s.text,
-                                         "eos" if rng.random() < 0.05 else s.finish) for s in row] for row in out]
+                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if self.draw.random() < 0.2 else s.text,
+                                         "eos" if self.draw.random() < 0.05 else s.finish) for s in row]
+                            for row in out]
 
             scorer = TableScorer({f"{d}.{k}": float(rng.random()) for d in range(1, 30) for k in range(64)})
             reports: list[DepthReport] = []
@@ -124,7 +128,7 @@ async def test_width_accounting_on_random_trees() -> None:
             result = await run_search(Root("q", PROMPT), cfg(method=method, width=width), RandomPolicy(),
                                       scorer, on_depth=reports.append)
             assert len([t for t in result.trajectories if t.finish_reason != "max_depth"]) <= width
-            for before, after in zip(reports, reports[1:]):
+            for before, after in itertools.pairwise(reports):
                 spent = after.finished - before.finished
                 assert after.remaining_width == before.remaining_width - spent
             assert result.stats.selections == len(reports)
@@ -138,7 +142,7 @@ async def test_every_depth_spends_at_most_the_remaining_width() -> None:
         reports: list[DepthReport] = []
         await run_search(Root("q", PROMPT), cfg(method=method, width=9, max_depth=4), policy,
                          TableScorer({f"x{k}": 0.1 * k for k in range(8)}), on_depth=reports.append)
-        for (reqs, _), rep in zip(policy.calls, reports):
+        for (reqs, _), rep in zip(policy.calls, reports, strict=False):
             assert sum(r.n for r in reqs) <= rep.remaining_width, method
 
 
@@ -270,5 +274,6 @@ async def test_interface_violations_are_clear_errors() -> None:
 
 
 async def test_result_carries_the_resolved_config() -> None:
-    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(), TableScorer())
+    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(),
+                              TableScorer())
     assert result.config is not None and result.config.lambda_s == 1.4 and result.config.beam_keep == 8

@@ -43,7 +43,8 @@ def test_starts_without_upstreams_and_reports_not_serving(lone_serve: ServeProce
     assert 'ets_search_upstream_up{upstream="policy"} 0.0' in metrics
     assert 'ets_search_upstream_up{upstream="reward"} 0.0' in metrics
     # The CLI probe used by container health checks agrees.
-    probe = subprocess.run([sys.executable, "-m", "ets.cli", "health", lone_serve.addr], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run([sys.executable, "-m", "ets.cli", "health", lone_serve.addr], capture_output=True,
+                           text=True, timeout=30)
     assert probe.returncode == 1 and "NOT_SERVING" in probe.stdout
 
 

@@ -83,8 +83,8 @@ def test_deadline_exceeded_stops_issuing_work(search_stack: Stack) -> None:
     wait_until(lambda: metric(search_metrics(search_stack), "ets_search_searches_in_flight") == 0, 10,
                "the expired search to leave")
     # No more policy calls once the search is gone (nothing else runs on this service now).
-    calls = lambda: metric(search_metrics(search_stack), "ets_search_policy_call_duration_seconds_count",
-                           call="generate")
+    def calls() -> float:
+        return metric(search_metrics(search_stack), "ets_search_policy_call_duration_seconds_count", call="generate")
     settled = calls()
     time.sleep(2.0)
     assert calls() == settled

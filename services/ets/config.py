@@ -3,17 +3,18 @@ environment overrides) and the model-type conventions the search relies on.
 
 Owns: ``SearchConfig`` (field names equal the proto ``SearchConfig`` fields), ``ConfigError``,
 the ``PolicyModelType`` registry (step delimiter, answer markers, root formatting) and the PRM
-type names. Pure: no I/O except reading a given environment mapping in ``from_env``.
+type names. Pure: no I/O except reading a given environment mapping in ``from_env`` (through
+``ets.settings``, the one loader: every field is read from ``ETS_SEARCH_<FIELD>``).
 """
 from __future__ import annotations
 
-from ets.errors import FieldError
-
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
+
+from ets import settings
+from ets.errors import FieldError
 
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "mean", "prod")
 VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
@@ -258,18 +259,15 @@ class SearchConfig:
     ) -> "SearchConfig":
         """Server-wide defaults from ``{prefix}{FIELD}`` variables (e.g. ETS_SEARCH_WIDTH=64).
 
-        Empty values are ignored; unparsable values raise ConfigError naming the field.
+        Empty values are ignored; an unparsable or invalid value raises ConfigError naming the
+        variable (``ETS_SEARCH_WIDTH``).
         """
-        env = os.environ if environ is None else environ
-        base = base or cls()
-        overrides: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(prefix + f.name.upper())
-            if raw is None or raw.strip() == "":
-                continue
-            overrides[f.name] = _parse_field(f.name, raw.strip())
-        config = base.replace(**overrides)
-        config.validate()
+        overrides = settings.env_values(cls, environ, prefix=prefix, error=ConfigError, every_field=True)
+        config = (base or cls()).replace(**overrides)
+        try:
+            config.validate()
+        except ConfigError as err:
+            raise ConfigError(prefix + err.field.upper(), err.message) from None
         return config
 
     # ---- validation ---------------------------------------------------------------------------
@@ -327,22 +325,6 @@ class SearchConfig:
 
 
 _STRING_FIELDS = frozenset({"method", "aggregation", "voting", "policy_model_type", "prm_type", "node_cost"})
-_INT_FIELDS = frozenset({"width", "max_step_tokens", "max_tokens", "max_depth", "seed", "beam_keep"})
-_FLOAT_FIELDS = frozenset(
-    {"temperature", "softmax_temperature", "lambda_c", "lambda_s", "cluster_distance", "solver_time_limit_s"}
-)
-
-
-def _parse_field(name: str, raw: str) -> Any:
-    try:
-        if name in _INT_FIELDS:
-            return int(raw)
-        if name in _FLOAT_FIELDS:
-            return float(raw)
-    except ValueError:
-        kind = "an integer" if name in _INT_FIELDS else "a number"
-        raise ConfigError(name, f"must be {kind}, got {raw!r}") from None
-    return raw
 
 
 def _choice(name: str, value: object, options: Sequence[str]) -> None:

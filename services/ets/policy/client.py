@@ -280,7 +280,7 @@ class PolicyClient:
                         last = f"HTTP {resp.status}: {_error_message(body)}"
                     else:
                         return resp.status, body
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise PolicyUnavailable(
                     f"{method} {url} timed out after {timeout or self.timeout.total}s"
                 ) from None

@@ -63,7 +63,8 @@ class SGLangStepGenerator:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
 
     def _params(self, request: ExpandRequest, params: StepParams, k: int) -> SamplingParams:
-        max_new = request.max_new_tokens if getattr(request, "max_new_tokens", None) is not None else params.max_new_tokens
+        own = getattr(request, "max_new_tokens", None)
+        max_new = own if own is not None else params.max_new_tokens
         return SamplingParams(
             max_new_tokens=int(max_new), temperature=params.temperature, top_p=self.top_p,
             stop=self.stop, stop_token_ids=self.stop_token_ids, no_stop_trim=self.no_stop_trim,

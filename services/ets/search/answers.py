@@ -63,8 +63,8 @@ def extract_answer(text: str) -> str:
     if boxed is not None:
         return boxed.strip()
     last = None
-    for last in _MARKERS.finditer(text):
-        pass
+    for match in _MARKERS.finditer(text):
+        last = match
     if last is None:
         return ""
     rest = text[last.end():].split("\n", 1)[0]
@@ -104,7 +104,7 @@ def _parse(answer: str, timeout: int | None) -> tuple[Any, ...]:
             f"${answer}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
             parsing_timeout=timeout, raise_on_error=False,
         ))
-    except Exception:  # math-verify raises on timeouts and odd inputs; treat as unparsable
+    except Exception:  # noqa: BLE001 - math-verify raises on timeouts and odd inputs; treat as unparsable
         return ()
 
 
@@ -129,7 +129,7 @@ def equivalent(a: str, b: str) -> bool:
             verify(list(pa), list(pb), timeout_seconds=timeout, raise_on_error=False)
             or verify(list(pb), list(pa), timeout_seconds=timeout, raise_on_error=False)
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 - as in parsing: a failure to verify is 'not equal'
         return False
 
 

@@ -141,7 +141,8 @@ async def run_search(
     model_type = config.model_type
     if len(root.prompt_ids) >= config.max_tokens:
         raise ConfigError(
-            "max_tokens", f"the prompt has {len(root.prompt_ids)} tokens; max_tokens ({config.max_tokens}) must exceed it"
+            "max_tokens",
+            f"the prompt has {len(root.prompt_ids)} tokens; max_tokens ({config.max_tokens}) must exceed it",
         )
     started = time.perf_counter()
     tree = SearchTree(root.prompt_ids, root.question)
@@ -169,7 +170,7 @@ async def run_search(
                 kv_tokens=kv, remaining_width=remaining, finished=len(finished),
                 elapsed_seconds=time.perf_counter() - started,
             ))
-        chosen = [(c, k) for c, k in zip(candidates, selection.counts) if k > 0]
+        chosen = [(c, k) for c, k in zip(candidates, selection.counts, strict=True) if k > 0]
         if not chosen:
             break
 
@@ -190,7 +191,7 @@ async def run_search(
             raise ValueError(f"generator returned {len(outputs)} results for {len(requests)} requests")
 
         children: list[Node] = []
-        for (parent, k), samples in zip(chosen, outputs):
+        for (parent, k), samples in zip(chosen, outputs, strict=True):
             if len(samples) != k:
                 raise ValueError(f"generator returned {len(samples)} samples, {k} requested")
             for s in samples:
@@ -212,7 +213,7 @@ async def run_search(
         depth += 1
         stats.depth_reached = depth
         next_candidates: list[Node] = []
-        for child, score in zip(children, scores):
+        for child, score in zip(children, scores, strict=True):
             score = float(score)
             if not 0.0 <= score <= 1.0:  # also rejects NaN
                 raise ValueError(f"scorer returned {score!r}; PRM scores must lie in [0, 1]")

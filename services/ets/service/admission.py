@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
@@ -49,11 +48,6 @@ class Admission:
         self._running = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._on_change = on_change
-
-    @classmethod
-    def from_env(cls, on_change: Callable[[int, int], None] | None = None) -> "Admission":
-        return cls(_int_env(MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT),
-                   _int_env(MAX_QUEUED_ENV, DEFAULT_MAX_QUEUED), on_change)
 
     @property
     def running(self) -> int:
@@ -119,12 +113,3 @@ class Admission:
             self._running += 1
             waiter.set_result(None)
 
-
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}: not an integer: {raw!r}") from None

@@ -101,7 +101,8 @@ def format_response(response: search_pb2.SearchResponse, *, max_candidates: int 
     ranked = sorted(enumerate(response.candidates), key=lambda ic: -ic[1].aggregate_score)
     for i, cand in ranked[:max_candidates]:
         shown = cand.answer or _one_line(cand.text, 60)
-        lines.append(f"  {i:>3} {cand.aggregate_score:>6.3f} {cand.finish_reason:<10} {cand.depth:>5} {cand.tokens:>6}  {shown}")
+        lines.append(f"  {i:>3} {cand.aggregate_score:>6.3f} {cand.finish_reason:<10} {cand.depth:>5} "
+                     f"{cand.tokens:>6}  {shown}")
     if len(ranked) > max_candidates:
         lines.append(f"  ... {len(ranked) - max_candidates} more (--json prints all)")
     reuse = s.cached_prompt_tokens / s.prompt_tokens if s.prompt_tokens else 0.0

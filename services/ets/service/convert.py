@@ -25,7 +25,8 @@ _PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}
 if _CONFIG_FIELDS != _PROTO_FIELDS:  # pragma: no cover - a build error, caught by any test import
     raise ImportError(
         "proto SearchConfig and ets.config.SearchConfig disagree: "
-        f"only in proto {sorted(_PROTO_FIELDS - _CONFIG_FIELDS)}, only in config {sorted(_CONFIG_FIELDS - _PROTO_FIELDS)}"
+        f"only in proto {sorted(_PROTO_FIELDS - _CONFIG_FIELDS)}, "
+        f"only in config {sorted(_CONFIG_FIELDS - _PROTO_FIELDS)}"
     )
 
 

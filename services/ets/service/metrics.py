@@ -35,7 +35,6 @@ Useful queries:
 """
 from __future__ import annotations
 
-import os
 from typing import Final
 
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
@@ -155,16 +154,6 @@ class SearchMetrics:
         if outcome not in OUTCOMES:
             outcome = "error"
         self.searches.labels(method=method, outcome=outcome).inc()
-
-
-def metrics_port_from_env(default: int = DEFAULT_PORT) -> int:
-    raw = os.environ.get(METRICS_PORT_ENV, "")
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{METRICS_PORT_ENV}: not a port number: {raw!r}") from None
 
 
 class MetricsHTTPServer:

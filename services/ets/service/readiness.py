@@ -57,7 +57,7 @@ class Readiness:
         while True:
             try:
                 ready = await self.probe_once()
-            except Exception:  # noqa: BLE001 - the monitor must outlive any probe bug
+            except Exception:  # the monitor must outlive any probe bug
                 log.exception("upstream probe failed")
                 ready = False
             self._reprobe.clear()

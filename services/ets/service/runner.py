@@ -137,7 +137,7 @@ class SearchRunner:
             self.metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")
             log.info("search %s %s", call.request_id or "-", "deadline passed" if expired else "cancelled")
             raise
-        except Exception as err:  # noqa: BLE001 - every failure gets exactly one status
+        except Exception as err:  # every failure gets exactly one status
             failure = status_for(err)
             if failure.status is Status.INTERNAL:
                 log.exception("search %s failed", call.request_id or "-")

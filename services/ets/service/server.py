@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -25,36 +24,20 @@ from ets.config import SearchConfig
 from ets.search.answers import Grouping
 from ets.search.loop import DepthReport
 from ets.service import convert
-from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED, Admission
+from ets.service.admission import Admission
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.readiness import Readiness
 from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
 from ets.service.status import Status
+from ets.service.settings import ServiceSettings
 from ets.service.upstreams import LiveUpstreams
 
 log = logging.getLogger("ets.service")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
-DEFAULT_PORT = 50051
-DEFAULT_GRACE_S = 30.0
-
 # The abstract statuses carry gRPC's names; INTERNAL's outcome label is "error".
 GRPC_CODES: dict[Status, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in Status}
-
-
-@dataclass
-class ServiceSettings:
-    port: int = DEFAULT_PORT
-    host: str = "0.0.0.0"
-    metrics_port: int | None = 9091  # None: no metrics endpoint (in-process tests may pass 0)
-    policy_url: str = "http://policy:30000"
-    # Set when policy_url is an sglang-router: one engine reached directly (tokenization).
-    policy_engine_url: str | None = None
-    reward_addr: str = "reward:50052"
-    grace_s: float = DEFAULT_GRACE_S
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT
-    max_queued: int = DEFAULT_MAX_QUEUED
 
 
 def _timeout_of(context: grpc.aio.ServicerContext) -> float | None:

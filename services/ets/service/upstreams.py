@@ -109,7 +109,7 @@ async def instrumented(call: Callable[[], Awaitable[T]], *, duration: Any, count
         return await call()
     except _PASS_THROUGH:
         raise
-    except Exception as err:  # noqa: BLE001 - every other failure is the upstream's
+    except Exception as err:  # every other failure is the upstream's
         count_error(reason(err))
         raise failure(err) from err
     finally:

@@ -17,6 +17,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where needed at run time (torch is heavy)
+    import torch
 
 # Tokens each model kind needs as single tokens, and whether they are "special" (skipped when
 # decoding) or ordinary added tokens that appear in text.
@@ -48,7 +52,8 @@ _RLHFLOW_CHAT = (
 
 KINDS: dict[str, TinyModelKind] = {
     "policy": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
-    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair", dtype="float32"),
+    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair",
+                                   dtype="float32"),
     "rlhflow": TinyModelKind(
         special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), chat_template=_RLHFLOW_CHAT,
         prm_readout="pair", dtype="float32",

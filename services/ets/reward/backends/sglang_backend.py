@@ -87,7 +87,7 @@ class PrmSupervisor:
         try:
             async with self._session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _spawn(self) -> None:
@@ -158,7 +158,8 @@ class PrmSupervisor:
                 if resp.status >= 500:
                     raise BackendUnavailable(f"PRM server {self.url}{path} answered {resp.status}: {text[:200]}")
                 if resp.status != 200:
-                    raise RuntimeError(f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
+                    raise RuntimeError(
+                        f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
                 if len(text) > 1 << 20:
                     # Hidden-state replies (llemma) can be megabytes: parse off the event loop.
                     return await asyncio.to_thread(json.loads, text)
@@ -166,17 +167,15 @@ class PrmSupervisor:
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             self.mark(False)
             raise BackendUnavailable(f"PRM server {self.url} unreachable: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BackendUnavailable(f"PRM server {self.url} timed out after {timeout:.0f}s") from None
 
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Its outcome (cancelled, or an error already reported) is not this caller's.
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.process is not None:
             await self.process.stop_async()
         if self._session is not None:
@@ -310,7 +309,7 @@ class SglangBackend:
             raise RuntimeError(f"SGLang returned {len(outs)} results for {len(prompts)} prompts")
         scores: list[list[float]] = []
         prompt_tokens = cached = 0
-        for prompt, pos, start, out in zip(prompts, wanted, starts, outs):
+        for prompt, pos, start, out in zip(prompts, wanted, starts, outs, strict=True):
             meta = out["meta_info"]
             prompt_tokens += int(meta.get("prompt_tokens", len(prompt)))
             cached += int(meta.get("cached_tokens", 0) or 0)
