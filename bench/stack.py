@@ -167,6 +167,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--work-dir", default=None)
     p.add_argument("--policy", default="tiny",
                    help="the stack's policy: tiny (the recorded table) or a packaged real model (ets models list)")
+    p.add_argument("--prm-type", default="math-shepherd", help="the stack's PRM type (math-shepherd: the tiny PRM)")
     args = p.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> int:
             print(f"bench: starting the stack in {work}", file=sys.stderr, flush=True)
             # Width 64 with long prefixes needs a larger KV pool than the CPU default.
             stack = start_stack(StackConfig(work_dir=work, max_concurrent=1, policy_max_total_tokens=32768,
-                                            policy=args.policy))
+                                            policy=args.policy, prm_type=args.prm_type))
             addr, policy_url = stack.search_addr, stack.policy_url
             print(f"bench: stack up in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

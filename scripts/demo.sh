@@ -25,7 +25,7 @@ PROBLEM=${1:-"Tom has 3 apples and buys 5 more. How many apples does he have now
 METHOD=${ETS_DEMO_METHOD:-ets}
 WIDTH=${ETS_DEMO_WIDTH:-8}
 POLICY=${ETS_DEMO_POLICY:-smollm2-135m-instruct}
-PRM_TYPE=${ETS_DEMO_PRM_TYPE:-math-shepherd}
+PRM_TYPE=${ETS_DEMO_PRM_TYPE:-arithmetic}
 
 if [ "${ETS_DEMO_SKIP_INSTALL:-0}" != 1 ]; then
   echo "demo: installing (scripts/install.sh --profile all --editable)"

@@ -171,12 +171,14 @@ def test_cpu_overlay_has_no_gpu_and_prepares_its_models() -> None:
     # The real policy, prepared by the init container into the folder the engine serves, with the
     # search service using that model's conventions.
     init = deploys["policy"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["args"][:2] == ["models", "prepare"] and init["args"][init["args"].index("--cache-dir") + 1] == "/models"
-    spec = PACKAGED_MODELS[init["args"][2]]
+    args = init["args"]
+    assert args[:2] == ["models", "prepare"] and args[args.index("--cache-dir") + 1] == "/models"
+    spec = PACKAGED_MODELS[args[2]]
     assert config["ETS_POLICY_MODEL"] == f"/models/{spec.name}"
     assert config["ETS_SEARCH_POLICY_MODEL_TYPE"] == spec.policy_model_type
     init = deploys["reward"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert "tiny-model" in " ".join(init.get("command", []) + init["args"]) and "/models/tiny-prm" in " ".join(init["args"])
+    assert "tiny-model" in " ".join(init.get("command", []) + init["args"])
+    assert "/models/tiny-prm" in " ".join(init["args"])
 
 
 def test_configmap_search_defaults_are_a_valid_search_config(overlay: tuple[str, list[dict[str, Any]]]) -> None:

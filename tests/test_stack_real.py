@@ -51,7 +51,7 @@ def _search(addr: str, method: str) -> search_pb2.SearchResponse:
 @pytest.fixture(scope="module")
 def responses(real_stack: Stack) -> dict[str, search_pb2.SearchResponse]:
     with ThreadPoolExecutor(len(METHODS)) as pool:
-        return dict(zip(METHODS, pool.map(lambda m: _search(real_stack.search_addr, m), METHODS)))
+        return dict(zip(METHODS, pool.map(lambda m: _search(real_stack.search_addr, m), METHODS), strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)

