@@ -4,7 +4,8 @@
         [--problems 3] [--out bench/results/stack.json] [--addr HOST:PORT --policy-url URL]
 
 Starts the stack with ``ets.service.stack`` (tiny policy + tiny math-shepherd PRM on SGLang CPU,
-reward server, search service) unless ``--addr`` points at a running one. The same problems and
+reward server, search service; ``--policy smollm2-135m-instruct`` for the real policy) unless
+``--addr`` points at a running one. The same problems and
 seeds run under every method and width, one search at a time, with the policy's prefix cache
 flushed before each search so its cached-token ratio is the search's own reuse. Per (width,
 method) it reports logical KV tokens (total = sum over selections, and peak), the engine's
@@ -164,6 +165,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--addr", default=None, help="use a running search service instead of starting the stack")
     p.add_argument("--policy-url", default=None, help="with --addr: the policy server (to flush its cache)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--policy", default="tiny",
+                   help="the stack's policy: tiny (the recorded table) or a packaged real model (ets models list)")
+    p.add_argument("--prm-type", default="math-shepherd", help="the stack's PRM type (math-shepherd: the tiny PRM)")
     args = p.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -180,7 +184,8 @@ def main(argv: list[str]) -> int:
             work = Path(args.work_dir or tempfile.mkdtemp(prefix="ets-bench-"))
             print(f"bench: starting the stack in {work}", file=sys.stderr, flush=True)
             # Width 64 with long prefixes needs a larger KV pool than the CPU default.
-            stack = start_stack(StackConfig(work_dir=work, max_concurrent=1, policy_max_total_tokens=32768))
+            stack = start_stack(StackConfig(work_dir=work, max_concurrent=1, policy_max_total_tokens=32768,
+                                            policy=args.policy, prm_type=args.prm_type))
             addr, policy_url = stack.search_addr, stack.policy_url
             print(f"bench: stack up in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
