@@ -30,6 +30,7 @@ import dataclasses
 import json
 import random
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = _parser().parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the engine started here is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(run(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
