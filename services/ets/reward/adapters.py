@@ -38,7 +38,8 @@ Readout = Literal["pair", "mean_logit", "class_head"]
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # The judge's turns: {question} and {step} are filled in; the first turn carries the question.
-JUDGE_FIRST_TURN = "Question: {question}\n\nNewest step of the solution:\n{step}\n\nIs the newest step correct? Answer Yes or No."
+JUDGE_FIRST_TURN = ("Question: {question}\n\nNewest step of the solution:\n{step}\n\n"
+                    "Is the newest step correct? Answer Yes or No.")
 JUDGE_NEXT_TURN = "Newest step of the solution:\n{step}\n\nIs the newest step correct? Answer Yes or No."
 
 
@@ -230,7 +231,8 @@ class _TurnAdapter(_ChatAdapter):
             # prompt must tokenize as a prefix of it (true at special-token turn boundaries).
             if full[: len(prompt)] != prompt or full[len(prompt)] != self.plus_id:
                 raise AdapterError(
-                    "ETS_PRM_MODEL", f"chat template does not tokenize prefix-stably with the answer token for {self.name}"
+                    "ETS_PRM_MODEL",
+                    f"chat template does not tokenize prefix-stably with the answer token for {self.name}",
                 )
         return EncodedTrajectory(tuple(full), tuple(positions))
 
