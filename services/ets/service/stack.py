@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerStartError, SGLangProcess, free_port
