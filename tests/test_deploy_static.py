@@ -99,7 +99,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*") if "*" in lines else -1] == "*", "deny everything by default"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    copied = set()
+    copied: set[str] = set()
     for dockerfile in DOCKERFILES:
         for word, rest in _instructions(dockerfile):
             if word == "COPY" and "--from" not in rest:
