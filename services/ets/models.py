@@ -160,7 +160,7 @@ def _convert(gguf: Path, spec: PackagedModel, out: Path) -> None:
     # save_pretrained refuse ("not serializable") and would tell loaders to expect GGUF blocks.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None  # type: ignore[assignment]
+    model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if not (out / "chat_template.jinja").exists() and not getattr(tokenizer, "chat_template", None):
