@@ -202,7 +202,7 @@ class ClientSecurity:
         return read_token(self.token_file, self._name("AUTH_TOKEN_FILE")) if self.token_file else None
 
 
-class _WithToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _WithToken:
     """Adds ``authorization: Bearer <token>`` to every call (plaintext or TLS alike)."""
 
     def __init__(self, token: str) -> None:
@@ -212,10 +212,15 @@ class _WithToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
         metadata = grpc.aio.Metadata(*(tuple(d.metadata) if d.metadata else ()), self._header)
         return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
 
+
+# grpc.aio files an interceptor under the first kind it is an instance of: one class per kind.
+class _UnaryWithToken(_WithToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
                                     request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _StreamWithToken(_WithToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
                                      request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
@@ -227,7 +232,8 @@ def channel(address: str, security: ClientSecurity | None = None,
     certificate, the bearer token on every call when it names a token file."""
     security = security or ClientSecurity()
     token = security.token()
-    interceptors = [_WithToken(token)] if token else None
+    interceptors: list[grpc.aio.ClientInterceptor] | None = (
+        [_UnaryWithToken(token), _StreamWithToken(token)] if token else None)
     creds = security.credentials()
     if creds is None:
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)

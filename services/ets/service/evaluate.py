@@ -28,7 +28,16 @@ from typing import Any, Sequence
 import grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.client import DEFAULT_ADDR, add_config_flags, channel_options, config_from_args
+from ets.security import ClientSecurity
+from ets.security import channel as secure_channel
+from ets.service.client import (
+    DEFAULT_ADDR,
+    add_config_flags,
+    add_security_flags,
+    channel_options,
+    config_from_args,
+    security_from_args,
+)
 
 
 class DatasetError(ValueError):
@@ -166,14 +175,14 @@ async def _one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, method
 
 async def evaluate(addr: str, problems: Sequence[Problem], methods: Sequence[str], widths: Sequence[int],
                    base: search_pb2.SearchConfig, *, concurrency: int = 4, timeout: float = 600.0,
-                   progress: bool = True) -> list[ProblemResult]:
+                   progress: bool = True, security: ClientSecurity | None = None) -> list[ProblemResult]:
     """Run every (method, width, problem) through the service with ``concurrency`` in flight."""
     from tqdm import tqdm
 
     jobs = [(m, w, p) for m in methods for w in widths for p in problems]
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(jobs), desc="eval", unit="search", disable=not progress, file=sys.stderr)
-    async with grpc.aio.insecure_channel(addr, options=channel_options(3)) as channel:
+    async with secure_channel(addr, security, options=channel_options(3)) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
 
         async def run(job: tuple[str, int, Problem]) -> ProblemResult:
@@ -244,8 +253,10 @@ def main(argv: Sequence[str]) -> None:
     parser.add_argument("--out", default="eval-results.json", help="results JSON path")
     parser.add_argument("--plot", default=None, help="PNG path for accuracy vs KV tokens")
     parser.add_argument("--no-progress", action="store_true")
+    add_security_flags(parser)
     add_config_flags(parser)
     args = parser.parse_args(list(argv))
+    security = security_from_args(parser, args)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     try:
@@ -262,7 +273,7 @@ def main(argv: Sequence[str]) -> None:
     base = config_from_args(args)
     started = time.perf_counter()
     results = asyncio.run(evaluate(args.addr, problems, methods, widths, base, concurrency=args.concurrency,
-                                   timeout=args.timeout, progress=not args.no_progress))
+                                   timeout=args.timeout, progress=not args.no_progress, security=security))
     summaries = summarise(results)
     report = {
         "dataset": str(args.dataset), "addr": args.addr, "methods": methods, "widths": widths,

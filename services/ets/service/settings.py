@@ -105,7 +105,8 @@ class ServiceSettings:
                                           "unset = plaintext")
     tls_key_file: str = settings.setting("", env="ETS_SEARCH_TLS_KEY_FILE", help="server TLS private key (PEM)")
     tls_client_ca_file: str = settings.setting(
-        "", env="ETS_SEARCH_TLS_CLIENT_CA_FILE", help="CA of client certificates; set = mTLS (clients must present one)")
+        "", env="ETS_SEARCH_TLS_CLIENT_CA_FILE",
+        help="CA of client certificates; set = mTLS (clients must present one)")
     auth_token_file: str = settings.setting(
         "", env="ETS_SEARCH_AUTH_TOKEN_FILE",
         help="file holding the bearer token Search/SearchStream require (health stays open); unset = no auth")
