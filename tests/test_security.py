@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -38,7 +38,7 @@ from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 TOKEN = "s3cret-token"
-SCRIPT = {
+SCRIPT: Any = {
     (): [("s1 ки", 5, "step")],
     ("s1 ки",): [("The answer is 3 ки", 5, "step")],
 }
@@ -129,6 +129,11 @@ async def secure_search(pki: Pki) -> AsyncIterator[SearchServer]:
         await server.stop(grace=0)
 
 
+def _scripted(server: SearchServer) -> ScriptedUpstreams:
+    assert isinstance(server.upstreams, ScriptedUpstreams)
+    return server.upstreams
+
+
 def _addr(server: SearchServer) -> str:
     return f"localhost:{server.port}"
 
@@ -161,7 +166,7 @@ async def test_wrong_or_missing_token_is_unauthenticated(secure_search: SearchSe
         await _search(_addr(secure_search), pki.client(token=token), stream=stream)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "bearer token" in (info.value.details() or "")
-    assert secure_search.upstreams.expansions == 0  # refused before any search ran
+    assert _scripted(secure_search).expansions == 0  # refused before any search ran
 
 
 async def test_health_stays_open_without_a_token(secure_search: SearchServer, pki: Pki) -> None:
@@ -183,7 +188,7 @@ async def test_mtls_refuses_clients_without_a_certificate_it_trusts(secure_searc
         await _search(_addr(secure_search), security)
     # The handshake fails: the call never reaches the service.
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-    assert secure_search.upstreams.expansions == 0
+    assert _scripted(secure_search).expansions == 0
 
 
 async def test_client_refuses_a_server_its_ca_did_not_sign(secure_search: SearchServer, pki: Pki) -> None:

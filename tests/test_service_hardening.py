@@ -29,7 +29,7 @@ from ets.service.upstreams import policy_failure, reward_failure
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
 
 PROBLEM = "What is 1 + 2?"
-SCRIPT = {
+SCRIPT: Any = {
     (): [("s1 ки", 5, "step")],
     ("s1 ки",): [("s2 ки", 5, "step")],
     ("s1 ки", "s2 ки"): [("The answer is 3 ки", 5, "step")],
@@ -51,7 +51,7 @@ class Svc:
         return sum(1 for m in self.server.metrics.registry.collect() for s in m.samples if s.name == name)
 
 
-async def _svc(script: dict[tuple[str, ...], Any] | None = None, grouping: Any = group_answers,
+async def _svc(script: Any = None, grouping: Any = group_answers,
                **settings: Any) -> AsyncIterator[Svc]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(script or SCRIPT), TableScorer({"The answer is 3": 0.9}))
     server = SearchServer(replace(BASE, **settings), DEFAULTS, upstreams=upstreams,
@@ -98,7 +98,7 @@ async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await svc.stub.Search(request(request_id), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("request_id: "), info.value.details()
+    assert str(info.value.details()).startswith("request_id: "), info.value.details()
 
 
 async def test_a_well_formed_request_id_is_echoed(svc: Svc) -> None:
@@ -117,7 +117,7 @@ async def test_operator_caps_refuse_larger_requests(svc: Svc, config: dict[str, 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await svc.stub.Search(request(**config), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith(f"{field}: must be at most") and env in info.value.details()
+    assert str(info.value.details()).startswith(f"{field}: must be at most") and env in str(info.value.details())
     assert svc.upstreams.expansions == 0
 
 
@@ -173,12 +173,13 @@ async def test_a_long_selection_does_not_block_health_or_other_searches(
         health_latencies.append(time.perf_counter() - t0)
         assert reply.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
     t0 = time.perf_counter()
-    gaps, last = [], t0
+    gaps, last, events = [], t0, []
     async for event in svc.stub.SearchStream(request("other"), timeout=10):
         now = time.perf_counter()
         gaps.append(now - last)
         last = now
-    assert event.result.answer == "3"
+        events.append(event)
+    assert events[-1].result.answer == "3"
     assert not selecting.done(), "the slow selection should still be running"
     # Blocked, each would wait out the 1.5 s selection; the bound only has to separate the two.
     assert max(health_latencies) < 0.1, health_latencies
@@ -207,7 +208,7 @@ async def test_admission_is_weighted_by_width() -> None:
 # ---- result size ----------------------------------------------------------------------------------
 
 BIG = "x" * 20_000
-BIG_SCRIPT = {(): [(f"{BIG}{i} ки", 5, "step") for i in range(8)],
+BIG_SCRIPT: dict[tuple[str, ...], Any] = {(): [(f"{BIG}{i} ки", 5, "step") for i in range(8)],
               **{(f"{BIG}{i} ки",): [("The answer is 3 ки", 5, "step")] for i in range(8)}}
 
 
@@ -281,7 +282,7 @@ async def test_fail_fast_while_an_upstream_is_known_down(svc: Svc) -> None:
         await svc.stub.Search(request(), timeout=10)
     assert time.perf_counter() - t0 < 1.0
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert info.value.details().startswith("reward server unavailable: down at its last health probe")
+    assert str(info.value.details()).startswith("reward server unavailable: down at its last health probe")
     assert svc.upstreams.expansions == 0  # no policy work spent on a search that cannot be scored
     svc.upstreams.probe_result = {"policy": None, "reward": None}
     assert await svc.server.wait_ready(5)
@@ -289,7 +290,8 @@ async def test_fail_fast_while_an_upstream_is_known_down(svc: Svc) -> None:
 
 
 async def test_grouping_fallback_is_flagged_and_counted() -> None:
-    two_answers = {(): [("The answer is 3 ки", 5, "step"), ("The answer is 4 ки", 5, "step")]}
+    two_answers: dict[tuple[str, ...], Any] = {
+        (): [("The answer is 3 ки", 5, "step"), ("The answer is 4 ки", 5, "step")]}
     worker = EquivalenceWorker(timeout_s=0.001)  # the real worker, given no time: it falls back
     try:
         async for s in _svc(two_answers, grouping=worker.group):

@@ -147,9 +147,9 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         self._open = tuple(open_prefixes)
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         if details.method.startswith(self._open):
             return await continuation(details)
         header = next((str(v) for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
