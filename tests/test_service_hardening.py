@@ -348,3 +348,12 @@ async def test_reward_server_queue_is_bounded_by_items() -> None:
     release.set()
     await asyncio.gather(running, queued)
     assert service.queued_items == 0
+
+
+async def test_fail_fast_is_a_setting() -> None:
+    async for s in _svc(fail_fast=False):
+        s.upstreams.probe_result = {"policy": None, "reward": "UNAVAILABLE: probe timed out"}
+        await s.server.readiness.probe_once()
+        assert not s.server.readiness.ready
+        # The probe failed but the scorer answers: with fail-fast off the search runs.
+        assert (await s.stub.Search(request(), timeout=10)).answer == "3"

@@ -152,7 +152,7 @@ class SearchServer:
         self.runner = SearchRunner(self.upstreams, defaults, self.admission, self.metrics,
                                    grouping=grouping,
                                    on_upstream_failure=self.readiness.reprobe,
-                                   upstreams_down=self.readiness.down,
+                                   upstreams_down=self.readiness.down if settings.fail_fast else None,
                                    limits=limits_of(settings), selection_workers=settings.selection_workers)
         self.servicer = SearchServicer(self.runner, settings.max_send_bytes)
         self.security = settings.server_security()

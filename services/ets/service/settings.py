@@ -95,6 +95,10 @@ class ServiceSettings:
         help="largest response sent; a larger result drops candidates' texts (answer, best and stats kept)")
     selection_workers: int = settings.setting(
         0, env="ETS_SELECTION_WORKERS", ge=0, help="threads running selections off the event loop (0 = cores)")
+    fail_fast: bool = settings.setting(
+        True, env="ETS_SEARCH_FAIL_FAST",
+        help="refuse searches at once (UNAVAILABLE naming the upstream) while an upstream's last health "
+        "probe failed, instead of after the clients' retries")
     # -- transport ---------------------------------------------------------------------------------
     reflection: bool = settings.setting(True, env="ETS_SEARCH_REFLECTION",
                                         help="gRPC server reflection (off in production manifests)")
