@@ -295,3 +295,26 @@ async def test_policy_client_sends_the_api_key() -> None:
                 await client._json("GET", "/model_info")
     finally:
         await runner.cleanup()
+
+
+async def test_cli_search_with_tls_flags(secure_search: SearchServer, pki: Pki) -> None:
+    """``ets search`` takes the CA, client certificate and token (flags or ETS_SEARCH_* env)."""
+    import asyncio
+    import json
+    import os
+    import sys
+
+    argv = [sys.executable, "-m", "ets.cli", "search", "What is 1 + 2?", "--addr", _addr(secure_search), "--json",
+            "--summary-only", "--tls-ca", pki.ca, "--tls-cert", pki.client_cert, "--tls-key", pki.client_key]
+    env = dict(os.environ, ETS_SEARCH_AUTH_TOKEN_FILE=pki.token)
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["answer"] == "3" and result["candidates_omitted"] and result["candidates"] == []
+    env["ETS_SEARCH_AUTH_TOKEN_FILE"] = pki.wrong_token
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "UNAUTHENTICATED" in err.decode()
