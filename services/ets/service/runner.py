@@ -1,9 +1,11 @@
 """The search runner every transport shares: one admitted, bounded, measured search per call.
 
 Owns the path of one search from a transport-neutral ``SearchCall`` to a ``ServedSearch``:
-request checks (``ets.service.request``), admission (``RESOURCE_EXHAUSTED`` beyond the limits),
-the deadline (a timeout over queueing and running), the search itself (root, generator and scorer
-from ``Upstreams``, the pure ``ets.search.loop``), answer choice off the event loop with the
+request checks and the operator's caps (``ets.service.request``), failing fast while an upstream
+is known down, admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the
+deadline (the client's, capped by the server's; over queueing and running), the search itself
+(root, generator and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections
+in a thread pool and its generated-token budget), answer choice off the event loop with the
 service's grouping function, the search metrics, and classifying every failure once through
 ``ets.service.status.status_for`` (raised as ``SearchFailed``). Cancellation (a client that went
 away) propagates and is counted. The runner knows no transport: the gRPC servicer and any other
@@ -150,7 +152,8 @@ class SearchRunner:
         method = asked if asked in METHODS else "invalid"
         started = time.perf_counter()
         # The client's deadline, but never longer than the operator's limit on a search.
-        timeout_s = self.limits.search_s if call.timeout_s is None else min(call.timeout_s, self.limits.search_s)
+        capped = call.timeout_s is None or call.timeout_s > self.limits.search_s
+        timeout_s = self.limits.search_s if capped else float(call.timeout_s or 0.0)
         deadline = asyncio.get_running_loop().time() + timeout_s
         task = asyncio.current_task()
         if task is not None:
@@ -165,8 +168,9 @@ class SearchRunner:
                 async with asyncio.timeout_at(deadline):
                     served = await self._admitted(problem, config, call)
             except TimeoutError:
+                limit = f", the server's limit ETS_LIMIT_SEARCH_S={self.limits.search_s:g}s" if capped else ""
                 raise TimeoutError(f"search did not finish before the deadline "
-                                   f"({time.perf_counter() - started:.1f}s)") from None
+                                   f"({time.perf_counter() - started:.1f}s{limit})") from None
         except asyncio.CancelledError:
             expired = deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
             self.metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")

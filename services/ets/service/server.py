@@ -6,8 +6,11 @@ Owns the gRPC edge only: a ``SearchRequest`` becomes a ``SearchCall`` for the sh
 of the same name. The RPC's deadline goes to the runner; a cancelled RPC cancels its search (the
 search runs in the RPC's task). ``SearchServer`` assembles the service: upstreams, runner,
 readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
-Prometheus endpoint, and graceful stop (refuse new searches, let in-flight ones finish within
-the grace period, cancel the rest). The command line is ``ets.service.main``.
+Prometheus endpoint, transport security (TLS/mTLS and the bearer token of ``ets.security``;
+health stays open), reflection and connection age as settings, the response size check (a
+result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate list, never its answer), and
+graceful stop (refuse new searches, let in-flight ones finish within the grace period, cancel
+the rest). The command line is ``ets.service.main``.
 """
 from __future__ import annotations
 
