@@ -318,3 +318,40 @@ async def test_cli_search_with_tls_flags(secure_search: SearchServer, pki: Pki) 
                                                 stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and "UNAUTHENTICATED" in err.decode()
+
+
+async def test_http_transport_gets_the_same_tls_and_token(pki: Pki) -> None:
+    """``ServerSecurity.ssl_context`` / ``token`` + ``bearer_ok``: what an HTTP front door uses."""
+    import ssl
+
+    import aiohttp
+
+    sec = ServerSecurity(pki.server_cert, pki.server_key, pki.ca, pki.token)
+    token = sec.token()
+
+    async def hello(request: web.Request) -> web.Response:
+        if not bearer_ok(request.headers.get("Authorization"), token or ""):
+            return web.json_response({"error": "unauthenticated"}, status=401)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sec.ssl_context())
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"https://localhost:{port}/"
+    client_ctx = ssl.create_default_context(cafile=pki.ca)
+    client_ctx.load_cert_chain(pki.client_cert, pki.client_key)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, ssl=client_ctx, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 200 and await resp.text() == "ok"
+            async with session.get(url, ssl=client_ctx, headers={"Authorization": "Bearer nope"}) as resp:
+                assert resp.status == 401
+            with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
+                async with session.get(url, ssl=ssl.create_default_context(cafile=pki.ca)) as resp:
+                    await resp.text()
+    finally:
+        await runner.cleanup()

@@ -8,7 +8,8 @@ Owns, once for all transports (gRPC search and reward servers, their clients, th
 - ``ServerSecurity``: a server's TLS certificate/key, optional client CA (mTLS: clients must
   present a certificate it signed) and token file; ``add_port`` binds a gRPC server with them
   and ``interceptors`` refuses calls without the token (UNAUTHENTICATED), except health and
-  reflection, which stay open for probes;
+  reflection, which stay open for probes; ``ssl_context`` / ``token`` give an HTTP transport the
+  same setup;
 - ``ClientSecurity`` / ``channel``: a client's CA, own certificate/key (mTLS) and token file,
   giving a secure or plaintext ``grpc.aio`` channel that sends the token on every call.
 
@@ -18,6 +19,7 @@ cannot be read raises ``FieldError`` naming the setting (env var) that points at
 from __future__ import annotations
 
 import hmac
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
@@ -100,10 +102,27 @@ class ServerSecurity:
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=ca is not None)
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS/mTLS setup for an HTTP transport (aiohttp's ``ssl_context``); None: plaintext."""
+        if not self.cert_file:
+            return None
+        self.check()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file:
+            ctx.load_verify_locations(cafile=self.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def token(self) -> str | None:
+        """The bearer token every non-health call must carry (None: no auth); check with ``bearer_ok``."""
+        return read_token(self.token_file, self._name("AUTH_TOKEN_FILE")) if self.token_file else None
+
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self.token_file:
             return []
-        return [BearerAuth(read_token(self.token_file, self._name("AUTH_TOKEN_FILE")))]
+        token = self.token()
+        return [BearerAuth(token)] if token else []
 
     def describe(self) -> str:
         parts = ["mTLS" if self.client_ca_file else "TLS" if self.cert_file else "plaintext"]
