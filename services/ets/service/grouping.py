@@ -39,7 +39,8 @@ class FallbackGroups(list[list[int]]):
 
 
 class EquivalenceWorker:
-    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``."""
+    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``;
+    ``equivalent(a, b)`` likewise."""
 
     def __init__(self, timeout_s: float = GROUPING_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
@@ -89,6 +90,11 @@ class EquivalenceWorker:
                 log.warning("answer grouping worker failed (%s): grouping by string", err)
             self._kill()
             return FallbackGroups(group_by_string(answers))
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """``ets.search.answers.equivalent`` under the same deadline (for callers off the main
+        thread, e.g. ``ets eval`` grading answers in worker threads)."""
+        return bool(a) and bool(b) and self.group([a, b]) == [[0, 1]]
 
     def close(self) -> None:
         """Stop the worker (a later ``group`` starts a fresh one)."""
