@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.policy.client import PolicyServerError, PolicyUnavailable
-from ets.reward.client import RewardError, RewardUnavailable
+from ets.reward.client import RewardClient, RewardError, RewardUnavailable
 from ets.reward.server import Overloaded, RewardServerConfig, RewardService
 from ets.search import selection
 from ets.search.answers import group_answers
@@ -27,6 +27,8 @@ from ets.service.server import SearchServer, ServiceSettings
 from ets.service.status import Status, UpstreamFailed, UpstreamRejected, UpstreamUnavailable, status_for
 from ets.service.upstreams import policy_failure, reward_failure
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
+
+from reward_fixtures import ThreadedRewardServer, reward_config
 
 PROBLEM = "What is 1 + 2?"
 SCRIPT: Any = {
@@ -360,3 +362,19 @@ async def test_fail_fast_is_a_setting() -> None:
         assert not s.server.readiness.ready
         # The probe failed but the scorer answers: with fail-fast off the search runs.
         assert (await s.stub.Search(request(), timeout=10)).answer == "3"
+
+
+async def test_reward_server_refuses_beyond_its_queue_over_grpc(
+        reward_servers: Callable[..., ThreadedRewardServer]) -> None:
+    """One call slot, no queue: of many concurrent Embed calls some are served, the others get
+    RESOURCE_EXHAUSTED at once (not UNAVAILABLE), and the client does not retry them."""
+    server = reward_servers(reward_config("", "arithmetic", "rules",  # type: ignore[arg-type]
+                                          max_concurrent=1, max_queued_items=0))
+    async with RewardClient(server.address, max_batch_size=16) as client:
+        texts = [f"step {i}: 2 + {i} = {2 + i}" for i in range(16)]
+        outcomes = await asyncio.gather(*(client.embed(texts) for _ in range(12)), return_exceptions=True)
+    served = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, RewardError)]
+    assert served and refused and len(served) + len(refused) == len(outcomes), outcomes
+    assert {e.code for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all("ETS_REWARD_MAX_QUEUED_ITEMS" in e.details for e in refused)
