@@ -256,7 +256,10 @@ def test_probes_started_ready_alive() -> None:
     deploys = by_kind(kustomize(ROOT / "k8s/overlays/gpu"), "Deployment")
     search = deploys["search"]["spec"]["template"]["spec"]["containers"][0]
     assert search["startupProbe"]["tcpSocket"]["port"] == "grpc"
-    assert search["readinessProbe"]["grpc"] == {"port": 50051}  # health service "": upstreams up
+    # Ready = upstreams up: gRPC health service "", or the HTTP transport's /health (the same
+    # readiness) where the OpenAI port is on.
+    ready = search["readinessProbe"]
+    assert ready.get("grpc") == {"port": 50051} or ready.get("httpGet", {}).get("path") == "/health", ready
     assert search["livenessProbe"]["tcpSocket"]["port"] == "grpc"
     reward_pod = deploys["reward"]["spec"]["template"]["spec"]
     reward = reward_pod["containers"][0]
