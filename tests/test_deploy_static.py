@@ -80,6 +80,9 @@ def test_dockerfile_rules(dockerfile: str) -> None:
     hc = [rest for word, rest in ins if word == "HEALTHCHECK"]
     assert len(hc) == 1 and " CMD " in f" {hc[0]} " and "CMD [" not in hc[0], hc  # shell form
     assert ("STOPSIGNAL", "SIGTERM") in ins
+    # No setuid/setgid binaries in the final image: stripped by its last RUN (after every install).
+    last_run = [rest for word, rest in ins if word == "RUN"][-1]
+    assert "-perm /6000" in last_run and "chmod a-s" in last_run, last_run
     envs = " ".join(rest for word, rest in ins if word in {"ENV", "ARG"})
     assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY)\s*=", envs), "no secrets in images"
     if dockerfile != "Dockerfile.search":
