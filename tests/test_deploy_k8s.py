@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +24,7 @@ from tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ["gpu", "cpu", "scale-out"]
+OVERLAYS = ["gpu", "cpu", "scale-out", "gpu-tls"]
 
 
 
@@ -412,3 +413,73 @@ def test_reflection_is_off_in_kubernetes(overlay: tuple[str, list[dict[str, Any]
     data = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ets-config"))["data"]
     assert parse_bool(data["ETS_SEARCH_REFLECTION"]) is False
     assert parse_bool(data["ETS_REWARD_REFLECTION"]) is False
+
+
+def test_tls_component_mounts_real_settings_and_probes_over_tls(tmp_path: Path) -> None:
+    """overlays/gpu-tls (components/tls): the settings it sets are the services' own, each names a
+    file of a mounted Secret, and the readiness probe (the kubelet's gRPC probe has no TLS) is a
+    TLS health check that passes against a real TLS server with make-tls.sh's certificates."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from ets.reward.server import RewardServerConfig
+    from ets.service.settings import ServiceSettings
+    from ets.settings import settings_of
+    from tools import free_port
+
+    known = {n for cls in (ServiceSettings, RewardServerConfig) for st in settings_of(cls) for n in st.env_names("")}
+    deploys = by_kind(kustomize(ROOT / "k8s/overlays/gpu-tls"), "Deployment")
+    tls = tmp_path / "tls"
+    assert subprocess.run(["bash", str(ROOT / "scripts/make-tls.sh"), str(tls)], capture_output=True,
+                          timeout=60).returncode == 0
+    for name, port in (("search", 50051), ("reward", 50052)):
+        pod = deploys[name]["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"] if m["name"] in secrets}
+        assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] in secrets)
+        files = {name for name in env_of(c) if name.endswith("_FILE")}
+        assert files and files <= known, files - known
+        assert {"ETS_SEARCH_TLS_CERT_FILE" if name == "search" else "ETS_REWARD_TLS_CERT_FILE"} <= files
+        for var in files:
+            directory, _, key = env_of(c)[var].rpartition("/")
+            secret = secrets[mounts[directory]]
+            assert key in {i["key"] for i in secret.get("items", [{"key": key}])}, (var, secret)
+        assert pod["securityContext"]["fsGroup"] == 10001 and all(
+            s["defaultMode"] == 0o440 for s in secrets.values())
+        probe = c["readinessProbe"]
+        assert set(probe) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {"exec"}
+        assert c["startupProbe"]["tcpSocket"] and c["livenessProbe"]["tcpSocket"]  # unchanged by TLS
+        local = free_port()
+        argv = [a.replace("/etc/ets/tls/ca.crt", str(tls / "ca.pem")).replace(f"localhost:{port}", f"localhost:{local}")
+                for a in probe["exec"]["command"]]
+
+        assert argv[0] == "python"
+        argv[0] = sys.executable
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for status, code in ((serving, 0), (not_serving, 1)):
+            assert asyncio.run(tls_health_exit(argv, tls, name, local, status)) == code, (name, status)
+
+
+async def tls_health_exit(argv: list[str], tls: Path, key: str, port: int, status: int) -> int:
+    """Exit code of the probe command ``argv`` against a TLS gRPC health server on ``port``
+    (certificate ``{key}.pem`` from ``tls``) whose health service "" reports ``status``."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", status)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials(
+        [((tls / f"{key}-key.pem").read_bytes(), (tls / f"{key}.pem").read_bytes())]))
+    await server.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        return await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        await server.stop(0)
