@@ -40,20 +40,14 @@ from typing import Final
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, start_http_server)
 
+from ets.service.status import Status
+
 PREFIX: Final = "ets_search_"
 DEFAULT_PORT: Final = 9091
 METRICS_PORT_ENV: Final = "ETS_SEARCH_METRICS_PORT"
 
-# searches_total{outcome}: "ok" plus one per gRPC failure class the service returns.
-OUTCOMES: Final = (
-    "ok",
-    "invalid_argument",
-    "unavailable",
-    "deadline_exceeded",
-    "cancelled",
-    "resource_exhausted",
-    "error",
-)
+# searches_total{outcome}: one per status a search can end with (ets.service.status.Status).
+OUTCOMES: Final = tuple(status.outcome for status in Status)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 _CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
