@@ -299,8 +299,16 @@ def test_compose_hardening_reaches_podman(tmp_path: Path) -> None:
                                       subprocess.run([str(ROOT / "scripts/containers.sh"), "env"], capture_output=True,
                                                      text=True, check=True).stdout.split()[1:]
                                       if "=" in line))
-    res = run([tool("podman-compose"), "--verbose", "--dry-run", "-p", "etsdry", "-f", str(ROOT / "docker-compose.yml"),
-               "-f", str(ROOT / "docker-compose.cpu.yml"), "up", "-d", "--no-build"], cwd=ROOT, env=env)
+    project = f"etsdry{os.getpid()}"
+    try:
+        res = run([tool("podman-compose"), "--verbose", "--dry-run", "-p", project, "-f",
+                   str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.cpu.yml"), "up", "-d",
+                   "--no-build"], cwd=ROOT, env=env)
+    finally:
+        # podman-compose 1.6's dry run still creates the named volumes: remove them.
+        volumes = run(["podman", "volume", "ls", "-q", "--filter", f"name={project}_"], env=env).stdout.split()
+        if volumes:
+            run(["podman", "volume", "rm", *volumes], env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     creates = [line for line in (res.stdout + res.stderr).splitlines() if "podman create" in line]
     assert len(creates) == 3, creates  # policy, reward, search
