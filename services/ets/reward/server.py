@@ -79,6 +79,7 @@ class RewardServerConfig:
     max_batch_size: int = setting(256, env="ETS_REWARD_MAX_BATCH_SIZE", ge=1, help="trajectories/texts per call")
     grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
     log_dir: str = setting("/tmp/ets-reward-logs", env="ETS_REWARD_LOG_DIR", help="where the spawned PRM server logs")
+    log_level: str = setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
     # ETS_PRM_STEP_TAG, _PLUS, _MINUS, _SEPARATOR, _YES, _NO, _JUDGE_*_TURN (PrmOptions.from_env).
     options: PrmOptions = field(default_factory=PrmOptions)
 
@@ -389,10 +390,9 @@ async def _serve(config: RewardServerConfig, ready_file: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("ETS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, ready_file = config_from_args(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config.validate()
         code = asyncio.run(_serve(config, ready_file))
     except (ConfigError, AdapterError) as exc:
