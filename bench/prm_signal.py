@@ -30,6 +30,7 @@ import dataclasses
 import json
 import random
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,8 +47,8 @@ PRMS = ("judge", "arithmetic", "tiny-math-shepherd")
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     """P(score of a random positive > score of a random negative), ties counting half
     (Mann-Whitney U / (n_pos * n_neg)); None without both classes."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
     if not pos or not neg:
         return None
     # Average ranks over the pooled scores (ties share their mean rank).
@@ -61,7 +62,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
         for k in range(i, j + 1):
             ranks[order[k]] = (i + j) / 2 + 1
         i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    rank_sum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
     u = rank_sum - len(pos) * (len(pos) + 1) / 2
     return u / (len(pos) * len(neg))
 
@@ -92,8 +93,7 @@ def summarise(samples: list[dict[str, Any]], prm: str, how: str) -> dict[str, An
     for s in samples:
         by_problem.setdefault(s["problem"], []).append((aggregate(s["scores"][prm], how), s["right"]))
     flat = [x for g in by_problem.values() for x in g]
-    within = [auroc([v for v, _ in g], [y for _, y in g]) for g in by_problem.values()]
-    within = [w for w in within if w is not None]
+    within = [w for g in by_problem.values() if (w := auroc([v for v, _ in g], [y for _, y in g])) is not None]
     answered = [(aggregate(s["scores"][prm], how), s["right"]) for s in samples if s["answer"]]
     interval = bootstrap_interval(list(by_problem.values()))
     return {
@@ -137,7 +137,7 @@ async def score_with_backend(backend: Any, samples: list[dict[str, Any]], name: 
         part = samples[i: i + chunk]
         encoded = [backend.adapter.encode(s["question"], s["steps"]) for s in part]
         outcome = await backend.score(encoded, last_step_only=False)
-        for s, scores in zip(part, outcome.scores):
+        for s, scores in zip(part, outcome.scores, strict=True):
             s["scores"][name] = [round(x, 6) for x in scores]
         print(f"  {name}: {min(i + chunk, len(samples))}/{len(samples)}", file=sys.stderr, flush=True)
     return time.perf_counter() - started
@@ -205,7 +205,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["sampling_s"] = time.perf_counter() - started
 
     samples: list[dict[str, Any]] = []
-    for problem, drawn in zip(problems, texts):
+    for problem, drawn in zip(problems, texts, strict=True):
         for text in drawn:
             answer = extract_answer(text)
             samples.append({
@@ -255,6 +255,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     args = _parser().parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the engine started here is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(run(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ async def run(addr: str, policy_url: str | None, widths: list[int], methods: lis
         for width in widths:
             for pi, problem in enumerate(problems):
                 for method in methods:
-                    flushed = bool(policy_url) and await asyncio.to_thread(flush_policy_cache, policy_url)
+                    flushed = await asyncio.to_thread(flush_policy_cache, policy_url) if policy_url else False
                     config = search_pb2.SearchConfig(method=method, width=width, max_step_tokens=step_tokens,
                                                      max_tokens=max_tokens, max_depth=max_depth, seed=seed + pi)
                     t0 = time.perf_counter()
@@ -136,7 +135,8 @@ def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | gen tok/s | service overhead | of which selection | overhead ms/step | RPC ms/search |",
+        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | "
+        "gen tok/s | service overhead | of which selection | overhead ms/step | RPC ms/search |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
@@ -144,7 +144,8 @@ def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) ->
             f"| {s['width']} | {s['method']} | {s['mean_total_kv_tokens']:.0f} | {s['mean_peak_kv_tokens']:.0f} | "
             f"{100 * s['cached_ratio']:.1f}% | {s['mean_generated_tokens']:.0f} | {s['mean_wall_seconds']:.2f} | "
             f"{s['generated_tokens_per_second']:.0f} | {100 * s['overhead_share']:.1f}% | "
-            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} | {s['rpc_overhead_ms_per_search']:.1f} |")
+            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} | "
+            f"{s['rpc_overhead_ms_per_search']:.1f} |")
     lines.append("")
     for r in ratio_rows:
         lines.append(f"- width {r['width']}: ETS/REBASE KV tokens total {r['ets_over_rebase_total_kv']:.2f}x, "

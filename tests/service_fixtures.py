@@ -106,7 +106,7 @@ class Prometheus:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
 
-    def query(self, expr: str) -> dict[str, object]:
+    def query(self, expr: str) -> dict[str, Any]:
         import json
         import urllib.parse
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import prm_signal as sig  # noqa: E402
+import prm_signal as sig
 
 sys.path.pop(0)
 
@@ -26,8 +26,10 @@ def test_auroc_counts_pairs_and_ties_half() -> None:
 def test_bootstrap_interval_brackets_the_estimate() -> None:
     groups = [[(0.9, True), (0.2, False)], [(0.6, True), (0.7, False)], [(0.8, True), (0.1, False)],
               [(0.4, False), (0.5, True)]]
-    low, high = sig.bootstrap_interval(groups, rounds=400, seed=1)  # type: ignore[misc]
+    interval = sig.bootstrap_interval(groups, rounds=400, seed=1)
     pooled = sig.auroc([s for g in groups for s, _ in g], [y for g in groups for _, y in g])
+    assert interval is not None and pooled is not None
+    low, high = interval
     assert low <= pooled <= high and 0.0 <= low < high <= 1.0
     assert sig.bootstrap_interval([[(0.5, False)]], rounds=50) is None  # never both classes
 
@@ -51,5 +53,6 @@ def test_split_steps_cuts_at_the_delimiter() -> None:
     from ets.config import policy_model_type
 
     mt = policy_model_type("llama-instruct")
-    assert sig.split_steps("First 3 + 5 = 8.\n\n\n\nThe answer is 8.\n\n", mt) == ["First 3 + 5 = 8.", "The answer is 8."]
+    text = "First 3 + 5 = 8.\n\n\n\nThe answer is 8.\n\n"
+    assert sig.split_steps(text, mt) == ["First 3 + 5 = 8.", "The answer is 8."]
     assert sig.split_steps("  ", mt) == [""]

