@@ -88,7 +88,8 @@ async def run_grpc(address: str, question: str, steps: list[list[str]], depth: i
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ets.engine.launcher import LaunchConfig
     from ets.engine.process import free_port, start_server
-    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+    from ets.engine.supervisor import EngineSupervisor
+    from ets.reward.backends.sglang_backend import SglangBackend
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.server import RewardServer, RewardServerConfig
     from ets.reward.embedder import default_embedder_model
@@ -103,8 +104,9 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         backends = {
-            "sglang": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url)),
-            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url), reuse_prefix=False),
+            "sglang": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM")),
+            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM"),
+                                             reuse_prefix=False),
             "transformers": TransformersBackend(str(model), "math-shepherd", max_batch_items=args.width),
         }
         for b in backends.values():
