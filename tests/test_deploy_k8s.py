@@ -159,16 +159,26 @@ def test_gpu_engines_and_probes() -> None:
             assert ":" in c["image"] and not c["image"].endswith(":latest"), c["image"]
 
 
-def test_cpu_overlay_has_no_gpu_and_builds_tiny_models() -> None:
+def test_cpu_overlay_has_no_gpu_and_prepares_its_models() -> None:
+    from ets.models import PACKAGED_MODELS
+
     docs = kustomize(ROOT / "k8s/overlays/cpu")
     assert "nvidia" not in yaml.safe_dump_all(docs)
     assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert config["ETS_DEVICE"] == "cpu"
     deploys = by_kind(docs, "Deployment")
-    for name, model in (("policy", "/models/tiny-policy"), ("reward", "/models/tiny-prm")):
-        init = deploys[name]["spec"]["template"]["spec"]["initContainers"][0]
-        assert "tiny-model" in " ".join(init.get("command", []) + init["args"]) and model in " ".join(init["args"])
+    # The real policy, prepared by the init container into the folder the engine serves, with the
+    # search service using that model's conventions.
+    init = deploys["policy"]["spec"]["template"]["spec"]["initContainers"][0]
+    args = init["args"]
+    assert args[:2] == ["models", "prepare"] and args[args.index("--cache-dir") + 1] == "/models"
+    spec = PACKAGED_MODELS[args[2]]
+    assert config["ETS_POLICY_MODEL"] == f"/models/{spec.name}"
+    assert config["ETS_SEARCH_POLICY_MODEL_TYPE"] == spec.policy_model_type
+    init = deploys["reward"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert "tiny-model" in " ".join(init.get("command", []) + init["args"])
+    assert "/models/tiny-prm" in " ".join(init["args"])
 
 
 def test_configmap_search_defaults_are_a_valid_search_config(overlay: tuple[str, list[dict[str, Any]]]) -> None:

@@ -99,7 +99,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*") if "*" in lines else -1] == "*", "deny everything by default"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    copied = set()
+    copied: set[str] = set()
     for dockerfile in DOCKERFILES:
         for word, rest in _instructions(dockerfile):
             if word == "COPY" and "--from" not in rest:
@@ -141,6 +141,18 @@ def test_cpu_profile_merged_matches_compose_spec(tmp_path: Path) -> None:
         assert cfg["services"][name]["environment"]["ETS_DEVICE"] == "cpu"
     # Monitoring is opt-in on CPU hosts (--profile monitoring): CI has no registry for its images.
     assert {"policy", "reward", "search"} == set(cfg["services"])
+
+
+def test_cpu_profile_serves_the_prepared_real_policy() -> None:
+    from ets.models import PACKAGED_MODELS
+
+    services = yaml.safe_load(_compose_config("docker-compose.yml", "docker-compose.cpu.yml"))["services"]
+    entry = " ".join(services["policy"]["entrypoint"])
+    name = re.search(r"ets models prepare (\S+) --cache-dir /models ", entry).group(1)  # type: ignore[union-attr]
+    spec = PACKAGED_MODELS[name]
+    # The engine serves the folder the entrypoint step prepared; search uses that model's conventions.
+    assert services["policy"]["environment"]["ETS_POLICY_MODEL"] == f"/models/{spec.name}"
+    assert services["search"]["environment"]["ETS_SEARCH_POLICY_MODEL_TYPE"] == spec.policy_model_type
 
 
 def test_compose_schema_rejects_a_bad_file(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import asyncio
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Self, Sequence
 
 import aiohttp
 
@@ -237,7 +237,7 @@ class PolicyClient:
         self._session: aiohttp.ClientSession | None = session
         self._owns_session = session is None
 
-    async def __aenter__(self) -> "PolicyClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
