@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
 import errno
 import http.client
 import os
@@ -42,7 +41,7 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ets.engine.launcher import LaunchCommand, LaunchConfig, build_command
 
@@ -210,31 +209,29 @@ def check_port_free(host: str, port: int, field: str = "port") -> None:
 
 
 # -- dying with the parent ----------------------------------------------------------------------
-_PR_SET_PDEATHSIG = 1
+# Arms SIGKILL on parent death (PR_SET_PDEATHSIG = 1), then execs the real command: the signal
+# survives exec, and the pid stays the one we started. Exits 1 when the parent already died in
+# between (then the signal would never come). A shim rather than ``preexec_fn``: that forces a
+# plain fork(), which runs gRPC's fork handlers in a parent that uses gRPC (the stack tests, the
+# reward server) and aborted the child before exec; without it subprocess uses vfork.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A ``preexec_fn`` arming SIGKILL on parent death (Linux), or None elsewhere.
+def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it is SIGKILLed when the calling thread's process dies (Linux; other
+    systems run ``argv`` as it is).
 
     The signal fires when the *thread* that spawned the child exits, so spawn from a long-lived
-    thread (the main thread or an event loop's). libc is resolved here, before the fork: the hook
-    itself only makes two system calls."""
+    thread (the main thread or an event loop's)."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The parent may have died between fork and prctl: then the signal never comes.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
+        return list(argv)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 _LIVE: set["SGLangProcess"] = set()
@@ -284,7 +281,7 @@ class SGLangProcess:
         """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``.
 
         ``die_with_parent``: the child is SIGKILLed when the calling thread's process dies (see
-        ``_die_with_parent_hook``: call from a thread that lives as long as the child should)."""
+        ``die_with_parent_argv``: call from a thread that lives as long as the child should)."""
         if isinstance(command, LaunchCommand):
             argv, run_env = command.argv, command.env
         else:
@@ -295,8 +292,8 @@ class SGLangProcess:
             log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: {' '.join(argv)}\n".encode())
             log.flush()
             popen = subprocess.Popen(
-                argv, env=run_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent_hook() if die_with_parent else None,
+                die_with_parent_argv(argv) if die_with_parent else argv, env=run_env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return cls(popen, url, log_path, name)
 
