@@ -12,11 +12,17 @@ again after each restart; afterwards nothing is in flight or queued and its thre
 and memory are back near their level after the warm-up search; after the stack stops, none of its
 processes is left.
 
-Measured on the shared 2-core development machine (load average ~13 from other work), one run:
-reward killed: 8 OK, 24 RESOURCE_EXHAUSTED, 32 UNAVAILABLE ("reward server unavailable");
-policy killed: 8 OK, 24 RESOURCE_EXHAUSTED, 32 UNAVAILABLE ("policy server unavailable");
-after both restarts 8/8 OK; none hung; search service threads 14 -> 14, open files 23 -> 23,
-memory 190 -> 197 MB.
+Measured on the shared 2-core development machine (load average 12-17 from other work), one run,
+7 min 48 s wall (most of it SGLang CPU engines loading: two at the start, one per restart):
+- reward killed after 8 OK: 8 OK, 24 RESOURCE_EXHAUSTED (64 - 8 slots - 32 queued), 32 UNAVAILABLE
+  ("reward server unavailable ..."); all its processes (reward server, PRM engine leader and the
+  engine's workers) gone 1.0 s after the SIGKILL; search service SERVING 2.3 s after the new reward
+  server was; slowest search 85.9 s (deadline 300 s);
+- policy killed after 8 OK: 8 OK, 24 RESOURCE_EXHAUSTED, 32 UNAVAILABLE ("policy server
+  unavailable ..."); gone 0.6 s after the SIGKILL; SERVING 0.3 s after the new policy was; slowest
+  search 44.1 s;
+- then 8/8 OK; nothing in flight or queued; search service threads 12 -> 14, open files 18 -> 24,
+  resident memory 104.8 -> 109.4 MB (after the warm-up search -> after all 137 searches).
 """
 from __future__ import annotations
 
@@ -109,6 +115,7 @@ def _kill_and_restart(stack: Stack, victim: str, done: list[Outcome], record: di
     proc = getattr(stack, victim)
     doomed = _tree(proc.pid)
     record["unfinished_at_kill"] = SEARCHES - len(done)
+    record["processes_killed"] = len(doomed)
     os.killpg(proc.pgid, signal.SIGKILL)
     record["gone_s"] = round(_wait(lambda: not still_running(doomed), 60, f"every {victim} process gone"), 1)
     new = stack.restart(victim)
