@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack, StackConfig, start_stack
+from ets.testing.stack import Stack, StackConfig, start_stack
 
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1800)]
 
