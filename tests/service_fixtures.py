@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from ets.engine.process import SGLangProcess
-from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+from ets.testing.stack import Stack, StackConfig, start_stack, wait_grpc_serving
 from tools import free_port, http_get, tool, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def search_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
     """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
     PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
     cfg = StackConfig(
-        work_dir=tmp_path_factory.mktemp("stack"),
+        work_dir=tmp_path_factory.mktemp("stack"), policy="tiny", prm_type="math-shepherd",
         policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
         search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
     )
@@ -106,7 +106,7 @@ class Prometheus:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
 
-    def query(self, expr: str) -> dict[str, object]:
+    def query(self, expr: str) -> dict[str, Any]:
         import json
         import urllib.parse
 

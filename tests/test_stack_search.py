@@ -4,6 +4,7 @@ to the final statistics; the service is usable from reflection alone (grpcurl), 
 from ``ets eval``."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import REPO
 from tools import small as _small, tool
 
@@ -101,7 +102,7 @@ def test_stream_events_match_result(search_stack: Stack, method: str) -> None:
     assert sum(p.kv_tokens for p in progress) == s.total_kv_tokens
     assert max(p.kv_tokens for p in progress) == s.peak_kv_tokens
     assert progress[0].frontier_size == 1 and progress[0].remaining_width == 6  # the root gets the width
-    for a, b in zip(progress, progress[1:]):
+    for a, b in itertools.pairwise(progress):
         assert b.elapsed_seconds >= a.elapsed_seconds
         assert b.finished >= a.finished and b.remaining_width <= a.remaining_width
         # Width is spent only by finished trajectories.
