@@ -281,3 +281,9 @@ def test_report_only_merges_per_search_files(tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, "-m", "ets.cli", "eval", str(data), "--report-only",
                               str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "none.jsonl: no such file" in missing.stderr
+
+
+def test_request_ids_use_only_characters_the_service_accepts() -> None:
+    spec = ev.RunSpec("ets", 8, (("cluster_distance", 0.3), ("lambda_c", 2.0)))
+    rid = ev.request_id(spec, ev.Problem("gsm8k test/7", "p", "1"))
+    assert rid == "eval-ets_cluster_distance_0.3_lambda_c_2_-w8-gsm8k_test_7"

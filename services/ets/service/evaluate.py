@@ -30,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -251,6 +252,12 @@ def _config_for(spec: RunSpec, base: search_pb2.SearchConfig, seed: int) -> sear
     return config
 
 
+def request_id(spec: RunSpec, problem: Problem) -> str:
+    """The search's request id: label, width and problem, in the characters the service accepts
+    (letters, digits and ``. _ : -``; a sweep label's brackets and commas become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._:-]", "_", f"eval-{spec.label}-w{spec.width}-{problem.id}")[:128]
+
+
 async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spec: RunSpec, seed: int,
                   base: search_pb2.SearchConfig, timeout: float) -> ProblemResult:
     """One search (SearchStream, for the per-depth kept/frontier counts) scored against the reference."""
@@ -259,7 +266,7 @@ async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spe
     result = ProblemResult(id=problem.id, label=spec.label, method=spec.method, width=spec.width,
                            reference=problem.answer, seed=seed, overrides=dict(spec.overrides))
     request = search_pb2.SearchRequest(problem=problem.problem, config=_config_for(spec, base, seed),
-                                       request_id=f"eval-{spec.label}-w{spec.width}-{problem.id}")
+                                       request_id=request_id(spec, problem))
     response: search_pb2.SearchResponse | None = None
     try:
         async for event in stub.SearchStream(request, timeout=timeout):
