@@ -95,7 +95,7 @@ async def test_made_up_methods_add_no_series(svc: Svc) -> None:
     assert svc.sample("ets_search_searches_total", method="invalid", outcome="invalid_argument") == 1000
 
 
-@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "a/b"])
+@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "tab\there", "nul\x00"])
 async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await svc.stub.Search(request(request_id), timeout=10)
@@ -104,7 +104,7 @@ async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: 
 
 
 async def test_a_well_formed_request_id_is_echoed(svc: Svc) -> None:
-    rid = "job-7.step_3:a" + "x" * 114  # 128 characters
+    rid = "eval-ets[cluster_distance=0.3]-w4-s1/" + "x" * 91  # 128 characters, as ets eval names them
     assert (await svc.stub.Search(request(rid), timeout=10)).request_id == rid
 
 

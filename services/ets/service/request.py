@@ -17,9 +17,10 @@ from ets.search.selection import validate
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).
 MAX_PROBLEM_CHARS = 64_000
-# request_id goes into logs and responses: short, and no characters that could forge log lines.
+# request_id goes into logs and responses: short, printable ASCII without spaces (no newline or
+# control character can forge a log line; ets eval's ids carry labels like "ets[cluster_distance=0.3]").
 MAX_REQUEST_ID_CHARS = 128
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]*")
+_REQUEST_ID = re.compile(r"[!-~]*")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def validate_request_id(request_id: str) -> str:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise RequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     if not _REQUEST_ID.fullmatch(request_id):
-        raise RequestError("request_id", "may contain only letters, digits and . _ : -")
+        raise RequestError("request_id", "must be printable ASCII without spaces")
     return request_id
 
 
