@@ -93,11 +93,13 @@ class PolicyModelType:
     chat: bool
     system_prompt: str | None = None
 
-    def root_messages(self, question: str) -> list[dict[str, str]]:
-        """Chat messages of the root (chat-style models only)."""
+    def root_messages(self, question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+        """Chat messages of the root (chat-style models only); a request's ``system_prompt``
+        replaces the type's own (None keeps it, "" drops the system message)."""
         messages: list[dict[str, str]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
+        system = self.system_prompt if system_prompt is None else system_prompt
+        if system:
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": question})
         return messages
 

@@ -6,8 +6,10 @@ Owns the gRPC edge only: a ``SearchRequest`` becomes a ``SearchCall`` for the sh
 of the same name. The RPC's deadline goes to the runner; a cancelled RPC cancels its search (the
 search runs in the RPC's task). ``SearchServer`` assembles the service: upstreams, runner,
 readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
-Prometheus endpoint, and graceful stop (refuse new searches, let in-flight ones finish within
-the grace period, cancel the rest). The command line is ``ets.service.main``.
+Prometheus endpoint, the OpenAI-compatible HTTP transport over the same runner
+(``ets.service.openai_http``, its own port, same event loop), and graceful stop of both (refuse
+new searches, let in-flight ones finish within the grace period, cancel the rest). The command
+line is ``ets.service.main``.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ets.service import convert
 from ets.service.admission import Admission
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
+from ets.service.openai_http import Authorize, OpenAIFrontDoor
 from ets.service.readiness import Readiness
 from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
 from ets.service.status import Status
@@ -96,10 +99,12 @@ class SearchServer:
 
     ``upstreams``: the live policy and reward servers unless given (in-process tests pass
     ``ets.testing.upstreams`` fakes); ``grouping``: answer equivalence (a bounded worker process
-    unless given)."""
+    unless given); ``authorize``: the bearer-token check (``authorization`` header -> allowed)
+    the transports share; None: no auth."""
 
     def __init__(self, settings: ServiceSettings, defaults: SearchConfig, *, upstreams: Upstreams | None = None,
-                 metrics: SearchMetrics | None = None, grouping: Grouping | None = None) -> None:
+                 metrics: SearchMetrics | None = None, grouping: Grouping | None = None,
+                 authorize: Authorize | None = None) -> None:
         self.settings = settings
         self.defaults = defaults
         self.metrics = metrics or SearchMetrics()
@@ -125,6 +130,10 @@ class SearchServer:
             self.server)
         self.port = 0
         self._metrics_http: MetricsHTTPServer | None = None
+        self.openai: OpenAIFrontDoor | None = None
+        if settings.openai_port is not None:
+            self.openai = OpenAIFrontDoor(self.runner, lambda: (self.readiness.ready, self.readiness.errors),
+                                          authorize=authorize)
 
     def _admission_changed(self, running: int, queued: int) -> None:
         self.metrics.in_flight.set(running)
@@ -147,8 +156,11 @@ class SearchServer:
         await self.server.start()
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.metrics_port, s.host)
+        if self.openai is not None and s.openai_port is not None:
+            await self.openai.start(s.host, s.openai_port)
         self.readiness.start()
-        log.info("search service on %s:%d (metrics %s), policy %s, reward %s", s.host, self.port,
+        log.info("search service on %s:%d (OpenAI-compatible HTTP %s, metrics %s), policy %s, reward %s", s.host,
+                 self.port, self.openai.port if self.openai else "off",
                  self._metrics_http.port if self._metrics_http else "off", self.upstreams.policy_address,
                  self.upstreams.reward_address)
         return self.port
@@ -165,7 +177,8 @@ class SearchServer:
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.readiness.stop()
-        await self.server.stop(grace)
+        # Both transports drain at once within the same grace period.
+        await asyncio.gather(self.server.stop(grace), self.openai.stop(grace) if self.openai else asyncio.sleep(0))
         # Handler tasks the server cancelled may still be unwinding their upstream calls.
         if self.runner.active:
             await asyncio.wait(list(self.runner.active), timeout=5)
