@@ -120,7 +120,8 @@ def header_values(headers: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
         if not name.lower().startswith(HEADER_PREFIX):
             continue
         key = name[len(HEADER_PREFIX):].lower().replace("-", "_")
-        shown = "X-ETS-" + name[len(HEADER_PREFIX):]
+        # HTTP/1.1 servers hand header names over lower-cased: name it the way the docs spell it.
+        shown = "X-ETS-" + "-".join(part.capitalize() for part in name[len(HEADER_PREFIX):].split("-"))
         if key not in _ETS_TYPES:
             raise RequestError(shown, f"unknown search field {key!r}; expected one of {sorted(_ETS_TYPES)}")
         out[key] = (shown, _from_text(text, _ETS_TYPES[key], shown))
