@@ -50,7 +50,8 @@ def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[s
     port, metrics_port, openai_port = free_port(), free_port(), free_port()
     run_env = dict(os.environ, **SMALL_SEARCH_ENV, **(env or {}))
     argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url, "--reward-addr", reward_addr, *args]
+            "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url,
+            "--reward-addr", reward_addr, *args]
     proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
     serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",

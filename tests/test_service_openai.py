@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import grpc
 import httpx
@@ -23,11 +23,11 @@ from ets.service.openai_request import METHOD_ALIASES, parse_chat
 from ets.service.request import RequestError
 from ets.service.server import SearchServer, ServiceSettings
 from ets.service.status import UpstreamUnavailable
-from ets.testing.upstreams import PROMPT, ScriptedPolicy, ScriptedUpstreams, TableScorer
+from ets.testing.upstreams import PROMPT, ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
 from tools import free_port, tool
 
 PROBLEM = "What is 1 + 2?"
-SCRIPT = {
+SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
     (): [("s1 ки", 5, "step"), ("t1 ки", 5, "step")],
     ("s1 ки",): [("s2 ки", 5, "step")],
     ("s1 ки", "s2 ки"): [("The answer is 3 ки", 5, "step")],

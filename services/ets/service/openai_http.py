@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import socket
 import time
 import uuid
@@ -214,7 +215,7 @@ class OpenAIFrontDoor:
         self._draining = True
         if self._server is None or self._task is None:
             return
-        self._server.config.timeout_graceful_shutdown = max(grace, 0.1)
+        self._server.config.timeout_graceful_shutdown = max(1, math.ceil(grace))
         self._server.should_exit = True
         await asyncio.gather(self._task, return_exceptions=True)
         self._server = self._task = None

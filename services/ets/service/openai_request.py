@@ -139,7 +139,7 @@ def _content(message: Mapping[str, Any], param: str) -> str:
         texts = []
         for i, part in enumerate(content):
             if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"{param}[{i}]", "only text parts are supported ({\"type\": \"text\", \"text\": ...})")
+                raise RequestError(f"{param}[{i}]", 'only text parts are supported ({"type": "text", "text": ...})')
             texts.append(part["text"])
         return "".join(texts)
     raise RequestError(param, f"must be a string or a list of text parts, got {type(content).__name__}")
