@@ -1,6 +1,7 @@
 """The CPU variants of the three images, built with podman on a debootstrapped Debian bookworm
 base (scripts/containers.sh), the compose CPU profile brought up with podman-compose, one real
-``Search`` answered through it (and the same search through the OpenAI-compatible port), the stack scraped by a real Prometheus (the host's, with the
+``Search`` answered through it (and the same search through the OpenAI-compatible port), the
+stack scraped by a real Prometheus (the host's, with the
 compose scrape config pointed at the published ports), the Grafana dashboard's queries checked
 against those scrapes, and every container stopped with SIGTERM and torn down.
 
