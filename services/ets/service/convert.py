@@ -14,10 +14,10 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
-from ets.service.request import RequestError, resolve_config, validate_problem
+from ets.service.request import RequestError, resolve_config
 
 __all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
-           "response_to_proto", "validate_problem"]
+           "response_to_proto"]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 _PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}

@@ -34,7 +34,8 @@ def _worker_main(conn: Connection) -> None:
 
 
 class EquivalenceWorker:
-    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``."""
+    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``;
+    ``equivalent(a, b)`` likewise."""
 
     def __init__(self, timeout_s: float = GROUPING_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
@@ -84,6 +85,11 @@ class EquivalenceWorker:
                 log.warning("answer grouping worker failed (%s): grouping by string", err)
             self._kill()
             return group_by_string(answers)
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """``ets.search.answers.equivalent`` under the same deadline (for callers off the main
+        thread, e.g. ``ets eval`` grading answers in worker threads)."""
+        return bool(a) and bool(b) and self.group([a, b]) == [[0, 1]]
 
     def close(self) -> None:
         """Stop the worker (a later ``group`` starts a fresh one)."""

@@ -40,20 +40,14 @@ from typing import Final
 from prometheus_client import (CollectorRegistry, Counter, GCCollector, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, start_http_server)
 
+from ets.service.status import Status
+
 PREFIX: Final = "ets_search_"
 DEFAULT_PORT: Final = 9091
 METRICS_PORT_ENV: Final = "ETS_SEARCH_METRICS_PORT"
 
-# searches_total{outcome}: "ok" plus one per gRPC failure class the service returns.
-OUTCOMES: Final = (
-    "ok",
-    "invalid_argument",
-    "unavailable",
-    "deadline_exceeded",
-    "cancelled",
-    "resource_exhausted",
-    "error",
-)
+# searches_total{outcome}: one per status a search can end with (ets.service.status.Status).
+OUTCOMES: Final = tuple(status.outcome for status in Status)
 
 # searches_total{api} / search_duration_seconds{api}: the transport that took the request
 # (gRPC Search/SearchStream, or the OpenAI-compatible HTTP front door). Bounded: nothing else.
