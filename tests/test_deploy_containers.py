@@ -1,9 +1,9 @@
 """The CPU variants of the three images, built with podman on a debootstrapped Debian bookworm
 base (scripts/containers.sh), the compose CPU profile brought up with podman-compose, one real
 ``Search`` answered through it (and the same search through the OpenAI-compatible port), the
-stack scraped by a real Prometheus (the host's, with the
-compose scrape config pointed at the published ports), the Grafana dashboard's queries checked
-against those scrapes, and every container stopped with SIGTERM and torn down.
+stack scraped by a real Prometheus (the host's, with the compose scrape config pointed at the
+published ports), the Grafana dashboard's queries checked against those scrapes, and every
+container stopped with SIGTERM and torn down.
 
 Slow the first time on a machine (base rootfs and dependency layers, ~10 min); later runs
 reuse ETS_CONTAINERS_CACHE (default /var/tmp/ets-containers). Needs root (rootful podman).

@@ -5,6 +5,8 @@ alias as ``model``; ``/v1/models`` names the policy SGLang serves. The service's
 (every status, disconnects) is tested in-process: tests/test_service_openai.py."""
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import openai
 import pytest
@@ -16,7 +18,7 @@ from tools import small
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
 
 PROBLEM = "Tom has 3 apples and buys 5 more. How many apples does he have now?"
-MESSAGES = [{"role": "user", "content": PROBLEM}]
+MESSAGES: list[Any] = [{"role": "user", "content": PROBLEM}]
 
 
 def grpc_search(stack: Stack, config: search_pb2.SearchConfig) -> search_pb2.SearchResponse:
