@@ -265,6 +265,16 @@ async def test_bad_request_is_400_naming_the_field(svc: Harness, kwargs: dict[st
     assert info.value.response.headers["x-should-retry"] == "false"
 
 
+async def test_malformed_bodies_are_400_naming_the_body(svc: Harness) -> None:
+    async with httpx.AsyncClient() as http:
+        for content in (b"{not json", b"[1, 2]"):
+            r = await http.post(f"{svc.base_url}/chat/completions", content=content,
+                                headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
+        r = await http.post(f"{svc.base_url}/chat/completions", json={"messages": MESSAGES})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
 async def test_missing_or_wrong_token_is_401() -> None:
     async for h in _harness(token=TOKEN):
         reply = await h.client.chat.completions.create(model="rebase", messages=MESSAGES)

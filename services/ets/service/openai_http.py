@@ -274,9 +274,11 @@ class OpenAIFrontDoor:
             body = json.loads(await request.body())
         except ValueError as err:
             return error_response(400, f"body: not valid JSON ({err})", param="body", code="invalid_argument")
-        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return error_response(400, "body: must be a JSON object", param="body", code="invalid_argument")
+        model = body.get("model")
         policy = ""
-        if model not in METHOD_ALIASES:
+        if isinstance(model, str) and model and model not in METHOD_ALIASES:
             # Only a request naming the policy model needs its name (a probe of the policy server).
             policy = await self._policy_model() or ""
             if not policy:
