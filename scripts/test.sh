@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: installs everything it needs on a fresh machine (venv with the
-# SGLang CPU engine, Debian packages), then runs the whole suite against real components.
+# SGLang CPU engine, Debian packages), runs ruff and mypy, then the whole suite against real
+# components.
 #   scripts/test.sh [PYTEST ARGS...]        e.g. scripts/test.sh -m pure (tiers: README, tests)
 # The install is skipped when nothing it depends on changed since the last one here: a stamp in
 # the venv holds a hash of the requirements, pyproject.toml, the install scripts, the CPU engine
@@ -22,4 +23,7 @@ else
 fi
 # Console scripts of the venv (ets, grpcurl, hadolint, kubectl, ...) are used by tests and scripts.
 export PATH="$ROOT/.venv/bin:$PATH"
+# Lint and types first (configured in pyproject.toml): any finding fails the run before the suite.
+echo "test.sh: ruff check"; .venv/bin/ruff check .
+echo "test.sh: mypy"; .venv/bin/mypy
 exec .venv/bin/python -m pytest -p no:cacheprovider -rA --durations=25 "$@"

@@ -86,7 +86,7 @@ def search_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
     """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
     PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
     cfg = StackConfig(
-        work_dir=tmp_path_factory.mktemp("stack"),
+        work_dir=tmp_path_factory.mktemp("stack"), policy="tiny", prm_type="math-shepherd",
         policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
         search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
     )
@@ -109,7 +109,7 @@ class Prometheus:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
 
-    def query(self, expr: str) -> dict[str, object]:
+    def query(self, expr: str) -> dict[str, Any]:
         import json
         import urllib.parse
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -175,7 +176,7 @@ def _policy_serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=60)
 
 
-def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path) -> None:
+def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, "ETS_POLICY_MODEL": str(tmp_path), "ETS_DEVICE": "cpu", "ETS_POLICY_PORT": "31234"}

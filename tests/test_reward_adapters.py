@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -57,15 +57,15 @@ def test_tiny_tokenizer_vocab_matches_model(kind: str, tiny_model_factory: Calla
 
 @pytest.mark.parametrize("kind", PRM_KINDS)
 def test_adapter_tokens_are_single_ids(kind: str, tokenizers: dict[str, object]) -> None:
-    tok = tokenizers[kind]
-    adapter = make_adapter(kind, tok)
+    tok: Any = tokenizers[kind]
+    adapter: Any = make_adapter(kind, tok)  # kind-specific token ids (tag_id, separator_id, ...)
     opts = PrmOptions()
     if kind in ("math-shepherd", "llemma"):
-        assert tok.convert_ids_to_tokens([adapter.tag_id]) == [opts.step_tag]  # type: ignore[attr-defined]
+        assert tok.convert_ids_to_tokens([adapter.tag_id]) == [opts.step_tag]
     if kind in ("math-shepherd", "rlhflow"):
         assert tok.decode([adapter.plus_id]) == "+" and tok.decode([adapter.minus_id]) == "-"
     if kind == "qwen-prm":
-        assert tok.convert_ids_to_tokens([adapter.separator_id]) == ["<extra_0>"]  # type: ignore[attr-defined]
+        assert tok.convert_ids_to_tokens([adapter.separator_id]) == ["<extra_0>"]
     for token in KINDS[kind].added_tokens + KINDS[kind].special_tokens:
         single_token_id(tok, token, "token")
 

@@ -109,8 +109,8 @@ async def test_bad_input_is_invalid_argument_naming_the_field(server: ThreadedRe
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await method(request_, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{field}:"), err.value.details()
-    assert "Traceback" not in err.value.details()
+    assert (err.value.details() or "").startswith(f"{field}:"), err.value.details()
+    assert "Traceback" not in (err.value.details() or "")
 
 
 async def test_health_reflection_and_metrics(server: ThreadedRewardServer) -> None:

@@ -127,7 +127,7 @@ async def test_transformers_backend_matches_direct_forward(smollm2: Path, tokeni
     finally:
         await backend.close()
     flat: list[float] = []
-    for case, got, got_last in zip(CASES, full, last):
+    for case, got, got_last in zip(CASES, full, last, strict=True):
         assert got == pytest.approx(_direct_scores(tokenizer, direct_model, case), abs=1e-3)
         assert got_last == pytest.approx(got[-1:], abs=1e-4)
         flat += got
@@ -148,7 +148,7 @@ async def test_sglang_and_transformers_backends_agree(
             assert (await a.info()).prm_type == (await b.info()).prm_type == "judge"
             full_a, full_b = await a.score(CASES, prm_type="judge"), await b.score(CASES, prm_type="judge")
             last_a, last_b = await a.score_last_steps(CASES), await b.score_last_steps(CASES)
-        for case, sa, sb, la, lb in zip(CASES, full_a, full_b, last_a, last_b):
+        for case, sa, sb, la, lb in zip(CASES, full_a, full_b, last_a, last_b, strict=True):
             assert len(sa) == len(sb) == len(case.steps)
             assert sa == pytest.approx(sb, abs=1e-2), case
             assert la == pytest.approx(lb, abs=1e-2) and la == pytest.approx(sa[-1], abs=1e-3)

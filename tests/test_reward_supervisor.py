@@ -75,7 +75,7 @@ def _score_code(stub: reward_pb2_grpc.RewardServiceStub) -> tuple[grpc.StatusCod
         reply = stub.Score(REQUEST, timeout=60)
         return grpc.StatusCode.OK, [list(r.scores) for r in reply.results]
     except grpc.RpcError as err:
-        return err.code(), []  # type: ignore[attr-defined]
+        return err.code(), []
 
 
 def test_supervised_prm_restarts_after_crash_and_sigterm_stops_it(

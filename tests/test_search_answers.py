@@ -25,6 +25,13 @@ def traj(text: str, *scores: float) -> Trajectory:
         ("Therefore, the final answer is: $\\boxed{30^\\circ}$. I hope it is correct.", "30^\\circ"),
         ("the answer is 7.\nMore text", "7"),
         ("No conclusion yet ки", ""),
+        # SmolLM2 restates the sum after the marker; the result is the answer.
+        ("so he has 8 apples now.\nThe answer is 3 + 5 = 8.", "8"),
+        ("The answer is 16 - 3 - 4 = 9.", "9"),
+        ("The answer is x = 3 + 5.", "x = 3 + 5"),
+        # GSM8K's own closing line, when no marker sentence is there.
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
+        ("#### 5\nThe answer is 7.", "7"),
         (r"\boxed{unbalanced", ""),
     ],
 )

@@ -114,6 +114,14 @@ def test_model_types() -> None:
     with pytest.raises(ConfigError) as info:
         li.format_root("Q?")
     assert info.value.field == "policy_model_type"
+    # SmolLM2: no system turn of ours (the template adds the model's own), the answer-line
+    # instruction after the question, "\n\n" steps.
+    sm = POLICY_MODEL_TYPES["smollm2-instruct"]
+    assert sm.stop == ("\n\n",) and sm.chat and sm.system_prompt is None
+    assert sm.instruction is not None
+    messages = sm.root_messages("Tom has 3 {apples}?")
+    assert messages == [{"role": "user", "content": "Tom has 3 {apples}?\n" + sm.instruction}]
+    assert "The answer is N." in sm.instruction and sm.has_answer("So he has 8 apples.\nThe answer is 8.")
     with pytest.raises(ConfigError):
         policy_model_type("nope")
     assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")

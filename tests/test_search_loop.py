@@ -8,18 +8,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
 
 from ets.config import ConfigError, SearchConfig
-from ets.search.interfaces import SampledStep
+from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
 from ets.search.loop import DepthReport, Root, derive_seed, run_search
 from ets.testing.upstreams import PROMPT, STEP_BASE, ScriptedPolicy, TableScorer
 
 
-def cfg(**kw) -> SearchConfig:
-    base = dict(method="rebase", width=4, max_step_tokens=5, max_tokens=1000, seed=7)
+def cfg(**kw: Any) -> SearchConfig:
+    base: dict[str, Any] = dict(method="rebase", width=4, max_step_tokens=5, max_tokens=1000, seed=7)
     base.update(kw)
     return SearchConfig(**base)
 
@@ -116,7 +117,8 @@ async def test_width_accounting_on_random_trees() -> None:
             class RandomPolicy(ScriptedPolicy):
                 draw = rng  # bound per iteration (a closure would see the loop's latest rng)
 
-                async def expand(self, requests, params):
+                async def expand(self, requests: Sequence[ExpandRequest],
+                                 params: StepParams) -> list[list[SampledStep]]:
                     out = await super().expand(requests, params)
                     return [[SampledStep(s.token_ids, "The answer is 3 ки" if self.draw.random() < 0.2 else s.text,
                                          "eos" if self.draw.random() < 0.05 else s.finish) for s in row]
@@ -224,7 +226,7 @@ async def test_seeds_are_deterministic_per_node() -> None:
     assert seeds == [[r.seed for r in reqs] for reqs, _ in p2.calls]
     assert seeds != [[r.seed for r in reqs] for reqs, _ in p3.calls]
     flat = [s for row in seeds for s in row]
-    assert len(set(flat)) == len(flat) and all(0 <= s < 2**31 for s in flat)
+    assert len(set(flat)) == len(flat) and all(s is not None and 0 <= s < 2**31 for s in flat)
     assert seeds[0] == [derive_seed(11, ())]
     p4 = ScriptedPolicy()
     await run_search(Root("q", PROMPT), cfg(width=2, max_depth=2, seed=None), p4, TableScorer())
@@ -235,10 +237,11 @@ async def test_cancellation_propagates_and_issues_nothing_after() -> None:
     started = asyncio.Event()
 
     class Hanging(ScriptedPolicy):
-        async def expand(self, requests, params):
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
             self.calls.append((list(requests), params))
             started.set()
             await asyncio.Event().wait()
+            raise AssertionError("unreachable: the search is cancelled while waiting")
 
     policy, scorer = Hanging(), TableScorer()
     task = asyncio.create_task(run_search(Root("q", PROMPT), cfg(), policy, scorer))
@@ -252,7 +255,7 @@ async def test_cancellation_propagates_and_issues_nothing_after() -> None:
 
 async def test_interface_violations_are_clear_errors() -> None:
     class Short(ScriptedPolicy):
-        async def expand(self, requests, params):
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
             out = await super().expand(requests, params)
             return [row[:-1] for row in out]
 
@@ -260,7 +263,7 @@ async def test_interface_violations_are_clear_errors() -> None:
         await run_search(Root("q", PROMPT), cfg(), Short(), TableScorer())
 
     class BadScorer(TableScorer):
-        async def score_last_steps(self, trajectories):
+        async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
             return [math.nan] * len(trajectories)
 
     with pytest.raises(ValueError, match="PRM scores"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 import grpc
@@ -68,16 +69,15 @@ class Harness:
             await asyncio.sleep(0.01)
 
 
-async def _harness(max_concurrent: int = 4, max_queued: int = 4, token: str | None = None) -> AsyncIterator[Harness]:
+async def _harness(max_concurrent: int = 4, max_queued: int = 4, token_file: str = "") -> AsyncIterator[Harness]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer(SCORES))
     defaults = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
     settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=free_port(), grace_s=1,
-                               max_concurrent=max_concurrent, max_queued=max_queued)
-    authorize = None if token is None else (lambda header: header == f"Bearer {token}")
+                               max_concurrent=max_concurrent, max_queued=max_queued, auth_token_file=token_file)
     server = SearchServer(settings, defaults, upstreams=upstreams, metrics=SearchMetrics(process_metrics=False),
-                          grouping=group_answers, authorize=authorize)
+                          grouping=group_answers)
     await server.start()
-    h = Harness(server, upstreams, api_key=token or "unused")
+    h = Harness(server, upstreams, api_key=TOKEN if token_file else "unused")
     try:
         yield h
     finally:
@@ -275,8 +275,12 @@ async def test_malformed_bodies_are_400_naming_the_body(svc: Harness) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
-async def test_missing_or_wrong_token_is_401() -> None:
-    async for h in _harness(token=TOKEN):
+async def test_missing_or_wrong_token_is_401(tmp_path: Path) -> None:
+    """The service's token file (ETS_SEARCH_AUTH_TOKEN_FILE) guards both transports; TLS:
+    tests/test_security.py."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    async for h in _harness(token_file=str(token_file)):
         reply = await h.client.chat.completions.create(model="rebase", messages=MESSAGES)
         assert ets_of(reply)["answer"] == "3"
         for key in ("wrong", None):

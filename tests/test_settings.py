@@ -3,6 +3,7 @@ the env var or flag; and the search service's settings declared with it."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -148,11 +149,18 @@ def test_reward_server_settings_env_flags_and_checks() -> None:
 
 
 def test_readme_settings_reference_is_the_generated_one() -> None:
-    from pathlib import Path
-
-    from ets.settings_reference import reference
+    from ets.settings_reference import readme_section, reference
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    begin = readme.index("<!-- settings:begin (generated: ets settings) -->\n")
-    section = readme[readme.index("\n", begin) + 1: readme.index("<!-- settings:end -->")]
-    assert section == reference(), "README's Settings section is stale: paste the output of `ets settings`"
+    assert readme_section(readme) == reference(), "README's Settings section is stale: ets settings --readme README.md"
+
+
+def test_settings_command_rewrites_the_readme_section(tmp_path: Path) -> None:
+    from ets.settings_reference import BEGIN, END, main, reference
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}stale\n{END}\n\nmore\n")
+    main(["--readme", str(readme)])
+    assert readme.read_text() == f"# x\n\n{BEGIN}{reference()}{END}\n\nmore\n"
+    with pytest.raises(SystemExit):
+        main(["--bogus"])

@@ -153,7 +153,7 @@ def test_full_queue_is_resource_exhausted(search_stack: Stack, serve_factory: Ca
     assert 2 <= len(ok) < 5, results  # one running + one queued at least
     for err in refused:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "ETS_MAX_QUEUED_SEARCHES" in err.details()
+        assert "ETS_MAX_QUEUED_SEARCHES" in (err.details() or "")
     assert metric(serve.metrics(), "ets_search_searches_total", method="rebase",
                   outcome="resource_exhausted", api="grpc") == len(refused)
 
@@ -167,7 +167,9 @@ def test_dead_reward_server_is_unavailable_naming_it(search_stack: Stack,
             search_pb2_grpc.SearchServiceStub(channel).Search(
                 search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert info.value.details().startswith(f"reward server unavailable at {dead}"), info.value.details()
+    details = info.value.details() or ""
+    assert details.startswith("reward server unavailable:"), details
+    assert dead not in details  # internal addresses stay in the logs
     assert metric(serve.metrics(), "ets_search_upstream_up", upstream="reward") == 0
     assert metric(serve.metrics(), "ets_search_upstream_up", upstream="policy") == 1
 
@@ -200,7 +202,8 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
                 while await call.read() is not grpc.aio.EOF:
                     pass
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert info.value.details().startswith(f"policy server unavailable at {policy.url}"), info.value.details()
+            details = info.value.details() or ""
+            assert details.startswith("policy server unavailable:"), details
             await asyncio.to_thread(policy.stop)
 
             # Nothing leaked: no search task, no slot, and no task left running the project's or

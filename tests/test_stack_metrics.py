@@ -63,7 +63,7 @@ def test_prometheus_scrapes_throughput_and_cache_reuse(search_stack: Stack, tmp_
     prom = start_prometheus(tmp_path / "prom", [target])
     try:
         def up() -> bool:
-            res = prom.query('up{job="ets-search"}')["data"]["result"]  # type: ignore[index]
+            res = prom.query('up{job="ets-search"}')["data"]["result"]
             return bool(res) and res[0]["value"][1] == "1"
 
         deadline = time.monotonic() + 30
@@ -74,9 +74,9 @@ def test_prometheus_scrapes_throughput_and_cache_reuse(search_stack: Stack, tmp_
         time.sleep(3)  # a few more scrapes after the searches
         throughput = prom.query("sum(rate(ets_search_generated_tokens_total[1m]))")
         assert throughput["status"] == "success"
-        assert float(throughput["data"]["result"][0]["value"][1]) > 0  # type: ignore[index]
+        assert float(throughput["data"]["result"][0]["value"][1]) > 0
         reuse = prom.query("sum(ets_search_cached_prompt_tokens_total) / sum(ets_search_prompt_tokens_total)")
-        value = float(reuse["data"]["result"][0]["value"][1])  # type: ignore[index]
+        value = float(reuse["data"]["result"][0]["value"][1])
         assert 0.0 < value <= 1.0
         p95 = prom.query("histogram_quantile(0.95, sum by (le) (rate(ets_search_search_duration_seconds_bucket[1m])))")
         assert p95["data"]["result"], p95

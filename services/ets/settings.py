@@ -11,7 +11,9 @@ Owns how a setting is declared and read, for every configuration dataclass of th
 - ``check`` applies the declared choices and bounds to a finished object (for objects built in
   code), naming the field or the env var.
 
-So a new limit is one field: its env var, default, flag, help and validation live together.
+So a new limit is one field: its env var, default, flag, help and validation live together, e.g.
+``max_width: int = setting(4096, env="ETS_MAX_WIDTH", ge=1, help="widest search accepted")`` in
+``ServiceSettings``; ``ets settings --readme README.md`` then refreshes the README's settings tables.
 Env names may contain ``{prefix}`` (one dataclass read under several prefixes, e.g. the
 launcher's ``ETS_POLICY_`` and ``ETS_PRM_SGLANG_``); several names mean "first one set wins".
 Pure: reads only the mapping it is given (``os.environ`` by default), no other I/O.

@@ -1,11 +1,13 @@
 """``ets settings``: every environment variable of the services, with its flag, default and meaning.
 
 Generated from the settings dataclasses (``ets.settings``), so it cannot drift from the code;
-README's settings reference is this command's output (a test keeps them equal).
+README's settings reference is this command's output (a test keeps them equal):
+``ets settings --readme README.md`` rewrites that section after a setting is added or changed.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ets import settings
 from ets.config import SearchConfig
@@ -34,11 +36,29 @@ def reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+BEGIN = "<!-- settings:begin (generated: ets settings) -->\n"
+END = "<!-- settings:end -->"
+
+
+def readme_section(text: str) -> str:
+    """The generated part of a README (between the BEGIN and END markers)."""
+    start = text.index(BEGIN) + len(BEGIN)
+    return text[start:text.index(END, start)]
+
+
 def main(argv: list[str]) -> None:
-    if argv:
-        print("usage: ets settings  (prints every setting as Markdown tables)", file=sys.stderr)
+    if argv and (len(argv) != 2 or argv[0] != "--readme"):
+        print("usage: ets settings [--readme README.md]  (Markdown tables of every setting; --readme rewrites "
+              "the README's generated section)", file=sys.stderr)
         raise SystemExit(2)
-    sys.stdout.write(reference())
+    if not argv:
+        sys.stdout.write(reference())
+        return
+    path = Path(argv[1])
+    text = path.read_text()
+    old = readme_section(text)
+    path.write_text(text.replace(BEGIN + old, BEGIN + reference(), 1))
+    print(f"ets settings: {path} {'updated' if old != reference() else 'already current'}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ numbers, ``÷``, ``\\times``/``\\cdot``/``\\div``, ``\\frac{a}{b}``), parenthese
 with at least one operator in one of its sides: ``3 + 5 = 8``, chains ``2 * 3 = 6 + 4 = 10``
 (every adjacent pair of sides must be equal), GSM8K's annotations ``<<3+5=8>>``. Dollar signs and
 thousands commas (``$1,200``) are dropped, ``N%`` is ``N/100``, markdown bullets and bold markers
-are ignored. Words end a run, so in "Total = 4 * 3 = 12 apples" the sides are ``4 * 3`` and
-``12``; a side cut off by a word (the ``+ 3`` of "5 apples + 3 = 8") is not checked rather than
-misread. Sides equal a bare number written with d decimals when they agree to within half a unit
-of its last digit (``10 / 3 = 3.33``); otherwise exactly.
+are ignored. Words and line breaks end a run, so in "Total = 4 * 3 = 12 apples" the sides are
+``4 * 3`` and ``12``; a side cut off by a word (the
+``+ 3`` of "5 apples + 3 = 8") is not checked rather than misread. Sides equal a bare number
+written with d decimals when they agree to within half a unit of its last digit (``10 / 3 =
+3.33``); otherwise exactly.
 
 Score of step k (it judges the solution so far, as a PRM's step score does):
 ``SCORE_WRONG`` (0.1) when any equation in steps 1..k is wrong, else ``SCORE_RIGHT`` (0.9) when at

@@ -34,6 +34,11 @@ _MARKERS = re.compile(
     re.IGNORECASE,
 )
 _TRAILING = re.compile(r"(?:\s*(?:I hope it is correct\.?|ки))+\s*$", re.IGNORECASE)
+# GSM8K's own closing line: "#### 72".
+_HASHES = re.compile(r"####\s*")
+# "3 + 5 = 8" after a marker (small models restate the sum): numbers and operators only on the
+# left, one number on the right -> the right. "x = 3" (a variable) stays as written.
+_NUMERIC_EQUATION = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)$")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -56,8 +61,9 @@ def extract_answer(text: str) -> str:
     """The final answer in a trajectory's text ("" when it gives none).
 
     The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
-    "The answer is" marker, up to the end of its line, without a closing period, ``$`` signs or
-    a trailing step tag.
+    "The answer is" marker (else after GSM8K's "####"), up to the end of its line, without a
+    closing period, ``$`` signs or a trailing step tag; a purely numeric equation there
+    ("3 + 5 = 8") gives its result.
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -66,11 +72,15 @@ def extract_answer(text: str) -> str:
     for match in _MARKERS.finditer(text):
         last = match
     if last is None:
+        for match in _HASHES.finditer(text):
+            last = match
+    if last is None:
         return ""
     rest = text[last.end():].split("\n", 1)[0]
     rest = _TRAILING.sub("", rest).strip()
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
-    return rest
+    equation = _NUMERIC_EQUATION.match(rest)
+    return equation.group(1) if equation else rest
 
 
 def aggregate(scores: Sequence[float], how: str = "last") -> float:

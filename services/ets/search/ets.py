@@ -478,6 +478,7 @@ def solve_highs(
         stages = 2 if core is not None else 1
         for stage in range(stages):
             if stage == 1:
+                assert core is not None  # two stages only with a core (above)
                 # Lean LP fractional: add the strengthening rows; dual simplex re-optimises
                 # from the current basis.
                 extra = sp.csr_matrix(prog.matrix[~core])

