@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from tools import small
 
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1200)]
