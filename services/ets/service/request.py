@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ets.config import ConfigError, SearchConfig
+from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig
 from ets.errors import FieldError
 from ets.search.selection import validate
 
@@ -78,3 +78,25 @@ def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits:
     except ConfigError as err:
         raise RequestError(f"config.{err.field}", err.message) from None
     return config if limits is None else limits.check(config)
+
+
+def with_new_token_budget(config: SearchConfig, prompt_tokens: int, max_new_tokens: int,
+                          limits: Limits | None = None) -> SearchConfig:
+    """``config`` with a per-trajectory budget of ``max_new_tokens`` generated tokens (OpenAI's
+    ``max_tokens``) turned into ``max_tokens``, which counts the ``prompt_tokens`` of the root too;
+    the operator's caps apply to the result. ``RequestError`` names ``max_tokens`` (the field the
+    client set)."""
+    if max_new_tokens < 1:
+        raise RequestError("max_tokens", f"must be at least 1, got {max_new_tokens}")
+    total = prompt_tokens + max_new_tokens
+    if total > MAX_TOKENS_LIMIT:
+        raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
+                           f"exceeds {MAX_TOKENS_LIMIT} tokens per trajectory")
+    try:
+        config = validate(config.replace(max_tokens=total))
+    except ConfigError as err:
+        raise RequestError("max_tokens", err.message) from None
+    if limits is not None and total > limits.max_tokens:
+        raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
+                           f"exceeds this server's {limits.max_tokens} tokens per trajectory (ETS_LIMIT_MAX_TOKENS)")
+    return config
