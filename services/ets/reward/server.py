@@ -154,9 +154,10 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
     from ets.engine.supervisor import EngineSupervisor
     from ets.reward.backends.sglang_backend import SglangBackend
 
+    names = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
     if config.prm_url:
         supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
-                                      on_restart=metrics.prm_restarts.inc, name="PRM", url_setting="ETS_PRM_URL")
+                                      on_restart=metrics.prm_restarts.inc, **names)
     else:
         # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
         launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
@@ -170,7 +171,7 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
             launch = launch.replace(mem_fraction_static=mem)
         launch.validate()
         supervisor = EngineSupervisor(launch=launch, log_dir=config.log_dir, start_timeout_s=config.prm_start_timeout_s,
-                                      on_restart=metrics.prm_restarts.inc, name="PRM", port_setting="ETS_PRM_PORT")
+                                      on_restart=metrics.prm_restarts.inc, **names)
     backend = SglangBackend(config.prm_model, config.prm_type, supervisor, options=config.options)
     return backend
 
