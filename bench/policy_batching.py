@@ -31,7 +31,8 @@ from typing import Any
 
 from ets.policy.client import PolicyClient, SamplingParams
 
-_METRIC = re.compile(r"^(sglang:(?:prompt_tokens_total|cached_tokens_total|generation_tokens_total))\{[^}]*\}\s+([0-9.e+]+)$", re.M)
+_METRIC = re.compile(
+    r"^(sglang:(?:prompt_tokens_total|cached_tokens_total|generation_tokens_total))\{[^}]*\}\s+([0-9.e+]+)$", re.M)
 
 
 async def counters(client: PolicyClient) -> dict[str, float]:
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"nodes={args.nodes} n={args.n} prefix={args.prefix} step={args.step} reps={args.reps}")
-    print("| variant | wall per depth (median) | prompt tokens prefilled (engine) | engine prompt / cached tokens | sum of per-sample prompt / cached |")
+    print("| variant | wall per depth (median) | prompt tokens prefilled (engine) | engine prompt / cached tokens "
+          "| sum of per-sample prompt / cached |")
     print("|---|---|---|---|---|")
     for variant, s in report["summary"].items():
         print(f"| {variant} | {s['wall_s_median'] * 1000:.0f} ms | {s['prefilled_tokens_median']:.0f} | "

@@ -38,8 +38,8 @@ WORDS = ("we add the numbers then multiply each value so the total is check beca
 
 def make_steps(width: int, depth: int, seed: int) -> list[list[str]]:
     rng = random.Random(seed)
-    return [[f"Step {d + 1}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 24))) + f" = {rng.randint(1, 99)}"
-             for d in range(depth)] for _ in range(width)]
+    return [[f"Step {d + 1}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 24)))
+             + f" = {rng.randint(1, 99)}" for d in range(depth)] for _ in range(width)]
 
 
 def flush(url: str) -> None:
@@ -88,7 +88,9 @@ async def run_grpc(address: str, question: str, steps: list[list[str]], depth: i
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ets.engine.launcher import LaunchConfig
     from ets.engine.process import free_port, start_server
-    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+    from ets.engine.supervisor import EngineSupervisor
+    from ets.reward.backends import PrmBackend
+    from ets.reward.backends.sglang_backend import SglangBackend
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.server import RewardServer, RewardServerConfig
     from ets.reward.embedder import default_embedder_model
@@ -102,9 +104,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     random_seed=0), log_path=work / "prm.log", name="bench-prm", timeout=600)
     rows: list[dict[str, Any]] = []
     try:
-        backends = {
-            "sglang": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url)),
-            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url), reuse_prefix=False),
+        backends: dict[str, PrmBackend] = {
+            "sglang": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM")),
+            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM"),
+                                             reuse_prefix=False),
             "transformers": TransformersBackend(str(model), "math-shepherd", max_batch_items=args.width),
         }
         for b in backends.values():
@@ -156,7 +159,8 @@ def main() -> None:
     rows = asyncio.run(main_async(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    print("| variant | width x depth | seconds (median) | newest-step scores/s | PRM prompt tokens | served from cache |")
+    print("| variant | width x depth | seconds (median) | newest-step scores/s | PRM prompt tokens "
+          "| served from cache |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         share = f"{100 * r['cached_share']:.0f}%" if r["variant"] != "transformers" else "n/a"

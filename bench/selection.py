@@ -31,23 +31,24 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from functools import partial
+from typing import Any, Callable
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ets.config import preset_lambda_s  # noqa: E402
-from ets.search.ets import (  # noqa: E402
+from ets.config import preset_lambda_s
+from ets.search.ets import (
     build_instance, build_program, cluster_labels, select_ets, solve_cbc, solve_highs,
 )
-from ets.search.rebase import rebase_allocation, select_rebase  # noqa: E402
-from ets.testing.frontiers import grown_frontier  # noqa: E402
+from ets.search.rebase import rebase_allocation, select_rebase
+from ets.testing.frontiers import grown_frontier
 
 T = 0.2
 CUT = 0.05
@@ -68,6 +69,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def _solve_variant(inst: Any, formulation: str, lp_first: bool, time_limit_s: float) -> tuple[Any, Any]:
+    prog = build_program(inst, formulation)
+    return prog, solve_highs(prog, time_limit_s, (inst.outcome > 0).astype(float), lp_first=lp_first)
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -94,26 +100,23 @@ def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc
             cpu.setdefault(name, []).append(c)
 
     for k, f in enumerate(frontiers):
-        _, w, c = _timed(lambda: select_rebase(f.scores, width, T))
+        _, w, c = _timed(partial(select_rebase, f.scores, width, T))
         rec("rebase", w, c)
-        sel, w, c = _timed(lambda: select_ets(f, width, softmax_temperature=T, lambda_c=lambda_c, lambda_s=lambda_s,
-                                              cluster_distance=CUT, time_limit_s=time_limit_s))
+        sel, w, c = _timed(partial(select_ets, f, width, softmax_temperature=T, lambda_c=lambda_c,
+                                   lambda_s=lambda_s, cluster_distance=CUT, time_limit_s=time_limit_s))
         rec("ets", w, c)
         statuses[sel.solver_status] = statuses.get(sel.solver_status, 0) + 1
         rebase_keep = rebase_allocation(f.scores, width, T) > 0
         ets_keep = np.array(sel.counts) > 0
         kv_ratio.append(f.kv_tokens(ets_keep) / f.kv_tokens(rebase_keep))
 
-        labels, w_cl, c_cl = _timed(lambda: cluster_labels(f, lambda_s, CUT))
+        labels, w_cl, c_cl = _timed(partial(cluster_labels, f, lambda_s, CUT))
         rec("clustering", w_cl, c_cl)
         inst = build_instance(f, width, T, lambda_c, lambda_s, "uniform", labels)
         ours = None
         if variants and k < variant_frontiers:
             for name, formulation, lp_first in VARIANTS:
-                def solve() -> Any:
-                    prog = build_program(inst, formulation)
-                    return prog, solve_highs(prog, time_limit_s, (inst.outcome > 0).astype(float), lp_first=lp_first)
-                (prog, solved), w, c = _timed(solve)
+                (prog, solved), w, c = _timed(partial(_solve_variant, inst, formulation, lp_first, time_limit_s))
                 rec(f"program: {name}", w, c)
                 sizes.setdefault(f"{name} vars", []).append(prog.num_vars)
                 sizes.setdefault(f"{name} rows", []).append(prog.num_rows)
@@ -121,18 +124,19 @@ def run_case(width: int, lambda_c: float, lambda_s: float, n_frontiers: int, cbc
                     ours = solved
         if k < cbc_frontiers:
             ref_prog = build_program(inst, "naive")
-            ref, w, _ = _timed(lambda: solve_cbc(ref_prog))
+            ref, w, _ = _timed(partial(solve_cbc, ref_prog))
             rec("program: cbc (naive)", w)
             rec("cbc selection", w + w_cl)  # clustering + CBC program, as the reference runs it
             mine = inst.objective(np.array(sel.keep)) if sel.keep is not None else None
             theirs = None if ref.keep is None else inst.objective(ref.keep)
-            entry = {"frontier": k, "ours": mine, "cbc": theirs, "cbc_status": ref.status, "ours_status": sel.solver_status}
+            entry = {"frontier": k, "ours": mine, "cbc": theirs, "cbc_status": ref.status,
+                     "ours_status": sel.solver_status}
             # Only a proven optimum can mismatch; a time-limited incumbent (or a fallback, counted in
             # ets_status) may legitimately fall short - recorded as a gap.
             if sel.solver_status == "optimal":
-                if theirs is None or abs(theirs - mine) > 1e-6:
+                if theirs is None or mine is None or abs(theirs - mine) > 1e-6:
                     mismatches.append(entry)
-            elif sel.solver_status == "time_limit" and theirs is not None:
+            elif sel.solver_status == "time_limit" and theirs is not None and mine is not None:
                 gaps.append(entry | {"gap": theirs - mine})
             if ours is not None and ours.status == "optimal" and ref.keep is not None:
                 if abs(inst.objective(ours.keep) - inst.objective(ref.keep)) > 1e-6:
@@ -167,11 +171,13 @@ def bounded_case(width: int, time_limit_s: float, n: int, seed: int) -> dict[str
     frontiers = [grown_frontier(rng, width, depths=4) for _ in range(n)]
     rows = []
     for lc in (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0):
-        times, cpu, statuses = [], [], {}
+        times: list[float] = []
+        cpu: list[float] = []
+        statuses: dict[str, int] = {}
         for f in frontiers:
-            sel, w, c = _timed(lambda: select_ets(f, width, softmax_temperature=T, lambda_c=lc,
-                                                  lambda_s=preset_lambda_s(width), cluster_distance=CUT,
-                                                  time_limit_s=time_limit_s))
+            sel, w, c = _timed(partial(select_ets, f, width, softmax_temperature=T, lambda_c=lc,
+                                       lambda_s=preset_lambda_s(width), cluster_distance=CUT,
+                                       time_limit_s=time_limit_s))
             times.append(w)
             cpu.append(c)
             statuses[sel.solver_status] = statuses.get(sel.solver_status, 0) + 1
@@ -192,9 +198,12 @@ def markdown(results: dict[str, Any]) -> str:
         sp = r.get("speedup_vs_cbc")
         lines.append(
             f"| {r['width']} | {r['candidates_median']} | {r['lambda_c']:g} | {wl['rebase']['median_ms']:.2f} ms | "
-            f"{wl['ets']['median_ms']:.1f} / {wl['ets']['p99_ms']:.1f} ms | {cp['ets']['median_ms']:.1f} / {cp['ets']['p99_ms']:.1f} ms | "
-            + (f"{cbc['median_ms']:.0f} / {cbc['p99_ms']:.0f} ms | {sp['median']:.1f}x / {sp['p99']:.1f}x | " if cbc else "- | - | ")
-            + f"{r['ets_status']} | {len(r['objective_mismatches'])}/{r['cbc_frontiers']} | {r['kept_kv_vs_rebase_mean']:.2f} |"
+            f"{wl['ets']['median_ms']:.1f} / {wl['ets']['p99_ms']:.1f} ms | "
+            f"{cp['ets']['median_ms']:.1f} / {cp['ets']['p99_ms']:.1f} ms | "
+            + (f"{cbc['median_ms']:.0f} / {cbc['p99_ms']:.0f} ms | {sp['median']:.1f}x / {sp['p99']:.1f}x | "
+               if cbc else "- | - | ")
+            + f"{r['ets_status']} | {len(r['objective_mismatches'])}/{r['cbc_frontiers']} | "
+            f"{r['kept_kv_vs_rebase_mean']:.2f} |"
         )
     variant_rows = [r for r in results["cases"] if any(k.startswith("program: ") for k in r["cpu"])]
     if variant_rows:
@@ -248,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"width {width} lambda_c {lambda_c:g}: ets median {r['wall']['ets']['median_ms']:.1f} ms, "
                   f"cbc {r['wall'].get('cbc selection', {}).get('median_ms', float('nan')):.0f} ms, "
                   f"mismatches {len(r['objective_mismatches'])}", file=sys.stderr, flush=True)
-    bounded = bounded_case(256 if not args.quick else 64, args.bounded_limit, 10 if not args.quick else 2, args.seed + 7)
+    bounded = bounded_case(256 if not args.quick else 64, args.bounded_limit, 10 if not args.quick else 2,
+                           args.seed + 7)
     results = {
         "command": "bench/selection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

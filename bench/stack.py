@@ -3,8 +3,9 @@
     .venv/bin/python bench/stack.py [--widths 16,64] [--methods ets,rebase,beam,best_of_n]
         [--problems 3] [--out bench/results/stack.json] [--addr HOST:PORT --policy-url URL]
 
-Starts the stack with ``ets.service.stack`` (tiny policy + tiny math-shepherd PRM on SGLang CPU,
-reward server, search service) unless ``--addr`` points at a running one. The same problems and
+Starts the stack with ``ets.testing.stack`` (tiny policy + tiny math-shepherd PRM on SGLang CPU,
+reward server, search service; ``--policy smollm2-135m-instruct`` for the real policy) unless
+``--addr`` points at a running one. The same problems and
 seeds run under every method and width, one search at a time, with the policy's prefix cache
 flushed before each search so its cached-token ratio is the search's own reuse. Per (width,
 method) it reports logical KV tokens (total = sum over selections, and peak), the engine's
@@ -22,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ async def run(addr: str, policy_url: str | None, widths: list[int], methods: lis
         for width in widths:
             for pi, problem in enumerate(problems):
                 for method in methods:
-                    flushed = bool(policy_url) and await asyncio.to_thread(flush_policy_cache, policy_url)
+                    flushed = await asyncio.to_thread(flush_policy_cache, policy_url) if policy_url else False
                     config = search_pb2.SearchConfig(method=method, width=width, max_step_tokens=step_tokens,
                                                      max_tokens=max_tokens, max_depth=max_depth, seed=seed + pi)
                     t0 = time.perf_counter()
@@ -135,7 +135,8 @@ def ratios(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | gen tok/s | service overhead | of which selection | overhead ms/step | RPC ms/search |",
+        "| width | method | KV total (mean) | KV peak (mean) | engine cached ratio | generated tok | wall s | "
+        "gen tok/s | service overhead | of which selection | overhead ms/step | RPC ms/search |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
@@ -143,7 +144,8 @@ def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) ->
             f"| {s['width']} | {s['method']} | {s['mean_total_kv_tokens']:.0f} | {s['mean_peak_kv_tokens']:.0f} | "
             f"{100 * s['cached_ratio']:.1f}% | {s['mean_generated_tokens']:.0f} | {s['mean_wall_seconds']:.2f} | "
             f"{s['generated_tokens_per_second']:.0f} | {100 * s['overhead_share']:.1f}% | "
-            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} | {s['rpc_overhead_ms_per_search']:.1f} |")
+            f"{100 * s['selection_share']:.1f}% | {s['overhead_ms_per_step']:.1f} | "
+            f"{s['rpc_overhead_ms_per_search']:.1f} |")
     lines.append("")
     for r in ratio_rows:
         lines.append(f"- width {r['width']}: ETS/REBASE KV tokens total {r['ets_over_rebase_total_kv']:.2f}x, "
@@ -164,6 +166,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--addr", default=None, help="use a running search service instead of starting the stack")
     p.add_argument("--policy-url", default=None, help="with --addr: the policy server (to flush its cache)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--policy", default="tiny",
+                   help="the stack's policy: tiny (the recorded table) or a packaged real model (ets models list)")
+    p.add_argument("--prm-type", default="math-shepherd", help="the stack's PRM type (math-shepherd: the tiny PRM)")
     args = p.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -175,12 +180,13 @@ def main(argv: list[str]) -> int:
         if args.addr:
             addr, policy_url = args.addr, args.policy_url
         else:
-            from ets.service.stack import StackConfig, start_stack
+            from ets.testing.stack import StackConfig, start_stack
 
             work = Path(args.work_dir or tempfile.mkdtemp(prefix="ets-bench-"))
             print(f"bench: starting the stack in {work}", file=sys.stderr, flush=True)
             # Width 64 with long prefixes needs a larger KV pool than the CPU default.
-            stack = start_stack(StackConfig(work_dir=work, max_concurrent=1, policy_max_total_tokens=32768))
+            stack = start_stack(StackConfig(work_dir=work, max_concurrent=1, policy_max_total_tokens=32768,
+                                            policy=args.policy, prm_type=args.prm_type))
             addr, policy_url = stack.search_addr, stack.policy_url
             print(f"bench: stack up in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

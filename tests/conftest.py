@@ -7,7 +7,7 @@ stops the least recently requested server (a later request restarts it). When a 
 start, the ``ServerStartError`` carries its log tail; logs stay under the session temp folder.
 
 Other areas register their fixture modules in ``pytest_plugins`` below
-(``tests/<area>_fixtures.py``).
+(``tests/<area>_fixtures.py``); ``tests/tiers.py`` marks every test with its tier.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ets.engine.launcher import LaunchConfig
 from ets.engine.process import SGLangProcess, free_port, start_server
 
 # Other areas' fixture modules (tests/<area>_fixtures.py); add yours here.
-pytest_plugins: list[str] = ["service_fixtures", "reward_fixtures"]
+pytest_plugins: list[str] = ["tiers", "pytester", "service_fixtures", "reward_fixtures"]
 
 # Each CPU SGLang server holds ~2 GB; 5 people share this machine.
 MAX_SGLANG_SERVERS = int(os.environ.get("ETS_TEST_MAX_SGLANG_SERVERS", "3"))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from ets.engine.process import SGLangProcess
-from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+from ets.testing.stack import Stack, StackConfig, start_stack, wait_grpc_serving
 from tools import free_port, http_get, tool, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,10 +32,11 @@ SMALL_SEARCH_ENV = {
 class ServeProcess:
     """``ets serve`` as a subprocess (own process group, log file, stop by PID)."""
 
-    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str) -> None:
+    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
         self.proc = proc
         self.addr = addr
         self.metrics_url = metrics_url
+        self.openai_url = openai_url  # the OpenAI-compatible endpoint's base URL (http://host:port/v1)
 
     def metrics(self) -> str:
         return http_get(self.metrics_url)
@@ -46,13 +47,15 @@ class ServeProcess:
 
 def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[str, str] | None = None,
                 args: tuple[str, ...] = (), name: str = "search") -> ServeProcess:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, openai_port = free_port(), free_port(), free_port()
     run_env = dict(os.environ, **SMALL_SEARCH_ENV, **(env or {}))
     argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--policy-url", policy_url, "--reward-addr", reward_addr, *args]
+            "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url,
+            "--reward-addr", reward_addr, *args]
     proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
-    serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                         f"http://127.0.0.1:{openai_port}/v1")
     # Up = the metrics endpoint answers (gRPC health is NOT_SERVING until upstreams answer).
     wait_http(serve.metrics_url, what="ets serve", alive=proc.is_alive, log_tail=proc.log_tail, stop=proc.stop)
     return serve
@@ -83,7 +86,7 @@ def search_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
     """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
     PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
     cfg = StackConfig(
-        work_dir=tmp_path_factory.mktemp("stack"),
+        work_dir=tmp_path_factory.mktemp("stack"), policy="tiny", prm_type="math-shepherd",
         policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
         search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
     )
@@ -106,7 +109,7 @@ class Prometheus:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
 
-    def query(self, expr: str) -> dict[str, object]:
+    def query(self, expr: str) -> dict[str, Any]:
         import json
         import urllib.parse
 

@@ -173,7 +173,7 @@ class RecordingClient(RoutedPolicyClient):
 
     async def generate(self, prompts: Sequence[Sequence[int]], params: Any, **kw: Any) -> list[list[Sample]]:
         out = await super().generate(prompts, params, **kw)
-        for ids, samples in zip(prompts, out):
+        for ids, samples in zip(prompts, out, strict=True):
             self.record.extend((tuple(ids), s) for s in samples)
         return out
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,8 @@ def test_cpu_argv_uses_the_cpu_recipe() -> None:
     assert "--disable-cuda-graph" in argv
     # An idle CPU scheduler without it spins a whole core (two engines starve a 2-core host).
     assert "--sleep-on-idle" in argv
-    assert float(_flag(argv, "--mem-fraction-static")) <= 0.1
+    # A budget check only on CPU (the token cap sizes the pool), with room for real weights.
+    assert 0.1 < float(_flag(argv, "--mem-fraction-static")) < 0.5
     assert int(_flag(argv, "--max-total-tokens")) == CPU_MAX_TOTAL_TOKENS
     assert _flag(argv, "--host") == "127.0.0.1"
 
@@ -175,7 +177,7 @@ def _policy_serve(args: list[str], env: dict[str, str]) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=60)
 
 
-def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path) -> None:
+def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path: Path) -> None:
     import os
 
     env = {**os.environ, "ETS_POLICY_MODEL": str(tmp_path), "ETS_DEVICE": "cpu", "ETS_POLICY_PORT": "31234"}
@@ -184,7 +186,7 @@ def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path) -> Non
     assert "sglang.launch_server" in ok.stdout and "--port 31234" in ok.stdout and "--device cpu" in ok.stdout
     bad = _policy_serve(["--print-command"], {**env, "ETS_POLICY_MEM_FRACTION": "2"})
     assert bad.returncode == 2
-    assert "mem_fraction_static" in bad.stderr and "Traceback" not in bad.stderr
+    assert "ETS_POLICY_MEM_FRACTION" in bad.stderr and "Traceback" not in bad.stderr  # names the variable
     missing = _policy_serve([], {k: v for k, v in env.items() if k != "ETS_POLICY_MODEL"})
     assert missing.returncode == 2 and "model_path" in missing.stderr
     typo = _policy_serve([], {**env, "ETS_POLICY_MODEL": "no-such-model"})

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.models
 def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) -> None:
     cache, folder, _ = fresh
     assert folder == cache / SPEC.name
@@ -57,18 +59,26 @@ def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok: Any = AutoTokenizer.from_pretrained(folder)
     assert tok.eos_token == "<|im_end|>"
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")  # ChatML
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # The policy model type the registry names renders its root through this tokenizer's template.
+    from ets.config import policy_model_type
+
+    mt = policy_model_type(SPEC.policy_model_type)
+    root = mt.format_root("Q?", lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+    assert root.startswith("<|im_start|>system\n") and f"Q?\n{mt.instruction}<|im_end|>" in root
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = tok(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     # Real weights (a random or mis-dequantised model does not know this).
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.mark.models
 def test_second_prepare_returns_at_once(fresh: tuple[Path, Path, float]) -> None:
     cache, folder, first_s = fresh
     before = (folder / MARKER).stat().st_mtime_ns

@@ -7,6 +7,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -31,7 +32,7 @@ def vocab(tiny_policy_model: Path) -> dict[str, int]:
 
 
 @pytest.fixture()
-async def client(policy_server: str, vocab: dict[str, int]):
+async def client(policy_server: str, vocab: dict[str, int]) -> AsyncIterator[PolicyClient]:
     async with PolicyClient(policy_server, timeout_s=120, vocab_size=vocab["size"]) as c:
         yield c
 
@@ -77,7 +78,8 @@ async def test_stop_string_tag_kept_or_trimmed_ids_always_exact(client: PolicyCl
 @pytest.mark.sglang
 async def test_eos_is_distinguished_from_stop(client: PolicyClient, vocab: dict[str, int]) -> None:
     ids = await _prompt(client)
-    [s] = await client.generate_one(ids, SamplingParams(max_new_tokens=16, stop=(TAG,), logit_bias={vocab["eos"]: 50.0}))
+    params = SamplingParams(max_new_tokens=16, stop=(TAG,), logit_bias={vocab["eos"]: 50.0})
+    [s] = await client.generate_one(ids, params)
     assert s.finish == "eos" and s.matched == vocab["eos"]
     # A stop *token* we asked for is a stop, not an eos.
     [t] = await client.generate_one(
@@ -165,8 +167,9 @@ async def test_tokenize_and_info(client: PolicyClient, tiny_policy_model: Path) 
     text = "Janet has 3 apples. ки"
     assert await client.tokenize(text) == tok(text)["input_ids"]
     chat = await client.tokenize_chat([{"role": "user", "content": "hi"}])
-    assert chat == tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
-                                           add_generation_prompt=True, return_dict=True)["input_ids"]
+    rendered: Any = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=True)
+    assert chat == rendered["input_ids"]
     info = await client.model_info()
     assert info["is_generation"] and Path(info["model_path"]) == tiny_policy_model
     assert "sglang:prompt_tokens_total" in await client.metrics_text()
@@ -200,7 +203,8 @@ async def test_server_that_never_answers_times_out() -> None:
 
 
 @pytest.mark.sglang
-async def test_server_killed_mid_session_becomes_unavailable(sglang_servers, tiny_model_factory) -> None:
+async def test_server_killed_mid_session_becomes_unavailable(sglang_servers: Any,
+                                                             tiny_model_factory: Callable[[str], Path]) -> None:
     """A dedicated server (not the shared one) is stopped; the next call fails over retries."""
     model = tiny_model_factory("policy-qwen2")
     proc = sglang_servers.get(model)
@@ -230,7 +234,7 @@ async def test_json_schema_constrained_answer_xgrammar(client: PolicyClient) -> 
 
 
 @pytest.mark.sglang
-async def test_outlines_grammar_backend(sglang_servers, tiny_policy_model: Path, vocab: dict[str, int]) -> None:
+async def test_outlines_grammar_backend(sglang_servers: Any, tiny_policy_model: Path, vocab: dict[str, int]) -> None:
     """The launcher's grammar-backend choice reaches SGLang; outlines needs `datasets` (pinned in
     requirements/sglang-cpu.txt) or every constrained request fails to compile."""
     import json

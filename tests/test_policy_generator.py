@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -23,13 +24,13 @@ class CountingClient(PolicyClient):
 
     calls = 0
 
-    async def generate(self, *args, **kwargs):  # type: ignore[override]
+    async def generate(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         return await super().generate(*args, **kwargs)
 
 
 @pytest.fixture()
-async def client(policy_server: str):
+async def client(policy_server: str) -> AsyncIterator[CountingClient]:
     async with CountingClient(policy_server, timeout_s=120) as c:
         yield c
 
@@ -38,7 +39,9 @@ async def client(policy_server: str):
 def tag_id(tiny_policy_model: Path) -> int:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_policy_model).convert_tokens_to_ids(TAG)
+    tag = AutoTokenizer.from_pretrained(tiny_policy_model).convert_tokens_to_ids(TAG)
+    assert isinstance(tag, int)
+    return tag
 
 
 _METRIC = re.compile(r"^(sglang:(?:prompt_tokens_total|cached_tokens_total))\{[^}]*\}\s+([0-9.e+]+)$", re.M)
@@ -124,6 +127,7 @@ async def test_tokenize_root_per_model_type(client: CountingClient, tiny_policy_
     assert root.question == q and list(root.prompt_ids) == tok(q + "\n")["input_ids"]
     mt = policy_model_type("llama-instruct")
     chat_root = await tokenize_root(client, q, mt)
-    expected = tok.apply_chat_template(mt.root_messages(q), tokenize=True, add_generation_prompt=True,
-                                       return_dict=True)["input_ids"]
+    rendered: Any = tok.apply_chat_template(mt.root_messages(q), tokenize=True, add_generation_prompt=True,
+                                            return_dict=True)
+    expected = rendered["input_ids"]
     assert list(chat_root.prompt_ids) == list(expected)

@@ -50,8 +50,8 @@ def test_invalid_sampling_params_name_the_field(params: SamplingParams, field: s
     assert err.value.message.startswith(field)
 
 
-def _result(reason: dict, ids: list[int] = [5, 6]) -> dict:
-    return {"text": "x", "output_ids": ids,
+def _result(reason: dict, ids: tuple[int, ...] = (5, 6)) -> dict:
+    return {"text": "x", "output_ids": list(ids),
             "meta_info": {"finish_reason": reason, "prompt_tokens": 10, "completion_tokens": len(ids),
                           "cached_tokens": 9, "e2e_latency": 0.1}}
 

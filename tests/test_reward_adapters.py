@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -57,15 +57,15 @@ def test_tiny_tokenizer_vocab_matches_model(kind: str, tiny_model_factory: Calla
 
 @pytest.mark.parametrize("kind", PRM_KINDS)
 def test_adapter_tokens_are_single_ids(kind: str, tokenizers: dict[str, object]) -> None:
-    tok = tokenizers[kind]
-    adapter = make_adapter(kind, tok)
+    tok: Any = tokenizers[kind]
+    adapter: Any = make_adapter(kind, tok)  # kind-specific token ids (tag_id, separator_id, ...)
     opts = PrmOptions()
     if kind in ("math-shepherd", "llemma"):
-        assert tok.convert_ids_to_tokens([adapter.tag_id]) == [opts.step_tag]  # type: ignore[attr-defined]
+        assert tok.convert_ids_to_tokens([adapter.tag_id]) == [opts.step_tag]
     if kind in ("math-shepherd", "rlhflow"):
         assert tok.decode([adapter.plus_id]) == "+" and tok.decode([adapter.minus_id]) == "-"
     if kind == "qwen-prm":
-        assert tok.convert_ids_to_tokens([adapter.separator_id]) == ["<extra_0>"]  # type: ignore[attr-defined]
+        assert tok.convert_ids_to_tokens([adapter.separator_id]) == ["<extra_0>"]
     for token in KINDS[kind].added_tokens + KINDS[kind].special_tokens:
         single_token_id(tok, token, "token")
 
@@ -161,7 +161,8 @@ def _reference_scores(kind: str, model_dir: Path, question: str, steps: list[str
 
 
 @pytest.mark.parametrize("kind", PRM_KINDS)
-async def test_transformers_backend_matches_direct_forward(kind: str, tiny_model_factory: Callable[[str], Path]) -> None:
+async def test_transformers_backend_matches_direct_forward(kind: str,
+                                                           tiny_model_factory: Callable[[str], Path]) -> None:
     model_dir = tiny_model_factory(kind)
     backend = TransformersBackend(str(model_dir), kind, max_batch_tokens=256)  # small: forces several chunks
     await backend.start()
@@ -174,7 +175,7 @@ async def test_transformers_backend_matches_direct_forward(kind: str, tiny_model
     finally:
         await backend.close()
     flat: list[float] = []
-    for (q, steps), got, got_last, single in zip(CASES, full, last, singles):
+    for (q, steps), got, got_last, single in zip(CASES, full, last, singles, strict=True):
         want = _reference_scores(kind, model_dir, q, steps)
         assert len(got) == len(steps)
         assert got == pytest.approx(want, abs=1e-2)

@@ -36,7 +36,8 @@ def server(reward_servers: Callable[..., ThreadedRewardServer],
                                         max_batch_size=MAX_BATCH))
 
 
-def _traj(question: str = "What is 2 + 2?", steps: tuple[str, ...] = ("2 + 2 = 4", "The answer is 4")) -> reward_pb2.Trajectory:
+def _traj(question: str = "What is 2 + 2?",
+          steps: tuple[str, ...] = ("2 + 2 = 4", "The answer is 4")) -> reward_pb2.Trajectory:
     return reward_pb2.Trajectory(question=question, steps=list(steps))
 
 
@@ -108,8 +109,8 @@ async def test_bad_input_is_invalid_argument_naming_the_field(server: ThreadedRe
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await method(request_, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{field}:"), err.value.details()
-    assert "Traceback" not in err.value.details()
+    assert (err.value.details() or "").startswith(f"{field}:"), err.value.details()
+    assert "Traceback" not in (err.value.details() or "")
 
 
 async def test_health_reflection_and_metrics(server: ThreadedRewardServer) -> None:
@@ -185,7 +186,8 @@ def _reward_serve(env_overrides: dict[str, str], *args: str, **popen: object) ->
          "ETS_PRM_JUDGE_NEXT_TURN"),
         ({"ETS_PRM_TYPE": "math-shepherd", "ETS_PRM_BACKEND": "transformers", "ETS_REWARD_PORT": "x"},
          "ETS_REWARD_PORT"),
-        ({"ETS_PRM_TYPE": "math-shepherd", "ETS_PRM_BACKEND": "sglang", "ETS_PRM_HOST": "0.0.0.0 --port 1"}, "ETS_PRM_HOST"),
+        ({"ETS_PRM_TYPE": "math-shepherd", "ETS_PRM_BACKEND": "sglang", "ETS_PRM_HOST": "0.0.0.0 --port 1"},
+         "ETS_PRM_HOST"),
     ],
 )
 def test_cli_refuses_bad_configuration_naming_the_setting(env: dict[str, str], field: str,

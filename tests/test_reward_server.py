@@ -41,7 +41,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def prm_servers(sglang_servers: object, tiny_model_factory: Callable[[str], Path]) -> Iterator[Callable[[str], SGLangProcess]]:
+def prm_servers(sglang_servers: object,
+                tiny_model_factory: Callable[[str], Path]) -> Iterator[Callable[[str], SGLangProcess]]:
     """``get(kind)``: a real SGLang CPU server for the tiny PRM of ``kind`` (llemma's with hidden
     states enabled); stopped at module end so later modules stay under the server cap."""
     started: list[SGLangProcess] = []
@@ -76,7 +77,7 @@ async def test_sglang_and_transformers_backends_agree(
         # change a score.
         again = await a.score(CASES)
     flat: list[float] = []
-    for case, sa, sb, la, lb, ag in zip(CASES, full_a, full_b, last_a, last_b, again):
+    for case, sa, sb, la, lb, ag in zip(CASES, full_a, full_b, last_a, last_b, again, strict=True):
         assert len(sa) == len(sb) == len(case.steps)
         assert sa == pytest.approx(sb, abs=1e-2), (kind, case.question)
         assert all(0.0 <= x <= 1.0 for x in sa + sb)

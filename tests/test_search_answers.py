@@ -25,6 +25,15 @@ def traj(text: str, *scores: float) -> Trajectory:
         ("Therefore, the final answer is: $\\boxed{30^\\circ}$. I hope it is correct.", "30^\\circ"),
         ("the answer is 7.\nMore text", "7"),
         ("No conclusion yet ки", ""),
+        # SmolLM2 restates the sum after the marker; the result is the answer.
+        ("so he has 8 apples now.\nThe answer is 3 + 5 = 8.", "8"),
+        ("The answer is 16 - 3 - 4 = 9.", "9"),
+        ("The answer is x = 3 + 5.", "x = 3 + 5"),
+        ("The answer is 3. After breaking this down, Tom has 3 apples left", "3"),
+        ("The answer is 3.5 apples.", "3.5 apples"),
+        # GSM8K's own closing line, when no marker sentence is there.
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
+        ("#### 5\nThe answer is 7.", "7"),
         (r"\boxed{unbalanced", ""),
     ],
 )
@@ -50,7 +59,8 @@ def test_equivalent_answers(a: str, b: str) -> None:
     assert equivalent(a, b) and equivalent(b, a)
 
 
-@pytest.mark.parametrize("a,b", [(r"\frac{1}{2}", r"\frac{1}{3}"), ("(1, 2]", "[1, 2]"), ("3", "-3"), ("", "0"), ("x", "y")])
+@pytest.mark.parametrize("a,b", [(r"\frac{1}{2}", r"\frac{1}{3}"), ("(1, 2]", "[1, 2]"), ("3", "-3"), ("", "0"),
+                                 ("x", "y")])
 def test_different_answers(a: str, b: str) -> None:
     assert not equivalent(a, b)
 
@@ -108,7 +118,8 @@ def test_no_answers_and_ties() -> None:
     none = select_answer([traj("hmm", 0.2), traj("hmm", 0.6)])
     assert none.answer == "" and none.best_index == 1
     # Tie on votes: the group whose best trajectory scores higher wins.
-    tie = select_answer([traj(r"\boxed{1}", 0.3), traj(r"\boxed{1}", 0.3), traj(r"\boxed{5}", 0.6)], "weighted_majority")
+    tie = select_answer([traj(r"\boxed{1}", 0.3), traj(r"\boxed{1}", 0.3), traj(r"\boxed{5}", 0.6)],
+                        "weighted_majority")
     assert tie.answer == "5"
     with pytest.raises(ValueError, match="voting"):
         select_answer([traj("x", 0.1)], "plurality")

@@ -94,10 +94,10 @@ def test_from_env() -> None:
     assert (c.width, c.method, c.lambda_c, c.seed, c.effective_lambda_s) == (256, "rebase", 5.0, None, 1.45)
     with pytest.raises(ConfigError) as info:
         SearchConfig.from_env(environ={"ETS_SEARCH_WIDTH": "wide"})
-    assert info.value.field == "width"
+    assert info.value.field == "ETS_SEARCH_WIDTH"  # errors name the variable to fix
     with pytest.raises(ConfigError) as info:
         SearchConfig.from_env(environ={"X_MAX_TOKENS": "10"}, prefix="X_")
-    assert info.value.field == "max_step_tokens"  # 256 > 10
+    assert info.value.field == "X_MAX_STEP_TOKENS"  # 256 > 10
 
 
 def test_model_types() -> None:
@@ -114,6 +114,14 @@ def test_model_types() -> None:
     with pytest.raises(ConfigError) as info:
         li.format_root("Q?")
     assert info.value.field == "policy_model_type"
+    # SmolLM2: no system turn of ours (the template adds the model's own), the answer-line
+    # instruction after the question, "\n\n" steps.
+    sm = POLICY_MODEL_TYPES["smollm2-instruct"]
+    assert sm.stop == ("\n\n",) and sm.chat and sm.system_prompt is None
+    assert sm.instruction is not None
+    messages = sm.root_messages("Tom has 3 {apples}?")
+    assert messages == [{"role": "user", "content": "Tom has 3 {apples}?\n" + sm.instruction}]
+    assert "The answer is N." in sm.instruction and sm.has_answer("So he has 8 apples.\nThe answer is 8.")
     with pytest.raises(ConfigError):
         policy_model_type("nope")
     assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")

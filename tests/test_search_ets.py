@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
+from ets.search.base import Selection
 from ets.search.clustering import cluster_steps, coverage_applies
 from ets.search.ets import (
     FORMULATIONS, build_instance, build_program, cluster_labels, select_ets, solve_highs,
@@ -64,7 +66,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("seed,lambda_c,lambda_s,node_cost", CASES)
-def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: float, lambda_s: float, node_cost: str) -> None:
+def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: float, lambda_s: float,
+                                                        node_cost: str) -> None:
     rng = np.random.default_rng(1000 + seed)
     for _ in range(3):
         n = int(rng.integers(2, 11))
@@ -75,7 +78,7 @@ def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: flo
         inst = build_instance(f, width, T, lambda_c, lambda_s, node_cost, labels)
         for formulation, lp_first in [(f, True) for f in FORMULATIONS] + [("compact", False), ("naive", False)]:
             solved = solve_highs(build_program(inst, formulation), time_limit_s=10.0, lp_first=lp_first)
-            assert solved.status == "optimal"
+            assert solved.status == "optimal" and solved.keep is not None
             got = spec_objective(f, width, lambda_c, lambda_s, node_cost, labels, tuple(solved.keep))
             assert got == pytest.approx(best, abs=1e-9), (formulation, lp_first)
             # The program's own value (constant folded in) agrees with the spec's objective.
@@ -86,8 +89,8 @@ def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: flo
         assert sel.objective == pytest.approx(best, abs=1e-9)
 
 
-def _select(f: Frontier, width: int, **kw) -> "object":
-    args = dict(softmax_temperature=T, lambda_c=1.0, lambda_s=1.5, cluster_distance=0.05,
+def _select(f: Frontier, width: int, **kw: Any) -> Selection:
+    args: dict[str, Any] = dict(softmax_temperature=T, lambda_c=1.0, lambda_s=1.5, cluster_distance=0.05,
                 node_cost="uniform", time_limit_s=10.0)
     args.update(kw)
     return select_ets(f, width, **args)
@@ -125,11 +128,12 @@ def test_zero_lambdas_keep_what_rebase_keeps(seed: int) -> None:
     assert inst.objective(np.ones(f.size, bool)) == pytest.approx(1.0)
 
 
-def _kv_of_optimum(f: Frontier, width: int, lc: float, ls: float, cost: str, labels) -> tuple[int, int]:
+def _kv_of_optimum(f: Frontier, width: int, lc: float, ls: float, cost: str, labels: Any) -> tuple[int, int]:
     inst = build_instance(f, width, T, lc, ls, cost, labels)
     solved = solve_highs(build_program(inst), 10.0)
     assert solved.status == "optimal"
     keep = solved.keep
+    assert keep is not None
     nodes = int(keep.sum()) + len({j for i in np.flatnonzero(keep) for j in f.ancestors[i]})
     return f.kv_tokens(keep), nodes
 
@@ -150,9 +154,9 @@ def test_raising_lambda_c_never_raises_what_the_cost_counts(seed: int) -> None:
     lambdas = [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0]
     width = 16
     kv_tok = [_kv_of_optimum(f, width, lc, ls, "tokens", labels)[0] for lc in lambdas]
-    assert all(b <= a for a, b in zip(kv_tok, kv_tok[1:])), kv_tok
+    assert all(b <= a for a, b in itertools.pairwise(kv_tok)), kv_tok
     nodes_uni = [_kv_of_optimum(f, width, lc, ls, "uniform", labels)[1] for lc in lambdas]
-    assert all(b <= a for a, b in zip(nodes_uni, nodes_uni[1:])), nodes_uni
+    assert all(b <= a for a, b in itertools.pairwise(nodes_uni)), nodes_uni
 
 
 def test_uniform_cost_can_trade_few_long_nodes_for_more_short_ones() -> None:
@@ -179,7 +183,8 @@ def test_uniform_cost_can_trade_few_long_nodes_for_more_short_ones() -> None:
     assert low.objective == pytest.approx(-0.36) and high.objective == pytest.approx(-0.54)
     # The token-weighted cost prefers the cheap branch at both weights.
     for lc in (1.5, 1.8):
-        assert _select(f, 25, lambda_c=lc, lambda_s=0.0, node_cost="tokens").keep[2] is False
+        keep = _select(f, 25, lambda_c=lc, lambda_s=0.0, node_cost="tokens").keep
+        assert keep is not None and keep[2] is False
 
 
 def test_no_incumbent_in_time_falls_back_to_rebase() -> None:
@@ -202,7 +207,7 @@ def test_time_limit_keeps_the_best_incumbent() -> None:
         assert sel.solver_status in ("optimal", "time_limit", "fallback")
         assert sum(sel.counts) <= 256
         if sel.solver_status != "fallback":
-            assert sel.objective >= start_value - 1e-9
+            assert sel.objective is not None and sel.objective >= start_value - 1e-9
     assert sel.solver_status == "optimal"
 
 
@@ -250,9 +255,10 @@ def test_coverage_keeps_a_distinct_low_scorer() -> None:
         embeddings=np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
     )
     assert rebase_allocation(f.scores, 4, T)[2] == 0
-    assert _select(f, 4, lambda_c=1.0, lambda_s=0.0).keep[2] is False
+    keep = _select(f, 4, lambda_c=1.0, lambda_s=0.0).keep
+    assert keep is not None and keep[2] is False
     covered = _select(f, 4, lambda_c=1.0, lambda_s=3.0)
-    assert covered.keep[2] is True and covered.clusters == 2
+    assert covered.keep is not None and covered.keep[2] is True and covered.clusters == 2
     assert math.isclose(sum(covered.counts), 4)
 
 
@@ -271,7 +277,8 @@ def test_component_split_clustering_equals_scipy_fcluster(seed: int) -> None:
         for cut in (0.05, 0.2, 0.6):
             ref = fcluster(linkage(pdist(emb, "cosine"), "average"), cut, "distance")
             got = cluster_steps(emb, cut)
-            assert len(set(zip(ref.tolist(), got.tolist()))) == len(set(ref.tolist())) == len(set(got.tolist()))
+            pairs = set(zip(ref.tolist(), got.tolist(), strict=True))
+            assert len(pairs) == len(set(ref.tolist())) == len(set(got.tolist()))
             assert got[0] == 0 and set(got.tolist()) == set(range(got.max() + 1))
 
 
@@ -288,5 +295,5 @@ def test_formulations_agree_on_realistic_frontiers(lambda_c: float, node_cost: s
         for formulation in FORMULATIONS:
             for lp_first in (True, False):
                 got = solve_highs(build_program(inst, formulation), 30.0, lp_first=lp_first)
-                assert got.status == "optimal"
+                assert got.status == "optimal" and got.keep is not None and ref.keep is not None
                 assert inst.objective(got.keep) == pytest.approx(inst.objective(ref.keep), abs=1e-9)

@@ -6,19 +6,21 @@ a node's path back from its ``prefix_ids``, and a scorer that scores a step by i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
 
 from ets.config import ConfigError, SearchConfig
-from ets.search.interfaces import SampledStep
+from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
 from ets.search.loop import DepthReport, Root, derive_seed, run_search
 from ets.testing.upstreams import PROMPT, STEP_BASE, ScriptedPolicy, TableScorer
 
 
-def cfg(**kw) -> SearchConfig:
-    base = dict(method="rebase", width=4, max_step_tokens=5, max_tokens=1000, seed=7)
+def cfg(**kw: Any) -> SearchConfig:
+    base: dict[str, Any] = dict(method="rebase", width=4, max_step_tokens=5, max_tokens=1000, seed=7)
     base.update(kw)
     return SearchConfig(**base)
 
@@ -113,10 +115,14 @@ async def test_width_accounting_on_random_trees() -> None:
             rng = np.random.default_rng(seed)
 
             class RandomPolicy(ScriptedPolicy):
-                async def expand(self, requests, params):
+                draw = rng  # bound per iteration (a closure would see the loop's latest rng)
+
+                async def expand(self, requests: Sequence[ExpandRequest],
+                                 params: StepParams) -> list[list[SampledStep]]:
                     out = await super().expand(requests, params)
-                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if rng.random() < 0.2 else s.text,
-                                         "eos" if rng.random() < 0.05 else s.finish) for s in row] for row in out]
+                    return [[SampledStep(s.token_ids, "The answer is 3 ки" if self.draw.random() < 0.2 else s.text,
+                                         "eos" if self.draw.random() < 0.05 else s.finish) for s in row]
+                            for row in out]
 
             scorer = TableScorer({f"{d}.{k}": float(rng.random()) for d in range(1, 30) for k in range(64)})
             reports: list[DepthReport] = []
@@ -124,7 +130,7 @@ async def test_width_accounting_on_random_trees() -> None:
             result = await run_search(Root("q", PROMPT), cfg(method=method, width=width), RandomPolicy(),
                                       scorer, on_depth=reports.append)
             assert len([t for t in result.trajectories if t.finish_reason != "max_depth"]) <= width
-            for before, after in zip(reports, reports[1:]):
+            for before, after in itertools.pairwise(reports):
                 spent = after.finished - before.finished
                 assert after.remaining_width == before.remaining_width - spent
             assert result.stats.selections == len(reports)
@@ -138,7 +144,7 @@ async def test_every_depth_spends_at_most_the_remaining_width() -> None:
         reports: list[DepthReport] = []
         await run_search(Root("q", PROMPT), cfg(method=method, width=9, max_depth=4), policy,
                          TableScorer({f"x{k}": 0.1 * k for k in range(8)}), on_depth=reports.append)
-        for (reqs, _), rep in zip(policy.calls, reports):
+        for (reqs, _), rep in zip(policy.calls, reports, strict=False):
             assert sum(r.n for r in reqs) <= rep.remaining_width, method
 
 
@@ -220,7 +226,7 @@ async def test_seeds_are_deterministic_per_node() -> None:
     assert seeds == [[r.seed for r in reqs] for reqs, _ in p2.calls]
     assert seeds != [[r.seed for r in reqs] for reqs, _ in p3.calls]
     flat = [s for row in seeds for s in row]
-    assert len(set(flat)) == len(flat) and all(0 <= s < 2**31 for s in flat)
+    assert len(set(flat)) == len(flat) and all(s is not None and 0 <= s < 2**31 for s in flat)
     assert seeds[0] == [derive_seed(11, ())]
     p4 = ScriptedPolicy()
     await run_search(Root("q", PROMPT), cfg(width=2, max_depth=2, seed=None), p4, TableScorer())
@@ -231,10 +237,11 @@ async def test_cancellation_propagates_and_issues_nothing_after() -> None:
     started = asyncio.Event()
 
     class Hanging(ScriptedPolicy):
-        async def expand(self, requests, params):
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
             self.calls.append((list(requests), params))
             started.set()
             await asyncio.Event().wait()
+            raise AssertionError("unreachable: the search is cancelled while waiting")
 
     policy, scorer = Hanging(), TableScorer()
     task = asyncio.create_task(run_search(Root("q", PROMPT), cfg(), policy, scorer))
@@ -248,7 +255,7 @@ async def test_cancellation_propagates_and_issues_nothing_after() -> None:
 
 async def test_interface_violations_are_clear_errors() -> None:
     class Short(ScriptedPolicy):
-        async def expand(self, requests, params):
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
             out = await super().expand(requests, params)
             return [row[:-1] for row in out]
 
@@ -256,7 +263,7 @@ async def test_interface_violations_are_clear_errors() -> None:
         await run_search(Root("q", PROMPT), cfg(), Short(), TableScorer())
 
     class BadScorer(TableScorer):
-        async def score_last_steps(self, trajectories):
+        async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
             return [math.nan] * len(trajectories)
 
     with pytest.raises(ValueError, match="PRM scores"):
@@ -270,5 +277,6 @@ async def test_interface_violations_are_clear_errors() -> None:
 
 
 async def test_result_carries_the_resolved_config() -> None:
-    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(), TableScorer())
+    result = await run_search(Root("q", PROMPT), cfg(method="ets", width=64, max_depth=1), ScriptedPolicy(),
+                              TableScorer())
     assert result.config is not None and result.config.lambda_s == 1.4 and result.config.beam_keep == 8

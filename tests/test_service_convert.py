@@ -7,7 +7,7 @@ import pytest
 
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
-from ets.service import convert
+from ets.service import convert, request
 
 
 def test_unset_fields_take_server_defaults() -> None:
@@ -47,8 +47,8 @@ def test_bad_config_names_field(msg: search_pb2.SearchConfig, field: str) -> Non
 
 @pytest.mark.parametrize("problem", ["", "   \n\t"])
 def test_empty_problem_rejected(problem: str) -> None:
-    with pytest.raises(convert.RequestError) as info:
-        convert.validate_problem(problem)
+    with pytest.raises(request.RequestError) as info:
+        request.validate_problem(problem)
     assert info.value.field == "problem"
 
 

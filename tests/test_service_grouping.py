@@ -18,6 +18,8 @@ def test_grouping_off_the_main_thread_uses_a_worker_process() -> None:
     process = worker.process
     assert process is not None and process.is_alive()
     assert worker.group(["0.5", r"\frac{1}{2}"]) == [[0, 1]]
+    assert worker.equivalent(r"\dfrac12", "0.5") and not worker.equivalent("1", "2")
+    assert not worker.equivalent("", "0")
     assert worker.process is process  # reused, not restarted
     worker.close()
     assert worker.process is None and not process.is_alive()

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 import pytest
@@ -43,7 +43,8 @@ def test_starts_without_upstreams_and_reports_not_serving(lone_serve: ServeProce
     assert 'ets_search_upstream_up{upstream="policy"} 0.0' in metrics
     assert 'ets_search_upstream_up{upstream="reward"} 0.0' in metrics
     # The CLI probe used by container health checks agrees.
-    probe = subprocess.run([sys.executable, "-m", "ets.cli", "health", lone_serve.addr], capture_output=True, text=True, timeout=30)
+    probe = subprocess.run([sys.executable, "-m", "ets.cli", "health", lone_serve.addr], capture_output=True,
+                           text=True, timeout=30)
     assert probe.returncode == 1 and "NOT_SERVING" in probe.stdout
 
 
@@ -63,12 +64,12 @@ def test_starts_without_upstreams_and_reports_not_serving(lone_serve: ServeProce
     ],
 )
 def test_bad_input_is_invalid_argument_naming_field(lone_serve: ServeProcess, problem: str,
-                                                    config: dict[str, object], field: str) -> None:
+                                                    config: dict[str, Any], field: str) -> None:
     request = search_pb2.SearchRequest(problem=problem, config=search_pb2.SearchConfig(**config))
     with pytest.raises(grpc.RpcError) as info:
         _search(lone_serve.addr, request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith(field + ":"), info.value.details()
+    assert (info.value.details() or "").startswith(field + ":"), info.value.details()
 
 
 def test_stream_bad_input_is_invalid_argument(lone_serve: ServeProcess) -> None:
@@ -78,14 +79,15 @@ def test_stream_bad_input_is_invalid_argument(lone_serve: ServeProcess) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("config.width:")
+    assert (info.value.details() or "").startswith("config.width:")
 
 
 def test_dead_policy_is_unavailable_naming_it(lone_serve: ServeProcess) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _search(lone_serve.addr, search_pb2.SearchRequest(problem="What is 2 + 3?"))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert info.value.details().startswith("policy server unavailable at http://127.0.0.1:")
+    details = info.value.details() or ""
+    assert details.startswith("policy server unavailable:") and "127.0.0.1" not in details, details
 
 
 def test_reflection_only_client_grpcurl(lone_serve: ServeProcess) -> None:
@@ -112,7 +114,7 @@ def test_metrics_exposition_passes_promtool_and_counts_outcomes(lone_serve: Serv
     text = lone_serve.metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert 'ets_search_searches_total{method="beam",outcome="invalid_argument"}' in text
+    assert 'ets_search_searches_total{api="grpc",method="beam",outcome="invalid_argument"}' in text
     for name in ("ets_search_search_duration_seconds", "ets_search_generated_tokens_total",
                  "ets_search_cached_prompt_tokens_total", "ets_search_selection_kv_tokens",
                  "ets_search_searches_in_flight", "ets_search_searches_queued",

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import start_prometheus
 from tools import http_get
 from test_stack_failures import metric
@@ -43,8 +43,8 @@ def test_counters_match_responses_and_promtool_passes(search_stack: Stack) -> No
                         ("ets_search_selections_total", "selections")]:
         delta = metric(after, name, method="dvts") - metric(before, name, method="dvts")
         assert delta == sum(getattr(r.stats, field) for r in replies), name
-    assert metric(after, "ets_search_searches_total", method="dvts", outcome="ok") - \
-        metric(before, "ets_search_searches_total", method="dvts", outcome="ok") == 2
+    assert metric(after, "ets_search_searches_total", method="dvts", outcome="ok", api="grpc") - \
+        metric(before, "ets_search_searches_total", method="dvts", outcome="ok", api="grpc") == 2
     # One selection-KV observation per selection, summing to the searches' total KV tokens.
     count = metric(after, "ets_search_selection_kv_tokens_count", method="dvts") - \
         metric(before, "ets_search_selection_kv_tokens_count", method="dvts")
@@ -63,7 +63,7 @@ def test_prometheus_scrapes_throughput_and_cache_reuse(search_stack: Stack, tmp_
     prom = start_prometheus(tmp_path / "prom", [target])
     try:
         def up() -> bool:
-            res = prom.query('up{job="ets-search"}')["data"]["result"]  # type: ignore[index]
+            res = prom.query('up{job="ets-search"}')["data"]["result"]
             return bool(res) and res[0]["value"][1] == "1"
 
         deadline = time.monotonic() + 30
@@ -74,9 +74,9 @@ def test_prometheus_scrapes_throughput_and_cache_reuse(search_stack: Stack, tmp_
         time.sleep(3)  # a few more scrapes after the searches
         throughput = prom.query("sum(rate(ets_search_generated_tokens_total[1m]))")
         assert throughput["status"] == "success"
-        assert float(throughput["data"]["result"][0]["value"][1]) > 0  # type: ignore[index]
+        assert float(throughput["data"]["result"][0]["value"][1]) > 0
         reuse = prom.query("sum(ets_search_cached_prompt_tokens_total) / sum(ets_search_prompt_tokens_total)")
-        value = float(reuse["data"]["result"][0]["value"][1])  # type: ignore[index]
+        value = float(reuse["data"]["result"][0]["value"][1])
         assert 0.0 < value <= 1.0
         p95 = prom.query("histogram_quantile(0.95, sum by (le) (rate(ets_search_search_duration_seconds_bucket[1m])))")
         assert p95["data"]["result"], p95

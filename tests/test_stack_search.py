@@ -4,6 +4,7 @@ to the final statistics; the service is usable from reflection alone (grpcurl), 
 from ``ets eval``."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import REPO
 from tools import small as _small, tool
 
@@ -101,7 +102,7 @@ def test_stream_events_match_result(search_stack: Stack, method: str) -> None:
     assert sum(p.kv_tokens for p in progress) == s.total_kv_tokens
     assert max(p.kv_tokens for p in progress) == s.peak_kv_tokens
     assert progress[0].frontier_size == 1 and progress[0].remaining_width == 6  # the root gets the width
-    for a, b in zip(progress, progress[1:]):
+    for a, b in itertools.pairwise(progress):
         assert b.elapsed_seconds >= a.elapsed_seconds
         assert b.finished >= a.finished and b.remaining_width <= a.remaining_width
         # Width is spent only by finished trajectories.
@@ -153,19 +154,38 @@ def test_cli_search_text_and_json(search_stack: Stack) -> None:
 
 
 def test_eval_over_sample_dataset(search_stack: Stack, tmp_path: Path) -> None:
-    out, plot = tmp_path / "eval.json", tmp_path / "acc_vs_kv.png"
-    done = _ets("eval", str(REPO / "bench" / "data" / "gsm8k_sample.jsonl"), "--addr", search_stack.search_addr,
-                "--limit", "3", "--methods", "ets,rebase", "--widths", "2,4", "--concurrency", "4",
-                "--out", str(out), "--plot", str(plot), "--no-progress", timeout=600)
+    """Methods x widths plus an ETS sweep point, through the real service; then ``--resume`` with
+    one more problem runs only that problem's searches."""
+    out, plot, md = tmp_path / "eval.json", tmp_path / "acc_vs_kv.png", tmp_path / "table.md"
+    common = ("--addr", search_stack.search_addr, "--methods", "ets,rebase", "--widths", "2,4",
+              "--sweep", "cluster_distance=0.3", "--sweep-widths", "4", "--concurrency", "4", "--seed", "5",
+              "--out", str(out), "--no-progress")
+    done = _ets("eval", str(REPO / "bench" / "data" / "gsm8k_sample.jsonl"), "--limit", "2", *common,
+                "--plot", str(plot), "--markdown", str(md), timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert report["problems"] == 3
-    summary = {(s["method"], s["width"]): s for s in report["summary"]}
-    assert set(summary) == {("ets", 2), ("ets", 4), ("rebase", 2), ("rebase", 4)}
+    assert report["problems"] == 2 and report["complete"] and report["seed"] == 5
+    summary = {(s["label"], s["width"]): s for s in report["summary"]}
+    swept = "ets[cluster_distance=0.3]"
+    assert set(summary) == {("ets", 2), ("ets", 4), ("rebase", 2), ("rebase", 4), (swept, 4)}
     for s in summary.values():
-        assert s["problems"] == 3 and s["errors"] == 0
-        assert 0.0 <= s["accuracy"] <= 1.0 and s["mean_total_kv_tokens"] > 0
-        assert 0.0 <= s["cache_reuse"] <= 1.0
-    assert len(report["results"]) == 12
-    assert all(not math.isnan(r["wall_seconds"]) for r in report["results"])
-    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+        assert s["problems"] == 2 and s["errors"] == 0
+        assert 0.0 <= s["accuracy_ci_low"] <= s["accuracy"] <= s["accuracy_ci_high"] <= 1.0
+        assert s["mean_total_kv_tokens"] >= s["mean_peak_kv_tokens"] > 0
+        assert 0.0 <= s["cache_reuse"] <= 1.0 and 0.0 < s["kept_share"] <= 1.0
+        assert s["accuracy"] <= s["oracle_accuracy"] or s["accuracy"] == 0.0
+    rows = report["results"]
+    assert len(rows) == 10 and all(not math.isnan(r["wall_seconds"]) for r in rows)
+    # Every configuration of a problem ran with that problem's seed; the sweep's value reached the service.
+    assert {(r["id"], r["seed"]) for r in rows} == {("s1", 5), ("s2", 6)}
+    assert all(r["resolved_config"]["cluster_distance"] == pytest.approx(0.3) for r in rows if r["label"] == swept)
+    assert {c["label"] for c in report["ets_vs_rebase"]} == {"ets", swept}
+    assert plot.read_bytes()[:4] == b"\x89PNG" and f"| {swept} | 4 | 2 |" in md.read_text()
+    # --resume: the first two problems' searches are reused, only the third problem's run.
+    again = _ets("eval", str(REPO / "bench" / "data" / "gsm8k_sample.jsonl"), "--limit", "3", *common, "--resume",
+                 timeout=600)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(out.read_text())
+    lines = (tmp_path / "eval.jsonl").read_text().splitlines()
+    assert len(report["results"]) == 15 and len(lines) == 15
+    assert [json.loads(line)["id"] for line in lines[10:]] == ["s3"] * 5

@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ets.api.v1 import search_pb2
 from ets.engine.process import free_port
@@ -34,7 +34,7 @@ def http_get(url: str, timeout: float = 5.0) -> str:
 
 
 def wait_http(url: str, *, what: str, alive: Callable[[], bool], log_tail: Callable[[], str],
-              stop: Callable[[], None], timeout: float = 30.0) -> None:
+              stop: Callable[[], object], timeout: float = 30.0) -> None:
     """Poll ``url`` until it answers; if the process exits or ``timeout`` passes first, stop it
     and fail with its log tail."""
     deadline = time.monotonic() + timeout
@@ -53,6 +53,6 @@ def wait_http(url: str, *, what: str, alive: Callable[[], bool], log_tail: Calla
 
 def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2.SearchConfig:
     """A search short enough for the tiny CPU models (12-token steps, 96 tokens, 4 depths)."""
-    values: dict[str, object] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
+    values: dict[str, Any] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
     values.update(extra)
     return search_pb2.SearchConfig(**values)

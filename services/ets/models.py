@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from ets.errors import FieldError
 
@@ -151,7 +151,8 @@ def _convert(gguf: Path, spec: PackagedModel, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    # Any: transformers types model attributes as tensors/modules; hf_quantizer is neither.
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, spec.dtype),
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
     )

@@ -50,7 +50,7 @@ class RoutedPolicyClient(PolicyClient):
         tasks = [
             asyncio.ensure_future(self._json("POST", "/generate", {"input_ids": row, "sampling_params": p.to_json(n)},
                                              timeout=timeout))
-            for row, p in zip(ids, plist)
+            for row, p in zip(ids, plist, strict=True)
         ]
         try:
             answers = await asyncio.gather(*tasks)

@@ -27,9 +27,10 @@ from the tokenizer and the adapter's options (tag, "+"/"-" strings), never from 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+from ets import settings
 from ets.config import PRM_TYPES
 from ets.errors import FieldError
 
@@ -47,30 +48,32 @@ class AdapterError(FieldError):
     """A configuration or input problem; ``field`` names the offending setting or request field."""
 
 
+def _option(default: str, env: str, help: str) -> Any:
+    # Environment only (no flag), taken verbatim: whitespace can be part of a token or a template.
+    return settings.setting(default, env=env, flag="", strip=False, help=help)
+
+
 @dataclass(frozen=True)
 class PrmOptions:
     """The strings an adapter looks up in the tokenizer (overridable per deployment)."""
 
-    step_tag: str = "ки"
-    plus: str = "+"
-    minus: str = "-"
-    separator: str = "<extra_0>"
+    step_tag: str = _option("ки", "ETS_PRM_STEP_TAG", "step tag token (math-shepherd, llemma)")
+    plus: str = _option("+", "ETS_PRM_PLUS", "good-step token (math-shepherd, rlhflow)")
+    minus: str = _option("-", "ETS_PRM_MINUS", "bad-step token (math-shepherd, rlhflow)")
+    separator: str = _option("<extra_0>", "ETS_PRM_SEPARATOR", "step separator token (qwen-prm)")
     system_prompt: str = QWEN_PRM_SYSTEM
     # judge: the answer words it reads and its two turn templates ({question}, {step}).
-    yes: str = "Yes"
-    no: str = "No"
-    judge_first_turn: str = JUDGE_FIRST_TURN
-    judge_next_turn: str = JUDGE_NEXT_TURN
+    yes: str = _option("Yes", "ETS_PRM_YES", "the judge's yes word")
+    no: str = _option("No", "ETS_PRM_NO", "the judge's no word")
+    judge_first_turn: str = _option(JUDGE_FIRST_TURN, "ETS_PRM_JUDGE_FIRST_TURN",
+                                    "the judge's first turn; must contain {question} and {step}")
+    judge_next_turn: str = _option(JUDGE_NEXT_TURN, "ETS_PRM_JUDGE_NEXT_TURN",
+                                   "the judge's later turns; must contain {step}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "PrmOptions":
-        """``ETS_PRM_STEP_TAG``, ``ETS_PRM_PLUS``, ``ETS_PRM_MINUS``, ``ETS_PRM_SEPARATOR``, and for
-        judge ``ETS_PRM_YES``, ``ETS_PRM_NO``, ``ETS_PRM_JUDGE_FIRST_TURN``, ``ETS_PRM_JUDGE_NEXT_TURN``."""
-        overrides: dict[str, Any] = {}
-        for key, name in _ENV_OPTIONS:
-            if env.get(key):
-                overrides[name] = env[key]
-        return replace(cls(), **overrides).validate()
+        """The options from their ``ETS_PRM_*`` variables (the one loader, ``ets.settings``)."""
+        return settings.from_env(cls, env, error=AdapterError).validate()
 
     def validate(self) -> "PrmOptions":
         """Refuse judge templates that would drop the text they exist to show."""
@@ -85,13 +88,6 @@ class PrmOptions:
                 raise AdapterError(setting, f"only {{question}} and {{step}} may be filled in ({exc!r}); "
                                    "write literal braces as {{ and }}") from None
         return self
-
-
-_ENV_OPTIONS: tuple[tuple[str, str], ...] = (
-    ("ETS_PRM_STEP_TAG", "step_tag"), ("ETS_PRM_PLUS", "plus"), ("ETS_PRM_MINUS", "minus"),
-    ("ETS_PRM_SEPARATOR", "separator"), ("ETS_PRM_YES", "yes"), ("ETS_PRM_NO", "no"),
-    ("ETS_PRM_JUDGE_FIRST_TURN", "judge_first_turn"), ("ETS_PRM_JUDGE_NEXT_TURN", "judge_next_turn"),
-)
 
 
 @dataclass(frozen=True)

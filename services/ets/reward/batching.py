@@ -84,8 +84,6 @@ class MicroBatcher(Generic[Item, Result]):
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Its outcome (cancelled, or an error already reported) is not this caller's.
+            await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)

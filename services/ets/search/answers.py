@@ -34,6 +34,13 @@ _MARKERS = re.compile(
     re.IGNORECASE,
 )
 _TRAILING = re.compile(r"(?:\s*(?:I hope it is correct\.?|ки))+\s*$", re.IGNORECASE)
+# A sentence ends at a period followed by a space and a capital ("3. After that"), not "3.5".
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
+# GSM8K's own closing line: "#### 72".
+_HASHES = re.compile(r"####\s*")
+# "3 + 5 = 8" after a marker (small models restate the sum): numbers and operators only on the
+# left, one number on the right -> the right. "x = 3" (a variable) stays as written.
+_NUMERIC_EQUATION = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)$")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -56,21 +63,28 @@ def extract_answer(text: str) -> str:
     """The final answer in a trajectory's text ("" when it gives none).
 
     The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
-    "The answer is" marker, up to the end of its line, without a closing period, ``$`` signs or
-    a trailing step tag.
+    "The answer is" marker (else after GSM8K's "####"), up to the end of its line, without a
+    closing period, ``$`` signs or a trailing step tag, and only its first sentence; a purely
+    numeric equation there ("3 + 5 = 8") gives its result.
     """
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     last = None
-    for last in _MARKERS.finditer(text):
-        pass
+    for match in _MARKERS.finditer(text):
+        last = match
+    if last is None:
+        for match in _HASHES.finditer(text):
+            last = match
     if last is None:
         return ""
     rest = text[last.end():].split("\n", 1)[0]
     rest = _TRAILING.sub("", rest).strip()
+    # Only the first sentence: "The answer is 3. After that, Tom ..." answers 3.
+    rest = _SENTENCE_END.split(rest, maxsplit=1)[0]
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
-    return rest
+    equation = _NUMERIC_EQUATION.match(rest)
+    return equation.group(1) if equation else rest
 
 
 def aggregate(scores: Sequence[float], how: str = "last") -> float:
@@ -104,7 +118,7 @@ def _parse(answer: str, timeout: int | None) -> tuple[Any, ...]:
             f"${answer}$", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
             parsing_timeout=timeout, raise_on_error=False,
         ))
-    except Exception:  # math-verify raises on timeouts and odd inputs; treat as unparsable
+    except Exception:  # noqa: BLE001 - math-verify raises on timeouts and odd inputs; treat as unparsable
         return ()
 
 
@@ -129,7 +143,7 @@ def equivalent(a: str, b: str) -> bool:
             verify(list(pa), list(pb), timeout_seconds=timeout, raise_on_error=False)
             or verify(list(pb), list(pa), timeout_seconds=timeout, raise_on_error=False)
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 - as in parsing: a failure to verify is 'not equal'
         return False
 
 

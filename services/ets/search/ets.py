@@ -478,6 +478,7 @@ def solve_highs(
         stages = 2 if core is not None else 1
         for stage in range(stages):
             if stage == 1:
+                assert core is not None  # two stages only with a core (above)
                 # Lean LP fractional: add the strengthening rows; dual simplex re-optimises
                 # from the current basis.
                 extra = sp.csr_matrix(prog.matrix[~core])
@@ -532,11 +533,11 @@ def to_pulp(prog: Program, name: str = "ets") -> tuple[Any, list[Any]]:
                         cat=pulp.LpBinary if prog.integer[k] else pulp.LpContinuous)
         for k in range(prog.num_vars)
     ]
-    model += pulp.lpSum(float(c) * v for c, v in zip(prog.objective, cols) if c != 0) + prog.constant
+    model += pulp.lpSum(float(c) * v for c, v in zip(prog.objective, cols, strict=True) if c != 0) + prog.constant
     a = prog.matrix.tocsr()
     for r in range(prog.num_rows):
         s, e = a.indptr[r], a.indptr[r + 1]
-        expr = pulp.lpSum(float(val) * cols[c] for c, val in zip(a.indices[s:e], a.data[s:e]))
+        expr = pulp.lpSum(float(val) * cols[c] for c, val in zip(a.indices[s:e], a.data[s:e], strict=True))
         lo, hi = prog.row_lower[r], prog.row_upper[r]
         if math.isfinite(lo):
             model += expr >= float(lo)

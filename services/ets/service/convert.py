@@ -14,10 +14,10 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
-from ets.service.request import RequestError, resolve_config, validate_problem
+from ets.service.request import RequestError, resolve_config
 
 __all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
-           "response_to_proto", "validate_problem"]
+           "response_to_proto"]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 _PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}
@@ -25,7 +25,8 @@ _PROTO_FIELDS = {f.name for f in search_pb2.SearchConfig.DESCRIPTOR.fields}
 if _CONFIG_FIELDS != _PROTO_FIELDS:  # pragma: no cover - a build error, caught by any test import
     raise ImportError(
         "proto SearchConfig and ets.config.SearchConfig disagree: "
-        f"only in proto {sorted(_PROTO_FIELDS - _CONFIG_FIELDS)}, only in config {sorted(_CONFIG_FIELDS - _PROTO_FIELDS)}"
+        f"only in proto {sorted(_PROTO_FIELDS - _CONFIG_FIELDS)}, "
+        f"only in config {sorted(_CONFIG_FIELDS - _PROTO_FIELDS)}"
     )
 
 
@@ -100,7 +101,14 @@ def response_to_proto(served: Any, request_id: str = "") -> search_pb2.SearchRes
             reward_seconds=float(stats.reward_seconds),
         ),
         config=config_to_proto(served.config),
+        grouping_fallback=bool(getattr(served, "grouping_fallback", False)),
     )
     if served.best_index is not None:
         response.best.CopyFrom(candidates[served.best_index])
     return response
+
+
+def omit_candidates(response: search_pb2.SearchResponse) -> None:
+    """Keep only the answer, the best trajectory and the statistics (summary_only, or too large)."""
+    del response.candidates[:]
+    response.candidates_omitted = True

@@ -33,8 +33,14 @@ def _worker_main(conn: Connection) -> None:
         conn.send(group_answers(answers))
 
 
+class FallbackGroups(list[list[int]]):
+    """Groups made by the string-matching fallback (a timeout or a dead worker): a list like any
+    grouping's, so the core uses it unchanged, and the runner can tell, count and flag it."""
+
+
 class EquivalenceWorker:
-    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``."""
+    """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``;
+    ``equivalent(a, b)`` likewise."""
 
     def __init__(self, timeout_s: float = GROUPING_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
@@ -83,7 +89,12 @@ class EquivalenceWorker:
             except (EOFError, OSError) as err:
                 log.warning("answer grouping worker failed (%s): grouping by string", err)
             self._kill()
-            return group_by_string(answers)
+            return FallbackGroups(group_by_string(answers))
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """``ets.search.answers.equivalent`` under the same deadline (for callers off the main
+        thread, e.g. ``ets eval`` grading answers in worker threads)."""
+        return bool(a) and bool(b) and self.group([a, b]) == [[0, 1]]
 
     def close(self) -> None:
         """Stop the worker (a later ``group`` starts a fresh one)."""

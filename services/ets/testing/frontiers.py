@@ -51,7 +51,7 @@ def grown_frontier(
         scores = rng.random(len(frontier))
         counts = rebase_allocation(scores, width, softmax_temperature)
         grown: list[tuple[tuple[int, ...], int]] = []
-        for (path, nid), k in zip(frontier, counts):
+        for (path, nid), k in zip(frontier, counts, strict=True):
             for _ in range(int(k)):
                 grown.append((path + (nid,), next_id))
                 node_tokens[next_id] = int(rng.integers(*step_tokens))
@@ -76,7 +76,7 @@ def small_frontier(
     next_id = 1
     node_tokens: dict[int, int] = {0: int(rng.integers(5, 50))}
     level: list[tuple[tuple[int, ...], int]] = [((), 0)]  # (path above, node id)
-    for d in range(depth - 1):
+    for _ in range(depth - 1):
         # A non-decreasing level size, at most n, every node of the level above has a child.
         size = int(rng.integers(len(level), n + 1))
         parents = list(range(len(level))) + rng.integers(0, len(level), size - len(level)).tolist()

@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Tokens each model kind needs as single tokens, and whether they are "special" (skipped when
 # decoding) or ordinary added tokens that appear in text.
@@ -48,7 +49,8 @@ _RLHFLOW_CHAT = (
 
 KINDS: dict[str, TinyModelKind] = {
     "policy": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT),
-    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair", dtype="float32"),
+    "math-shepherd": TinyModelKind(added_tokens=("ки",), chat_template=_PLAIN_CHAT, prm_readout="pair",
+                                   dtype="float32"),
     "rlhflow": TinyModelKind(
         special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), chat_template=_RLHFLOW_CHAT,
         prm_readout="pair", dtype="float32",
@@ -157,7 +159,7 @@ def make_tiny_model(out: str | Path, kind: str = "policy", *, seed: int = 0, hid
     return out
 
 
-def _add_scalar_head(model: "torch.nn.Module", seed: int) -> None:
+def _add_scalar_head(model: Any, seed: int) -> None:  # a transformers PreTrainedModel
     """Give the LM head a common row component, as a PRM800K-style model's head has.
 
     Llemma PRM800K scores a step with sigmoid(mean over the vocabulary of the LM-head logits); with

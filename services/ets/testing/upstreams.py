@@ -12,7 +12,7 @@ paths run in seconds on a real gRPC server.
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from typing import Any, Mapping, Sequence, cast, get_args
 
 import numpy as np
 
@@ -31,15 +31,21 @@ from ets.search.interfaces import (
 PROMPT = tuple([1] * 10)  # 10 root tokens
 STEP_BASE = 1000  # first token of every step: STEP_BASE + index into the policy's step table
 
-Spec = tuple[str, int, StepFinish]  # (text, tokens, finish)
+# (text, tokens, finish); finish is one of StepFinish's values, checked when the script is given
+# (plain str, so scripts written as literals need no annotation).
+Spec = tuple[str, int, str]
+_FINISHES = frozenset(get_args(StepFinish))
 
 
 class ScriptedPolicy:
     """Expands a node from a script keyed by its path of step texts; unknown paths get a default
     child "<path depth>.<k> ки". Records every call."""
 
-    def __init__(self, script: dict[tuple[str, ...], Sequence[Spec]] | None = None, step_tokens: int = 5) -> None:
-        self.script = script or {}
+    def __init__(self, script: Mapping[Any, Sequence[Spec]] | None = None, step_tokens: int = 5) -> None:
+        bad = {f for specs in (script or {}).values() for _, _, f in specs} - _FINISHES
+        if bad:
+            raise ValueError(f"script finish reasons must be in {sorted(_FINISHES)}, got {sorted(bad)}")
+        self.script: Mapping[tuple[str, ...], Sequence[Spec]] = script or {}
         self.step_tokens = step_tokens
         self.steps: list[str] = []
         self.calls: list[tuple[list[ExpandRequest], StepParams]] = []
@@ -64,7 +70,7 @@ class ScriptedPolicy:
                     ntok, finish = limit, "length"
                 self.steps.append(text)
                 ids = (STEP_BASE + len(self.steps) - 1,) + (2,) * (ntok - 1)
-                row.append(SampledStep(ids, text, finish, prompt_tokens=len(r.prefix_ids),
+                row.append(SampledStep(ids, text, cast(StepFinish, finish), prompt_tokens=len(r.prefix_ids),
                                        cached_tokens=len(r.prefix_ids) - 1))
             out.append(row)
         return out
@@ -124,6 +130,7 @@ class ScriptedUpstreams:
 
     policy_address = "scripted-policy"
     reward_address = "scripted-reward"
+    policy_model = "scripted-policy-model"
 
     def __init__(self, policy: ScriptedPolicy | None = None, scorer: TableScorer | None = None) -> None:
         self.policy = policy or ScriptedPolicy()
@@ -133,6 +140,7 @@ class ScriptedUpstreams:
         self.probe_result: dict[str, str | None] = {"policy": None, "reward": None}
         self.expansions = 0
         self.prm_types: list[str] = []
+        self.system_prompts: list[str | None] = []  # each root's system prompt, in order
         self.closed = False
         self._gate: asyncio.Event | None = None
         self._held = 0
@@ -162,8 +170,12 @@ class ScriptedUpstreams:
             self._held -= 1
 
     # -- Upstreams -----------------------------------------------------------------------------------
-    async def root(self, question: str, config: SearchConfig) -> Root:
+    async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root:
+        self.system_prompts.append(system_prompt)
         return Root(question, PROMPT)
+
+    async def model_name(self) -> str:
+        return self.policy_model
 
     def generator(self, config: SearchConfig) -> StepGenerator:
         return _Gated(self)

@@ -24,7 +24,7 @@ def assign_req_to_token_pool_cpu(
 ) -> None:
     """Write each request's newly allocated KV slots into its row of the token pool."""
     offset = 0
-    for row, start, end in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist()):
+    for row, start, end in zip(req_pool_indices.tolist(), start_offset.tolist(), end_offset.tolist(), strict=True):
         n = end - start
         if n > 0:
             req_to_token[row, start:end] = out_cache_loc[offset : offset + n].to(req_to_token.dtype)

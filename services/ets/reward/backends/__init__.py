@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from ets.engine.supervisor import EngineUnavailable
 from ets.reward.adapters import EncodedTrajectory, PrmAdapter
 
 BACKENDS: tuple[str, ...] = ("sglang", "transformers", "rules")
 
-
-class BackendUnavailable(RuntimeError):
-    """The PRM engine cannot answer right now (down, restarting, unreachable): gRPC UNAVAILABLE."""
+# The PRM engine cannot answer right now (down, restarting, unreachable): gRPC UNAVAILABLE. One
+# class with the engine supervisor's, so what it raises needs no translation.
+BackendUnavailable = EngineUnavailable
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,26 @@ class PrmBackend(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+class InProcessHealth:
+    """Health of a backend that runs in the reward server's own process (no engine to watch):
+    up from ``start`` until ``close``; the listener hears each change."""
+
+    _up: bool = False
+    _listener: Callable[[bool], None] | None = None
+
+    def _set_up(self, up: bool) -> None:
+        if up != self._up:
+            self._up = up
+            if self._listener is not None:
+                self._listener(up)
+
+    def is_up(self) -> bool:
+        return self._up
+
+    def set_health_listener(self, listener: Callable[[bool], None]) -> None:
+        self._listener = listener
 
 
 def check_model_ref(model_path: str) -> None:
