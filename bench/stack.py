@@ -43,6 +43,7 @@ def flush_policy_cache(policy_url: str) -> bool:
     """Empty the policy's radix cache. SGLang refuses (HTTP 400) while any request runs, e.g. the
     search service's one-token /health probe, so wait for idle (``timeout``) and retry."""
     import urllib.error
+    import urllib.request
 
     for _ in range(10):
         req = urllib.request.Request(f"{policy_url.rstrip('/')}/flush_cache?timeout=5", method="POST", data=b"")

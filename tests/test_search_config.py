@@ -16,7 +16,7 @@ def test_defaults_are_the_papers() -> None:
     c = SearchConfig().validate()
     assert (c.method, c.width, c.temperature, c.max_step_tokens, c.max_tokens, c.max_depth) == (
         "ets", 16, 1.0, 256, 1024, 25)
-    assert (c.softmax_temperature, c.lambda_c, c.cluster_distance) == (0.2, 1.0, 0.05)
+    assert (c.softmax_temperature, c.lambda_c, c.cluster_distance) == (0.2, 1.0, 0.3)
     assert (c.aggregation, c.voting, c.node_cost, c.policy_model_type) == (
         "last", "weighted_majority", "uniform", "math-shepherd")
     assert c.effective_beam_keep == 4

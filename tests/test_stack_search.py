@@ -158,7 +158,7 @@ def test_eval_over_sample_dataset(search_stack: Stack, tmp_path: Path) -> None:
     one more problem runs only that problem's searches."""
     out, plot, md = tmp_path / "eval.json", tmp_path / "acc_vs_kv.png", tmp_path / "table.md"
     common = ("--addr", search_stack.search_addr, "--methods", "ets,rebase", "--widths", "2,4",
-              "--sweep", "cluster_distance=0.3", "--sweep-widths", "4", "--concurrency", "4", "--seed", "5",
+              "--sweep", "cluster_distance=0.5", "--sweep-widths", "4", "--concurrency", "4", "--seed", "5",
               "--out", str(out), "--no-progress")
     done = _ets("eval", str(REPO / "bench" / "data" / "gsm8k_sample.jsonl"), "--limit", "2", *common,
                 "--plot", str(plot), "--markdown", str(md), timeout=600)
@@ -166,7 +166,7 @@ def test_eval_over_sample_dataset(search_stack: Stack, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["problems"] == 2 and report["complete"] and report["seed"] == 5
     summary = {(s["label"], s["width"]): s for s in report["summary"]}
-    swept = "ets[cluster_distance=0.3]"
+    swept = "ets[cluster_distance=0.5]"
     assert set(summary) == {("ets", 2), ("ets", 4), ("rebase", 2), ("rebase", 4), (swept, 4)}
     for s in summary.values():
         assert s["problems"] == 2 and s["errors"] == 0
@@ -178,7 +178,7 @@ def test_eval_over_sample_dataset(search_stack: Stack, tmp_path: Path) -> None:
     assert len(rows) == 10 and all(not math.isnan(r["wall_seconds"]) for r in rows)
     # Every configuration of a problem ran with that problem's seed; the sweep's value reached the service.
     assert {(r["id"], r["seed"]) for r in rows} == {("s1", 5), ("s2", 6)}
-    assert all(r["resolved_config"]["cluster_distance"] == pytest.approx(0.3) for r in rows if r["label"] == swept)
+    assert all(r["resolved_config"]["cluster_distance"] == pytest.approx(0.5) for r in rows if r["label"] == swept)
     assert {c["label"] for c in report["ets_vs_rebase"]} == {"ets", swept}
     assert plot.read_bytes()[:4] == b"\x89PNG" and f"| {swept} | 4 | 2 |" in md.read_text()
     # --resume: the first two problems' searches are reused, only the third problem's run.

@@ -209,7 +209,11 @@ class SearchConfig:
     softmax_temperature: float = 0.2
     lambda_c: float = 1.0
     lambda_s: float | None = None
-    cluster_distance: float = 0.05
+    # Cosine-distance cut of the coverage clustering, for the default embedder (MiniLM). The paper's
+    # 0.05 was set for its math BERT; with MiniLM, 16 sampled SmolLM2 first steps form 15.6 clusters
+    # at 0.05 (the coverage term then rewards every candidate alike) and 10.1 at 0.3
+    # (bench/results/cluster_calibration.json, docs/evaluation.md). With the math BERT: 0.05.
+    cluster_distance: float = 0.3
     aggregation: str = "last"
     voting: str = "weighted_majority"
     seed: int | None = None
