@@ -2,7 +2,8 @@
 # Debian packages the test suite needs (real Prometheus for the metrics tests, podman and
 # debootstrap for the container tests). Idempotent; run as root (CI and dev machines are).
 set -euo pipefail
-PKGS=(prometheus podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark aardvark-dns iptables)
+# catatonit: the init podman runs as PID 1 for compose's `init: true`.
+PKGS=(prometheus podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark aardvark-dns iptables catatonit)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

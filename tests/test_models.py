@@ -44,6 +44,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.models
 def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) -> None:
     cache, folder, _ = fresh
     assert folder == cache / SPEC.name
@@ -77,6 +78,7 @@ def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) 
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.mark.models
 def test_second_prepare_returns_at_once(fresh: tuple[Path, Path, float]) -> None:
     cache, folder, first_s = fresh
     before = (folder / MARKER).stat().st_mtime_ns

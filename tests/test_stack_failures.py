@@ -165,7 +165,9 @@ def test_dead_reward_server_is_unavailable_naming_it(search_stack: Stack,
             search_pb2_grpc.SearchServiceStub(channel).Search(
                 search_pb2.SearchRequest(problem=PROBLEM, config=small()), timeout=120)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert (info.value.details() or "").startswith(f"reward server unavailable at {dead}"), info.value.details()
+    details = info.value.details() or ""
+    assert details.startswith("reward server unavailable:"), details
+    assert dead not in details  # internal addresses stay in the logs
     assert metric(serve.metrics(), "ets_search_upstream_up", upstream="reward") == 0
     assert metric(serve.metrics(), "ets_search_upstream_up", upstream="policy") == 1
 
@@ -198,7 +200,7 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
                     pass
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             details = info.value.details() or ""
-            assert details.startswith(f"policy server unavailable at {policy.url}"), details
+            assert details.startswith("policy server unavailable:"), details
             await asyncio.to_thread(policy.stop)
 
             # Nothing leaked: no search task, no slot, and no task left running the project's or

@@ -21,6 +21,13 @@ def test_plain():
 def test_uses_engines(sglang_servers):
     pass
 
+@pytest.fixture
+def smollm2():
+    return "weights"
+
+def test_loads_weights(smollm2):
+    pass
+
 @pytest.mark.containers
 def test_images():
     pass
@@ -39,10 +46,11 @@ def test_tiers_assigned_and_checked(pytester: pytest.Pytester) -> None:
                           '    import pytest\n'
                           '    if hasattr(pytest, "proc"): pytest.proc.kill(); pytest.proc.wait()\n')
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n"
-                     "markers =\n    pure: p\n    sglang: s\n    containers: c\n")
+                     "markers =\n    pure: p\n    models: m\n    sglang: s\n    containers: c\n")
     pytester.makepyfile(test_example=EXAMPLE)
     for tier, expected in (("pure", {"test_plain", "test_starts_an_engine_unmarked"}),
-                           ("sglang", {"test_uses_engines"}), ("containers", {"test_images"})):
+                           ("models", {"test_loads_weights"}), ("sglang", {"test_uses_engines"}),
+                           ("containers", {"test_images"})):
         result = pytester.runpytest("-m", tier, "--collect-only", "-q")
         collected = {line.split("::")[1] for line in result.outlines if "::" in line}
         assert collected == expected, (tier, result.outlines)
@@ -50,5 +58,5 @@ def test_tiers_assigned_and_checked(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "*_ test_starts_an_engine_unmarked _*",
-        "this test is in the pure tier but started SGLang (pids *): mark it pytest.mark.sglang",
+        "this test is in a tier without SGLang but started SGLang (pids *): mark it pytest.mark.sglang",
     ])

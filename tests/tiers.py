@@ -1,8 +1,11 @@
-"""Test tiers: every test gets one of the markers ``pure``, ``sglang`` or ``containers`` (pyproject.toml).
+"""Test tiers: every test gets one of the markers ``pure``, ``models``, ``sglang`` or ``containers``
+(pyproject.toml).
 
 - ``containers``: marked explicitly by its module (builds and runs images with podman);
 - ``sglang``: marked explicitly, or uses a fixture that starts real SGLang engines
   (``SGLANG_FIXTURES``, directly or through other fixtures);
+- ``models``: marked explicitly, or uses a fixture that loads a real model's weights on the CPU
+  (``MODEL_FIXTURES``: SmolLM2 through transformers) without starting SGLang: seconds to minutes;
 - ``pure``: everything else: no SGLang engine, no container (in-process servers, our own
   subprocesses, tiny transformers models, offline tools).
 
@@ -18,9 +21,11 @@ from typing import Generator
 
 import pytest
 
-TIERS = ("pure", "sglang", "containers")
+TIERS = ("pure", "models", "sglang", "containers")
 # Fixtures that start real SGLang engines (conftest.py): using one puts a test in the sglang tier.
 SGLANG_FIXTURES = frozenset({"sglang_servers"})
+# Fixtures that load real model weights (conftest.py): using one (and no SGLang) is the models tier.
+MODEL_FIXTURES = frozenset({"smollm2"})
 # Command-line fragments of SGLang processes: the engine (policy-serve execs into it) and the router.
 _SGLANG_CMDLINES = (b"sglang.launch_server", b"sglang_router")
 
@@ -32,6 +37,8 @@ def tier_of(item: pytest.Item) -> str:
         return "containers"
     if item.get_closest_marker("sglang") is not None or SGLANG_FIXTURES & set(getattr(item, "fixturenames", ())):
         return "sglang"
+    if item.get_closest_marker("models") is not None or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "models"
     return "pure"
 
 
@@ -75,7 +82,7 @@ def _sglang_descendants() -> set[int]:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
-    if tier_of(item) == "pure":
+    if tier_of(item) in ("pure", "models"):
         _before[item.nodeid] = _sglang_descendants()
     return (yield)
 
@@ -87,6 +94,6 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     if before is not None:
         started = _sglang_descendants() - before
         if started:
-            pytest.fail(f"this test is in the pure tier but started SGLang (pids {sorted(started)}): "
+            pytest.fail(f"this test is in a tier without SGLang but started SGLang (pids {sorted(started)}): "
                         "mark it pytest.mark.sglang", pytrace=False)
     return result

@@ -225,8 +225,11 @@ class PolicyClient:
         vocab_size: int | None = None,
         max_connections: int = 64,
         session: aiohttp.ClientSession | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = checked_url("base_url", base_url)
+        # SGLang's --api-key: sent as a bearer token on every call, so engines can require one.
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         # Where calls go that only an engine answers (tokenization, model info): the server itself.
         self.engine_url = self.base_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
@@ -274,7 +277,8 @@ class PolicyClient:
         for attempt in range(attempts):
             try:
                 session = self._get_session()
-                async with session.request(method, url, json=payload, timeout=req_timeout) as resp:
+                async with session.request(method, url, json=payload, timeout=req_timeout,
+                                           headers=self._headers) as resp:
                     body = await resp.text()
                     if resp.status in _RETRY_STATUSES:
                         last = f"HTTP {resp.status}: {_error_message(body)}"

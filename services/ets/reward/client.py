@@ -17,6 +17,8 @@ import numpy as np
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
 from ets.search.interfaces import ScoredTrajectory
+from ets.security import ClientSecurity
+from ets.security import channel as secure_channel
 
 
 class RewardError(RuntimeError):
@@ -32,8 +34,9 @@ class RewardUnavailable(RewardError):
     """The reward server (or its PRM) stayed unavailable through every retry."""
 
 
-# Codes worth retrying: the server or its PRM is (re)starting, or a deadline hit a busy server
-# before any work was done is not safe to assume, so only UNAVAILABLE is retried.
+# Codes worth retrying: the server or its PRM is (re)starting. A deadline hit on a busy server, a
+# full queue (RESOURCE_EXHAUSTED) or INTERNAL would fail the same way again at once: not retried
+# here, passed on with their class (the search service keeps it).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 
 
@@ -42,7 +45,8 @@ class RewardClient:
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, attempts: int = 5,
                  backoff_initial_s: float = 0.25, backoff_max_s: float = 4.0,
-                 max_batch_size: int | None = None, channel: grpc.aio.Channel | None = None) -> None:
+                 max_batch_size: int | None = None, channel: grpc.aio.Channel | None = None,
+                 security: ClientSecurity | None = None) -> None:
         if attempts < 1:
             raise ValueError("attempts: must be >= 1")
         self.address = address
@@ -52,7 +56,8 @@ class RewardClient:
         self.backoff_max_s = backoff_max_s
         self._max_batch_size = max_batch_size
         self._dim: int | None = None
-        self._channel = channel or grpc.aio.insecure_channel(address, options=[
+        # ``security``: TLS / client certificate / bearer token (``ets.security``; default plaintext).
+        self._channel = channel or secure_channel(address, security, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ])

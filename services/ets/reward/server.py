@@ -35,6 +35,7 @@ from ets.errors import FieldError
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions
 from ets.reward.backends import BACKENDS, BackendUnavailable, PrmBackend
 from ets.reward.metrics import RewardMetrics
+from ets.security import ServerSecurity, add_port
 from ets.settings import setting
 
 log = logging.getLogger("ets.reward")
@@ -80,6 +81,22 @@ class RewardServerConfig:
     grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
     log_dir: str = setting("/tmp/ets-reward-logs", env="ETS_REWARD_LOG_DIR", help="where the spawned PRM server logs")
     log_level: str = setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
+    # Capacity: Score/Embed calls at once, and trajectories/texts of the calls waiting for a turn;
+    # beyond the queue a call gets RESOURCE_EXHAUSTED at once (memory bounded by configuration).
+    max_concurrent: int = setting(32, env="ETS_REWARD_MAX_CONCURRENT", ge=1,
+                                  help="Score/Embed calls served at once")
+    max_queued_items: int = setting(4096, env="ETS_REWARD_MAX_QUEUED_ITEMS", ge=0,
+                                    help="trajectories/texts of calls waiting for a turn; beyond: RESOURCE_EXHAUSTED")
+    reflection: bool = setting(True, env="ETS_REWARD_REFLECTION", help="gRPC server reflection")
+    max_connection_age_s: float = setting(300.0, env="ETS_REWARD_MAX_CONNECTION_AGE_S", ge=0,
+                                          help="close client connections after this long (0 = never)")
+    tls_cert_file: str = setting("", env="ETS_REWARD_TLS_CERT_FILE", help="server TLS certificate (PEM); "
+                                 "unset = plaintext")
+    tls_key_file: str = setting("", env="ETS_REWARD_TLS_KEY_FILE", help="server TLS private key (PEM)")
+    tls_client_ca_file: str = setting("", env="ETS_REWARD_TLS_CLIENT_CA_FILE",
+                                      help="CA of client certificates; set = mTLS")
+    auth_token_file: str = setting("", env="ETS_REWARD_AUTH_TOKEN_FILE",
+                                   help="bearer token Score/Embed/Info require (health stays open); unset = no auth")
     # ETS_PRM_STEP_TAG, _PLUS, _MINUS, _SEPARATOR, _YES, _NO, _JUDGE_*_TURN (PrmOptions.from_env).
     options: PrmOptions = field(default_factory=PrmOptions)
 
@@ -102,7 +119,15 @@ class RewardServerConfig:
                               f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
         if self.prm_url and self.prm_backend != "sglang":
             raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
+        try:
+            self.security().check()
+        except FieldError as err:
+            raise ConfigError(err.field, err.message) from None
         return self
+
+    def security(self) -> ServerSecurity:
+        return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_token_file,
+                              env_prefix="ETS_REWARD_")
 
     def replace(self, **overrides: Any) -> "RewardServerConfig":
         return replace(self, **overrides)
@@ -149,6 +174,10 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
     return backend
 
 
+class Overloaded(Exception):
+    """Every call slot is busy and the queue is full (RESOURCE_EXHAUSTED)."""
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, config: RewardServerConfig, backend: PrmBackend, embedder: Any,
                  metrics: RewardMetrics) -> None:
@@ -156,6 +185,29 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.backend = backend
         self.embedder = embedder
         self.metrics = metrics
+        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self.queued_items = 0
+
+    @asynccontextmanager
+    async def _turn(self, items: int) -> AsyncIterator[None]:
+        """Hold one of ``max_concurrent`` call slots; wait in a queue bounded by items (not calls:
+        a 256-trajectory batch weighs 256 times a single one)."""
+        if self._slots.locked():
+            if self.queued_items + items > self.config.max_queued_items:
+                raise Overloaded(f"reward server at capacity: {self.config.max_concurrent} calls running, "
+                                 f"{self.queued_items} items queued (ETS_REWARD_MAX_CONCURRENT, "
+                                 f"ETS_REWARD_MAX_QUEUED_ITEMS); retry later")
+            self.queued_items += items
+            try:
+                await self._slots.acquire()
+            finally:
+                self.queued_items -= items
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext, items: int) -> AsyncIterator[None]:
@@ -172,6 +224,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 await context.abort(code, str(exc))
             except BackendUnavailable as exc:
                 code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"{method}: {exc}")
+            except Overloaded as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 await context.abort(code, f"{method}: {exc}")
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -231,8 +286,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             self._validate_score(request)
             if not self.backend.is_up():
                 raise BackendUnavailable(f"PRM backend ({self.config.prm_backend}) is not serving")
-            encoded = await asyncio.to_thread(self._encode, request)
-            outcome = await self.backend.score(encoded, request.last_step_only)
+            async with self._turn(len(request.trajectories)):
+                encoded = await asyncio.to_thread(self._encode, request)
+                outcome = await self.backend.score(encoded, request.last_step_only)
             self.metrics.prm_tokens.labels("prompt").inc(outcome.prompt_tokens)
             self.metrics.prm_tokens.labels("cached").inc(outcome.cached_tokens)
             self.metrics.scored_steps.inc(sum(len(s) for s in outcome.scores))
@@ -251,7 +307,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 raise InvalidRequest("texts", "empty: send at least one text")
             if n > self.config.max_batch_size:
                 raise InvalidRequest("texts", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
-            vectors = await self.embedder.embed(list(request.texts))
+            async with self._turn(n):
+                vectors = await self.embedder.embed(list(request.texts))
             return reward_pb2.EmbedResponse(
                 embeddings=[reward_pb2.Embedding(values=row.tolist()) for row in vectors], dim=int(vectors.shape[1])
             )
@@ -277,6 +334,7 @@ class RewardServer:
         self.embedder: Any = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.service: RewardService | None = None
         self.port = 0
         self.metrics_port = 0
         self._backend_task: asyncio.Task[None] | None = None
@@ -305,23 +363,29 @@ class RewardServer:
         await asyncio.to_thread(self.embedder.load)
 
         self.metrics_port = self.metrics.serve(cfg.metrics_port, host=cfg.host)
-        self.server = grpc.aio.server(options=[
+        options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(
-            RewardService(cfg, self.backend, self.embedder, self.metrics), self.server
-        )
+        ]
+        if cfg.max_connection_age_s > 0:
+            # Clients reconnect after this age (spreading over new replicas); calls in flight finish.
+            options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(max(cfg.grace_s, 60.0) * 1000))]
+        sec = cfg.security()
+        self.server = grpc.aio.server(options=options, interceptors=sec.interceptors())
+        self.service = RewardService(cfg, self.backend, self.embedder, self.metrics)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server,
+            )
+        self.port = add_port(self.server, f"{cfg.host}:{cfg.port}", sec)
         await self._set_serving(False)
         await self.server.start()
-        log.info("reward server on %s:%d (metrics %d), PRM %s via %s", cfg.host, self.port, self.metrics_port,
-                 cfg.prm_type, cfg.prm_backend)
+        log.info("reward server on %s:%d (%s; metrics %d), PRM %s via %s", cfg.host, self.port, sec.describe(),
+                 self.metrics_port, cfg.prm_type, cfg.prm_backend)
         self._backend_task = asyncio.get_running_loop().create_task(self.backend.start())
         if wait_backend:
             await self._backend_task

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -29,8 +29,13 @@ from ets.search.selection import SelectionMethod, Subtrees, method_of, validate
 from ets.search.tree import FinishReason, Node, SearchTree
 
 __all__ = [
-    "DepthReport", "Root", "SearchResult", "SearchStats", "Trajectory", "derive_seed", "run_search",
+    "DepthReport", "Offload", "Root", "SearchResult", "SearchStats", "Trajectory", "derive_seed", "run_search",
 ]
+
+# Runs one selection (clustering + the ETS program: CPU-bound, up to the solver's time limit) and
+# awaits its result. The service passes one that runs it in a worker pool so the event loop keeps
+# serving other searches and health checks; None runs it inline (benchmarks, tests of the core).
+Offload = Callable[[Callable[[], Selection]], Awaitable[Selection]]
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class SearchStats:
     wall_seconds: float = 0.0
     # ETS selections whose program hit its time limit (the best incumbent was used).
     solver_time_limits: int = 0
+    # The search stopped because it spent its generated-token budget (``max_generated_tokens``).
+    token_budget_hit: bool = False
 
 
 @dataclass
@@ -129,12 +136,17 @@ async def run_search(
     scorer: StepScorer,
     *,
     on_depth: Callable[[DepthReport], None] | None = None,
+    offload: Offload | None = None,
+    max_generated_tokens: int | None = None,
 ) -> SearchResult:
     """Run one tree search and return every finished trajectory with the search's statistics.
 
     Raises ConfigError for an invalid config (or a prompt that leaves no room under max_tokens),
     ValueError when the generator or scorer breaks its interface (wrong counts, scores outside
     [0, 1]). Cancellation propagates: no expansion or scoring is issued after it.
+    ``offload``: how each selection is run (see ``Offload``; None: inline).
+    ``max_generated_tokens``: the search's token budget (an operator's cap), checked after each
+    depth: once spent, the search stops and its open candidates finish as ``max_tokens``.
     """
     validate(config)
     method = method_of(config)
@@ -158,7 +170,8 @@ async def run_search(
         stats.total_kv_tokens += kv
         stats.peak_kv_tokens = max(stats.peak_kv_tokens, kv)
 
-        selection = await _select(method, candidates, depth, remaining, group_remaining, config, scorer, stats)
+        selection = await _select(method, candidates, depth, remaining, group_remaining, config, scorer, stats,
+                                  offload)
         stats.selections += 1
         if selection.fell_back:
             stats.solver_fallbacks += 1
@@ -228,6 +241,13 @@ async def run_search(
             if child.group is not None and child.group in group_remaining:
                 group_remaining[child.group] -= 1
         candidates = next_candidates
+        if max_generated_tokens is not None and stats.generated_tokens >= max_generated_tokens:
+            stats.token_budget_hit = True
+            for c in candidates:
+                c.finish_reason = "max_tokens"
+                finished.append(_trajectory(c, "max_tokens"))
+            candidates = []
+            break
 
     if depth >= config.max_depth:
         for c in candidates:
@@ -247,7 +267,7 @@ def _add_child(tree: SearchTree, parent: Node, step: SampledStep, plain: str, st
 
 async def _select(
     method: SelectionMethod, candidates: list[Node], depth: int, remaining: int, group_remaining: dict[int, int],
-    config: SearchConfig, scorer: StepScorer, stats: SearchStats,
+    config: SearchConfig, scorer: StepScorer, stats: SearchStats, offload: Offload | None = None,
 ) -> Selection:
     """Child counts for this depth's candidates; times selection (not the embedding call)."""
     if depth == 0:
@@ -262,9 +282,13 @@ async def _select(
         if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
             raise ValueError(f"scorer returned embeddings of shape {embeddings.shape} for {len(texts)} texts")
     t0 = time.perf_counter()
+    frontier = SearchTree.frontier_of(candidates, embeddings)
+    subtrees = Subtrees([int(c.group or 0) for c in candidates], dict(group_remaining))
+
+    def run() -> Selection:
+        return method.select(frontier, remaining, config, subtrees)
+
     try:
-        frontier = SearchTree.frontier_of(candidates, embeddings)
-        return method.select(frontier, remaining, config,
-                             Subtrees([int(c.group or 0) for c in candidates], group_remaining))
+        return run() if offload is None else await offload(run)
     finally:
         stats.selection_seconds += time.perf_counter() - t0

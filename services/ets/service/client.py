@@ -22,6 +22,9 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
+from ets.errors import FieldError
+from ets.security import ClientSecurity
+from ets.security import channel as secure_channel
 
 DEFAULT_ADDR = "localhost:50051"
 
@@ -49,6 +52,34 @@ def channel_options(retries: int) -> list[tuple[str, Any]]:
     else:
         options += [("grpc.enable_retries", 0)]
     return options
+
+
+# (flag, env var, ClientSecurity field, help): how ``ets search`` / ``ets eval`` reach a search
+# service with TLS (``ETS_SEARCH_TLS_CERT_FILE`` set) or mTLS and a bearer token.
+_SECURITY_FLAGS = (
+    ("--tls-ca", "ETS_SEARCH_TLS_CA_FILE", "ca_file", "CA certificate to verify the service with (enables TLS)"),
+    ("--tls-cert", "ETS_SEARCH_TLS_CLIENT_CERT_FILE", "cert_file", "client certificate (mTLS)"),
+    ("--tls-key", "ETS_SEARCH_TLS_CLIENT_KEY_FILE", "key_file", "client private key (mTLS)"),
+    ("--token-file", "ETS_SEARCH_AUTH_TOKEN_FILE", "token_file", "file holding the bearer token"),
+)
+
+
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("transport security (default: plaintext, no token)")
+    for flag, env, field, text in _SECURITY_FLAGS:
+        group.add_argument(flag, dest=f"sec_{field}", default=os.environ.get(env, ""), metavar="FILE",
+                           help=f"{text} ({env})")
+
+
+def security_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClientSecurity:
+    """The client security the flags/env name; a missing or unreadable file exits 2 naming it."""
+    sec = ClientSecurity(**{field: getattr(args, f"sec_{field}") for _, _, field, _ in _SECURITY_FLAGS},
+                         env_prefix="ETS_SEARCH_")
+    try:
+        sec.check()
+    except FieldError as err:
+        parser.error(str(err))
+    return sec
 
 
 _TYPES = {
@@ -133,10 +164,11 @@ def to_json(message: Any) -> dict[str, Any]:
 
 async def run_search(addr: str, request: search_pb2.SearchRequest, *, timeout: float | None,
                      stream: bool = False, retries: int = 3, progress: TextIO | None = None,
+                     security: ClientSecurity | None = None,
                      ) -> tuple[search_pb2.SearchResponse, list[search_pb2.DepthProgress]]:
     """One search over a fresh channel; returns the response and the streamed progress events."""
     events: list[search_pb2.DepthProgress] = []
-    async with grpc.aio.insecure_channel(addr, options=channel_options(retries)) as channel:
+    async with secure_channel(addr, security, options=channel_options(retries)) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
         if not stream:
             return await stub.Search(request, timeout=timeout), events
@@ -164,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE / RESOURCE_EXHAUSTED")
     parser.add_argument("--request-id", default="")
     parser.add_argument("--candidates", type=int, default=10, help="candidates to list (text output)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="ask for the answer, best trajectory and stats only (no candidate list)")
+    add_security_flags(parser)
     add_config_flags(parser)
     return parser
 
@@ -174,11 +209,13 @@ def main(argv: Sequence[str]) -> None:
     problem = args.problem
     if problem is None or problem == "-":
         problem = sys.stdin.read()
-    request = search_pb2.SearchRequest(problem=problem, config=config_from_args(args), request_id=args.request_id)
+    request = search_pb2.SearchRequest(problem=problem, config=config_from_args(args), request_id=args.request_id,
+                                       summary_only=args.summary_only)
+    security = security_from_args(parser, args)
     try:
         response, events = asyncio.run(run_search(
             args.addr, request, timeout=args.timeout, stream=args.stream, retries=args.retries,
-            progress=None if args.json else sys.stdout))
+            progress=None if args.json else sys.stdout, security=security))
     except grpc.aio.AioRpcError as err:
         print(f"ets search: {args.addr}: {err.code().name}: {err.details()}", file=sys.stderr)
         raise SystemExit(1) from None

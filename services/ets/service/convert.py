@@ -101,7 +101,14 @@ def response_to_proto(served: Any, request_id: str = "") -> search_pb2.SearchRes
             reward_seconds=float(stats.reward_seconds),
         ),
         config=config_to_proto(served.config),
+        grouping_fallback=bool(getattr(served, "grouping_fallback", False)),
     )
     if served.best_index is not None:
         response.best.CopyFrom(candidates[served.best_index])
     return response
+
+
+def omit_candidates(response: search_pb2.SearchResponse) -> None:
+    """Keep only the answer, the best trajectory and the statistics (summary_only, or too large)."""
+    del response.candidates[:]
+    response.candidates_omitted = True

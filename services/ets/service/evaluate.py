@@ -38,7 +38,16 @@ from typing import Any, Callable, Iterable, Sequence
 import grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.client import DEFAULT_ADDR, add_config_flags, channel_options, config_from_args
+from ets.security import ClientSecurity
+from ets.security import channel as secure_channel
+from ets.service.client import (
+    DEFAULT_ADDR,
+    add_config_flags,
+    add_security_flags,
+    channel_options,
+    config_from_args,
+    security_from_args,
+)
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost")
@@ -485,7 +494,8 @@ def read_jsonl(path: Path) -> list[ProblemResult]:
 async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpec], base: search_pb2.SearchConfig,
                    *, seed: int = 0, concurrency: int = 2, timeout: float = 600.0, progress: bool = True,
                    done: Iterable[tuple[str, int, str]] = (),
-                   on_result: Callable[[ProblemResult], None] | None = None) -> list[ProblemResult]:
+                   on_result: Callable[[ProblemResult], None] | None = None,
+                   security: ClientSecurity | None = None) -> list[ProblemResult]:
     """Run every (problem, run) not in ``done`` with ``concurrency`` searches in flight, problem by
     problem (so a cut-off evaluation has every configuration on its first problems); problem i
     uses seed ``seed + i`` under every configuration. ``on_result`` sees each result as it lands."""
@@ -496,7 +506,7 @@ async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpe
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(jobs), desc="eval", unit="search", disable=not progress, file=sys.stderr)
     results: list[ProblemResult] = []
-    async with grpc.aio.insecure_channel(addr, options=channel_options(3)) as channel:
+    async with secure_channel(addr, security, options=channel_options(3)) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
 
         async def run(job: tuple[int, Problem, RunSpec]) -> None:
@@ -547,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     parser.add_argument("--title", default=None, help="plot title")
     parser.add_argument("--no-progress", action="store_true")
+    add_security_flags(parser)
     add_config_flags(parser)
     return parser
 
@@ -554,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    security = security_from_args(parser, args)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     try:
@@ -603,7 +615,7 @@ def main(argv: Sequence[str]) -> None:
 
     asyncio.run(evaluate(args.addr, problems, runs, base, seed=seed, concurrency=args.concurrency,
                          timeout=args.timeout, progress=not args.no_progress,
-                         done={r.key for r in previous}, on_result=land))
+                         done={r.key for r in previous}, on_result=land, security=security))
     report = build_report({**meta, "wall_seconds": time.perf_counter() - started, "complete": True}, collected)
     out.write_text(json.dumps(report, indent=2))
     summaries = summarise(collected)

@@ -33,6 +33,11 @@ def _worker_main(conn: Connection) -> None:
         conn.send(group_answers(answers))
 
 
+class FallbackGroups(list[list[int]]):
+    """Groups made by the string-matching fallback (a timeout or a dead worker): a list like any
+    grouping's, so the core uses it unchanged, and the runner can tell, count and flag it."""
+
+
 class EquivalenceWorker:
     """``group(answers)``: ``ets.search.answers.Grouping`` bounded by ``timeout_s``;
     ``equivalent(a, b)`` likewise."""
@@ -84,7 +89,7 @@ class EquivalenceWorker:
             except (EOFError, OSError) as err:
                 log.warning("answer grouping worker failed (%s): grouping by string", err)
             self._kill()
-            return group_by_string(answers)
+            return FallbackGroups(group_by_string(answers))
 
     def equivalent(self, a: str, b: str) -> bool:
         """``ets.search.answers.equivalent`` under the same deadline (for callers off the main

@@ -18,7 +18,8 @@ import prometheus_client
 
 from ets.config import ConfigError, SearchConfig
 from ets.search.selection import validate
-from ets.service.server import SearchServer
+from ets.service.request import RequestError
+from ets.service.server import SearchServer, limits_of
 from ets.service.settings import ServiceSettings, settings_from_args
 
 __all__ = ["main", "serve", "settings_from_args"]
@@ -55,6 +56,13 @@ def main(argv: list[str]) -> None:
         # from_env names the variable; the method registry's checks name the field.
         name = err.field if err.field.startswith("ETS_") else f"ETS_SEARCH_{err.field.upper()}"
         print(f"ets serve: bad search default {name}: {err.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        # Server defaults beyond the operator's caps would refuse every request that relies on them.
+        limits_of(settings).check(defaults)
+    except RequestError as err:
+        name = "ETS_SEARCH_" + err.field.removeprefix("config.").upper()
+        print(f"ets serve: search default {name} is beyond this server's cap: {err.message}", file=sys.stderr)
         raise SystemExit(2) from None
     asyncio.run(serve(settings, defaults))
 

@@ -27,6 +27,12 @@ All series are prefixed ``ets_search_`` and served on ``ETS_SEARCH_METRICS_PORT`
 | ets_search_reward_call_duration_seconds | histogram | call | latency of one batched reward call (call = score or embed) |
 | ets_search_reward_call_errors_total | counter | call, reason | failed reward calls |
 | ets_search_upstream_up | gauge | upstream | 1 when the upstream (policy or reward) answered its last probe |
+| ets_search_grouping_fallbacks_total | counter | | answer groupings that timed out (or lost their worker) and fell back to string matching |
+| ets_search_results_truncated_total | counter | | responses whose candidate list was dropped to fit ETS_SEARCH_MAX_SEND_BYTES |
+| ets_search_token_budget_hits_total | counter | | searches stopped by ETS_LIMIT_GENERATED_TOKENS |
+
+The ``method`` label takes the registered method names only; a request naming anything else is
+counted as ``invalid`` (a client cannot mint series).
 
 Useful queries:
   cache reuse:  rate(ets_search_cached_prompt_tokens_total[5m]) / rate(ets_search_prompt_tokens_total[5m])
@@ -123,6 +129,12 @@ class SearchMetrics:
                                  ["upstream"], registry=r)
         for upstream in ("policy", "reward"):
             self.upstream_up.labels(upstream=upstream).set(0)
+        self.grouping_fallbacks = Counter(f"{p}grouping_fallbacks",
+                                          "Answer groupings that fell back to string matching.", registry=r)
+        self.results_truncated = Counter(f"{p}results_truncated",
+                                         "Responses sent without their candidate list (too large).", registry=r)
+        self.token_budget_hits = Counter(f"{p}token_budget_hits",
+                                         "Searches stopped by the generated-token budget.", registry=r)
 
     def observe_result(self, method: str, stats: object) -> None:
         """Record one successful search's statistics (``SearchResult.stats`` of the loop)."""

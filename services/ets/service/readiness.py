@@ -34,15 +34,23 @@ class Readiness:
         self._reprobe = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
         self.ready = False
+        self.probed = False
         self.errors: dict[str, str | None] = {"policy": "not probed yet", "reward": "not probed yet"}
 
     def reprobe(self) -> None:
         """Probe the upstreams now (after a search saw one fail)."""
         self._reprobe.set()
 
+    def down(self) -> dict[str, str]:
+        """The upstreams the last probe found down (upstream -> why); empty before the first probe."""
+        if not self.probed:
+            return {}
+        return {k: v for k, v in self.errors.items() if v is not None}
+
     async def probe_once(self) -> bool:
         errors = await self._probe()
         self.errors = errors
+        self.probed = True
         for upstream, error in errors.items():
             self._metrics.upstream_up.labels(upstream=upstream).set(0 if error else 1)
         ready = all(e is None for e in errors.values())

@@ -6,6 +6,8 @@ plain mapping of ``SearchConfig`` field names (``ets.service.convert`` for the p
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ets.config import ConfigError, SearchConfig
@@ -15,6 +17,35 @@ from ets.search.selection import validate
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).
 MAX_PROBLEM_CHARS = 64_000
+# request_id goes into logs and responses: short, and no characters that could forge log lines.
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]*")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The operator's caps on what one request may ask for (``ServiceSettings``' ETS_LIMIT_*,
+    ETS_MAX_SOLVER_TIME_LIMIT_S): memory and time are bounded by configuration, not by clients."""
+
+    width: int = 256
+    max_tokens: int = 8192
+    max_depth: int = 100
+    solver_time_limit_s: float = 2.0
+    generated_tokens: int = 1_000_000
+    search_s: float = 900.0
+
+    def check(self, config: SearchConfig) -> SearchConfig:
+        """``config`` if within every cap, else ``RequestError`` naming the field and the setting."""
+        for field, value, cap, env in (
+            ("width", config.width, self.width, "ETS_LIMIT_WIDTH"),
+            ("max_tokens", config.max_tokens, self.max_tokens, "ETS_LIMIT_MAX_TOKENS"),
+            ("max_depth", config.max_depth, self.max_depth, "ETS_LIMIT_MAX_DEPTH"),
+            ("solver_time_limit_s", config.solver_time_limit_s, self.solver_time_limit_s,
+             "ETS_MAX_SOLVER_TIME_LIMIT_S"),
+        ):
+            if value > cap:
+                raise RequestError(f"config.{field}", f"must be at most {cap:g} on this server ({env}), got {value:g}")
+        return config
 
 
 class RequestError(FieldError):
@@ -30,10 +61,19 @@ def validate_problem(problem: str) -> str:
     return problem
 
 
-def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig) -> SearchConfig:
-    """The request's config fields over the server defaults, validated (``RequestError``)."""
+def validate_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise RequestError("request_id", "may contain only letters, digits and . _ : -")
+    return request_id
+
+
+def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits: Limits | None = None) -> SearchConfig:
+    """The request's config fields over the server defaults, validated and within the operator's
+    ``limits`` (``RequestError``)."""
     try:
         config = validate(defaults.replace(**overrides))
     except ConfigError as err:
         raise RequestError(f"config.{err.field}", err.message) from None
-    return config
+    return config if limits is None else limits.check(config)

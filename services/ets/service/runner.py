@@ -1,9 +1,11 @@
 """The search runner every transport shares: one admitted, bounded, measured search per call.
 
 Owns the path of one search from a transport-neutral ``SearchCall`` to a ``ServedSearch``:
-request checks (``ets.service.request``), admission (``RESOURCE_EXHAUSTED`` beyond the limits),
-the deadline (a timeout over queueing and running), the search itself (root, generator and scorer
-from ``Upstreams``, the pure ``ets.search.loop``), answer choice off the event loop with the
+request checks and the operator's caps (``ets.service.request``), failing fast while an upstream
+is known down, admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the
+deadline (the client's, capped by the server's; over queueing and running), the search itself
+(root, generator and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections
+in a thread pool and its generated-token budget), answer choice off the event loop with the
 service's grouping function, the search metrics, and classifying every failure once through
 ``ets.service.status.status_for`` (raised as ``SearchFailed``). Cancellation (a client that went
 away) propagates and is counted. The runner knows no transport: the gRPC servicer and any other
@@ -13,17 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from ets.config import SearchConfig
 from ets.search.answers import Grouping, group_answers, select_answer
 from ets.search.interfaces import Root, StepGenerator, StepScorer
+from ets.search.base import Selection
 from ets.search.loop import DepthReport, SearchResult, run_search
+from ets.search.selection import METHODS
 from ets.service.admission import Admission
+from ets.service.grouping import FallbackGroups
 from ets.service.metrics import SearchMetrics
-from ets.service.request import resolve_config, validate_problem
+from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id
 from ets.service.status import Failure, Status, UpstreamUnavailable, status_for
 
 log = logging.getLogger("ets.service")
@@ -89,6 +96,8 @@ class ServedSearch:
     candidates: list[ServedCandidate]
     best_index: int | None
     wall_seconds: float
+    # Answer grouping timed out and fell back to string matching (flagged in the response).
+    grouping_fallback: bool = False
 
 
 class SearchRunner:
@@ -96,44 +105,74 @@ class SearchRunner:
 
     ``grouping``: the answer-equivalence function (the server passes a bounded worker process,
     ``ets.service.grouping``); ``on_upstream_failure``: called when a search found an upstream
-    down (the readiness monitor re-probes)."""
+    down (the readiness monitor re-probes); ``upstreams_down``: the upstreams the readiness
+    monitor knows are down (upstream -> why), so searches fail fast instead of after every
+    retry; ``limits``: the operator's caps; ``selection_workers``: threads that run selections
+    off the event loop (0: one per core)."""
 
     def __init__(self, upstreams: Upstreams, defaults: SearchConfig, admission: Admission, metrics: SearchMetrics,
                  *, grouping: Grouping = group_answers,
-                 on_upstream_failure: Callable[[], None] | None = None) -> None:
+                 on_upstream_failure: Callable[[], None] | None = None,
+                 upstreams_down: Callable[[], Mapping[str, str]] | None = None,
+                 limits: Limits | None = None, selection_workers: int = 0) -> None:
         self.upstreams = upstreams
         self.defaults = defaults
         self.admission = admission
         self.metrics = metrics
         self.grouping = grouping
         self.on_upstream_failure = on_upstream_failure
+        self.upstreams_down = upstreams_down
+        self.limits = limits or Limits()
+        # Selection (clustering + HiGHS, up to the solver limit) is CPU work: on the event loop it
+        # would stall every other search, stream and health answer of the process.
+        self._selection_pool = ThreadPoolExecutor(max_workers=selection_workers or os.cpu_count() or 1,
+                                                  thread_name_prefix="ets-select")
         # Tasks of searches in progress; shutdown and tests look here.
         self.active: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
         await self.upstreams.close()
+        self._selection_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _offload(self, select: Callable[[], Selection]) -> Selection:
+        return await asyncio.get_running_loop().run_in_executor(self._selection_pool, select)
+
+    def _fail_fast(self) -> None:
+        """UNAVAILABLE at once while the readiness monitor knows an upstream is down."""
+        down = self.upstreams_down() if self.upstreams_down is not None else {}
+        for upstream, why in down.items():
+            address = self.upstreams.policy_address if upstream == "policy" else self.upstreams.reward_address
+            raise UpstreamUnavailable(upstream, address, f"down at its last health probe ({why})")
 
     async def search(self, call: SearchCall) -> ServedSearch:
         """One search: checked, admitted, run under the deadline, measured. Raises
         ``SearchFailed`` (with its status) or ``CancelledError``."""
-        method = str(call.overrides.get("method") or self.defaults.method).strip()[:32]
+        # Metric label: a registered method or "invalid", never the client's text (bounded series).
+        asked = str(call.overrides.get("method") or self.defaults.method).strip()
+        method = asked if asked in METHODS else "invalid"
         started = time.perf_counter()
-        deadline = None if call.timeout_s is None else asyncio.get_running_loop().time() + call.timeout_s
+        # The client's deadline, but never longer than the operator's limit on a search.
+        capped = call.timeout_s is None or call.timeout_s > self.limits.search_s
+        timeout_s = self.limits.search_s if capped else float(call.timeout_s or 0.0)
+        deadline = asyncio.get_running_loop().time() + timeout_s
         task = asyncio.current_task()
         if task is not None:
             self.active.add(task)
         try:
             try:
+                validate_request_id(call.request_id)
                 problem = validate_problem(call.problem)
-                config = resolve_config(call.overrides, self.defaults)
+                config = resolve_config(call.overrides, self.defaults, self.limits)
                 method = config.method
+                self._fail_fast()
                 async with asyncio.timeout_at(deadline):
                     served = await self._admitted(problem, config, call)
             except TimeoutError:
+                limit = f", the server's limit ETS_LIMIT_SEARCH_S={self.limits.search_s:g}s" if capped else ""
                 raise TimeoutError(f"search did not finish before the deadline "
-                                   f"({time.perf_counter() - started:.1f}s)") from None
+                                   f"({time.perf_counter() - started:.1f}s{limit})") from None
         except asyncio.CancelledError:
-            expired = deadline is not None and deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
+            expired = deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
             self.metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")
             log.info("search %s %s", call.request_id or "-", "deadline passed" if expired else "cancelled")
             raise
@@ -151,13 +190,21 @@ class SearchRunner:
             if task is not None:
                 self.active.discard(task)
         self.metrics.observe_result(method, served.result.stats)
+        if served.grouping_fallback:
+            self.metrics.grouping_fallbacks.inc()
+        if served.result.stats.token_budget_hit:
+            self.metrics.token_budget_hits.inc()
+            log.warning("search %s stopped at the generated-token budget (%d tokens, ETS_LIMIT_GENERATED_TOKENS)",
+                        call.request_id or "-", served.result.stats.generated_tokens)
         log.info("search %s ok: method=%s width=%d answer=%r wall=%.2fs", call.request_id or "-", method,
                  config.width, served.answer, served.wall_seconds)
         return served
 
     async def _admitted(self, problem: str, config: SearchConfig, call: SearchCall) -> ServedSearch:
-        async with self.admission.slot() as waited:
+        async with self.admission.slot(config.width) as waited:
             self.metrics.queue_wait.observe(waited)
+            if waited > 0.01:
+                self._fail_fast()  # an upstream may have gone down while this search waited
 
             def report(progress: DepthReport) -> None:
                 self.metrics.observe_selection(config.method, progress.kv_tokens)
@@ -174,10 +221,20 @@ class SearchRunner:
         start = time.perf_counter()
         root = await self.upstreams.root(problem, config)
         result = await run_search(root, config, self.upstreams.generator(config),
-                                  self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth)
+                                  self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth,
+                                  offload=self._offload, max_generated_tokens=self.limits.generated_tokens)
+        fell_back = False
+
+        def grouping(answers: Any) -> list[list[int]]:
+            nonlocal fell_back
+            groups = self.grouping(answers)
+            fell_back = fell_back or isinstance(groups, FallbackGroups)
+            return groups
+
         # Equivalence checks may run sympy: keep them off the event loop other searches share.
-        served = await asyncio.to_thread(choose_answer, config, result, self.grouping)
+        served = await asyncio.to_thread(choose_answer, config, result, grouping)
         served.wall_seconds = time.perf_counter() - start
+        served.grouping_fallback = fell_back
         return served
 
 

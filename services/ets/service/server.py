@@ -6,8 +6,11 @@ Owns the gRPC edge only: a ``SearchRequest`` becomes a ``SearchCall`` for the sh
 of the same name. The RPC's deadline goes to the runner; a cancelled RPC cancels its search (the
 search runs in the RPC's task). ``SearchServer`` assembles the service: upstreams, runner,
 readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
-Prometheus endpoint, and graceful stop (refuse new searches, let in-flight ones finish within
-the grace period, cancel the rest). The command line is ``ets.service.main``.
+Prometheus endpoint, transport security (TLS/mTLS and the bearer token of ``ets.security``;
+health stays open), reflection and connection age as settings, the response size check (a
+result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate list, never its answer), and
+graceful stop (refuse new searches, let in-flight ones finish within the grace period, cancel
+the rest). The command line is ``ets.service.main``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ets import security
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.search.answers import Grouping
@@ -28,6 +32,7 @@ from ets.service.admission import Admission
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.readiness import Readiness
+from ets.service.request import Limits
 from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
 from ets.service.status import Status
 from ets.service.settings import ServiceSettings
@@ -38,6 +43,8 @@ log = logging.getLogger("ets.service")
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 # The abstract statuses carry gRPC's names; INTERNAL's outcome label is "error".
 GRPC_CODES: dict[Status, grpc.StatusCode] = {s: grpc.StatusCode[s.name] for s in Status}
+# Room for the gRPC frame and a stream event's wrapper around a response.
+_ENVELOPE_BYTES = 1024
 
 
 def _timeout_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -51,8 +58,9 @@ def _timeout_of(context: grpc.aio.ServicerContext) -> float | None:
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     """Search and SearchStream over one shared ``SearchRunner``."""
 
-    def __init__(self, runner: SearchRunner) -> None:
+    def __init__(self, runner: SearchRunner, max_send_bytes: int = 4 * 1024 * 1024) -> None:
         self._runner = runner
+        self._max_send_bytes = max_send_bytes
 
     async def Search(self, request: search_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
@@ -88,7 +96,36 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         except SearchFailed as failed:
             await context.abort(GRPC_CODES[failed.failure.status], failed.failure.message)
             raise  # pragma: no cover - abort raises
-        return convert.response_to_proto(served, request.request_id)
+        response = convert.response_to_proto(served, request.request_id)
+        if request.summary_only:
+            convert.omit_candidates(response)
+        elif response.ByteSize() > self._max_send_bytes - _ENVELOPE_BYTES:
+            # The GPU work is done: never lose the result to the send limit, drop the list instead.
+            log.warning("search %s: response of %d bytes exceeds ETS_SEARCH_MAX_SEND_BYTES (%d): candidates omitted",
+                        request.request_id or "-", response.ByteSize(), self._max_send_bytes)
+            self._runner.metrics.results_truncated.inc()
+            convert.omit_candidates(response)
+            if response.ByteSize() > self._max_send_bytes - _ENVELOPE_BYTES:
+                response.best.text = response.best.text[: self._max_send_bytes // 2]  # answer and stats remain
+        return response
+
+
+def limits_of(settings: ServiceSettings) -> Limits:
+    return Limits(width=settings.limit_width, max_tokens=settings.limit_max_tokens, max_depth=settings.limit_max_depth,
+                  solver_time_limit_s=settings.max_solver_time_limit_s,
+                  generated_tokens=settings.limit_generated_tokens, search_s=settings.limit_search_s)
+
+
+def server_options(max_send_bytes: int, max_connection_age_s: float, age_grace_s: float) -> list[tuple[str, int]]:
+    """gRPC server options shared by the search and reward servers; ``age_grace_s``: how long a
+    call may still run on a connection past its maximum age (the longest call allowed)."""
+    options = [("grpc.so_reuseport", 0), ("grpc.max_send_message_length", max_send_bytes)]
+    if max_connection_age_s > 0:
+        # Clients reconnect (to any pod behind the Service) after this age; calls in flight get the
+        # grace to finish, so a long search is not cut by the rotation.
+        options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(max(age_grace_s, 1.0) * 1000))]
+    return options
 
 
 class SearchServer:
@@ -105,24 +142,32 @@ class SearchServer:
         self.metrics = metrics or SearchMetrics()
         self.upstreams: Upstreams = upstreams or LiveUpstreams(
             settings.policy_url, settings.reward_addr, metrics=self.metrics,
-            policy_engine_url=settings.policy_engine_url)
+            policy_engine_url=settings.policy_engine_url, reward_security=settings.reward_security(),
+            policy_api_key=settings.policy_api_key())
         self._worker: EquivalenceWorker | None = None
         if grouping is None:
             self._worker = EquivalenceWorker()
             grouping = self._worker.group
-        self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed)
+        self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed,
+                                   max_weight=settings.max_concurrent_width)
         self.health = health.aio.HealthServicer()
         self.readiness = Readiness(self.upstreams.probe, self.metrics, on_change=self._readiness_changed)
         self.runner = SearchRunner(self.upstreams, defaults, self.admission, self.metrics,
                                    grouping=grouping,
-                                   on_upstream_failure=self.readiness.reprobe)
-        self.servicer = SearchServicer(self.runner)
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                                   on_upstream_failure=self.readiness.reprobe,
+                                   upstreams_down=self.readiness.down if settings.fail_fast else None,
+                                   limits=limits_of(settings), selection_workers=settings.selection_workers)
+        self.servicer = SearchServicer(self.runner, settings.max_send_bytes)
+        self.security = settings.server_security()
+        self.server = grpc.aio.server(options=server_options(settings.max_send_bytes, settings.max_connection_age_s,
+                                                             settings.limit_search_s),
+                                      interceptors=self.security.interceptors())
         search_pb2_grpc.add_SearchServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
         self.port = 0
         self._metrics_http: MetricsHTTPServer | None = None
 
@@ -140,7 +185,7 @@ class SearchServer:
 
     async def start(self) -> int:
         s = self.settings
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        self.port = security.add_port(self.server, f"{s.host}:{s.port}", self.security)
         if self.port == 0:
             raise OSError(f"cannot bind the search service to {s.host}:{s.port}")
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -148,8 +193,9 @@ class SearchServer:
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.metrics_port, s.host)
         self.readiness.start()
-        log.info("search service on %s:%d (metrics %s), policy %s, reward %s", s.host, self.port,
-                 self._metrics_http.port if self._metrics_http else "off", self.upstreams.policy_address,
+        log.info("search service on %s:%d (%s; metrics %s), policy %s, reward %s", s.host, self.port,
+                 self.security.describe(), self._metrics_http.port if self._metrics_http else "off",
+                 self.upstreams.policy_address,
                  self.upstreams.reward_address)
         return self.port
 

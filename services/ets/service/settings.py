@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ets import settings
+from ets.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH
 from ets.errors import FieldError
+from ets.security import ClientSecurity, ServerSecurity, read_token
 from ets.service.admission import (
     DEFAULT_MAX_CONCURRENT,
     DEFAULT_MAX_QUEUED,
@@ -68,7 +70,80 @@ class ServiceSettings:
                                            help="searches running at once")
     max_queued: int = settings.setting(DEFAULT_MAX_QUEUED, env=MAX_QUEUED_ENV, ge=0,
                                        help="searches waiting for a slot; beyond: RESOURCE_EXHAUSTED")
+    max_concurrent_width: int = settings.setting(
+        1024, env="ETS_MAX_CONCURRENT_WIDTH", ge=1,
+        help="sum of the widths of running searches (admission by width: a wide search takes more)")
     log_level: str = settings.setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
+    # -- operator caps: requests beyond them get INVALID_ARGUMENT naming the field ------------------
+    limit_width: int = settings.setting(256, env="ETS_LIMIT_WIDTH", ge=1, le=MAX_WIDTH,
+                                        help="largest config.width a request may ask for")
+    limit_max_tokens: int = settings.setting(8192, env="ETS_LIMIT_MAX_TOKENS", ge=1, le=MAX_TOKENS_LIMIT,
+                                             help="largest config.max_tokens (tokens per trajectory)")
+    limit_max_depth: int = settings.setting(100, env="ETS_LIMIT_MAX_DEPTH", ge=1, le=MAX_DEPTH_LIMIT,
+                                            help="largest config.max_depth")
+    max_solver_time_limit_s: float = settings.setting(
+        2.0, env="ETS_MAX_SOLVER_TIME_LIMIT_S", gt=0, le=600,
+        help="largest config.solver_time_limit_s (one ETS selection's solver budget)")
+    limit_generated_tokens: int = settings.setting(
+        1_000_000, env="ETS_LIMIT_GENERATED_TOKENS", ge=1,
+        help="tokens one search may generate in all; then it stops and returns what it has")
+    limit_search_s: float = settings.setting(
+        900.0, env="ETS_LIMIT_SEARCH_S", gt=0, help="longest a search may run (queue included), "
+        "whatever the client's deadline; beyond: DEADLINE_EXCEEDED")
+    max_send_bytes: int = settings.setting(
+        4 * 1024 * 1024, env="ETS_SEARCH_MAX_SEND_BYTES", ge=64 * 1024,
+        help="largest response sent; a larger result drops candidates' texts (answer, best and stats kept)")
+    selection_workers: int = settings.setting(
+        0, env="ETS_SELECTION_WORKERS", ge=0, help="threads running selections off the event loop (0 = cores)")
+    fail_fast: bool = settings.setting(
+        True, env="ETS_SEARCH_FAIL_FAST",
+        help="refuse searches at once (UNAVAILABLE naming the upstream) while an upstream's last health "
+        "probe failed, instead of after the clients' retries")
+    # -- transport ---------------------------------------------------------------------------------
+    reflection: bool = settings.setting(True, env="ETS_SEARCH_REFLECTION",
+                                        help="gRPC server reflection (off in production manifests)")
+    max_connection_age_s: float = settings.setting(
+        300.0, env="ETS_SEARCH_MAX_CONNECTION_AGE_S", ge=0,
+        help="close client connections after this long (clients reconnect and spread over new pods; 0 = never)")
+    tls_cert_file: str = settings.setting("", env="ETS_SEARCH_TLS_CERT_FILE", help="server TLS certificate (PEM); "
+                                          "unset = plaintext")
+    tls_key_file: str = settings.setting("", env="ETS_SEARCH_TLS_KEY_FILE", help="server TLS private key (PEM)")
+    tls_client_ca_file: str = settings.setting(
+        "", env="ETS_SEARCH_TLS_CLIENT_CA_FILE",
+        help="CA of client certificates; set = mTLS (clients must present one)")
+    auth_token_file: str = settings.setting(
+        "", env="ETS_SEARCH_AUTH_TOKEN_FILE",
+        help="file holding the bearer token Search/SearchStream require (health stays open); unset = no auth")
+    reward_tls_ca_file: str = settings.setting(
+        "", env="ETS_REWARD_TLS_CA_FILE", help="CA of the reward server's certificate; set = TLS to the reward server")
+    reward_tls_client_cert_file: str = settings.setting(
+        "", env="ETS_REWARD_TLS_CLIENT_CERT_FILE", help="this service's client certificate for a mTLS reward server")
+    reward_tls_client_key_file: str = settings.setting(
+        "", env="ETS_REWARD_TLS_CLIENT_KEY_FILE", help="its private key")
+    reward_auth_token_file: str = settings.setting(
+        "", env="ETS_REWARD_AUTH_TOKEN_FILE", help="bearer token sent to the reward server")
+    policy_api_key_file: str = settings.setting(
+        "", env="ETS_POLICY_API_KEY_FILE", help="the policy SGLang server's --api-key, sent as a bearer token")
+
+    def server_security(self) -> ServerSecurity:
+        return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_token_file,
+                              env_prefix="ETS_SEARCH_")
+
+    def reward_security(self) -> ClientSecurity:
+        return ClientSecurity(self.reward_tls_ca_file, self.reward_tls_client_cert_file,
+                              self.reward_tls_client_key_file, self.reward_auth_token_file, env_prefix="ETS_REWARD_")
+
+    def policy_api_key(self) -> str | None:
+        return read_token(self.policy_api_key_file, "ETS_POLICY_API_KEY_FILE") if self.policy_api_key_file else None
+
+    def check(self) -> None:
+        """Cross-field and file checks at startup (``FieldError`` naming the env var)."""
+        self.server_security().check()
+        self.reward_security().check()
+        self.policy_api_key()
+        if self.limit_width > self.max_concurrent_width:
+            raise FieldError("ETS_LIMIT_WIDTH", f"must not exceed ETS_MAX_CONCURRENT_WIDTH "
+                             f"({self.max_concurrent_width}), got {self.limit_width}: such a search could never run")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -84,7 +159,9 @@ def settings_from_args(argv: list[str], env: Mapping[str, str] | None = None) ->
     p = parser()
     args = p.parse_args(argv)
     try:
-        return settings.from_args(ServiceSettings, args, env=os.environ if env is None else env,
-                                  error=SettingsError)
-    except SettingsError as err:
+        result = settings.from_args(ServiceSettings, args, env=os.environ if env is None else env,
+                                    error=SettingsError)
+        result.check()
+        return result
+    except FieldError as err:
         p.error(str(err))

@@ -1,7 +1,7 @@
 """The one place a failed search becomes a status: exception class -> transport-neutral ``Status``.
 
 Owns the errors a search can end with that are not the search core's own (``UpstreamUnavailable``,
-``UpstreamRejected``), the abstract ``Status`` every transport translates (gRPC codes in
+``UpstreamRejected``, ``UpstreamFailed``), the abstract ``Status`` every transport translates (gRPC codes in
 ``ets.service.server``; an HTTP front door maps the same values to 400 / 429 / 503 / 504 / 500), and
 ``status_for(exc)``: exception class -> status and client-facing message.
 No transport library is imported here, so every transport shares this one mapping.
@@ -9,10 +9,21 @@ No transport library is imported here, so every transport shares this one mappin
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from ets.config import ConfigError
 from ets.errors import FieldError
 from ets.service.admission import QueueFull
+
+
+# Internal locations in upstream error texts (URLs, host:port, ipv4:/ipv6: peers): logged, not sent.
+_URL = re.compile(r"\b(?:https?|ipv4|ipv6|unix|dns):[^\s,;'\")]+")
+_HOST_PORT = re.compile(r"\b(?:[A-Za-z][\w.-]*|\d{1,3}(?:\.\d{1,3}){3}):\d{2,5}\b")
+
+
+def scrub(text: str) -> str:
+    """``text`` without internal addresses (what a client may see of an upstream's error)."""
+    return _HOST_PORT.sub("<address>", _URL.sub("<address>", text))
 
 
 class Status(enum.Enum):
@@ -53,6 +64,18 @@ class UpstreamRejected(Exception):
         self.status = status
 
 
+class UpstreamFailed(Exception):
+    """An upstream answered with an error that is neither "down" nor "your request": it keeps its
+    class (INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), so clients retry only what is
+    retryable instead of re-running a search that fails the same way (UNAVAILABLE is retried)."""
+
+    def __init__(self, upstream: str, detail: str, status: Status = Status.INTERNAL) -> None:
+        super().__init__(f"{upstream} server failed: {detail}")
+        self.upstream = upstream
+        self.detail = detail
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Failure:
     """A search's failure as clients see it."""
@@ -73,9 +96,10 @@ def status_for(exc: BaseException) -> Failure:
     if isinstance(exc, QueueFull):
         return Failure(Status.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, UpstreamUnavailable):
-        return Failure(Status.UNAVAILABLE, str(exc))
-    if isinstance(exc, UpstreamRejected):
-        return Failure(exc.status, str(exc))
+        # The address stays in the logs; clients learn which upstream, not where it lives.
+        return Failure(Status.UNAVAILABLE, scrub(f"{exc.upstream} server unavailable: {exc.detail}"))
+    if isinstance(exc, (UpstreamFailed, UpstreamRejected)):
+        return Failure(exc.status, scrub(str(exc)))
     if isinstance(exc, TimeoutError):
         return Failure(Status.DEADLINE_EXCEEDED, str(exc) or "search did not finish before the deadline")
-    return Failure(Status.INTERNAL, f"search failed: {type(exc).__name__}: {exc}")
+    return Failure(Status.INTERNAL, scrub(f"search failed: {type(exc).__name__}: {exc}"))

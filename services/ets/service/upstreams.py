@@ -22,9 +22,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ets import security
 from ets.config import ConfigError, SearchConfig
 from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
+from ets.security import ClientSecurity
 from ets.search.interfaces import (
     ExpandRequest,
     Root,
@@ -35,7 +37,7 @@ from ets.search.interfaces import (
     StepScorer,
 )
 from ets.service.metrics import SearchMetrics
-from ets.service.status import UpstreamRejected, UpstreamUnavailable
+from ets.service.status import Status, UpstreamFailed, UpstreamRejected, UpstreamUnavailable
 
 PROBE_TIMEOUT_S = 10.0
 
@@ -79,10 +81,16 @@ def describe(err: BaseException) -> str:
 
 def policy_failure(address: str, err: BaseException) -> Exception:
     """The policy refusing the request itself (HTTP 4xx, e.g. a prompt beyond its context length)
-    is the request's fault; anything else (unreachable, timeout, 5xx, a malformed answer) means
-    the policy is not serving."""
+    is the request's fault; a 5xx it answered after the client's retries or an answer we cannot
+    read (ValueError) is INTERNAL (retrying the search fails the same way); only unreachable or
+    timed out means the policy is not serving (UNAVAILABLE, worth retrying)."""
+    if isinstance(err, PolicyRequestError) and err.status in (401, 403):
+        # A missing or wrong API key is this service's configuration, not the request's fault.
+        return UpstreamFailed("policy", f"{err} (check ETS_POLICY_API_KEY_FILE)", Status.INTERNAL)
     if isinstance(err, PolicyRequestError):
         return UpstreamRejected("policy", str(err))
+    if isinstance(err, (PolicyServerError, ValueError)) and not isinstance(err, OSError):
+        return UpstreamFailed("policy", describe(err), Status.INTERNAL)
     return UpstreamUnavailable("policy", address, describe(err))
 
 
@@ -90,14 +98,29 @@ def policy_failure(address: str, err: BaseException) -> Exception:
 _REWARD_REJECTIONS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
 
 
+# Reward codes that keep their class (the search fails the same way if re-run; RESOURCE_EXHAUSTED
+# is the reward server's bounded queue: the client may retry it later).
+_REWARD_KEPT = {grpc.StatusCode.RESOURCE_EXHAUSTED: Status.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED}
+
+
 def reward_failure(address: str, err: BaseException) -> Exception:
-    if isinstance(err, RewardError) and not isinstance(err, RewardUnavailable) and err.code in _REWARD_REJECTIONS:
-        return UpstreamRejected("reward", describe(err))
+    """Rejections (INVALID_ARGUMENT, FAILED_PRECONDITION) are the request's; UNAVAILABLE after the
+    client's retries, or no connection at all, means the reward server is down; every other
+    reward status keeps its class (INTERNAL by default), as does a local ValueError (a reply that
+    breaks the scorer's interface)."""
+    if isinstance(err, RewardError) and not isinstance(err, RewardUnavailable):
+        if err.code in _REWARD_REJECTIONS:
+            return UpstreamRejected("reward", describe(err))
+        if err.code != grpc.StatusCode.UNAVAILABLE:
+            return UpstreamFailed("reward", describe(err), _REWARD_KEPT.get(err.code, Status.INTERNAL))
+    if isinstance(err, ValueError):
+        return UpstreamFailed("reward", describe(err), Status.INTERNAL)
     return UpstreamUnavailable("reward", address, describe(err))
 
 
 # Errors that already say what they mean (or are the request's own): never re-classified.
-_PASS_THROUGH = (ConfigError, UpstreamUnavailable, UpstreamRejected)
+_PASS_THROUGH = (ConfigError, UpstreamUnavailable, UpstreamRejected, UpstreamFailed)
 
 
 async def instrumented(call: Callable[[], Awaitable[T]], *, duration: Any, count_error: Callable[[str], None],
@@ -156,11 +179,14 @@ class LiveUpstreams:
     the router's cache-aware policy can route each by its prefix (``ets.policy.client``)."""
 
     def __init__(self, policy_url: str, reward_addr: str, *, metrics: SearchMetrics,
-                 policy_engine_url: str | None = None) -> None:
+                 policy_engine_url: str | None = None, reward_security: ClientSecurity | None = None,
+                 policy_api_key: str | None = None) -> None:
         self.policy_address = policy_url.rstrip("/")
         self.policy_engine_url = policy_engine_url or None
         self.reward_address = reward_addr
         self._metrics = metrics
+        self._reward_security = reward_security or ClientSecurity()
+        self._policy_api_key = policy_api_key
         self._session: aiohttp.ClientSession | None = None
         self._reward_channel: grpc.aio.Channel | None = None
         self._policy_client: PolicyClient | None = None
@@ -193,8 +219,9 @@ class LiveUpstreams:
 
     def _channel(self) -> grpc.aio.Channel:
         if self._reward_channel is None:
-            self._reward_channel = grpc.aio.insecure_channel(
-                self.reward_address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+            self._reward_channel = security.channel(
+                self.reward_address, self._reward_security,
+                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         return self._reward_channel
 
     def policy_client(self) -> PolicyClient:
@@ -203,7 +230,8 @@ class LiveUpstreams:
             from ets.policy.routed import make_policy_client
 
             self._policy_client = make_policy_client(self.policy_address, session=self._http(),
-                                                     engine_url=self.policy_engine_url)
+                                                     engine_url=self.policy_engine_url,
+                                                     api_key=self._policy_api_key)
         return self._policy_client
 
     def reward_client(self) -> RewardClient:

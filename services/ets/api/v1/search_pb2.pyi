@@ -47,14 +47,16 @@ class SearchConfig(_message.Message):
     def __init__(self, method: _Optional[str] = ..., width: _Optional[int] = ..., temperature: _Optional[float] = ..., max_step_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_depth: _Optional[int] = ..., softmax_temperature: _Optional[float] = ..., lambda_c: _Optional[float] = ..., lambda_s: _Optional[float] = ..., cluster_distance: _Optional[float] = ..., aggregation: _Optional[str] = ..., voting: _Optional[str] = ..., seed: _Optional[int] = ..., policy_model_type: _Optional[str] = ..., prm_type: _Optional[str] = ..., node_cost: _Optional[str] = ..., solver_time_limit_s: _Optional[float] = ..., beam_keep: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("problem", "config", "request_id")
+    __slots__ = ("problem", "config", "request_id", "summary_only")
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_ONLY_FIELD_NUMBER: _ClassVar[int]
     problem: str
     config: SearchConfig
     request_id: str
-    def __init__(self, problem: _Optional[str] = ..., config: _Optional[_Union[SearchConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    summary_only: bool
+    def __init__(self, problem: _Optional[str] = ..., config: _Optional[_Union[SearchConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., summary_only: _Optional[bool] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("text", "answer", "step_scores", "aggregate_score", "finish_reason", "depth", "tokens")
@@ -105,20 +107,24 @@ class SearchStats(_message.Message):
     def __init__(self, total_kv_tokens: _Optional[int] = ..., peak_kv_tokens: _Optional[int] = ..., model_calls: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., depth_reached: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., solver_fallbacks: _Optional[int] = ..., policy_seconds: _Optional[float] = ..., reward_seconds: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("request_id", "answer", "best", "candidates", "stats", "config")
+    __slots__ = ("request_id", "answer", "best", "candidates", "stats", "config", "candidates_omitted", "grouping_fallback")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     best: Candidate
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     stats: SearchStats
     config: SearchConfig
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., best: _Optional[_Union[Candidate, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., config: _Optional[_Union[SearchConfig, _Mapping]] = ...) -> None: ...
+    candidates_omitted: bool
+    grouping_fallback: bool
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., best: _Optional[_Union[Candidate, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., config: _Optional[_Union[SearchConfig, _Mapping]] = ..., candidates_omitted: _Optional[bool] = ..., grouping_fallback: _Optional[bool] = ...) -> None: ...
 
 class DepthProgress(_message.Message):
     __slots__ = ("depth", "frontier_size", "kept_candidates", "kv_tokens", "elapsed_seconds", "remaining_width", "finished")
