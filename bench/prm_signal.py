@@ -1,17 +1,25 @@
 """Which PRM types give signal on real text: AUROC of step-score aggregates on sampled solutions.
 
-    python bench/prm_signal.py --problems 16 --samples 8 --max-new-tokens 160
+    python bench/prm_signal.py --problems 12 --samples 8 --max-new-tokens 160
 
-The real SmolLM2-135M-Instruct policy (prepared by ``ets models prepare``, served by an SGLang CPU
-engine started here with ``--sleep-on-idle``, or ``--policy-url``) samples ``--samples`` whole
-solutions per problem for the first ``--problems`` problems of ``--data`` (default: the easiest
-GSM8K test problems, bench/data/gsm8k_easy.jsonl), rooted as the search roots them (the policy
-model type's chat formatting; ``--system-prompt own`` keeps the chat template's own system prompt
-instead of the type's). Each solution is split into steps at the type's delimiter ("\\n\\n") and
-labelled right when its extracted answer (``ets.search.answers``) equals the reference.
+The real SmolLM2-135M-Instruct policy (prepared by ``ets models prepare``) samples ``--samples``
+whole solutions per problem (temperature 0.7) for the first ``--problems`` problems of ``--data``
+(default: the easiest GSM8K test problems, bench/data/gsm8k_easy.jsonl), rooted as the search
+roots them (the policy model type's chat formatting; ``--system-prompt own`` keeps the chat
+template's own system prompt instead of the type's). Each solution is split into steps at the
+type's delimiter ("\\n\\n") and labelled right when its extracted answer (``ets.search.answers``)
+equals the reference.
+
+Sampler: ``--sampler transformers`` (default) draws in process with ``generate``, seeded per
+problem; ``--sampler sglang`` draws from an SGLang CPU engine (started here with the project's
+CPU flags, ``--sleep-on-idle`` included, or ``--policy-url``), unseeded (the CPU engine cannot
+honour per-request seeds). Same weights either way. The default is the in-process one because on
+this shared 2-core host (load average 10-18 while the team worked) the engine drew 8 x 40 tokens
+in 250 s and transformers with one torch thread in 26 s (with two threads: 207 s, the OpenMP
+threads spin against the other processes); ``--threads`` (1) sets this process's torch threads.
 
 Every PRM type scores every step of every solution (in process, the same backend code the reward
-server runs; the engine is stopped first): ``judge`` on the same SmolLM2 (transformers backend,
+server runs; an engine is stopped first): ``judge`` on the same SmolLM2 (transformers backend,
 ``--judge-dtype`` float32 by default), ``arithmetic`` (rules, no model) and the random-weight
 tiny ``math-shepherd`` PRM the tests use (a no-signal baseline). For each type and aggregate
 (last, min, mean of a solution's step scores) the AUROC of "right" against "wrong":
@@ -19,8 +27,8 @@ tiny ``math-shepherd`` PRM the tests use (a no-signal baseline). For each type a
 - ``within_problem``: the mean AUROC over problems that have both right and wrong solutions
   (what choosing among one problem's candidates needs; problem difficulty cannot help);
 - ``answered_only``: pooled over solutions that state an answer at all.
-AUROC 0.5 is no signal; ties count half. Sampling is not seeded per request (SGLang's CPU engine
-cannot honour per-request seeds), so reruns draw other solutions.
+AUROC 0.5 is no signal; ties count half. The JSON keeps every solution's label, answer and step
+scores, so other views can be computed from it.
 """
 from __future__ import annotations
 
@@ -130,6 +138,29 @@ async def sample_solutions(policy_url: str, problems: Sequence[dict[str, Any]], 
         return list(await asyncio.gather(*(one(p) for p in problems)))
 
 
+def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
+                                  max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+    """The same draws in process (transformers ``generate``, the prepared bf16 weights the engine
+    serves), seeded per problem so a rerun draws the same solutions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out: list[list[str]] = []
+    for i, problem in enumerate(problems):
+        text = tok.apply_chat_template(model_type.root_messages(problem["problem"]), tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok([text] * samples, return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(seed + i)
+        with torch.inference_mode():
+            drawn = model.generate(**ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                   max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
+        out.append([tok.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True) for row in drawn])
+        print(f"  sampled {problem['id']}", file=sys.stderr, flush=True)
+    return out
+
+
 async def score_with_backend(backend: Any, samples: list[dict[str, Any]], name: str, chunk: int = 16) -> float:
     """Every step score of every sample from a started model backend; returns the seconds taken."""
     started = time.perf_counter()
@@ -146,14 +177,17 @@ async def score_with_backend(backend: Any, samples: list[dict[str, Any]], name: 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA), help="JSONL with id, problem, answer")
-    p.add_argument("--problems", type=int, default=16)
+    p.add_argument("--problems", type=int, default=12)
     p.add_argument("--samples", type=int, default=8, help="solutions per problem")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--policy-model-type", default="llama-instruct")
     p.add_argument("--system-prompt", choices=("own", "model-type"), default="own",
                    help="own: the chat template's default system prompt; model-type: the type's")
-    p.add_argument("--policy-url", help="an SGLang server already serving SmolLM2 (else one is started)")
+    p.add_argument("--sampler", choices=("transformers", "sglang"), default="transformers",
+                   help="who draws the solutions: in process, or an SGLang CPU engine (see the docstring)")
+    p.add_argument("--policy-url", help="sglang sampler: a server already serving SmolLM2 (else one is started)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (scoring, sampling)")
     p.add_argument("--judge-dtype", default="float32")
     p.add_argument("--concurrency", type=int, default=16, help="problems sampled at once")
     p.add_argument("--engine-max-total-tokens", type=int, default=40000,
@@ -161,6 +195,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="engine --random-seed and bootstrap seed")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "prm_signal.json"))
     return p
+
+
+async def _sample_on_engine(args: argparse.Namespace, model: Path, problems: Sequence[dict[str, Any]],
+                            model_type: Any) -> list[list[str]]:
+    """The sglang sampler: an attached server (``--policy-url``) or an engine started and stopped here."""
+    engine = None
+    url = args.policy_url
+    if not url:
+        from ets.engine.launcher import LaunchConfig
+        from ets.engine.process import free_port, start_server
+
+        # The CPU default pool (8192 tokens) would queue most of the batch; SmolLM2's KV is ~23 kB a
+        # token in bf16, so 40000 tokens is under 1 GB.
+        config = LaunchConfig(model_path=str(model), host="127.0.0.1", port=free_port(), device="cpu",
+                              random_seed=args.seed, max_total_tokens=args.engine_max_total_tokens,
+                              mem_fraction_static=0.15)
+        engine = start_server(config, log_path=Path(tempfile.gettempdir()) / "prm-signal-policy.log",
+                              name="prm-signal-policy", timeout=900)
+        url = engine.url
+    try:
+        return await sample_solutions(url, problems, model_type, args.samples, args.max_new_tokens,
+                                      args.temperature, args.concurrency)
+    finally:
+        if engine is not None:
+            engine.stop()
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,27 +240,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     model = prepare_model(DEFAULT_POLICY_MODEL)
     timings: dict[str, float] = {}
 
-    started = time.perf_counter()
-    engine = None
-    url = args.policy_url
-    if not url:
-        from ets.engine.launcher import LaunchConfig
-        from ets.engine.process import free_port, start_server
+    import torch
 
-        # The CPU default pool (8192 tokens) would queue most of the batch; SmolLM2's KV is ~23 kB a
-        # token in bf16, so 40000 tokens is under 1 GB.
-        config = LaunchConfig(model_path=str(model), host="127.0.0.1", port=free_port(), device="cpu",
-                              random_seed=args.seed, max_total_tokens=args.engine_max_total_tokens,
-                              mem_fraction_static=0.15)
-        engine = start_server(config, log_path=Path(tempfile.gettempdir()) / "prm-signal-policy.log",
-                              name="prm-signal-policy", timeout=900)
-        url = engine.url
-    try:
-        texts = await sample_solutions(url, problems, model_type, args.samples, args.max_new_tokens,
-                                       args.temperature, args.concurrency)
-    finally:
-        if engine is not None:
-            engine.stop()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.sampler == "transformers":
+        texts = sample_solutions_transformers(model, problems, model_type, args.samples, args.max_new_tokens,
+                                              args.temperature, args.seed)
+    else:
+        texts = await _sample_on_engine(args, model, problems, model_type)
     timings["sampling_s"] = time.perf_counter() - started
 
     samples: list[dict[str, Any]] = []

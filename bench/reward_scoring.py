@@ -88,8 +88,9 @@ async def run_grpc(address: str, question: str, steps: list[list[str]], depth: i
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ets.engine.launcher import LaunchConfig
     from ets.engine.process import free_port, start_server
+    from ets.engine.supervisor import EngineSupervisor
     from ets.reward.backends import PrmBackend
-    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+    from ets.reward.backends.sglang_backend import SglangBackend
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.server import RewardServer, RewardServerConfig
     from ets.reward.embedder import default_embedder_model
@@ -104,8 +105,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         backends: dict[str, PrmBackend] = {
-            "sglang": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url)),
-            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", PrmSupervisor(url=prm.url),
+            "sglang": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM")),
+            "sglang-no-reuse": SglangBackend(str(model), "math-shepherd", EngineSupervisor(url=prm.url, name="PRM"),
                                              reuse_prefix=False),
             "transformers": TransformersBackend(str(model), "math-shepherd", max_batch_items=args.width),
         }

@@ -3,7 +3,7 @@
     .venv/bin/python bench/stack.py [--widths 16,64] [--methods ets,rebase,beam,best_of_n]
         [--problems 3] [--out bench/results/stack.json] [--addr HOST:PORT --policy-url URL]
 
-Starts the stack with ``ets.service.stack`` (tiny policy + tiny math-shepherd PRM on SGLang CPU,
+Starts the stack with ``ets.testing.stack`` (tiny policy + tiny math-shepherd PRM on SGLang CPU,
 reward server, search service; ``--policy smollm2-135m-instruct`` for the real policy) unless
 ``--addr`` points at a running one. The same problems and
 seeds run under every method and width, one search at a time, with the policy's prefix cache
@@ -180,7 +180,7 @@ def main(argv: list[str]) -> int:
         if args.addr:
             addr, policy_url = args.addr, args.policy_url
         else:
-            from ets.service.stack import StackConfig, start_stack
+            from ets.testing.stack import StackConfig, start_stack
 
             work = Path(args.work_dir or tempfile.mkdtemp(prefix="ets-bench-"))
             print(f"bench: starting the stack in {work}", file=sys.stderr, flush=True)

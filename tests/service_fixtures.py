@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from ets.engine.process import SGLangProcess
-from ets.service.stack import Stack, StackConfig, start_stack, wait_grpc_serving
+from ets.testing.stack import Stack, StackConfig, start_stack, wait_grpc_serving
 from tools import free_port, http_get, tool, wait_http
 
 REPO = Path(__file__).resolve().parents[1]

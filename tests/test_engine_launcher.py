@@ -66,7 +66,8 @@ def test_cpu_argv_uses_the_cpu_recipe() -> None:
     assert "--disable-cuda-graph" in argv
     # An idle CPU scheduler without it spins a whole core (two engines starve a 2-core host).
     assert "--sleep-on-idle" in argv
-    assert float(_flag(argv, "--mem-fraction-static")) <= 0.1
+    # A budget check only on CPU (the token cap sizes the pool), with room for real weights.
+    assert 0.1 < float(_flag(argv, "--mem-fraction-static")) < 0.5
     assert int(_flag(argv, "--max-total-tokens")) == CPU_MAX_TOTAL_TOKENS
     assert _flag(argv, "--host") == "127.0.0.1"
 

@@ -1,16 +1,24 @@
-"""Process supervision: fail fast with the log tail, stop the whole group by PID, and
-``ets policy-serve`` exec'ing real SGLang that shuts down cleanly on SIGTERM."""
+"""Process supervision: fail fast with the log tail, stop the whole group by PID (and descendants
+that left it), children that die with their parent, a port in use refused before spawning, health
+that only counts from the started process, and ``ets policy-serve`` exec'ing real SGLang that shuts
+down cleanly on SIGTERM."""
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from ets.engine.process import SGLangProcess, ServerStartError, free_port
+from ets.engine.launcher import LaunchConfig
+from ets.engine.process import PID_FILE_ENV, PortInUseError, SGLangProcess, ServerStartError, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -157,3 +165,127 @@ def test_local_url_reaches_the_bound_address() -> None:
     assert local_url(cfg.replace(host="::")) == "http://127.0.0.1:30001"
     assert local_url(cfg.replace(host="10.1.2.3")) == "http://10.1.2.3:30001"
     assert local_url(cfg.replace(host="fd00::5")) == "http://[fd00::5]:30001"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def _read_pid(proc: SGLangProcess | subprocess.Popen[bytes], log: Path, prefix: str, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines() if log.exists() else []:
+            if line.startswith(prefix):
+                return int(line.split()[1])
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix!r} line in {log}:\n{log.read_text() if log.exists() else ''}")
+
+
+def test_child_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
+    # A supervisor process (like the reward server) starts a child in a session of its own; the
+    # supervisor is then SIGKILLed, which no cleanup code survives: the parent-death signal must.
+    log = tmp_path / "parent.log"
+    script = (
+        "import sys, time\n"
+        "from ets.engine.process import SGLangProcess\n"
+        f"p = SGLangProcess.start([sys.executable, '-c', 'import time; time.sleep(600)'], url='http://127.0.0.1:1',"
+        f" log_path={str(tmp_path / 'child.log')!r}, name='child')\n"
+        "print('child', p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    with open(log, "wb") as out:
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        child = _read_pid(parent, log, "child ")
+        assert _alive(child) and os.getpgid(child) != os.getpgid(parent.pid)  # not reachable by group
+        parent.kill()
+        parent.wait()
+        assert _wait_gone(child, 10), "the child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_stop_reaches_a_descendant_that_left_the_group(tmp_path: Path) -> None:
+    # Like a reward server (the leader) whose PRM engine runs in a session of its own: the
+    # grandchild is neither in the leader's group nor armed with a parent-death signal here, and
+    # it ignores SIGTERM.
+    script = (
+        "import os, signal, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.setsid()\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    time.sleep(600)\n"
+        "    os._exit(0)\n"
+        "print('grandchild', pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
+                               log_path=tmp_path / "leader.log", name="leader")
+    grandchild = _read_pid(proc, proc.log_path, "grandchild ")
+    assert _alive(grandchild) and os.getpgid(grandchild) != proc.pgid
+    assert proc.stop(timeout=1.0) == -signal.SIGTERM
+    assert _wait_gone(grandchild, 5), "stop() left the leader's grandchild (own session) running"
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A loopback port with a listener on it (this test process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def test_port_in_use_is_refused_before_spawning_naming_the_setting(tmp_path: Path, held_port: int) -> None:
+    cfg = LaunchConfig(model_path="/models/prm", host="127.0.0.1", port=held_port, device="cpu")
+    log = tmp_path / "never.log"
+    with pytest.raises(PortInUseError) as err:
+        SGLangProcess.launch(cfg, log_path=log, name="prm-sglang", port_setting="ETS_PRM_PORT")
+    message = str(err.value)
+    assert message.startswith(f"ETS_PRM_PORT: port {held_port} on 127.0.0.1 is already in use"), message
+    assert f"pid {os.getpid()}" in message  # who holds it, where procfs tells
+    assert err.value.field == "ETS_PRM_PORT" and err.value.port == held_port
+    assert not log.exists()  # nothing was started
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # the stdlib's handler name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_health_answered_by_a_stranger_does_not_count(tmp_path: Path) -> None:
+    # An old server (here: this test process) answers /health on the port the new one was given;
+    # the new one cannot bind it. It must not be reported healthy.
+    stranger = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
+    try:
+        port = stranger.server_address[1]
+        with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 url=f"http://127.0.0.1:{port}", log_path=tmp_path / "new.log", name="new") as proc:
+            with pytest.raises(ServerStartError, match="held by another process") as err:
+                proc.wait_healthy(timeout=20)
+            message = str(err.value)
+            assert f"pid {os.getpid()}" in message and f"not by the one started (pid {proc.pid})" in message
+    finally:
+        stranger.shutdown()
+        stranger.server_close()
+
+
+def test_every_start_is_recorded_in_the_pid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "pids"
+    monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
+    with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
+                             log_path=tmp_path / "a.log", name="a") as a:
+        with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
+                                 log_path=tmp_path / "b.log", name="b") as b:
+            assert pid_file.read_text().splitlines() == [f"a {a.pgid}", f"b {b.pgid}"]

@@ -261,3 +261,23 @@ def test_cli_rejects_bad_usage(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "ets.cli", "eval", str(tmp_path / "none.jsonl")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "none.jsonl" in done.stderr
+
+
+def test_report_only_merges_per_search_files(tmp_path: Path) -> None:
+    data = write(tmp_path / "d.jsonl", [{"id": "a", "problem": "p", "answer": "8"}])
+    first, second = tmp_path / "w4.jsonl", tmp_path / "w16.jsonl"
+    first.write_text(json.dumps(asdict(result("rebase", 4, "a", True, 100))) + "\n")
+    second.write_text(json.dumps(asdict(result("rebase", 16, "a", True, 400))) + "\n"
+                      + json.dumps(asdict(result("ets", 16, "a", True, 200))) + "\n")
+    out, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    done = subprocess.run([sys.executable, "-m", "ets.cli", "eval", str(data), "--report-only", str(first),
+                           "--report-only", str(second), "--out", str(out), "--markdown", str(md), "--plot", str(png)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert {(s["label"], s["width"]) for s in report["summary"]} == {("rebase", 4), ("rebase", 16), ("ets", 16)}
+    assert report["ets_vs_rebase"][0]["kv_reduction_total"] == pytest.approx(2.0)
+    assert "| ets | 16 | 1 |" in md.read_text() and png.stat().st_size > 0
+    missing = subprocess.run([sys.executable, "-m", "ets.cli", "eval", str(data), "--report-only",
+                              str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "none.jsonl: no such file" in missing.stderr

@@ -19,7 +19,7 @@ from ets.reward.client import RewardClient
 from ets.reward.rules import SCORE_NONE, SCORE_RIGHT, SCORE_WRONG, find_equations, score_steps
 from ets.reward.server import ConfigError, RewardServerConfig
 from ets.search.interfaces import ScoredTrajectory
-from ets.service.stack import wait_grpc_serving
+from ets.testing.stack import wait_grpc_serving
 from reward_fixtures import ThreadedRewardServer, reward_config
 from service_fixtures import ServeProcess
 

@@ -4,11 +4,15 @@ A real reward-server process spawns a real SGLang CPU PRM server; the test kills
 whole process group: Score turns UNAVAILABLE and health NOT_SERVING while Embed keeps working,
 the supervisor restarts the PRM (backoff), scoring comes back with the same scores, the restart
 is counted in the metrics, and SIGTERM then stops the reward server and its PRM subprocess.
+A reward server killed with SIGKILL of its process group (no cleanup code runs) takes its PRM
+engine along: the engine runs in a session of its own, so only its parent-death signal reaches it,
+and SGLang's scheduler and detokenizer follow theirs; the PRM port is free again.
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +25,7 @@ import psutil
 import pytest
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.engine.process import free_port
+from ets.engine.process import ProcInfo, descendants, free_port, still_running
 from ets.healthcheck import check
 
 pytestmark = pytest.mark.sglang
@@ -143,3 +147,47 @@ def test_supervised_prm_restarts_after_crash_and_sigterm_stops_it(
         for pgid in prm_groups:
             if _group_alive(pgid):
                 os.killpg(pgid, signal.SIGKILL)
+
+
+def test_sigkilled_reward_server_takes_its_prm_engine_along(
+    tmp_path: Path, tiny_model_factory: Callable[[str], Path]
+) -> None:
+    ready, log = tmp_path / "ready", tmp_path / "reward.log"
+    prm_port = free_port()
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", ETS_DEVICE="cpu", ETS_PRM_MODEL=str(tiny_model_factory("math-shepherd")),
+        ETS_PRM_TYPE="math-shepherd", ETS_PRM_BACKEND="sglang", ETS_PRM_PORT=str(prm_port),
+        ETS_REWARD_HOST="127.0.0.1", ETS_REWARD_PORT="0", ETS_REWARD_METRICS_PORT="0",
+        ETS_REWARD_LOG_DIR=str(tmp_path / "prm-logs"), ETS_PRM_START_TIMEOUT_S=str(START_TIMEOUT_S),
+    )
+    with open(log, "wb") as out:
+        # Its own process group, as under the stack orchestrator or a container runtime.
+        proc = subprocess.Popen([sys.executable, "-m", "ets.cli", "reward-serve", "--ready-file", str(ready)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    engine: list[ProcInfo] = []
+    try:
+        _wait(lambda: ready.exists() and bool(ready.read_text().strip()), 120, "the ready file", proc, log)
+        address = f"127.0.0.1:{ready.read_text().split()[0]}"
+        _wait(lambda: _health(address) == "SERVING", START_TIMEOUT_S, "SERVING", proc, log)
+        engine = descendants(proc.pid)
+        leaders = _prm_leaders(proc.pid)
+        assert len(leaders) == 1, leaders
+        # The engine's leader and its workers (scheduler, detokenizer), outside the reward server's group.
+        assert len([p for p in engine if p.pgid == leaders[0].pid]) >= 3, engine
+        assert all(p.pgid != proc.pid for p in engine if p.pgid == leaders[0].pid)
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while still_running(engine) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not still_running(engine), f"left running after the reward server was killed: {still_running(engine)}"
+        with socket.socket() as s:  # the PRM port is free for the next reward server
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", prm_port))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for p in still_running(engine):
+            os.kill(p.pid, signal.SIGKILL)

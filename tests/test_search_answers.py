@@ -29,6 +29,8 @@ def traj(text: str, *scores: float) -> Trajectory:
         ("so he has 8 apples now.\nThe answer is 3 + 5 = 8.", "8"),
         ("The answer is 16 - 3 - 4 = 9.", "9"),
         ("The answer is x = 3 + 5.", "x = 3 + 5"),
+        ("The answer is 3. After breaking this down, Tom has 3 apples left", "3"),
+        ("The answer is 3.5 apples.", "3.5 apples"),
         # GSM8K's own closing line, when no marker sentence is there.
         ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
         ("#### 5\nThe answer is 7.", "7"),

@@ -21,7 +21,7 @@ from ets.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import start_server
 from ets.service.server import SearchServer, ServiceSettings
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import SMALL_SEARCH_ENV, ServeProcess
 from tools import free_port, http_get, small
 

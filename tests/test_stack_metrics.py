@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import start_prometheus
 from tools import http_get
 from test_stack_failures import metric

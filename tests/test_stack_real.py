@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack, StackConfig, start_stack
+from ets.testing.stack import Stack, StackConfig, start_stack
 
 pytestmark = [pytest.mark.sglang, pytest.mark.stack, pytest.mark.timeout(1800)]
 
@@ -64,7 +64,8 @@ def test_each_method_answers_with_real_reasoning(responses: dict[str, search_pb2
     assert best.answer and best.text.strip()
     # Real English, not a random model's token soup: the question's own words come back.
     assert "apples" in " ".join(c.text for c in response.candidates).lower()
-    assert response.stats.generated_tokens > 0 and response.stats.cached_prompt_tokens > 0
+    # (No prefix-reuse check: a search whose samples all answer in their first step has none.)
+    assert response.stats.generated_tokens > 0 and response.stats.model_calls >= WIDTH
 
 
 def test_some_method_answers_8(responses: dict[str, search_pb2.SearchResponse]) -> None:

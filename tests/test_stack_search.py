@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.service.stack import Stack
+from ets.testing.stack import Stack
 from service_fixtures import REPO
 from tools import small as _small, tool
 

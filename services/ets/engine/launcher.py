@@ -30,9 +30,13 @@ SCHEDULE_POLICIES = ("lpm", "random", "fcfs", "dfs-weight", "lof", "priority")
 GRAMMAR_BACKENDS = ("xgrammar", "outlines", "llguidance", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-# On CPU the KV pool comes out of host RAM shared with everything else: keep it small and
-# bounded by tokens, not by a fraction of a GPU that is not there.
-CPU_MEM_FRACTION = 0.05
+# On CPU the KV pool comes out of host RAM shared with everything else: it is bounded by tokens
+# (CPU_MAX_TOTAL_TOKENS caps SGLang's profiled capacity), not by a fraction of a GPU that is not
+# there. The fraction is only SGLang's budget check: free RAM after loading must exceed
+# (1 - fraction) x free RAM before it. 0.05 passed for tiny models but refused the real
+# SmolLM2 (0.66 GB loaded, other processes allocating meanwhile: "raise above 0.120"); 0.3
+# leaves room and allocates nothing more, since the token cap decides the pool's size.
+CPU_MEM_FRACTION = 0.3
 CPU_MAX_TOTAL_TOKENS = 8192
 GPU_POLICY_MEM_FRACTION = 0.85
 

@@ -1,26 +1,45 @@
-"""Supervise one SGLang server subprocess: start, wait for health, stop by PID, keep its log.
+"""Supervise one server subprocess: start, wait for health, stop by PID, keep its log.
 
-Owns the subprocess lifecycle used by the tests' fixtures and by the reward server's PRM
-supervisor (which adds restart-on-crash on top): the server runs in its own process group
-(SGLang forks scheduler and detokenizer processes, so stopping means signalling the whole group),
-stdout/stderr go to a log file whose tail is attached to every failure, and readiness is SGLang's
-``/health`` (a real one-token generation) polled against a deadline that fails fast when the
-process dies. A process still alive at interpreter exit is stopped by an ``atexit`` hook so a
-crashed test run does not leak 2 GB servers.
+Owns the subprocess lifecycle used by the stack orchestrator, the tests' fixtures and the engine
+supervisor (``ets.engine.supervisor``, which adds restart-on-crash on top):
+
+- the server runs in its own process group (SGLang forks scheduler and detokenizer processes, so
+  stopping means signalling the whole group), and ``stop()`` also reaches descendants that left
+  the group (a reward server's PRM engine runs in a session of its own);
+- it dies with its parent: on Linux the child arms a parent-death signal (``PR_SET_PDEATHSIG``,
+  SIGKILL) before exec, so a parent killed with SIGKILL takes it along. SGLang arms the same signal
+  in its scheduler and detokenizer, so a whole engine follows its supervisor;
+- a port is refused before spawning when something already listens on it (``PortInUseError``
+  naming the setting), and ``/health`` only counts when the listening socket belongs to the
+  started process group: an orphan answering on the port is not mistaken for the new server;
+- stdout/stderr go to a log file whose tail is attached to every failure, and readiness is
+  ``/health`` (for SGLang a real one-token generation) polled against a deadline that fails fast
+  when the process dies;
+- with ``ETS_PID_FILE`` set, every start appends ``name pgid`` to that file (inherited by child
+  processes, so a reward server records its PRM engine too): a last-resort cleanup such as
+  ``scripts/demo.sh``'s can kill every group even after the orchestrator itself was killed.
+
+A process still alive at interpreter exit is stopped by an ``atexit`` hook so a crashed test run
+does not leak 2 GB servers.
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
 import http.client
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +47,8 @@ from ets.engine.launcher import LaunchCommand, LaunchConfig, build_command
 
 DEFAULT_START_TIMEOUT_S = 180.0
 DEFAULT_STOP_TIMEOUT_S = 20.0
+# Every started process appends "name pgid" here when set (see the module docstring).
+PID_FILE_ENV = "ETS_PID_FILE"
 
 
 class ServerStartError(RuntimeError):
@@ -36,6 +57,181 @@ class ServerStartError(RuntimeError):
     def __init__(self, message: str, log_tail: str) -> None:
         super().__init__(f"{message}\n--- server log tail ---\n{log_tail}")
         self.log_tail = log_tail
+
+
+class PortInUseError(RuntimeError):
+    """A server's port is already taken by another process; ``field`` names the setting."""
+
+    def __init__(self, field: str, host: str, port: int, holders: str) -> None:
+        super().__init__(f"{field}: port {port} on {host} is already in use{holders}; stop that process or "
+                         f"choose another port (a server is only started on a free port, so that an old one "
+                         f"answering there is never taken for it)")
+        self.field = field
+        self.host = host
+        self.port = port
+
+
+# -- Linux process table ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    state: str
+    start: int  # clock ticks after boot: tells a process from a later one that reuses its pid
+
+    @property
+    def running(self) -> bool:
+        """Not a zombie: orphans reparented to a PID 1 that never reaps them stay zombies."""
+        return self.state not in ("Z", "X")
+
+
+def _proc_info(pid: int) -> ProcInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # After "pid (comm)": state, ppid, pgrp, session, ..., starttime is field 22 (index 19 here).
+        return ProcInfo(pid, int(fields[1]), int(fields[2]), fields[0].decode(), int(fields[19]))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_table() -> dict[int, ProcInfo] | None:
+    """Every process visible in /proc, or None without procfs."""
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return None
+    table = {}
+    for pid in pids:
+        info = _proc_info(pid)
+        if info is not None:
+            table[pid] = info
+    return table
+
+
+def descendants(pid: int, table: Mapping[int, ProcInfo] | None = None) -> list[ProcInfo]:
+    """Children, grandchildren, ... of ``pid``, whatever process group or session they are in."""
+    table = process_table() if table is None else table
+    if not table:
+        return []
+    children: dict[int, list[ProcInfo]] = {}
+    for info in table.values():
+        children.setdefault(info.ppid, []).append(info)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+def still_running(procs: Sequence[ProcInfo]) -> list[ProcInfo]:
+    """Those of ``procs`` still running (same pid and start time, not a zombie)."""
+    left = []
+    for p in procs:
+        now = _proc_info(p.pid)
+        if now is not None and now.start == p.start and now.running:
+            left.append(now)
+    return left
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), or None without procfs."""
+    inodes: set[str] = set()
+    seen = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for line in lines:
+            cols = line.split()
+            # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    return inodes if seen else None
+
+
+def port_holders(port: int, pids: Sequence[int] | None = None) -> list[int] | None:
+    """Pids (of ``pids``, default all visible) holding a socket listening on ``port``; None when
+    procfs cannot tell."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    if not inodes:
+        return []
+    wanted = {f"socket:[{i}]" for i in inodes}
+    if pids is None:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    holders = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's process
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    holders.append(pid)
+                    break
+            except OSError:
+                continue
+    return holders
+
+
+def _describe(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return f"pid {pid}: " + " ".join(a.decode(errors="replace") for a in argv if a)[:160]
+    except OSError:
+        return f"pid {pid}"
+
+
+def check_port_free(host: str, port: int, field: str = "port") -> None:
+    """Raise ``PortInUseError`` (naming ``field`` and, where visible, the holder) when ``port``
+    cannot be bound on ``host``. SO_REUSEADDR as servers use it: a port whose last connections
+    are in TIME_WAIT is free."""
+    bind_host = "" if host in ("0.0.0.0", "::", "") else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind_host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            pids = port_holders(port) or []
+            holders = f" ({'; '.join(_describe(p) for p in pids)})" if pids else ""
+            raise PortInUseError(field, host or "0.0.0.0", port, holders) from None
+
+
+# -- dying with the parent ----------------------------------------------------------------------
+# Arms SIGKILL on parent death (PR_SET_PDEATHSIG = 1), then execs the real command: the signal
+# survives exec, and the pid stays the one we started. Exits 1 when the parent already died in
+# between (then the signal would never come). A shim rather than ``preexec_fn``: that forces a
+# plain fork(), which runs gRPC's fork handlers in a parent that uses gRPC (the stack tests, the
+# reward server) and aborted the child before exec; without it subprocess uses vfork.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it is SIGKILLed when the calling thread's process dies (Linux; other
+    systems run ``argv`` as it is).
+
+    The signal fires when the *thread* that spawned the child exits, so spawn from a long-lived
+    thread (the main thread or an event loop's)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 _LIVE: set["SGLangProcess"] = set()
@@ -63,6 +259,12 @@ class SGLangProcess:
         self.pgid = popen.pid  # start_new_session=True: the leader's pid is the group id
         with _LIVE_LOCK:
             _LIVE.add(self)
+        pid_file = os.environ.get(PID_FILE_ENV)
+        if pid_file:
+            # One short O_APPEND write per line: concurrent writers (the orchestrator and the
+            # reward server it started) do not interleave.
+            with open(pid_file, "a") as f:
+                f.write(f"{name} {self.pgid}\n")
 
     # -- start -------------------------------------------------------------------------------
     @classmethod
@@ -74,8 +276,12 @@ class SGLangProcess:
         log_path: str | Path,
         env: Mapping[str, str] | None = None,
         name: str = "sglang",
+        die_with_parent: bool = True,
     ) -> "SGLangProcess":
-        """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``."""
+        """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``.
+
+        ``die_with_parent``: the child is SIGKILLed when the calling thread's process dies (see
+        ``die_with_parent_argv``: call from a thread that lives as long as the child should)."""
         if isinstance(command, LaunchCommand):
             argv, run_env = command.argv, command.env
         else:
@@ -86,15 +292,18 @@ class SGLangProcess:
             log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: {' '.join(argv)}\n".encode())
             log.flush()
             popen = subprocess.Popen(
-                argv, env=run_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                die_with_parent_argv(argv) if die_with_parent else argv, env=run_env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         return cls(popen, url, log_path, name)
 
     @classmethod
-    def launch(cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang") -> "SGLangProcess":
-        """Build the SGLang command for ``config`` and start it (not yet waited for)."""
+    def launch(cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang",
+               port_setting: str = "port") -> "SGLangProcess":
+        """Build the SGLang command for ``config`` and start it (not yet waited for). A port
+        already in use raises ``PortInUseError`` naming ``port_setting`` before anything starts."""
         command = build_command(config)
+        check_port_free(config.host, config.port, port_setting)
         return cls.start(command, url=local_url(config), log_path=log_path, name=name)
 
     # -- state -------------------------------------------------------------------------------
@@ -116,6 +325,19 @@ class SGLangProcess:
         except OSError as exc:
             return f"<log {self.log_path} unreadable: {exc}>"
         return b"".join(tail).decode("utf-8", errors="replace")
+
+    def _port(self) -> int | None:
+        return urllib.parse.urlsplit(self.url).port
+
+    def owns_port(self) -> bool:
+        """Whether the socket listening on the URL's port belongs to this process or one of its
+        descendants. True when procfs cannot tell, for a URL without a port, or when nothing
+        listens (the next probe decides)."""
+        port = self._port()
+        if port is None or not _listening_inodes(port):
+            return True
+        mine = [self.pid, *(p.pid for p in descendants(self.pid))]
+        return bool(port_holders(port, mine))
 
     def check_health(self, timeout: float = 10.0) -> bool:
         """One ``GET /health`` probe (SGLang runs a one-token generation for it)."""
@@ -145,6 +367,14 @@ class SGLangProcess:
                     self.log_tail(),
                 )
             if self.check_health(timeout=min(10.0, max(remaining, 0.1))):
+                if not self.owns_port():
+                    # An old server (e.g. an orphaned engine) answers on our port; ours will not
+                    # be able to bind it, so waiting longer cannot help.
+                    others = "; ".join(_describe(p) for p in port_holders(self._port() or 0) or []) or "unknown"
+                    raise ServerStartError(
+                        f"{self.name}: {self.url} answered /health, but the port is held by another process "
+                        f"({others}), not by the one started (pid {self.pid}) (log: {self.log_path})",
+                        self.log_tail())
                 return
             time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
 
@@ -168,28 +398,23 @@ class SGLangProcess:
         its PRM server) may never reap them."""
         if not self._signal_group(0):
             return False
-        try:
-            pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-        except OSError:  # no procfs: trust the signal probe
+        table = process_table()
+        if table is None:  # no procfs: trust the signal probe
             return True
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            # After "pid (comm)": state, ppid, pgrp, ...
-            if len(fields) > 2 and int(fields[2]) == self.pgid and fields[0] not in (b"Z", b"X"):
-                return True
-        return False
+        return any(p.pgid == self.pgid and p.running for p in table.values())
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM the leader, wait up to ``timeout``, then SIGKILL what is left of the group.
+        """SIGTERM the leader, wait up to ``timeout``, then SIGKILL what is left of the group and
+        of the leader's descendants in other groups (a reward server's PRM engine).
 
         Only the leader gets SIGTERM, as a container runtime would send it to PID 1: SGLang's
-        HTTP server drains and stops its scheduler/detokenizer itself. Signalling the whole group
-        makes the scheduler die first, which SGLang treats as a crash (SIGQUIT, 5 s diagnostics
-        sleep, then SIGKILL of itself). Returns the leader's exit code. Idempotent."""
+        HTTP server drains and stops its scheduler/detokenizer itself, a reward server stops its
+        PRM engine. Signalling the whole group makes the scheduler die first, which SGLang treats
+        as a crash (SIGQUIT, 5 s diagnostics sleep, then SIGKILL of itself). Returns the leader's
+        exit code. Idempotent."""
+        # Taken before any signal: once the leader is gone its children are reparented and can no
+        # longer be told from anyone else's.
+        others = [p for p in descendants(self.pid) if p.pgid != self.pgid] if self.is_alive() else []
         if self.is_alive() or self._group_alive():
             if self.is_alive():
                 try:
@@ -205,13 +430,23 @@ class SGLangProcess:
                 pass
             # SGLang's workers may outlive the leader for a moment; give them the rest of the
             # budget, then kill whatever remains of the group.
-            while self._group_alive() and time.monotonic() < deadline:
+            while (self._group_alive() or still_running(others)) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if self._group_alive() or self.is_alive():
                 self._signal_group(signal.SIGKILL)
             try:
                 self._popen.wait(timeout=10)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+                pass
+        for p in still_running(others):
+            # A descendant in a group of its own that outlived the leader (its own children
+            # follow it by their parent-death signal or its group).
+            try:
+                if p.pgid == p.pid:
+                    os.killpg(p.pgid, signal.SIGKILL)
+                else:
+                    os.kill(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         with _LIVE_LOCK:
             _LIVE.discard(self)

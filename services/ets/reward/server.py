@@ -151,11 +151,13 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
         return TransformersBackend(config.prm_model, config.prm_type, options=config.options, device=config.device,
                                    dtype=config.prm_dtype, max_batch_items=config.max_batch_size, on_batch=on_batch)
     from ets.engine.launcher import config_from_env
-    from ets.reward.backends.sglang_backend import PrmSupervisor, SglangBackend
+    from ets.engine.supervisor import EngineSupervisor
+    from ets.reward.backends.sglang_backend import SglangBackend
 
+    names = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
     if config.prm_url:
-        supervisor = PrmSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
-                                   on_restart=metrics.prm_restarts.inc)
+        supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
+                                      on_restart=metrics.prm_restarts.inc, **names)
     else:
         # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
         launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
@@ -168,8 +170,8 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
                 mem = GPU_PRM_MEM_FRACTION
             launch = launch.replace(mem_fraction_static=mem)
         launch.validate()
-        supervisor = PrmSupervisor(launch=launch, log_dir=config.log_dir,
-                                   start_timeout_s=config.prm_start_timeout_s, on_restart=metrics.prm_restarts.inc)
+        supervisor = EngineSupervisor(launch=launch, log_dir=config.log_dir, start_timeout_s=config.prm_start_timeout_s,
+                                      on_restart=metrics.prm_restarts.inc, **names)
     backend = SglangBackend(config.prm_model, config.prm_type, supervisor, options=config.options)
     return backend
 

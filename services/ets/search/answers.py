@@ -34,6 +34,8 @@ _MARKERS = re.compile(
     re.IGNORECASE,
 )
 _TRAILING = re.compile(r"(?:\s*(?:I hope it is correct\.?|ки))+\s*$", re.IGNORECASE)
+# A sentence ends at a period followed by a space and a capital ("3. After that"), not "3.5".
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 # GSM8K's own closing line: "#### 72".
 _HASHES = re.compile(r"####\s*")
 # "3 + 5 = 8" after a marker (small models restate the sum): numbers and operators only on the
@@ -62,8 +64,8 @@ def extract_answer(text: str) -> str:
 
     The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
     "The answer is" marker (else after GSM8K's "####"), up to the end of its line, without a
-    closing period, ``$`` signs or a trailing step tag; a purely numeric equation there
-    ("3 + 5 = 8") gives its result.
+    closing period, ``$`` signs or a trailing step tag, and only its first sentence; a purely
+    numeric equation there ("3 + 5 = 8") gives its result.
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -78,6 +80,8 @@ def extract_answer(text: str) -> str:
         return ""
     rest = text[last.end():].split("\n", 1)[0]
     rest = _TRAILING.sub("", rest).strip()
+    # Only the first sentence: "The answer is 3. After that, Tom ..." answers 3.
+    rest = _SENTENCE_END.split(rest, maxsplit=1)[0]
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
     equation = _NUMERIC_EQUATION.match(rest)
     return equation.group(1) if equation else rest

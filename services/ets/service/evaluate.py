@@ -16,7 +16,9 @@ cache reuse (cached / prompt tokens) and how much of the frontier the selection 
 Every run of a problem uses the same seed (``--seed`` + the problem's index), so methods are
 compared on the same draws as far as the engine honours seeds. Each finished search is appended
 to ``--jsonl`` and the report (``--out``) is rewritten, so a run cut off early still leaves its
-data; ``--resume`` skips the searches already in ``--jsonl``. A prediction is correct when it is
+data; ``--resume`` skips the searches already in ``--jsonl``, and ``--report-only A.jsonl
+--report-only B.jsonl`` rebuilds the report, table and plot from such files (say, two
+evaluations run side by side) without searching. A prediction is correct when it is
 mathematically equivalent to the reference (``ets.search.answers``). Wall times are measured
 with ``--concurrency`` searches sharing the engines.
 """
@@ -553,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="eval-results.json", help="results JSON path (rewritten as results land)")
     parser.add_argument("--jsonl", default=None, help="per-search lines, appended as they land (default: OUT.jsonl)")
     parser.add_argument("--resume", action="store_true", help="skip searches already in --jsonl")
+    parser.add_argument("--report-only", action="append", default=[], metavar="JSONL",
+                        help="no searches: build --out, --plot and --markdown from these per-search files "
+                             "(repeatable; e.g. two evaluations run side by side)")
     parser.add_argument("--plot", default=None, help="PNG path for accuracy vs KV tokens")
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     parser.add_argument("--title", default=None, help="plot title")
@@ -584,6 +589,9 @@ def main(argv: Sequence[str]) -> None:
     except (OSError, DatasetError) as err:
         print(f"ets eval: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.report_only:
+        report_only(args, argv)
+        return
     runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method)
     base = config_from_args(args)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
@@ -618,6 +626,33 @@ def main(argv: Sequence[str]) -> None:
                          done={r.key for r in previous}, on_result=land, security=security))
     report = build_report({**meta, "wall_seconds": time.perf_counter() - started, "complete": True}, collected)
     out.write_text(json.dumps(report, indent=2))
+    finish(args, report, collected, jsonl)
+
+
+def report_only(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """``--report-only``: the report, table and plot of per-search files already written."""
+    collected: list[ProblemResult] = []
+    for name in args.report_only:
+        path = Path(name)
+        if not path.exists():
+            print(f"ets eval: --report-only {name}: no such file", file=sys.stderr)
+            raise SystemExit(2)
+        collected += read_jsonl(path)
+    if not collected:
+        print(f"ets eval: --report-only: no results in {', '.join(args.report_only)}", file=sys.stderr)
+        raise SystemExit(2)
+    meta = {"command": "ets eval " + " ".join(argv), "dataset": str(args.dataset), "sources": args.report_only,
+            "problems": len({r.id for r in collected}), "complete": True}
+    report = build_report(meta, collected)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    finish(args, report, collected, None)
+
+
+def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence[ProblemResult],
+           jsonl: Path | None) -> None:
+    """Print the table and the ETS-vs-REBASE lines; write the Markdown table and the plot."""
     summaries = summarise(collected)
     print(format_table(summaries))
     table = markdown_table(summaries, report["ets_vs_rebase"])
@@ -626,7 +661,7 @@ def main(argv: Sequence[str]) -> None:
     for c in report["ets_vs_rebase"]:
         print(f"width {c['width']} {c['label']}: REBASE/ETS KV total {c['kv_reduction_total']:.2f}x, "
               f"accuracy {100 * c['accuracy_delta']:+.1f} points, goal {'met' if c['goal_met'] else 'not met'}")
-    print(f"results: {out} (per search: {jsonl})")
+    print(f"results: {args.out}" + (f" (per search: {jsonl})" if jsonl else ""))
     if args.plot:
         plot(summaries, args.plot, title=args.title or f"{Path(args.dataset).name}: accuracy vs KV tokens")
         print(f"plot: {args.plot}")

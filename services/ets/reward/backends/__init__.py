@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from ets.engine.supervisor import EngineUnavailable
 from ets.reward.adapters import EncodedTrajectory, PrmAdapter
 
 BACKENDS: tuple[str, ...] = ("sglang", "transformers", "rules")
 
-
-class BackendUnavailable(RuntimeError):
-    """The PRM engine cannot answer right now (down, restarting, unreachable): gRPC UNAVAILABLE."""
+# The PRM engine cannot answer right now (down, restarting, unreachable): gRPC UNAVAILABLE. One
+# class with the engine supervisor's, so what it raises needs no translation.
+BackendUnavailable = EngineUnavailable
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,10 @@
 """The ``sglang`` PRM backend: score through an SGLang server's native ``/generate``.
 
-Owns two things:
-- ``PrmSupervisor``: either starts a local SGLang PRM server (port 30001 by default) through
-  ``ets.engine.launcher``/``ets.engine.process`` and restarts it with exponential backoff when it
-  dies, or attaches to an already-running URL (``ETS_PRM_URL``; tests, k8s sidecars) and only
-  watches its ``/health``. Either way it reports up/down so the gRPC health status follows it.
-- ``SglangBackend``: scoring requests with no generation. Pair types (math-shepherd and rlhflow
+Owns ``SglangBackend``: scoring requests with no generation, through an
+``ets.engine.supervisor.EngineSupervisor`` that either runs a local SGLang PRM server (port 30001 by
+default; restarted with backoff, dies with the reward server) or attaches to an already-running
+URL (``ETS_PRM_URL``; tests, k8s sidecars) and only watches its ``/health``. Either way it reports
+up/down so the gRPC health status follows it. Pair types (math-shepherd and rlhflow
   read "+"/"-", judge "Yes"/"No") ask for ``token_ids_logprob: [plus_id, minus_id]`` with
   ``max_new_tokens: 0``: the newest step
   is the prompt's next-token distribution (``output_token_ids_logprobs``), earlier steps come from
@@ -20,167 +19,16 @@ Owns two things:
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import aiohttp
-
-from ets.engine.launcher import LaunchConfig
-from ets.engine.process import local_url
+from ets.engine.supervisor import EngineSupervisor
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import BackendUnavailable, ScoreOutcome, check_model_ref, pair_score, sigmoid
-
-log = logging.getLogger(__name__)
+from ets.reward.backends import ScoreOutcome, check_model_ref, pair_score, sigmoid
 
 SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
-
-
-class PrmSupervisor:
-    """Keeps an SGLang PRM server available: spawned (and restarted) or attached by URL."""
-
-    def __init__(self, *, url: str | None = None, launch: LaunchConfig | None = None,
-                 log_dir: str | Path = "/tmp/ets-reward-logs", start_timeout_s: float = 600.0,
-                 poll_s: float = 0.5, health_every_s: float = 5.0, backoff_initial_s: float = 1.0,
-                 backoff_max_s: float = 60.0, on_restart: Callable[[], None] | None = None) -> None:
-        if (url is None) == (launch is None):
-            raise ValueError("PrmSupervisor needs exactly one of url (attach) or launch (spawn)")
-        self.launch = launch
-        self.url = (url or local_url(launch)).rstrip("/")  # type: ignore[arg-type]
-        self.log_dir = Path(log_dir)
-        self.start_timeout_s = start_timeout_s
-        self.poll_s = poll_s
-        self.health_every_s = health_every_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.on_restart = on_restart
-        self.process: Any = None  # ets.engine.process.SGLangProcess when spawned
-        self.restarts = 0
-        self._up = False
-        self._listeners: list[Callable[[bool], None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def spawned(self) -> bool:
-        return self.launch is not None
-
-    def add_listener(self, listener: Callable[[bool], None]) -> None:
-        self._listeners.append(listener)
-
-    def is_up(self) -> bool:
-        return self._up
-
-    def mark(self, up: bool) -> None:
-        if up != self._up:
-            self._up = up
-            log.warning("PRM server %s is %s", self.url, "up" if up else "DOWN")
-            for listener in self._listeners:
-                listener(up)
-
-    async def _probe(self, timeout: float = 10.0) -> bool:
-        assert self._session is not None
-        try:
-            async with self._session.get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return r.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
-
-    async def _spawn(self) -> None:
-        from ets.engine.process import SGLangProcess
-
-        assert self.launch is not None
-        if self.process is not None:
-            await self.process.stop_async(timeout=10.0)
-        self.process = SGLangProcess.launch(
-            self.launch, log_path=self.log_dir / f"prm-sglang-{self.launch.port}.log", name="prm-sglang"
-        )
-        await self.process.wait_healthy_async(timeout=self.start_timeout_s)
-
-    async def start(self) -> None:
-        """Spawn (or first-probe) the server; return once it is healthy. Spawn failures raise
-        (with SGLang's log tail); an attached URL that is not up yet is waited for."""
-        self._session = aiohttp.ClientSession()
-        if self.spawned:
-            await self._spawn()
-        else:
-            deadline = asyncio.get_running_loop().time() + self.start_timeout_s
-            while not await self._probe():
-                if asyncio.get_running_loop().time() > deadline:
-                    raise BackendUnavailable(f"PRM server at {self.url} (ETS_PRM_URL) not healthy after "
-                                             f"{self.start_timeout_s:.0f}s")
-                await asyncio.sleep(self.poll_s)
-        self.mark(True)
-        self._task = asyncio.get_running_loop().create_task(self._watch(), name="prm-supervisor")
-
-    async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_health = loop.time() + self.health_every_s
-        backoff = self.backoff_initial_s
-        while not self._closed:
-            await asyncio.sleep(self.poll_s)
-            if self.spawned and (self.process is None or not self.process.is_alive()):
-                self.mark(False)
-                code = None if self.process is None else self.process.returncode
-                log.error("PRM SGLang server exited (code %s); restarting in %.1fs", code, backoff)
-                await asyncio.sleep(backoff)
-                if self._closed:
-                    return
-                try:
-                    self.restarts += 1
-                    if self.on_restart is not None:
-                        self.on_restart()
-                    await self._spawn()
-                    backoff = self.backoff_initial_s
-                    self.mark(True)
-                except Exception as exc:  # noqa: BLE001 - keep supervising, back off further
-                    log.error("PRM SGLang restart failed: %s", str(exc).splitlines()[0])
-                    backoff = min(backoff * 2, self.backoff_max_s)
-                continue
-            # Down: probe at the poll rate so recovery is seen quickly; up: every health_every_s.
-            if not self._up or loop.time() >= next_health:
-                next_health = loop.time() + self.health_every_s
-                self.mark(await self._probe())
-
-    async def post(self, path: str, body: dict[str, Any], timeout: float) -> Any:
-        """POST JSON; connection failures mark the server down and raise BackendUnavailable."""
-        if not self._up:
-            raise BackendUnavailable(f"PRM server {self.url} is down" + (" (restarting)" if self.spawned else ""))
-        assert self._session is not None
-        try:
-            async with self._session.post(f"{self.url}{path}", json=body,
-                                          timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                text = await resp.text()
-                if resp.status >= 500:
-                    raise BackendUnavailable(f"PRM server {self.url}{path} answered {resp.status}: {text[:200]}")
-                if resp.status != 200:
-                    raise RuntimeError(
-                        f"PRM server {self.url}{path} rejected the request ({resp.status}): {text[:300]}")
-                if len(text) > 1 << 20:
-                    # Hidden-state replies (llemma) can be megabytes: parse off the event loop.
-                    return await asyncio.to_thread(json.loads, text)
-                return json.loads(text)
-        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-            self.mark(False)
-            raise BackendUnavailable(f"PRM server {self.url} unreachable: {exc}") from None
-        except TimeoutError:
-            raise BackendUnavailable(f"PRM server {self.url} timed out after {timeout:.0f}s") from None
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            # Its outcome (cancelled, or an error already reported) is not this caller's.
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.process is not None:
-            await self.process.stop_async()
-        if self._session is not None:
-            await self._session.close()
-        self.mark(False)
 
 
 def load_head_mean(model_path: str) -> tuple[list[float], float]:
@@ -219,7 +67,7 @@ def load_head_mean(model_path: str) -> tuple[list[float], float]:
 class SglangBackend:
     name = "sglang"
 
-    def __init__(self, model_path: str, prm_type: str, supervisor: PrmSupervisor, *,
+    def __init__(self, model_path: str, prm_type: str, supervisor: EngineSupervisor, *,
                  options: PrmOptions | None = None, request_timeout_s: float = 120.0,
                  reuse_prefix: bool = True) -> None:
         from transformers import AutoTokenizer

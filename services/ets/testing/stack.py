@@ -1,16 +1,22 @@
 """Start and stop the whole CPU stack: SGLang policy, reward server (+ its SGLang PRM), search.
 
-One orchestrator shared by ``scripts/demo.sh`` (``python -m ets.service.stack``), the stack
+One orchestrator shared by ``scripts/demo.sh`` (``python -m ets.testing.stack``), the stack
 tests and ``bench/stack.py``, so start/stop logic exists once. The policy is the real
 SmolLM2-135M-Instruct by default (``ets models prepare``, from its PyPI package, into the model
 cache), or the tiny random-weight model (``--policy tiny``) for fast runs that need no real
 text; the PRM is ``arithmetic`` (rules, no model) by default. Every process runs in its own
 process group with its log in ``work_dir/logs``; ``stop()`` signals each group by PID (SIGTERM,
-then SIGKILL after a grace period), and an ``atexit`` hook (from ``ets.engine.process``) catches
-an interpreter that dies early. Ports are picked free (bind port 0) unless given.
+then SIGKILL after a grace period; descendants in other groups too, such as the reward server's
+PRM engine), and an ``atexit`` hook (from ``ets.engine.process``) catches an interpreter that
+dies early. Every process dies with the orchestrator (a parent-death signal), and all of them,
+the PRM engine included (``ETS_PID_FILE``), are listed in ``work_dir/pids`` for a last-resort
+cleanup by process group (``scripts/demo.sh``'s EXIT trap). ``Stack.restart`` starts a killed
+process again on its ports (the fault tests). Ports are picked free (bind port 0) unless given.
 
-    python -m ets.service.stack --work-dir DIR [--search-port 50051] run -- ets search "..."
-    python -m ets.service.stack --work-dir DIR up      # start, print addresses, wait for SIGTERM
+A development and test tool: it lives with the testing support, not with the services.
+
+    python -m ets.testing.stack --work-dir DIR [--search-port 50051] run -- ets search "..."
+    python -m ets.testing.stack --work-dir DIR up      # start, print addresses, wait for SIGTERM
 """
 from __future__ import annotations
 
@@ -22,11 +28,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import ServerStartError, SGLangProcess, free_port
+from ets.engine.process import PID_FILE_ENV, ServerStartError, SGLangProcess, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
@@ -123,6 +129,8 @@ class Stack:
     search_addr: str = ""
     search_metrics_url: str = ""
     reward_metrics_url: str = ""
+    # How each process was started ("policy", "reward", "search"): restart() repeats it.
+    starters: dict[str, Callable[[], SGLangProcess]] = field(default_factory=dict, repr=False)
 
     @property
     def log_dir(self) -> Path:
@@ -140,6 +148,22 @@ class Stack:
 
     def processes(self) -> list[SGLangProcess]:
         return [p for p in (self.search, self.reward, self.policy) if p is not None]
+
+    def launch(self, name: str, starter: Callable[[], SGLangProcess]) -> SGLangProcess:
+        """Start ``name`` with ``starter``, keep it for ``restart`` and record its group."""
+        self.starters[name] = starter
+        proc = starter()
+        setattr(self, name, proc)
+        self.record(proc)
+        return proc
+
+    def restart(self, name: str) -> SGLangProcess:
+        """Stop ``name`` if anything of it is left, start it again with the same command and ports
+        (not waited for: the caller waits for what it needs)."""
+        old: SGLangProcess | None = getattr(self, name)
+        if old is not None:
+            old.stop(timeout=20.0)
+        return self.launch(name, self.starters[name])
 
     def stop(self) -> None:
         for proc in self.processes():
@@ -193,9 +217,9 @@ def start_policy(cfg: StackConfig, stack: Stack, model: Path) -> None:
     port = cfg.policy_port or free_port(cfg.host)
     launch = LaunchConfig(model_path=str(model), host=cfg.host, port=port, device="cpu", random_seed=0,
                           max_total_tokens=cfg.policy_max_total_tokens)
-    stack.policy = SGLangProcess.launch(launch, log_path=stack.log_dir / "policy.log", name="policy")
-    stack.record(stack.policy)
-    stack.policy_url = stack.policy.url
+    policy = stack.launch("policy", lambda: SGLangProcess.launch(launch, log_path=stack.log_dir / "policy.log",
+                                                                name="policy", port_setting="policy_port"))
+    stack.policy_url = policy.url
 
 
 def resolve_prm(cfg: StackConfig) -> Path | None:
@@ -221,6 +245,8 @@ def reward_command(cfg: StackConfig, prm_model: Path | None, embedder: str, rewa
         "ETS_REWARD_PORT": str(reward_port), "ETS_REWARD_METRICS_PORT": str(metrics_port),
         "ETS_PRM_PORT": str(prm_port), "ETS_REWARD_HOST": cfg.host,
         "ETS_REWARD_LOG_DIR": str(cfg.work_dir / "logs"),
+        # The reward server's own PRM engine is listed beside the stack's processes.
+        PID_FILE_ENV: str(cfg.work_dir / "pids"),
     })
     return [_python(), "-m", "ets.cli", "reward-serve"], env
 
@@ -233,9 +259,8 @@ def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path | None) -> None
     argv, env = reward_command(cfg, prm_model, embedder, port, metrics_port, prm_port)
     stack.reward_addr = f"{cfg.host}:{port}"
     stack.reward_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
-    stack.reward = SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
-                                       log_path=stack.log_dir / "reward.log", name="reward")
-    stack.record(stack.reward)
+    stack.launch("reward", lambda: SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
+                                                       log_path=stack.log_dir / "reward.log", name="reward"))
 
 
 def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int,
@@ -255,11 +280,10 @@ def start_search(cfg: StackConfig, stack: Stack, policy_model_type: str = "math-
     argv, env = search_command(cfg, stack, port, metrics_port, policy_model_type)
     stack.search_addr = f"{cfg.host}:{port}"
     stack.search_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
-    stack.search = SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
-                                       log_path=stack.log_dir / "search.log", name="search")
-    stack.record(stack.search)
+    search = stack.launch("search", lambda: SGLangProcess.start(
+        argv, url=f"http://{cfg.host}:{metrics_port}", env=env, log_path=stack.log_dir / "search.log", name="search"))
     # SERVING means both upstreams answered the service's own readiness probes.
-    wait_grpc_serving(stack.search, stack.search_addr, START_TIMEOUT_S)
+    wait_grpc_serving(search, stack.search_addr, START_TIMEOUT_S)
 
 
 def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
@@ -291,7 +315,7 @@ def start_stack(cfg: StackConfig, *, policy_url: str | None = None) -> Stack:
 
 
 def _args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ets.service.stack", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ets.testing.stack", description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, required=True)
     p.add_argument("--search-port", type=int, default=0)
     p.add_argument("--search-metrics-port", type=int, default=0)
