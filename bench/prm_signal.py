@@ -156,7 +156,7 @@ def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, 
         with torch.inference_mode():
             drawn = model.generate(**ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                    max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
-        out.append([tok.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True) for row in drawn])
+        out.append([str(tok.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True)) for row in drawn])
         print(f"  sampled {problem['id']}", file=sys.stderr, flush=True)
     return out
 

@@ -154,7 +154,7 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
     from ets.engine.supervisor import EngineSupervisor
     from ets.reward.backends.sglang_backend import SglangBackend
 
-    names = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
+    names: dict[str, Any] = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
     if config.prm_url:
         supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
                                       on_restart=metrics.prm_restarts.inc, **names)
