@@ -20,16 +20,16 @@ from ets.service.settings import ServiceSettings
 def reference() -> str:
     """The settings reference in Markdown: one table per component."""
     parts = [
-        "#### `ets serve` (search service)",
+        "## `ets serve` (search service)",
         settings.table(ServiceSettings),
-        "#### Search defaults (`ets serve`; a request's unset fields take these; meanings: "
+        "## Search defaults (`ets serve`; a request's unset fields take these; meanings: "
         "`proto/ets/api/v1/search.proto`)",
         settings.table(SearchConfig, prefix="ETS_SEARCH_", every_field=True),
-        "#### `ets reward-serve` (reward server)",
+        "## `ets reward-serve` (reward server)",
         settings.table(RewardServerConfig),
-        "#### PRM token strings and judge templates (`ets reward-serve`; environment only)",
+        "## PRM token strings and judge templates (`ets reward-serve`; environment only)",
         settings.table(PrmOptions),
-        "#### `ets policy-serve` (policy SGLang server; the reward server's PRM engine reads the same "
+        "## `ets policy-serve` (policy SGLang server; the reward server's PRM engine reads the same "
         "names with `ETS_PRM_SGLANG_` in place of `ETS_POLICY_`)",
         settings.table(LaunchConfig, prefix="ETS_POLICY_"),
     ]
