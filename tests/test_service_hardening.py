@@ -37,7 +37,7 @@ SCRIPT: Any = {
     ("s1 ки", "s2 ки"): [("The answer is 3 ки", 5, "step")],
 }
 DEFAULTS = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-BASE = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, grace_s=1)
+BASE = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=None, grace_s=1)
 
 
 class Svc:
@@ -92,10 +92,11 @@ async def test_made_up_methods_add_no_series(svc: Svc) -> None:
             await svc.stub.Search(request(method=f"made-up-{i}"), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert svc.series("ets_search_searches_total") == before + 1  # one series: method="invalid"
-    assert svc.sample("ets_search_searches_total", method="invalid", outcome="invalid_argument") == 1000
+    assert svc.sample("ets_search_searches_total", method="invalid", outcome="invalid_argument",
+                      api="grpc") == 1000
 
 
-@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "a/b"])
+@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "tab\there", "nul\x00"])
 async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await svc.stub.Search(request(request_id), timeout=10)
@@ -104,7 +105,7 @@ async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: 
 
 
 async def test_a_well_formed_request_id_is_echoed(svc: Svc) -> None:
-    rid = "job-7.step_3:a" + "x" * 114  # 128 characters
+    rid = "eval-ets[cluster_distance=0.3]-w4-s1/" + "x" * 91  # 128 characters, as ets eval names them
     assert (await svc.stub.Search(request(rid), timeout=10)).request_id == rid
 
 

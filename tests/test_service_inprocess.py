@@ -39,8 +39,8 @@ class Harness:
     def sample(self, name: str, **labels: str) -> float:
         return self.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
-    def outcomes(self, method: str = "rebase") -> dict[str, float]:
-        return {s.outcome: self.sample("ets_search_searches_total", method=method, outcome=s.outcome)
+    def outcomes(self, method: str = "rebase", api: str = "grpc") -> dict[str, float]:
+        return {s.outcome: self.sample("ets_search_searches_total", method=method, outcome=s.outcome, api=api)
                 for s in Status}
 
     async def idle(self, timeout: float = 5.0) -> None:
@@ -54,7 +54,7 @@ class Harness:
 async def _harness(max_concurrent: int = 4, max_queued: int = 4) -> AsyncIterator[Harness]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer({"The answer is 3": 0.9}))
     defaults = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, grace_s=1,
+    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=None, grace_s=1,
                                           max_concurrent=max_concurrent, max_queued=max_queued),
                           defaults, upstreams=upstreams, metrics=SearchMetrics(process_metrics=False),
                           grouping=group_answers)
@@ -90,7 +90,7 @@ async def test_search_succeeds_and_is_counted(svc: Harness) -> None:
     assert response.best.text.endswith("The answer is 3 ки") and response.best.depth == 3
     assert response.config.width == 2 and response.config.method == "rebase"
     assert response.stats.model_calls == 2 * 3 and response.stats.selections == 3
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome="ok") == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome="ok", api="grpc") == 1
     assert svc.sample("ets_search_model_calls_total", method="rebase") == 6
     assert svc.upstreams.prm_types == [""]  # no prm_type in the request: the reward server's own
     await svc.idle()
@@ -121,7 +121,7 @@ async def test_health_follows_the_upstreams(svc: Harness) -> None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert svc.sample("ets_search_upstream_up", upstream="reward") == 0
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome="unavailable") == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome="unavailable", api="grpc") == 1
 
 
 @pytest.mark.parametrize(("config", "field"), [
@@ -152,7 +152,7 @@ async def test_upstream_failures_map_to_one_status_each(svc: Harness, side: str,
     assert info.value.code() == code
     assert (info.value.details() or "").startswith(details), info.value.details()
     outcome = {grpc.StatusCode.INTERNAL: "error"}.get(code, code.name.lower())
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome=outcome) == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome=outcome, api="grpc") == 1
     await svc.idle()
 
 

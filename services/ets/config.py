@@ -103,12 +103,14 @@ class PolicyModelType:
     # an instruction next to the question better than one in the system prompt.
     instruction: str | None = None
 
-    def root_messages(self, question: str) -> list[dict[str, str]]:
-        """Chat messages of the root (chat-style models only). Without ``system_prompt`` the
-        tokenizer's chat template adds the model's own default system turn, if it has one."""
+    def root_messages(self, question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+        """Chat messages of the root (chat-style models only). A request's ``system_prompt``
+        replaces the type's own (None keeps it, "" drops it); without any, the tokenizer's chat
+        template adds the model's own default system turn, if it has one."""
         messages: list[dict[str, str]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
+        system = self.system_prompt if system_prompt is None else system_prompt
+        if system:
+            messages.append({"role": "system", "content": system})
         content = f"{question}\n{self.instruction}" if self.instruction else question
         messages.append({"role": "user", "content": content})
         return messages
