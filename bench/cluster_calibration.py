@@ -9,13 +9,14 @@ For each of the first ``--problems`` problems of the dataset (default: the easie
 expansion does (same root formatting, step delimiter, step-token budget and temperature), each
 step's plain text is embedded with the embedder (default: the packaged all-MiniLM-L6-v2) and
 clustered by the search's own code (``ets.search.clustering``: average linkage on cosine
-distance) at every cut in ``--cuts``. Reported per cut: clusters per problem (of N samples), and
-how well "same cluster" agrees with a cheap, embedder-free proxy of "same step": the two steps
+distance) at every cut in ``--cuts``. Reported per cut: clusters per problem (of N samples) and
+how well "same cluster" agrees with an embedder-free proxy of "same arithmetic": the two steps
 state the same numbers (the multiset of numbers in their text; pairs where both state none are
-left out). The recommended cut is the one with the best pair F1 against that proxy: the coarsest
-cut that still keeps steps with different arithmetic apart. Also reported: each problem's
-closest and median pairwise distance. Without ``--policy-url`` the policy server is started
-(``--policy-model``) and stopped at the end.
+left out). ``best_agreement_cut`` is the cut with the best pair F1 against that proxy; read it
+with its F1 (a low F1 at every cut says the embedder groups by wording, not by arithmetic, and
+the cut has to be chosen from the search's own accuracy and KV, ``ets eval --sweep``). Also
+reported: each problem's closest and median pairwise distance. Without ``--policy-url`` the
+policy server is started (``--policy-model``) and stopped at the end.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def analyse(problems: list[dict[str, Any]], cuts: Sequence[float]) -> dict[str, 
             "pair_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         })
     best = max(per_cut, key=lambda c: (round(float(c["pair_f1"]), 6), -float(c["cut"])))
-    return {"per_cut": per_cut, "recommended_cut": best["cut"]}
+    return {"per_cut": per_cut, "best_agreement_cut": best["cut"], "best_agreement_f1": best["pair_f1"]}
 
 
 async def sample_first_steps(policy_url: str, questions: Sequence[str], model_type_name: str, samples: int,
@@ -199,7 +200,8 @@ def main(argv: list[str]) -> int:
               f"{c['pair_precision']:.2f} | {c['pair_recall']:.2f} | {c['pair_f1']:.2f} |")
     closest = [r["closest_pair"] for r in rows]
     print(f"\nclosest pair per problem {min(closest):.3f}-{max(closest):.3f}; "
-          f"recommended cut {result['recommended_cut']:g}; results in {args.out}")
+          f"best same-numbers agreement at cut {result['best_agreement_cut']:g} "
+          f"(pair F1 {result['best_agreement_f1']:.2f}); results in {args.out}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """bench/cluster_calibration.py's pure parts: the number proxy of "same step", pair agreement,
-the per-cut analysis and its recommended cut, with the real MiniLM embedder on fixed steps.
+the per-cut analysis and its best-agreement cut, with the real MiniLM embedder on fixed steps.
 (The sampling half needs a policy server with a real model: it runs in the evaluation itself.)"""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_pair_agreement_counts_pairs_and_skips_numberless_pairs() -> None:
     assert (apart["tp"], apart["fp"], apart["fn"]) == (0, 0, 1) and apart["f1"] == 0.0
 
 
-def test_analyse_recommends_the_cut_that_groups_equal_steps() -> None:
+def test_analyse_finds_the_cut_that_groups_equal_steps() -> None:
     steps = ["2 + 3 = 5", "2 + 3 is 5", "7 * 4 = 28", "Add 2 and 3 to get 5"]
     keys = [list(cal.numbers(s)) for s in steps]
     problem = {"steps": steps, "numbers": keys, "labels": {
@@ -43,7 +43,7 @@ def test_analyse_recommends_the_cut_that_groups_equal_steps() -> None:
     by = {c["cut"]: c for c in result["per_cut"]}
     assert [by[c]["mean_clusters"] for c in (0.05, 0.2, 0.5)] == [4, 2, 1]
     assert by[0.2]["pair_f1"] == 1.0 and by[0.05]["pair_recall"] == 0.0 and by[0.5]["pair_precision"] == 0.5
-    assert result["recommended_cut"] == 0.2
+    assert result["best_agreement_cut"] == 0.2 and result["best_agreement_f1"] == 1.0
 
 
 def test_real_embedder_separates_different_arithmetic() -> None:
