@@ -13,13 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import ConfigError, SearchConfig
-from ets.search.answers import group_answers
+from ets.config import ConfigError
 from ets.service.admission import QueueFull
-from ets.service.metrics import SearchMetrics
 from ets.service.request import RequestError
-from ets.service.server import SearchServer, ServiceSettings
+from ets.service.server import SearchServer
 from ets.service.status import Status, UpstreamRejected, UpstreamUnavailable, status_for
+from ets.testing.inprocess import serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
 
 PROBLEM = "What is 1 + 2?"
@@ -53,18 +52,9 @@ class Harness:
 
 async def _harness(max_concurrent: int = 4, max_queued: int = 4) -> AsyncIterator[Harness]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer({"The answer is 3": 0.9}))
-    defaults = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=None, grace_s=1,
-                                          max_concurrent=max_concurrent, max_queued=max_queued),
-                          defaults, upstreams=upstreams, metrics=SearchMetrics(process_metrics=False),
-                          grouping=group_answers)
-    await server.start()
-    try:
+    async with serving(upstreams, max_concurrent=max_concurrent, max_queued=max_queued) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield Harness(server, upstreams, channel)
-    finally:
-        upstreams.release()
-        await server.stop(grace=0)
 
 
 @pytest.fixture()

@@ -17,13 +17,11 @@ import openai
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
-from ets.search.answers import group_answers
-from ets.service.metrics import SearchMetrics
 from ets.service.openai_request import METHOD_ALIASES, parse_chat
 from ets.service.request import RequestError
-from ets.service.server import SearchServer, ServiceSettings
+from ets.service.server import SearchServer
 from ets.service.status import UpstreamUnavailable
+from ets.testing.inprocess import serving
 from ets.testing.upstreams import PROMPT, ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
 from tools import free_port, tool
 
@@ -71,20 +69,14 @@ class Harness:
 
 async def _harness(max_concurrent: int = 4, max_queued: int = 4, token_file: str = "") -> AsyncIterator[Harness]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer(SCORES))
-    defaults = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=free_port(), grace_s=1,
-                               max_concurrent=max_concurrent, max_queued=max_queued, auth_token_file=token_file)
-    server = SearchServer(settings, defaults, upstreams=upstreams, metrics=SearchMetrics(process_metrics=False),
-                          grouping=group_answers)
-    await server.start()
-    h = Harness(server, upstreams, api_key=TOKEN if token_file else "unused")
-    try:
-        yield h
-    finally:
-        upstreams.release()
-        await h.client.close()
-        h.sync.close()
-        await server.stop(grace=0)
+    async with serving(upstreams, openai_port=free_port(), max_concurrent=max_concurrent, max_queued=max_queued,
+                       auth_token_file=token_file) as server:
+        h = Harness(server, upstreams, api_key=TOKEN if token_file else "unused")
+        try:
+            yield h
+        finally:
+            await h.client.close()
+            h.sync.close()
 
 
 @pytest.fixture()
