@@ -69,7 +69,7 @@ LLAMA_INSTRUCT_SYSTEM_PROMPT = (
 # final-answer line (greedy, 4 easy problems: 0/4 extracted), and the llama-instruct system prompt
 # (long, LaTeX) is too much for a 135M model (3/4, 0 right, longer text). A short instruction after
 # the question, naming the exact closing sentence, under the model's own default system prompt:
-# 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see README.
+# 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see docs/demo.md.
 SMOLLM2_INSTRUCTION = 'Solve it step by step. End your reply with "The answer is N." where N is the final number.'
 
 DEFAULT_ANSWER_MARKERS: tuple[str, ...] = (

@@ -98,7 +98,7 @@ class ServiceSettings:
         help="largest config.solver_time_limit_s (one ETS selection's solver budget)")
     limit_generated_tokens: int = settings.setting(
         1_000_000, env="ETS_LIMIT_GENERATED_TOKENS", ge=1,
-        help="tokens one search may generate in all; beyond: RESOURCE_EXHAUSTED")
+        help="tokens one search may generate in all; then it stops and returns what it has")
     limit_search_s: float = settings.setting(
         900.0, env="ETS_LIMIT_SEARCH_S", gt=0, help="longest a search may run (queue included), "
         "whatever the client's deadline; beyond: DEADLINE_EXCEEDED")
