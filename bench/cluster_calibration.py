@@ -1,7 +1,7 @@
 """Calibrate ETS's clustering cut for an embedder: how sampled first steps cluster at each cut.
 
     python bench/cluster_calibration.py --policy-url http://127.0.0.1:30000 \\
-        --policy-model-type smollm2 --problems 12 --samples 16 \\
+        --policy-model-type smollm2-instruct --problems 12 --samples 16 \\
         --out bench/results/cluster_calibration.json
 
 For each of the first ``--problems`` problems of the dataset (default: the easiest GSM8K ones),

@@ -37,6 +37,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -47,8 +48,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
 DEFAULT_DATA = REPO / "bench" / "data" / "gsm8k_easy.jsonl"
 AGGREGATES = ("last", "min", "mean")
+# Which solutions each AUROC view compares: the policy's own (labelled by their extracted answer),
+# the reference against the policy's, and the reference against its off-by-one copy.
+VIEWS: dict[str, tuple[str, ...]] = {
+    "sampled": ("sampled",),
+    "reference_vs_sampled": ("reference", "sampled"),
+    "reference_vs_corrupted": ("reference", "corrupted"),
+}
 PRMS = ("judge", "arithmetic", "tiny-math-shepherd")
 
 
@@ -93,10 +102,12 @@ def bootstrap_interval(groups: Sequence[Sequence[tuple[float, bool]]], *, rounds
     return values[int(0.025 * len(values))], values[min(len(values) - 1, int(0.975 * len(values)))]
 
 
-def summarise(samples: list[dict[str, Any]], prm: str, how: str) -> dict[str, Any]:
-    """The three AUROC views of one PRM type and aggregate over the labelled samples."""
+def summarise(samples: list[dict[str, Any]], prm: str, how: str,
+              kinds: Sequence[str] = ("sampled",)) -> dict[str, Any]:
+    """The three AUROC views of one PRM type and aggregate over the labelled solutions of ``kinds``."""
     from ets.search.answers import aggregate
 
+    samples = [s for s in samples if s.get("kind", "sampled") in kinds]
     by_problem: dict[str, list[tuple[float, bool]]] = {}
     for s in samples:
         by_problem.setdefault(s["problem"], []).append((aggregate(s["scores"][prm], how), s["right"]))
@@ -111,6 +122,22 @@ def summarise(samples: list[dict[str, Any]], prm: str, how: str) -> dict[str, An
         "within_problems": len(within),
         "answered_only": auroc([v for v, _ in answered], [y for _, y in answered]),
     }
+
+
+def reference_steps(solution: str) -> list[str]:
+    """A dataset's reference solution as steps: one per line, GSM8K's ``<<...>>`` calculator
+    annotations removed (the visible equations stay), so it reads like written text."""
+    return [s for s in (_ANNOTATION.sub("", line).strip() for line in solution.splitlines()) if s]
+
+
+def corrupt(steps: Sequence[str], answer: str) -> list[str] | None:
+    """The reference with its final result made wrong: the last occurrence of the answer in the
+    last step becomes answer + 1 (so an equation producing it no longer holds); None if absent."""
+    matches = list(re.finditer(rf"(?<![\d.,]){re.escape(answer)}(?![\d]|\.\d)", steps[-1]))
+    if not matches or not re.fullmatch(r"-?\d+", answer):
+        return None
+    m = matches[-1]
+    return [*steps[:-1], steps[-1][: m.start()] + str(int(answer) + 1) + steps[-1][m.end():]]
 
 
 def split_steps(text: str, model_type: Any) -> list[str]:
@@ -258,8 +285,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             samples.append({
                 "problem": problem["id"], "question": problem["problem"], "steps": split_steps(text, model_type),
                 "answer": answer, "right": bool(answer) and equivalent(answer, str(problem["answer"])),
-                "scores": {},
+                "scores": {}, "kind": "sampled", "text": text,
             })
+        # Controls with known labels: the reference solution (right) and the same with its final
+        # result off by one (wrong), when the dataset has references.
+        if problem.get("solution"):
+            steps = reference_steps(problem["solution"])
+            gold = str(problem["answer"])
+            samples.append({"problem": problem["id"], "question": problem["problem"], "steps": steps,
+                            "answer": gold, "right": True, "scores": {}, "kind": "reference",
+                            "text": "\n".join(steps)})
+            wrong = corrupt(steps, gold) if steps else None
+            if wrong is not None:
+                samples.append({"problem": problem["id"], "question": problem["problem"], "steps": wrong,
+                                "answer": str(int(gold) + 1), "right": False, "scores": {}, "kind": "corrupted",
+                                "text": "\n".join(wrong)})
 
     started = time.perf_counter()
     for s in samples:
@@ -280,23 +320,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             await tiny.close()
 
-    right = [s for s in samples if s["right"]]
-    by_problem = {p["id"]: [s["right"] for s in samples if s["problem"] == p["id"]] for p in problems}
+    sampled = [s for s in samples if s["kind"] == "sampled"]
+    right = [s for s in sampled if s["right"]]
+    by_problem = {p["id"]: [s["right"] for s in sampled if s["problem"] == p["id"]] for p in problems}
     return {
         "command": "python bench/prm_signal.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "policy_model": DEFAULT_POLICY_MODEL,
         "data": str(data.relative_to(REPO) if data.is_relative_to(REPO) else data),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "policy_url")},
         "counts": {
-            "problems": len(problems), "solutions": len(samples), "right": len(right),
-            "answered": sum(1 for s in samples if s["answer"]),
+            "problems": len(problems), "solutions": len(sampled), "right": len(right),
+            "answered": sum(1 for s in sampled if s["answer"]),
             "problems_with_a_right_solution": sum(1 for v in by_problem.values() if any(v)),
-            "mean_steps": statistics.fmean(len(s["steps"]) for s in samples),
+            "mean_steps": statistics.fmean(len(s["steps"]) for s in sampled),
+            "references": sum(1 for s in samples if s["kind"] == "reference"),
+            "corrupted_references": sum(1 for s in samples if s["kind"] == "corrupted"),
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "auroc": {prm: {how: summarise(samples, prm, how) for how in AGGREGATES} for prm in PRMS},
-        "samples": [{k: s[k] for k in ("problem", "right", "answer", "scores")} | {"steps": len(s["steps"])}
-                    for s in samples],
+        "auroc": {view: {prm: {how: summarise(samples, prm, how, kinds) for how in AGGREGATES} for prm in PRMS}
+                  for view, kinds in VIEWS.items()},
+        "samples": [{k: s[k] for k in ("problem", "kind", "right", "answer", "scores", "text")}
+                    | {"steps": len(s["steps"])} for s in samples],
     }
 
 
@@ -311,13 +355,16 @@ def main() -> None:
     counts = result["counts"]
     print(f"{counts['solutions']} solutions of {counts['problems']} problems, {counts['right']} right, "
           f"{counts['answered']} answered; timings {result['timings_s']}")
-    print(f"{'PRM':<20}{'agg':<6}{'pooled':>8}  {'95% CI':<14}{'within':>8}{'answered':>10}")
-    for prm, per in result["auroc"].items():
-        for how, r in per.items():
-            ci = "-" if not r["pooled_ci95"] else f"{r['pooled_ci95'][0]:.2f}-{r['pooled_ci95'][1]:.2f}"
-            fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-            print(f"{prm:<20}{how:<6}{fmt(r['pooled']):>8}  {ci:<14}{fmt(r['within_problem']):>8}"
-                  f"{fmt(r['answered_only']):>10}")
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for view, per_prm in result["auroc"].items():
+        print(f"{view}\n  {'PRM':<20}{'agg':<6}{'pooled':>8}  {'95% CI':<14}{'within':>8}{'answered':>10}")
+        for prm, per in per_prm.items():
+            for how, r in per.items():
+                ci = "-" if not r["pooled_ci95"] else f"{r['pooled_ci95'][0]:.2f}-{r['pooled_ci95'][1]:.2f}"
+                print(f"  {prm:<20}{how:<6}{fmt(r['pooled']):>8}  {ci:<14}{fmt(r['within_problem']):>8}"
+                      f"{fmt(r['answered_only']):>10}")
     print(f"wrote {out}")
 
 

@@ -12,7 +12,7 @@ method) it reports logical KV tokens (total = sum over selections, and peak), th
 cached-prompt-token ratio, generated tokens, wall time, and the service's own overhead: wall
 time outside policy and reward calls (selection, tree bookkeeping, gRPC and conversion), per
 search step and as a share of wall time. The ETS/REBASE ratio of mean total and peak KV tokens
-is printed per width. Writes JSON (``--out``) and prints a Markdown table for the README.
+is printed per width. Writes JSON (``--out``) and prints a Markdown table for docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 # The project's test command: installs everything it needs on a fresh machine (venv with the
 # SGLang CPU engine, Debian packages), runs ruff and mypy, then the whole suite against real
 # components.
-#   scripts/test.sh [PYTEST ARGS...]        e.g. scripts/test.sh -m pure (tiers: README, tests)
+#   scripts/test.sh [PYTEST ARGS...]        e.g. scripts/test.sh -m pure (tiers: docs/testing.md)
 # The install is skipped when nothing it depends on changed since the last one here: a stamp in
 # the venv holds a hash of the requirements, pyproject.toml, the install scripts, the CPU engine
 # shim and this checkout's path. A clean clone (CI) has no venv and installs everything;

@@ -32,10 +32,11 @@ SMALL_SEARCH_ENV = {
 class ServeProcess:
     """``ets serve`` as a subprocess (own process group, log file, stop by PID)."""
 
-    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str) -> None:
+    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
         self.proc = proc
         self.addr = addr
         self.metrics_url = metrics_url
+        self.openai_url = openai_url  # the OpenAI-compatible endpoint's base URL (http://host:port/v1)
 
     def metrics(self) -> str:
         return http_get(self.metrics_url)
@@ -46,13 +47,15 @@ class ServeProcess:
 
 def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[str, str] | None = None,
                 args: tuple[str, ...] = (), name: str = "search") -> ServeProcess:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, openai_port = free_port(), free_port(), free_port()
     run_env = dict(os.environ, **SMALL_SEARCH_ENV, **(env or {}))
     argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--policy-url", policy_url, "--reward-addr", reward_addr, *args]
+            "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url,
+            "--reward-addr", reward_addr, *args]
     proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
-    serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                         f"http://127.0.0.1:{openai_port}/v1")
     # Up = the metrics endpoint answers (gRPC health is NOT_SERVING until upstreams answer).
     wait_http(serve.metrics_url, what="ets serve", alive=proc.is_alive, log_tail=proc.log_tail, stop=proc.stop)
     return serve

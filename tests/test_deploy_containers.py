@@ -1,8 +1,9 @@
 """The CPU variants of the three images, built with podman on a debootstrapped Debian bookworm
 base (scripts/containers.sh), the compose CPU profile brought up with podman-compose, one real
-``Search`` answered through it, the stack scraped by a real Prometheus (the host's, with the
-compose scrape config pointed at the published ports), the Grafana dashboard's queries checked
-against those scrapes, and every container stopped with SIGTERM and torn down.
+``Search`` answered through it (and the same search through the OpenAI-compatible port), the
+stack scraped by a real Prometheus (the host's, with the compose scrape config pointed at the
+published ports), the Grafana dashboard's queries checked against those scrapes, and every
+container stopped with SIGTERM and torn down.
 
 Slow the first time on a machine (base rootfs and dependency layers, ~10 min); later runs
 reuse ETS_CONTAINERS_CACHE (default /var/tmp/ets-containers). Needs root (rootful podman).
@@ -20,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
+import openai
 import pytest
 import yaml
 
@@ -69,11 +71,12 @@ class Stack:
 
     def __init__(self, tmp: Path) -> None:
         self.project = f"etsci{os.getpid()}"
-        self.ports = {k: free_port() for k in ("search", "search_metrics", "reward", "reward_metrics", "prm",
-                                               "policy")}
+        self.ports = {k: free_port() for k in ("search", "search_openai", "search_metrics", "reward",
+                                               "reward_metrics", "prm", "policy")}
         self.env = dict(
             os.environ, ETS_IMAGE_TAG=TAG, ETS_GRAFANA_PASSWORD_FILE="/dev/null",
             ETS_SEARCH_HOST_PORT=str(self.ports["search"]),
+            ETS_SEARCH_OPENAI_HOST_PORT=str(self.ports["search_openai"]),
             ETS_SEARCH_METRICS_HOST_PORT=str(self.ports["search_metrics"]),
             ETS_REWARD_HOST_PORT=str(self.ports["reward"]),
             ETS_REWARD_METRICS_HOST_PORT=str(self.ports["reward_metrics"]),
@@ -220,6 +223,25 @@ def test_search_answered_through_compose(stack: Stack) -> None:
     argv[argv.index("ets", 4)] = "rebase"
     res = subprocess.run(argv, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr
+    # The same search through the OpenAI-compatible port: the official client, same answer and text.
+    # Compared greedily (temperature 0, beam): seeded sampling is not reproducible run to run on the
+    # CPU engine (sampling_seed needs deterministic inference, GPU only), greedy beam search is.
+    argv[argv.index("rebase", 4)] = "beam"
+    res = subprocess.run([*argv[:-1], "--temperature", "0", argv[-1]], capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr
+    greedy = json.loads(res.stdout)
+    base = f"http://127.0.0.1:{stack.ports['search_openai']}"
+    assert json.loads(http_get(f"{base}/health", timeout=10))["status"] == "SERVING"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300, max_retries=0)
+    reply = client.chat.completions.create(model="beam", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                           seed=7, temperature=0.0, extra_body={"ets": {"width": 4, "max_depth": 3}})
+    ets = (reply.model_extra or {})["ets"]
+    assert ets["answer"] == greedy["answer"] and reply.choices[0].message.content == greedy["best"]["text"]
+    assert ets["config"]["method"] == "beam" and reply.usage is not None and reply.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model="rebase", stream=True, seed=7, messages=[
+        {"role": "user", "content": "What is 2 + 3?"}], extra_headers={"X-ETS-Width": "4", "X-ETS-Max-Depth": "3"}))
+    assert chunks[-1].choices[0].finish_reason == "stop" and "".join(
+        c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
 def test_prometheus_scrapes_stack_and_dashboard_uses_real_series(stack: Stack, tmp_path: Path) -> None:

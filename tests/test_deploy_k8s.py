@@ -115,7 +115,7 @@ def test_monitors_validate_against_prometheus_operator_crds(overlay: tuple[str, 
 def test_validators_reject_bad_manifests(tmp_path: Path) -> None:
     docs = kustomize(ROOT / "k8s/overlays/gpu")
     deploy = copy.deepcopy(by_kind(docs, "Deployment")["search"])
-    deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["prot"] = 1
+    deploy["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["tcpSocket"]["prot"] = 1
     assert validate_strict([deploy], tmp_path).returncode != 0
     monitor = copy.deepcopy(next(d for d in docs if d["kind"] == "ServiceMonitor"))
     monitor["spec"]["endpoints"][0]["intervall"] = "15s"
@@ -164,6 +164,9 @@ def test_gpu_engines_and_probes() -> None:
     assert policy["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "grpc" in deploys["reward"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     search = deploys["search"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "openai", "containerPort": 8000} in search["ports"]
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "search")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["openai"] == 8000
     assert "nvidia.com/gpu" not in str(search["resources"])
     assert by_kind(docs, "PodDisruptionBudget")["search"]["spec"]["minAvailable"] == 1
     assert "ets-models" in by_kind(docs, "PersistentVolumeClaim")

@@ -56,3 +56,24 @@ def test_split_steps_cuts_at_the_delimiter() -> None:
     text = "First 3 + 5 = 8.\n\n\n\nThe answer is 8.\n\n"
     assert sig.split_steps(text, mt) == ["First 3 + 5 = 8.", "The answer is 8."]
     assert sig.split_steps("  ", mt) == [""]
+
+
+def test_reference_controls() -> None:
+    steps = sig.reference_steps("Leila gave 100/2 = $<<100/2=50>>50 to Ali.\nAli now has $21+ $50 = $<<21+50=71>>71.")
+    assert steps == ["Leila gave 100/2 = $50 to Ali.", "Ali now has $21+ $50 = $71."]
+    assert sig.corrupt(steps, "71") == [steps[0], "Ali now has $21+ $50 = $72."]
+    # Only the answer as a whole number is changed, and only in the last step.
+    assert sig.corrupt(["5 + 5 = 10", "10 * 1.5 = 15, so 150 / 10 = 15"], "15") == [
+        "5 + 5 = 10", "10 * 1.5 = 15, so 150 / 10 = 16"]
+    assert sig.corrupt(["3 + 4 = 7"], "8") is None
+
+
+def test_views_compare_the_kinds_they_name() -> None:
+    samples = [
+        {"problem": "a", "kind": "sampled", "answer": "", "right": False, "scores": {"p": [0.3]}},
+        {"problem": "a", "kind": "reference", "answer": "8", "right": True, "scores": {"p": [0.2]}},
+        {"problem": "a", "kind": "corrupted", "answer": "9", "right": False, "scores": {"p": [0.1]}},
+    ]
+    assert sig.summarise(samples, "p", "last", ("sampled",))["pooled"] is None  # no right one
+    assert sig.summarise(samples, "p", "last", sig.VIEWS["reference_vs_sampled"])["pooled"] == 0.0
+    assert sig.summarise(samples, "p", "last", sig.VIEWS["reference_vs_corrupted"])["pooled"] == 1.0

@@ -36,6 +36,7 @@ from ets.service.settings import settings_from_args
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
 
 from reward_fixtures import ThreadedRewardServer, reward_config
+from tools import free_port
 
 TOKEN = "s3cret-token"
 SCRIPT: Any = {
@@ -115,7 +116,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture()
 async def secure_search(pki: Pki) -> AsyncIterator[SearchServer]:
     """The search service with TLS, required client certificates (mTLS) and a bearer token."""
-    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, grace_s=1,
+    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=free_port(), grace_s=1,
                                tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
                                tls_client_ca_file=pki.ca, auth_token_file=pki.token)
     server = SearchServer(settings, SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200,
@@ -320,38 +321,31 @@ async def test_cli_search_with_tls_flags(secure_search: SearchServer, pki: Pki) 
     assert proc.returncode == 1 and "UNAUTHENTICATED" in err.decode()
 
 
-async def test_http_transport_gets_the_same_tls_and_token(pki: Pki) -> None:
-    """``ServerSecurity.ssl_context`` / ``token`` + ``bearer_ok``: what an HTTP front door uses."""
+async def test_openai_http_port_gets_the_same_tls_and_token(secure_search: SearchServer, pki: Pki) -> None:
+    """The OpenAI-compatible transport of the same service: the gRPC port's TLS context (mTLS) and
+    bearer token (``ets.security``); /health stays open for probes."""
     import ssl
 
     import aiohttp
 
-    sec = ServerSecurity(pki.server_cert, pki.server_key, pki.ca, pki.token)
-    token = sec.token()
-
-    async def hello(request: web.Request) -> web.Response:
-        if not bearer_ok(request.headers.get("Authorization"), token or ""):
-            return web.json_response({"error": "unauthenticated"}, status=401)
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=sec.ssl_context())
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    url = f"https://localhost:{port}/"
+    assert secure_search.openai is not None
+    base = f"https://localhost:{secure_search.openai.port}"
     client_ctx = ssl.create_default_context(cafile=pki.ca)
     client_ctx.load_cert_chain(pki.client_cert, pki.client_key)
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(url, ssl=client_ctx, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
-                assert resp.status == 200 and await resp.text() == "ok"
-            async with session.get(url, ssl=client_ctx, headers={"Authorization": "Bearer nope"}) as resp:
-                assert resp.status == 401
-            with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
-                async with session.get(url, ssl=ssl.create_default_context(cafile=pki.ca)) as resp:
-                    await resp.text()
-    finally:
-        await runner.cleanup()
+    body = {"model": "rebase", "messages": [{"role": "user", "content": "What is 1 + 2?"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/v1/chat/completions", json=body, ssl=client_ctx,
+                                headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 200 and (await resp.json())["ets"]["answer"] == "3"
+        for headers in ({"Authorization": "Bearer nope"}, {}):
+            async with session.post(f"{base}/v1/chat/completions", json=body, ssl=client_ctx,
+                                    headers=headers) as resp:
+                assert resp.status == 401 and (await resp.json())["error"]["type"] == "authentication_error"
+        async with session.get(f"{base}/health", ssl=client_ctx) as resp:
+            assert resp.status in (200, 503)  # open: no token needed
+        with pytest.raises(aiohttp.ClientError):  # no client certificate: the handshake fails
+            async with session.get(f"{base}/health", ssl=ssl.create_default_context(cafile=pki.ca)) as resp:
+                await resp.text()
+        with pytest.raises(aiohttp.ClientError):  # plaintext HTTP to the TLS port
+            async with session.get(f"http://127.0.0.1:{secure_search.openai.port}/health") as resp:
+                await resp.text()

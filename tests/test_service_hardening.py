@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -22,10 +21,10 @@ from ets.search import selection
 from ets.search.answers import group_answers
 from ets.search.base import Selection
 from ets.service.grouping import EquivalenceWorker
-from ets.service.metrics import SearchMetrics
-from ets.service.server import SearchServer, ServiceSettings
+from ets.service.server import SearchServer
 from ets.service.status import Status, UpstreamFailed, UpstreamRejected, UpstreamUnavailable, status_for
 from ets.service.upstreams import policy_failure, reward_failure
+from ets.testing.inprocess import serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
 
 from reward_fixtures import ThreadedRewardServer, reward_config
@@ -36,8 +35,6 @@ SCRIPT: Any = {
     ("s1 ки",): [("s2 ки", 5, "step")],
     ("s1 ки", "s2 ки"): [("The answer is 3 ки", 5, "step")],
 }
-DEFAULTS = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-BASE = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, grace_s=1)
 
 
 class Svc:
@@ -56,15 +53,9 @@ class Svc:
 async def _svc(script: Any = None, grouping: Any = group_answers,
                **settings: Any) -> AsyncIterator[Svc]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(script or SCRIPT), TableScorer({"The answer is 3": 0.9}))
-    server = SearchServer(replace(BASE, **settings), DEFAULTS, upstreams=upstreams,
-                          metrics=SearchMetrics(process_metrics=False), grouping=grouping)
-    await server.start()
-    try:
+    async with serving(upstreams, grouping=grouping, **settings) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield Svc(server, upstreams, channel)
-    finally:
-        upstreams.release()
-        await server.stop(grace=0)
 
 
 @pytest.fixture()
@@ -92,10 +83,11 @@ async def test_made_up_methods_add_no_series(svc: Svc) -> None:
             await svc.stub.Search(request(method=f"made-up-{i}"), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert svc.series("ets_search_searches_total") == before + 1  # one series: method="invalid"
-    assert svc.sample("ets_search_searches_total", method="invalid", outcome="invalid_argument") == 1000
+    assert svc.sample("ets_search_searches_total", method="invalid", outcome="invalid_argument",
+                      api="grpc") == 1000
 
 
-@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "a/b"])
+@pytest.mark.parametrize("request_id", ["x" * 129, "two words", "new\nline", "ünïcode", "tab\there", "nul\x00"])
 async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await svc.stub.Search(request(request_id), timeout=10)
@@ -104,7 +96,7 @@ async def test_request_id_is_capped_in_length_and_charset(svc: Svc, request_id: 
 
 
 async def test_a_well_formed_request_id_is_echoed(svc: Svc) -> None:
-    rid = "job-7.step_3:a" + "x" * 114  # 128 characters
+    rid = "eval-ets[cluster_distance=0.3]-w4-s1/" + "x" * 91  # 128 characters, as ets eval names them
     assert (await svc.stub.Search(request(rid), timeout=10)).request_id == rid
 
 

@@ -13,13 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import ConfigError, SearchConfig
-from ets.search.answers import group_answers
+from ets.config import ConfigError
 from ets.service.admission import QueueFull
-from ets.service.metrics import SearchMetrics
 from ets.service.request import RequestError
-from ets.service.server import SearchServer, ServiceSettings
+from ets.service.server import SearchServer
 from ets.service.status import Status, UpstreamRejected, UpstreamUnavailable, status_for
+from ets.testing.inprocess import serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
 
 PROBLEM = "What is 1 + 2?"
@@ -39,8 +38,8 @@ class Harness:
     def sample(self, name: str, **labels: str) -> float:
         return self.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
-    def outcomes(self, method: str = "rebase") -> dict[str, float]:
-        return {s.outcome: self.sample("ets_search_searches_total", method=method, outcome=s.outcome)
+    def outcomes(self, method: str = "rebase", api: str = "grpc") -> dict[str, float]:
+        return {s.outcome: self.sample("ets_search_searches_total", method=method, outcome=s.outcome, api=api)
                 for s in Status}
 
     async def idle(self, timeout: float = 5.0) -> None:
@@ -53,18 +52,9 @@ class Harness:
 
 async def _harness(max_concurrent: int = 4, max_queued: int = 4) -> AsyncIterator[Harness]:
     upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer({"The answer is 3": 0.9}))
-    defaults = SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200, max_depth=5, seed=1)
-    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, grace_s=1,
-                                          max_concurrent=max_concurrent, max_queued=max_queued),
-                          defaults, upstreams=upstreams, metrics=SearchMetrics(process_metrics=False),
-                          grouping=group_answers)
-    await server.start()
-    try:
+    async with serving(upstreams, max_concurrent=max_concurrent, max_queued=max_queued) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield Harness(server, upstreams, channel)
-    finally:
-        upstreams.release()
-        await server.stop(grace=0)
 
 
 @pytest.fixture()
@@ -90,7 +80,7 @@ async def test_search_succeeds_and_is_counted(svc: Harness) -> None:
     assert response.best.text.endswith("The answer is 3 ки") and response.best.depth == 3
     assert response.config.width == 2 and response.config.method == "rebase"
     assert response.stats.model_calls == 2 * 3 and response.stats.selections == 3
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome="ok") == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome="ok", api="grpc") == 1
     assert svc.sample("ets_search_model_calls_total", method="rebase") == 6
     assert svc.upstreams.prm_types == [""]  # no prm_type in the request: the reward server's own
     await svc.idle()
@@ -121,7 +111,7 @@ async def test_health_follows_the_upstreams(svc: Harness) -> None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert svc.sample("ets_search_upstream_up", upstream="reward") == 0
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome="unavailable") == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome="unavailable", api="grpc") == 1
 
 
 @pytest.mark.parametrize(("config", "field"), [
@@ -152,7 +142,7 @@ async def test_upstream_failures_map_to_one_status_each(svc: Harness, side: str,
     assert info.value.code() == code
     assert (info.value.details() or "").startswith(details), info.value.details()
     outcome = {grpc.StatusCode.INTERNAL: "error"}.get(code, code.name.lower())
-    assert svc.sample("ets_search_searches_total", method="rebase", outcome=outcome) == 1
+    assert svc.sample("ets_search_searches_total", method="rebase", outcome=outcome, api="grpc") == 1
     await svc.idle()
 
 

@@ -114,7 +114,7 @@ def test_metrics_exposition_passes_promtool_and_counts_outcomes(lone_serve: Serv
     text = lone_serve.metrics()
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert 'ets_search_searches_total{method="beam",outcome="invalid_argument"}' in text
+    assert 'ets_search_searches_total{api="grpc",method="beam",outcome="invalid_argument"}' in text
     for name in ("ets_search_search_duration_seconds", "ets_search_generated_tokens_total",
                  "ets_search_cached_prompt_tokens_total", "ets_search_selection_kv_tokens",
                  "ets_search_searches_in_flight", "ets_search_searches_queued",

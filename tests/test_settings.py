@@ -148,19 +148,19 @@ def test_reward_server_settings_env_flags_and_checks() -> None:
     assert err.value.field == "ETS_REWARD_METRICS_PORT"
 
 
-def test_readme_settings_reference_is_the_generated_one() -> None:
-    from ets.settings_reference import readme_section, reference
+def test_settings_page_is_the_generated_reference() -> None:
+    from ets.settings_reference import DOC, generated_section, reference
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert readme_section(readme) == reference(), "README's Settings section is stale: ets settings --readme README.md"
+    page = (Path(__file__).resolve().parents[1] / DOC).read_text()
+    assert generated_section(page) == reference(), f"{DOC} is stale: ets settings --write {DOC}"
 
 
-def test_settings_command_rewrites_the_readme_section(tmp_path: Path) -> None:
+def test_settings_command_rewrites_the_generated_section(tmp_path: Path) -> None:
     from ets.settings_reference import BEGIN, END, main, reference
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{BEGIN}stale\n{END}\n\nmore\n")
-    main(["--readme", str(readme)])
-    assert readme.read_text() == f"# x\n\n{BEGIN}{reference()}{END}\n\nmore\n"
+    page = tmp_path / "settings.md"
+    page.write_text(f"# x\n\n{BEGIN}stale\n{END}\n\nmore\n")
+    main(["--write", str(page)])
+    assert page.read_text() == f"# x\n\n{BEGIN}{reference()}{END}\n\nmore\n"
     with pytest.raises(SystemExit):
         main(["--bogus"])

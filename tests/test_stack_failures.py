@@ -89,8 +89,9 @@ def test_deadline_exceeded_stops_issuing_work(search_stack: Stack) -> None:
     time.sleep(2.0)
     assert calls() == settled
     after = search_metrics(search_stack)
-    expired = metric(after, "ets_search_searches_total", method="ets", outcome="deadline_exceeded")
-    assert expired == metric(before, "ets_search_searches_total", method="ets", outcome="deadline_exceeded") + 1
+    expired = metric(after, "ets_search_searches_total", method="ets", outcome="deadline_exceeded", api="grpc")
+    assert expired == metric(before, "ets_search_searches_total", method="ets", outcome="deadline_exceeded",
+                             api="grpc") + 1
 
 
 def test_cancelled_stream_stops_the_search(search_stack: Stack) -> None:
@@ -102,7 +103,8 @@ def test_cancelled_stream_stops_the_search(search_stack: Stack) -> None:
         stream.cancel()
     wait_until(lambda: metric(search_metrics(search_stack), "ets_search_searches_in_flight") == 0, 10,
                "the cancelled search to leave")
-    assert metric(search_metrics(search_stack), "ets_search_searches_total", method="ets", outcome="cancelled") >= 1
+    assert metric(search_metrics(search_stack), "ets_search_searches_total", method="ets", outcome="cancelled",
+                  api="grpc") >= 1
     # The service is fine afterwards.
     with grpc.insecure_channel(search_stack.search_addr) as channel:
         ok = search_pb2_grpc.SearchServiceStub(channel).Search(
@@ -153,7 +155,7 @@ def test_full_queue_is_resource_exhausted(search_stack: Stack, serve_factory: Ca
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "ETS_MAX_QUEUED_SEARCHES" in (err.details() or "")
     assert metric(serve.metrics(), "ets_search_searches_total", method="rebase",
-                  outcome="resource_exhausted") == len(refused)
+                  outcome="resource_exhausted", api="grpc") == len(refused)
 
 
 def test_dead_reward_server_is_unavailable_naming_it(search_stack: Stack,
@@ -181,7 +183,8 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
     policy = await asyncio.to_thread(start_server, launch, log_path=tmp_path / "victim-1.log", name="victim",
                                      timeout=240)
     defaults = SearchConfig.from_env(environ=SMALL_SEARCH_ENV)
-    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, policy_url=policy.url,
+    server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=None,
+                                          policy_url=policy.url,
                                           reward_addr=search_stack.reward_addr, grace_s=5), defaults)
     try:
         await server.start()

@@ -12,17 +12,19 @@ again after each restart; afterwards nothing is in flight or queued and its thre
 and memory are back near their level after the warm-up search; after the stack stops, none of its
 processes is left.
 
-Measured on the shared 2-core development machine (load average 12-17 from other work), one run,
-7 min 48 s wall (most of it SGLang CPU engines loading: two at the start, one per restart):
+Measured on the shared 2-core development machine (load average 9-17 from other work), 7 min 47 s
+wall (most of it SGLang CPU engines loading: two at the start, one per restart); two runs, the
+same counts (the second, with the search service failing fast while an upstream is down, shown):
 - reward killed after 8 OK: 8 OK, 24 RESOURCE_EXHAUSTED (64 - 8 slots - 32 queued), 32 UNAVAILABLE
-  ("reward server unavailable ..."); all its processes (reward server, PRM engine leader and the
-  engine's workers) gone 1.0 s after the SIGKILL; search service SERVING 2.3 s after the new reward
-  server was; slowest search 85.9 s (deadline 300 s);
+  ("reward server unavailable ..."); all 5 of its processes (reward server, PRM engine leader and
+  the engine's workers) gone 0.6 s after the SIGKILL; search service SERVING 1.0 s after the new
+  reward server was; slowest search 37.4 s (deadline 300 s; 85.9 s before the fail-fast);
 - policy killed after 8 OK: 8 OK, 24 RESOURCE_EXHAUSTED, 32 UNAVAILABLE ("policy server
-  unavailable ..."); gone 0.6 s after the SIGKILL; SERVING 0.3 s after the new policy was; slowest
-  search 44.1 s;
-- then 8/8 OK; nothing in flight or queued; search service threads 12 -> 14, open files 18 -> 24,
-  resident memory 104.8 -> 109.4 MB (after the warm-up search -> after all 137 searches).
+  unavailable ..."); its 4 processes gone 0.2 s after the SIGKILL; SERVING 0.6 s after the new
+  policy was; slowest search 36.4 s;
+- then 8/8 OK; nothing in flight or queued; search service threads 13 -> 17 (worker pools grown
+  to their size), open files 18 -> 24, resident memory 105.0 -> 108.8 MB (after the warm-up
+  search -> after all 137 searches).
 """
 from __future__ import annotations
 
@@ -207,8 +209,9 @@ def test_sixty_four_searches_while_reward_then_policy_are_killed_and_restarted(
         record.update(search_service_before=before, search_service_after=after, after_restarts_ok=SLOTS)
         record_property("fault_load", json.dumps(record))
         print("fault-and-load:", json.dumps(record, indent=1))
-        # Flat: a few threads of a grown executor and a few connections to the new upstreams at most.
-        assert after["threads"] <= before["threads"] + 4, (before, after)
+        # Flat: the threads of worker pools grown to their size (selection, answer grouping) and a
+        # few connections to the new upstreams at most.
+        assert after["threads"] <= before["threads"] + 8, (before, after)
         assert after["fds"] <= before["fds"] + 16, (before, after)
         assert after["rss_mb"] <= before["rss_mb"] + 100, (before, after)
         everything = [p for proc in stack.processes() for p in _tree(proc.pid)]

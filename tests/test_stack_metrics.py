@@ -43,8 +43,8 @@ def test_counters_match_responses_and_promtool_passes(search_stack: Stack) -> No
                         ("ets_search_selections_total", "selections")]:
         delta = metric(after, name, method="dvts") - metric(before, name, method="dvts")
         assert delta == sum(getattr(r.stats, field) for r in replies), name
-    assert metric(after, "ets_search_searches_total", method="dvts", outcome="ok") - \
-        metric(before, "ets_search_searches_total", method="dvts", outcome="ok") == 2
+    assert metric(after, "ets_search_searches_total", method="dvts", outcome="ok", api="grpc") - \
+        metric(before, "ets_search_searches_total", method="dvts", outcome="ok", api="grpc") == 2
     # One selection-KV observation per selection, summing to the searches' total KV tokens.
     count = metric(after, "ets_search_selection_kv_tokens_count", method="dvts") - \
         metric(before, "ets_search_selection_kv_tokens_count", method="dvts")

@@ -69,7 +69,7 @@ LLAMA_INSTRUCT_SYSTEM_PROMPT = (
 # final-answer line (greedy, 4 easy problems: 0/4 extracted), and the llama-instruct system prompt
 # (long, LaTeX) is too much for a 135M model (3/4, 0 right, longer text). A short instruction after
 # the question, naming the exact closing sentence, under the model's own default system prompt:
-# 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see README.
+# 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see docs/demo.md.
 SMOLLM2_INSTRUCTION = 'Solve it step by step. End your reply with "The answer is N." where N is the final number.'
 
 DEFAULT_ANSWER_MARKERS: tuple[str, ...] = (
@@ -103,12 +103,14 @@ class PolicyModelType:
     # an instruction next to the question better than one in the system prompt.
     instruction: str | None = None
 
-    def root_messages(self, question: str) -> list[dict[str, str]]:
-        """Chat messages of the root (chat-style models only). Without ``system_prompt`` the
-        tokenizer's chat template adds the model's own default system turn, if it has one."""
+    def root_messages(self, question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+        """Chat messages of the root (chat-style models only). A request's ``system_prompt``
+        replaces the type's own (None keeps it, "" drops it); without any, the tokenizer's chat
+        template adds the model's own default system turn, if it has one."""
         messages: list[dict[str, str]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
+        system = self.system_prompt if system_prompt is None else system_prompt
+        if system:
+            messages.append({"role": "system", "content": system})
         content = f"{question}\n{self.instruction}" if self.instruction else question
         messages.append({"role": "user", "content": content})
         return messages

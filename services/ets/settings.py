@@ -13,7 +13,7 @@ Owns how a setting is declared and read, for every configuration dataclass of th
 
 So a new limit is one field: its env var, default, flag, help and validation live together, e.g.
 ``max_width: int = setting(4096, env="ETS_MAX_WIDTH", ge=1, help="widest search accepted")`` in
-``ServiceSettings``; ``ets settings --readme README.md`` then refreshes the README's settings tables.
+``ServiceSettings``; ``ets settings --write docs/settings.md`` then refreshes the settings page's tables.
 Env names may contain ``{prefix}`` (one dataclass read under several prefixes, e.g. the
 launcher's ``ETS_POLICY_`` and ``ETS_PRM_SGLANG_``); several names mean "first one set wins".
 Pure: reads only the mapping it is given (``os.environ`` by default), no other I/O.

@@ -167,7 +167,7 @@ def build_command(
     mem_fraction = config.mem_fraction_static
     max_total = config.max_total_tokens
     if config.device == "cpu":
-        # The recipe that runs real SGLang without a GPU (see README, model-servers): the CPU
+        # The recipe that runs real SGLang without a GPU (see docs/policy-server.md): the CPU
         # engine switch, torch-native attention and sampling, no CUDA graphs, a sleeping idle
         # scheduler, a small bounded pool.
         env["SGLANG_USE_CPU_ENGINE"] = "1"

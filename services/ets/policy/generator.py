@@ -100,16 +100,19 @@ def to_step(sample: Sample) -> SampledStep:
     )
 
 
-async def tokenize_root(client: PolicyClient, question: str, model_type: object) -> Root:
+async def tokenize_root(client: PolicyClient, question: str, model_type: object,
+                        system_prompt: str | None = None) -> Root:
     """The search root for ``question``: formatted per the policy model type and tokenized by
     the policy server itself (``/tokenize``: its tokenizer and chat template), so the root ids are
-    the ones the engine caches. ``model_type`` is a ``PolicyModelType`` or its name."""
+    the ones the engine caches. ``model_type`` is a ``PolicyModelType`` or its name.
+    ``system_prompt`` (a request's system message) goes into the chat template of chat-style
+    types, replacing the type's own; step-style types have no template and do not use it."""
     if isinstance(model_type, str):
         from ets.config import policy_model_type
 
         model_type = policy_model_type(model_type)
     if getattr(model_type, "chat", False):
-        ids = await client.tokenize_chat(model_type.root_messages(question))  # type: ignore[attr-defined]
+        ids = await client.tokenize_chat(model_type.root_messages(question, system_prompt))  # type: ignore[attr-defined]
     else:
         ids = await client.tokenize(model_type.format_root(question), add_special_tokens=True)  # type: ignore[attr-defined]
     if not ids:

@@ -1,6 +1,6 @@
 """``ets serve``: the search service's command line (settings, logging, signals, run until stopped).
 
-    ets serve [--port 50051] [--metrics-port 9091] [--policy-url URL] [--policy-engine-url URL]
+    ets serve [--port 50051] [--openai-port 8000] [--metrics-port 9091] [--policy-url URL] [--policy-engine-url URL]
               [--reward-addr HOST:PORT] [--grace 30] [--max-concurrent N] [--max-queued N]
 
 Settings (env vars and the flags generated from them): ``ets.service.settings.ServiceSettings``

@@ -10,16 +10,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ets.config import ConfigError, SearchConfig
+from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig
 from ets.errors import FieldError
 from ets.search.selection import validate
 
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).
 MAX_PROBLEM_CHARS = 64_000
-# request_id goes into logs and responses: short, and no characters that could forge log lines.
+# request_id goes into logs and responses: short, printable ASCII without spaces (no newline or
+# control character can forge a log line; ets eval's ids carry labels like "ets[cluster_distance=0.3]").
 MAX_REQUEST_ID_CHARS = 128
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]*")
+_REQUEST_ID = re.compile(r"[!-~]*")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def validate_request_id(request_id: str) -> str:
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise RequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     if not _REQUEST_ID.fullmatch(request_id):
-        raise RequestError("request_id", "may contain only letters, digits and . _ : -")
+        raise RequestError("request_id", "must be printable ASCII without spaces")
     return request_id
 
 
@@ -77,3 +78,25 @@ def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits:
     except ConfigError as err:
         raise RequestError(f"config.{err.field}", err.message) from None
     return config if limits is None else limits.check(config)
+
+
+def with_new_token_budget(config: SearchConfig, prompt_tokens: int, max_new_tokens: int,
+                          limits: Limits | None = None) -> SearchConfig:
+    """``config`` with a per-trajectory budget of ``max_new_tokens`` generated tokens (OpenAI's
+    ``max_tokens``) turned into ``max_tokens``, which counts the ``prompt_tokens`` of the root too;
+    the operator's caps apply to the result. ``RequestError`` names ``max_tokens`` (the field the
+    client set)."""
+    if max_new_tokens < 1:
+        raise RequestError("max_tokens", f"must be at least 1, got {max_new_tokens}")
+    total = prompt_tokens + max_new_tokens
+    if total > MAX_TOKENS_LIMIT:
+        raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
+                           f"exceeds {MAX_TOKENS_LIMIT} tokens per trajectory")
+    try:
+        config = validate(config.replace(max_tokens=total))
+    except ConfigError as err:
+        raise RequestError("max_tokens", err.message) from None
+    if limits is not None and total > limits.max_tokens:
+        raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
+                           f"exceeds this server's {limits.max_tokens} tokens per trajectory (ETS_LIMIT_MAX_TOKENS)")
+    return config

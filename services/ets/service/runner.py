@@ -30,7 +30,7 @@ from ets.search.selection import METHODS
 from ets.service.admission import Admission
 from ets.service.grouping import FallbackGroups
 from ets.service.metrics import SearchMetrics
-from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id
+from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id, with_new_token_budget
 from ets.service.status import Failure, Status, UpstreamUnavailable, status_for
 
 log = logging.getLogger("ets.service")
@@ -47,7 +47,8 @@ class Upstreams(Protocol):
     policy_address: str
     reward_address: str
 
-    async def root(self, question: str, config: SearchConfig) -> Root: ...
+    async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root: ...
+    async def model_name(self) -> str: ...
     def generator(self, config: SearchConfig) -> StepGenerator: ...
     def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
     async def probe(self) -> dict[str, str | None]: ...
@@ -65,6 +66,15 @@ class SearchCall:
     expect_prm_type: str = ""
     timeout_s: float | None = None  # seconds left until the client's deadline (None: none)
     on_depth: Callable[[DepthReport], None] | None = None
+    # Called once the search holds a running slot (a stream can start: admission has said yes).
+    on_start: Callable[[], None] | None = None
+    # The transport that took the request: the bounded ``api`` metric label (ets.service.metrics.APIS).
+    api: str = "grpc"
+    # A system message for the policy's chat template (chat-style policy model types only).
+    system_prompt: str | None = None
+    # Tokens each trajectory may generate beyond the root prompt (OpenAI's max_tokens); when set,
+    # it replaces config.max_tokens (which counts the root prompt too) once the root is tokenized.
+    max_new_tokens: int | None = None
 
 
 class SearchFailed(Exception):
@@ -173,7 +183,7 @@ class SearchRunner:
                                    f"({time.perf_counter() - started:.1f}s{limit})") from None
         except asyncio.CancelledError:
             expired = deadline - asyncio.get_running_loop().time() <= DEADLINE_SLACK_S
-            self.metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled")
+            self.metrics.observe_failure(method, "deadline_exceeded" if expired else "cancelled", call.api)
             log.info("search %s %s", call.request_id or "-", "deadline passed" if expired else "cancelled")
             raise
         except Exception as err:  # every failure gets exactly one status
@@ -184,12 +194,12 @@ class SearchRunner:
                 log.info("search %s failed: %s: %s", call.request_id or "-", failure.status.name, failure.message)
             if isinstance(err, UpstreamUnavailable) and self.on_upstream_failure is not None:
                 self.on_upstream_failure()
-            self.metrics.observe_failure(method, failure.status.outcome)
+            self.metrics.observe_failure(method, failure.status.outcome, call.api)
             raise SearchFailed(failure) from err
         finally:
             if task is not None:
                 self.active.discard(task)
-        self.metrics.observe_result(method, served.result.stats)
+        self.metrics.observe_result(method, served.result.stats, call.api)
         if served.grouping_fallback:
             self.metrics.grouping_fallbacks.inc()
         if served.result.stats.token_budget_hit:
@@ -205,21 +215,28 @@ class SearchRunner:
             self.metrics.queue_wait.observe(waited)
             if waited > 0.01:
                 self._fail_fast()  # an upstream may have gone down while this search waited
+            if call.on_start is not None:
+                call.on_start()
 
             def report(progress: DepthReport) -> None:
                 self.metrics.observe_selection(config.method, progress.kv_tokens)
                 if call.on_depth is not None:
                     call.on_depth(progress)
 
-            served = await self.run(problem, config, on_depth=report, expect_prm_type=call.expect_prm_type)
-            self.metrics.search_duration.labels(method=config.method).observe(served.wall_seconds)
+            served = await self.run(problem, config, on_depth=report, expect_prm_type=call.expect_prm_type,
+                                    system_prompt=call.system_prompt, max_new_tokens=call.max_new_tokens)
+            self.metrics.search_duration.labels(method=config.method, api=call.api).observe(served.wall_seconds)
             return served
 
     async def run(self, problem: str, config: SearchConfig, on_depth: Callable[[DepthReport], None] | None = None,
-                  *, expect_prm_type: str = "") -> ServedSearch:
+                  *, expect_prm_type: str = "", system_prompt: str | None = None,
+                  max_new_tokens: int | None = None) -> ServedSearch:
         """The search itself (no admission, deadline or metrics): root, loop, answer choice."""
         start = time.perf_counter()
-        root = await self.upstreams.root(problem, config)
+        root = await self.upstreams.root(problem, config, system_prompt)
+        if max_new_tokens is not None:
+            # Only now is the root's length known: the budget becomes config.max_tokens.
+            config = with_new_token_budget(config, len(root.prompt_ids), max_new_tokens, self.limits)
         result = await run_search(root, config, self.upstreams.generator(config),
                                   self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth,
                                   offload=self._offload, max_generated_tokens=self.limits.generated_tokens)

@@ -8,9 +8,11 @@ search runs in the RPC's task). ``SearchServer`` assembles the service: upstream
 readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
 Prometheus endpoint, transport security (TLS/mTLS and the bearer token of ``ets.security``;
 health stays open), reflection and connection age as settings, the response size check (a
-result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate list, never its answer), and
-graceful stop (refuse new searches, let in-flight ones finish within the grace period, cancel
-the rest). The command line is ``ets.service.main``.
+result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate list, never its answer), the
+OpenAI-compatible HTTP transport over the same runner (``ets.service.openai_http``, its own port,
+same event loop, the same TLS and token), and graceful stop of both (refuse new searches, let
+in-flight ones finish within the grace period, cancel the rest). The command line is
+``ets.service.main``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from ets.service import convert
 from ets.service.admission import Admission
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
+from ets.service.openai_http import OpenAIFrontDoor
 from ets.service.readiness import Readiness
 from ets.service.request import Limits
 from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
@@ -170,6 +173,14 @@ class SearchServer:
                 self.server)
         self.port = 0
         self._metrics_http: MetricsHTTPServer | None = None
+        self.openai: OpenAIFrontDoor | None = None
+        if settings.openai_port is not None:
+            # The same TLS/mTLS and bearer token as the gRPC port (ets.security, one check).
+            token = self.security.token()
+            self.openai = OpenAIFrontDoor(
+                self.runner, lambda: (self.readiness.ready, self.readiness.errors),
+                authorize=None if token is None else (lambda header: security.bearer_ok(header, token)),
+                ssl_context=self.security.ssl_context())
 
     def _admission_changed(self, running: int, queued: int) -> None:
         self.metrics.in_flight.set(running)
@@ -192,10 +203,12 @@ class SearchServer:
         await self.server.start()
         if s.metrics_port is not None:
             self._metrics_http = MetricsHTTPServer(self.metrics, s.metrics_port, s.host)
+        if self.openai is not None and s.openai_port is not None:
+            await self.openai.start(s.host, s.openai_port)
         self.readiness.start()
-        log.info("search service on %s:%d (%s; metrics %s), policy %s, reward %s", s.host, self.port,
-                 self.security.describe(), self._metrics_http.port if self._metrics_http else "off",
-                 self.upstreams.policy_address,
+        log.info("search service on %s:%d (%s; OpenAI-compatible HTTP %s; metrics %s), policy %s, reward %s",
+                 s.host, self.port, self.security.describe(), self.openai.port if self.openai else "off",
+                 self._metrics_http.port if self._metrics_http else "off", self.upstreams.policy_address,
                  self.upstreams.reward_address)
         return self.port
 
@@ -211,7 +224,8 @@ class SearchServer:
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.readiness.stop()
-        await self.server.stop(grace)
+        # Both transports drain at once within the same grace period.
+        await asyncio.gather(self.server.stop(grace), self.openai.stop(grace) if self.openai else asyncio.sleep(0))
         # Handler tasks the server cancelled may still be unwinding their upstream calls.
         if self.runner.active:
             await asyncio.wait(list(self.runner.active), timeout=5)

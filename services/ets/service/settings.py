@@ -27,6 +27,7 @@ from ets.service.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from ets.service.metrics import METRICS_PORT_ENV
 
 DEFAULT_PORT = 50051
+DEFAULT_OPENAI_PORT = 8000
 DEFAULT_GRACE_S = 30.0
 
 
@@ -41,6 +42,13 @@ def _http_url(text: str) -> str | None:
     if not text.startswith(("http://", "https://")):
         raise ValueError(f"expected http(s)://host:port, got {text!r}")
     return text
+
+
+def _openai_port(text: str) -> int | None:
+    port = settings.parse_as(int, text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"must be a port number (or 0 to disable), got {port}")
+    return port or None
 
 
 def _metrics_port(text: str) -> int | None:
@@ -58,6 +66,10 @@ class ServiceSettings:
     # None: no metrics endpoint (in-process tests; -1 from the environment or the flag).
     metrics_port: int | None = settings.setting(DEFAULT_METRICS_PORT, env=METRICS_PORT_ENV, parse=_metrics_port,
                                                 help="Prometheus endpoint port; -1 disables it")
+    # None: no HTTP front door (0 or empty from the environment or the flag).
+    openai_port: int | None = settings.setting(
+        DEFAULT_OPENAI_PORT, env="ETS_SEARCH_OPENAI_PORT", parse=_openai_port,
+        help="OpenAI-compatible HTTP port (/v1/chat/completions, /v1/models, /health); 0 disables it")
     policy_url: str = settings.setting("http://policy:30000", env="ETS_POLICY_URL", parse=_http_url,
                                        help="the policy SGLang server, or an sglang-router")
     policy_engine_url: str | None = settings.setting(
@@ -86,7 +98,7 @@ class ServiceSettings:
         help="largest config.solver_time_limit_s (one ETS selection's solver budget)")
     limit_generated_tokens: int = settings.setting(
         1_000_000, env="ETS_LIMIT_GENERATED_TOKENS", ge=1,
-        help="tokens one search may generate in all; beyond: RESOURCE_EXHAUSTED")
+        help="tokens one search may generate in all; then it stops and returns what it has")
     limit_search_s: float = settings.setting(
         900.0, env="ETS_LIMIT_SEARCH_S", gt=0, help="longest a search may run (queue included), "
         "whatever the client's deadline; beyond: DEADLINE_EXCEEDED")

@@ -191,6 +191,7 @@ class LiveUpstreams:
         self._reward_channel: grpc.aio.Channel | None = None
         self._policy_client: PolicyClient | None = None
         self._reward_client: RewardClient | None = None
+        self._model_name: str | None = None
 
     # -- instrumentation ----------------------------------------------------------------------------
     async def policy_call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -240,13 +241,20 @@ class LiveUpstreams:
         return self._reward_client
 
     # -- what a search uses ---------------------------------------------------------------------------
-    async def root(self, question: str, config: SearchConfig) -> Root:
+    async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root:
         """Format the root for the policy model type and tokenize it on the policy server (its
         own tokenizer and chat template, so the ids are what the engine caches)."""
         from ets.policy.generator import tokenize_root
 
         return await self.policy_call(
-            "tokenize", lambda: tokenize_root(self.policy_client(), question, config.model_type))
+            "tokenize", lambda: tokenize_root(self.policy_client(), question, config.model_type, system_prompt))
+
+    async def model_name(self) -> str:
+        """The policy server's model (its ``model_path``), asked once and remembered."""
+        if self._model_name is None:
+            info = await self.policy_call("model_info", lambda: self.policy_client().model_info())
+            self._model_name = str(info.get("model_path") or "policy")
+        return self._model_name
 
     def generator(self, config: SearchConfig) -> StepGenerator:
         from ets.policy.generator import SGLangStepGenerator

@@ -96,6 +96,7 @@ class StackConfig:
     host: str = "127.0.0.1"
     search_port: int = 0          # 0: pick a free port
     search_metrics_port: int = 0
+    search_openai_port: int = 0   # the OpenAI-compatible HTTP port (0: pick a free port)
     reward_port: int = 0
     reward_metrics_port: int = 0
     prm_port: int = 0
@@ -128,6 +129,7 @@ class Stack:
     reward_addr: str = ""
     search_addr: str = ""
     search_metrics_url: str = ""
+    search_openai_url: str = ""  # base URL of the OpenAI-compatible endpoint (http://host:port/v1)
     reward_metrics_url: str = ""
     # How each process was started ("policy", "reward", "search"): restart() repeats it.
     starters: dict[str, Callable[[], SGLangProcess]] = field(default_factory=dict, repr=False)
@@ -264,12 +266,13 @@ def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path | None) -> None
 
 
 def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int,
-                   policy_model_type: str = "math-shepherd") -> tuple[list[str], dict[str, str]]:
+                   openai_port: int, policy_model_type: str = "math-shepherd") -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.update(search_env_for(cfg, policy_model_type))
     env.update({"ETS_POLICY_URL": stack.policy_url, "ETS_REWARD_ADDR": stack.reward_addr})
     argv = [_python(), "-m", "ets.cli", "serve", "--host", cfg.host, "--port", str(port),
-            "--metrics-port", str(metrics_port), "--max-concurrent", str(cfg.max_concurrent),
+            "--metrics-port", str(metrics_port), "--openai-port", str(openai_port),
+            "--max-concurrent", str(cfg.max_concurrent),
             "--max-queued", str(cfg.max_queued)]
     return argv, env
 
@@ -277,8 +280,10 @@ def search_command(cfg: StackConfig, stack: Stack, port: int, metrics_port: int,
 def start_search(cfg: StackConfig, stack: Stack, policy_model_type: str = "math-shepherd") -> None:
     port = cfg.search_port or free_port(cfg.host)
     metrics_port = cfg.search_metrics_port or free_port(cfg.host)
-    argv, env = search_command(cfg, stack, port, metrics_port, policy_model_type)
+    openai_port = cfg.search_openai_port or free_port(cfg.host)
+    argv, env = search_command(cfg, stack, port, metrics_port, openai_port, policy_model_type)
     stack.search_addr = f"{cfg.host}:{port}"
+    stack.search_openai_url = f"http://{cfg.host}:{openai_port}/v1"
     stack.search_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
     search = stack.launch("search", lambda: SGLangProcess.start(
         argv, url=f"http://{cfg.host}:{metrics_port}", env=env, log_path=stack.log_dir / "search.log", name="search"))
@@ -319,6 +324,7 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, required=True)
     p.add_argument("--search-port", type=int, default=0)
     p.add_argument("--search-metrics-port", type=int, default=0)
+    p.add_argument("--search-openai-port", type=int, default=0)
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY_MODEL,
                    help="a real model prepared from its PyPI package (default), or the tiny random-weight one")
     p.add_argument("--model-cache", type=Path, help="model cache (default $ETS_MODEL_CACHE or ~/.cache/ets/models)")
@@ -334,8 +340,8 @@ def _args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     args = _args(argv)
     cfg = StackConfig(work_dir=args.work_dir.resolve(), search_port=args.search_port,
-                      search_metrics_port=args.search_metrics_port, prm_type=args.prm_type,
-                      policy=args.policy, model_cache=args.model_cache)
+                      search_metrics_port=args.search_metrics_port, search_openai_port=args.search_openai_port,
+                      prm_type=args.prm_type, policy=args.policy, model_cache=args.model_cache)
     # SIGTERM/SIGINT/SIGHUP unwind through ``finally`` so every process we started is stopped.
     def _raise(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -348,14 +354,16 @@ def main(argv: Sequence[str]) -> int:
         print(f"stack: starting (logs in {cfg.work_dir / 'logs'})", flush=True)
         stack = start_stack(cfg)
         print(f"stack: up in {time.perf_counter() - t0:.0f}s: policy {stack.policy_url}, reward {stack.reward_addr}, "
-              f"search {stack.search_addr} (metrics {stack.search_metrics_url})", flush=True)
+              f"search {stack.search_addr} (metrics {stack.search_metrics_url}, OpenAI {stack.search_openai_url})",
+              flush=True)
         if args.command == "up":
             while True:
                 time.sleep(3600)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else list(args.cmd)
         if not cmd:
             return 0
-        env = dict(os.environ, ETS_SEARCH_ADDR=stack.search_addr, ETS_SEARCH_METRICS_URL=stack.search_metrics_url)
+        env = dict(os.environ, ETS_SEARCH_ADDR=stack.search_addr, ETS_SEARCH_METRICS_URL=stack.search_metrics_url,
+                   OPENAI_BASE_URL=stack.search_openai_url)
         return subprocess.call(cmd, env=env)
     except ServerStartError as err:
         print(f"stack: failed to start: {err}", file=sys.stderr)

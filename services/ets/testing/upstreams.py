@@ -130,6 +130,7 @@ class ScriptedUpstreams:
 
     policy_address = "scripted-policy"
     reward_address = "scripted-reward"
+    policy_model = "scripted-policy-model"
 
     def __init__(self, policy: ScriptedPolicy | None = None, scorer: TableScorer | None = None) -> None:
         self.policy = policy or ScriptedPolicy()
@@ -139,6 +140,7 @@ class ScriptedUpstreams:
         self.probe_result: dict[str, str | None] = {"policy": None, "reward": None}
         self.expansions = 0
         self.prm_types: list[str] = []
+        self.system_prompts: list[str | None] = []  # each root's system prompt, in order
         self.closed = False
         self._gate: asyncio.Event | None = None
         self._held = 0
@@ -168,8 +170,12 @@ class ScriptedUpstreams:
             self._held -= 1
 
     # -- Upstreams -----------------------------------------------------------------------------------
-    async def root(self, question: str, config: SearchConfig) -> Root:
+    async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root:
+        self.system_prompts.append(system_prompt)
         return Root(question, PROMPT)
+
+    async def model_name(self) -> str:
+        return self.policy_model
 
     def generator(self, config: SearchConfig) -> StepGenerator:
         return _Gated(self)

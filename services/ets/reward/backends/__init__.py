@@ -54,6 +54,26 @@ class PrmBackend(Protocol):
         ...
 
 
+class InProcessHealth:
+    """Health of a backend that runs in the reward server's own process (no engine to watch):
+    up from ``start`` until ``close``; the listener hears each change."""
+
+    _up: bool = False
+    _listener: Callable[[bool], None] | None = None
+
+    def _set_up(self, up: bool) -> None:
+        if up != self._up:
+            self._up = up
+            if self._listener is not None:
+                self._listener(up)
+
+    def is_up(self) -> bool:
+        return self._up
+
+    def set_health_listener(self, listener: Callable[[bool], None]) -> None:
+        self._listener = listener
+
+
 def check_model_ref(model_path: str) -> None:
     """Accept a local model folder or a hub id (``org/name``, fetched by transformers/SGLang on
     hosts with hub access); refuse an empty value or a local path that is not there."""

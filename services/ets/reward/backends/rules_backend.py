@@ -7,11 +7,11 @@ Its "adapter" encodes no tokens: it hands the plain step texts through (``Encode
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmAdapter
-from ets.reward.backends import ScoreOutcome
+from ets.reward.backends import InProcessHealth, ScoreOutcome
 from ets.reward.rules import score_steps
 
 # No tokens are counted, so no token limit applies (the gRPC message size bounds a request).
@@ -32,7 +32,7 @@ class TextAdapter(PrmAdapter):
                                  steps=tuple(s.strip() for s in steps))
 
 
-class RulesBackend:
+class RulesBackend(InProcessHealth):
     name = "rules"
     max_tokens = UNLIMITED_TOKENS
 
@@ -43,23 +43,9 @@ class RulesBackend:
                                f"{prm_type!r}" + ("" if not known else " (a model type: use sglang or transformers)"))
         self.prm_type = prm_type
         self.adapter: PrmAdapter = TextAdapter(prm_type)
-        self._up = False
-        self._listener: Callable[[bool], None] | None = None
 
     async def start(self) -> None:
         self._set_up(True)
-
-    def _set_up(self, up: bool) -> None:
-        if up != self._up:
-            self._up = up
-            if self._listener is not None:
-                self._listener(up)
-
-    def is_up(self) -> bool:
-        return self._up
-
-    def set_health_listener(self, listener: Callable[[bool], None]) -> None:
-        self._listener = listener
 
     async def score(self, encoded: Sequence[EncodedTrajectory], last_step_only: bool) -> ScoreOutcome:
         # Each step's score depends on the steps before it, so every step is checked either way;

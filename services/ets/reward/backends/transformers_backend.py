@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from ets.reward.adapters import EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import ScoreOutcome, check_model_ref
+from ets.reward.backends import InProcessHealth, ScoreOutcome, check_model_ref
 from ets.reward.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
-class TransformersBackend:
+class TransformersBackend(InProcessHealth):
     name = "transformers"
 
     def __init__(self, model_path: str, prm_type: str, *, options: PrmOptions | None = None,
@@ -39,8 +39,6 @@ class TransformersBackend:
         self.adapter = make_adapter(prm_type, self.tokenizer, options)
         self.model: Any = None
         self.max_tokens = int(getattr(self.tokenizer, "model_max_length", 4096) or 4096)
-        self._listener: Callable[[bool], None] | None = None
-        self._up = False
         self._batcher: MicroBatcher[tuple[EncodedTrajectory, bool], list[float]] = MicroBatcher(
             self._score_sync, max_items=max_batch_items, name="prm-transformers", on_batch=on_batch
         )
@@ -77,18 +75,6 @@ class TransformersBackend:
 
         await asyncio.to_thread(self._load)
         self._set_up(True)
-
-    def _set_up(self, up: bool) -> None:
-        if up != self._up:
-            self._up = up
-            if self._listener is not None:
-                self._listener(up)
-
-    def is_up(self) -> bool:
-        return self._up
-
-    def set_health_listener(self, listener: Callable[[bool], None]) -> None:
-        self._listener = listener
 
     async def close(self) -> None:
         await self._batcher.aclose()
