@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ets.service import eval_report as rep
 from ets.service import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,17 +124,17 @@ def test_arith_generator_is_deterministic_and_its_answers_are_right(tmp_path: Pa
     (1, 20, 0.0089, 0.2361),
 ])
 def test_wilson_interval_matches_reference_values(k: int, n: int, lo: float, hi: float) -> None:
-    got = ev.wilson_interval(k, n)
+    got = rep.wilson_interval(k, n)
     assert got == pytest.approx((lo, hi), abs=1e-4)
     assert got[0] <= k / n <= got[1]
 
 
 def test_wilson_interval_edges() -> None:
-    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert rep.wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError, match="successes"):
-        ev.wilson_interval(3, 2)
+        rep.wilson_interval(3, 2)
     # Narrows with more trials at the same proportion.
-    a, b = ev.wilson_interval(5, 10), ev.wilson_interval(50, 100)
+    a, b = rep.wilson_interval(5, 10), rep.wilson_interval(50, 100)
     assert b[1] - b[0] < a[1] - a[0]
 
 
@@ -175,13 +176,13 @@ def test_config_for_applies_method_width_seed_and_overrides() -> None:
 
 # ---- summaries --------------------------------------------------------------------------------
 
-def result(label: str, width: int, pid: str, correct: bool, kv: int, **kw: object) -> ev.ProblemResult:
+def result(label: str, width: int, pid: str, correct: bool, kv: int, **kw: object) -> rep.ProblemResult:
     method = label.split("[")[0]
     values: dict[str, object] = dict(total_kv_tokens=kv, peak_kv_tokens=kv // 4, generated_tokens=100,
                                      prompt_tokens=200, cached_prompt_tokens=150, wall_seconds=2.0, frontier=10,
                                      kept=4, answer="8" if correct else "", oracle=correct)
     values.update(kw)
-    return ev.ProblemResult(id=pid, label=label, method=method, width=width, reference="8", correct=correct,
+    return rep.ProblemResult(id=pid, label=label, method=method, width=width, reference="8", correct=correct,
                             **values)  # type: ignore[arg-type]
 
 
@@ -190,10 +191,10 @@ def test_summarise_counts_accuracy_interval_kv_and_reuse() -> None:
     rs.append(result("rebase", 8, "x", False, 0, error="DEADLINE_EXCEEDED: late", answer=""))
     rs.append(result("ets", 8, "0", True, 400, answer="8", oracle=True))
     rs.append(result("ets", 8, "1", False, 600, answer="7", oracle=True))
-    (ets, rebase) = ev.summarise(rs)
+    (ets, rebase) = rep.summarise(rs)
     assert (rebase.label, rebase.problems, rebase.errors, rebase.correct) == ("rebase", 11, 1, 6)
     assert rebase.accuracy == pytest.approx(6 / 11)
-    assert (rebase.accuracy_ci_low, rebase.accuracy_ci_high) == pytest.approx(ev.wilson_interval(6, 11))
+    assert (rebase.accuracy_ci_low, rebase.accuracy_ci_high) == pytest.approx(rep.wilson_interval(6, 11))
     # KV, tokens and reuse average the finished searches only.
     assert rebase.mean_total_kv_tokens == pytest.approx(1450.0)
     assert rebase.max_peak_kv_tokens == 1900 // 4
@@ -209,7 +210,7 @@ def test_compare_to_rebase_pairs_problems_and_judges_the_goal() -> None:
     rs += [result("ets[lambda_c=2]", 16, str(i), i < 1, 500) for i in range(10)]           # 4x less, -40 points
     rs += [result("ets[lambda_c=0.5]", 16, str(i), i < 5, 1500) for i in range(10)]        # 1.33x less, same
     rs.append(result("ets", 16, "extra", True, 10))  # unpaired: not in the KV ratio
-    by = {c["label"]: c for c in ev.compare_to_rebase(ev.summarise(rs), rs)}
+    by = {c["label"]: c for c in rep.compare_to_rebase(rep.summarise(rs), rs)}
     assert by["ets"]["kv_reduction_total"] == pytest.approx(2.0)
     assert by["ets"]["accuracy_within_rebase_ci"] and by["ets"]["goal_met"]
     assert by["ets[lambda_c=2]"]["kv_reduction_total"] == pytest.approx(4.0)
@@ -217,17 +218,17 @@ def test_compare_to_rebase_pairs_problems_and_judges_the_goal() -> None:
     assert by["ets[lambda_c=0.5]"]["accuracy_within_rebase_ci"] and not by["ets[lambda_c=0.5]"]["goal_met"]
     assert by["ets[lambda_c=0.5]"]["kv_reduction_peak"] == pytest.approx(2000 / 1500, rel=1e-3)
     # No REBASE at a width: nothing to compare.
-    assert ev.compare_to_rebase(ev.summarise([result("ets", 8, "0", True, 5)])) == []
+    assert rep.compare_to_rebase(rep.summarise([result("ets", 8, "0", True, 5)])) == []
 
 
 def test_tables_show_every_configuration() -> None:
     rs = [result("rebase", 8, "0", True, 1000), result("ets[cluster_distance=0.3]", 8, "0", True, 400)]
-    summaries = ev.summarise(rs)
-    md = ev.markdown_table(summaries, ev.compare_to_rebase(summaries, rs))
+    summaries = rep.summarise(rs)
+    md = rep.markdown_table(summaries, rep.compare_to_rebase(summaries, rs))
     assert md.count("\n| ") == 2  # one row per configuration
     assert "| ets[cluster_distance=0.3] | 8 | 1 | 100.0% (21-100%) |" in md
     assert "REBASE/ETS KV total 2.50x" in md and "goal met" in md
-    text = ev.format_table(summaries)
+    text = rep.format_table(summaries)
     assert "rebase" in text and "21-100%" in text
 
 
@@ -235,16 +236,16 @@ def test_read_jsonl_round_trips_and_skips_a_cut_off_line(tmp_path: Path) -> None
     path = tmp_path / "r.jsonl"
     rows = [result("ets", 4, "a", True, 10), result("rebase", 4, "a", False, 20, error="UNAVAILABLE: x")]
     path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows) + '{"id": "b", "lab')
-    back = ev.read_jsonl(path)
+    back = rep.read_jsonl(path)
     assert back == rows and back[0].key == ("ets", 4, "a")
-    assert ev.read_jsonl(tmp_path / "missing.jsonl") == []
+    assert rep.read_jsonl(tmp_path / "missing.jsonl") == []
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     rs = [result(m, w, str(i), i % 2 == 0, 1000 * w) for m in ("ets", "rebase") for w in (4, 8) for i in range(4)]
     rs += [result("ets[lambda_c=2]", 8, str(i), True, 3000) for i in range(4)]
     out = tmp_path / "p.png"
-    ev.plot(ev.summarise(rs), out, title="t")
+    rep.plot(rep.summarise(rs), out, title="t")
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5000
 
 

@@ -21,6 +21,8 @@ data; ``--resume`` skips the searches already in ``--jsonl``, and ``--report-onl
 evaluations run side by side) without searching. A prediction is correct when it is
 mathematically equivalent to the reference (``ets.search.answers``). Wall times are measured
 with ``--concurrency`` searches sharing the engines.
+
+The summaries, tables and plot (pure, no I/O but the plot file) live in ``ets.service.eval_report``.
 """
 from __future__ import annotations
 
@@ -28,13 +30,11 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
 import os
 import re
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -43,6 +43,16 @@ import grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
+from ets.service.eval_report import (
+    ProblemResult,
+    fmt_value,
+    compare_to_rebase,
+    format_table,
+    markdown_table,
+    plot,
+    read_jsonl,
+    summarise,
+)
 from ets.service.client import (
     DEFAULT_ADDR,
     add_config_flags,
@@ -52,10 +62,7 @@ from ets.service.client import (
     security_from_args,
 )
 
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost")
-# ETS reaches REBASE's accuracy with at least this much less logical KV: the paper's headline.
-KV_REDUCTION_GOAL = 1.8
 
 
 class DatasetError(ValueError):
@@ -104,23 +111,6 @@ def load_dataset(path: str | Path, limit: int | None = None) -> list[Problem]:
     return problems
 
 
-def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (sound at 0/n and n/n, unlike the normal
-    approximation); (0, 1) when there are no trials."""
-    if trials < 0 or not 0 <= successes <= trials:
-        raise ValueError(f"successes: need 0 <= successes <= trials, got {successes}/{trials}")
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    z2 = z * z
-    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
-    # Exact at the edges (0/n starts at 0, n/n ends at 1), where rounding would nudge them.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == trials else min(1.0, centre + half)
-    return low, high
-
-
 def answers_match(predicted: str, reference: str) -> bool:
     """Mathematical equivalence of a predicted and a reference answer (ets.search.answers)."""
     if not predicted.strip():
@@ -145,11 +135,7 @@ class RunSpec:
         """``ets`` or ``ets[cluster_distance=0.3,lambda_c=2]`` (the width is reported apart)."""
         if not self.overrides:
             return self.method
-        return f"{self.method}[{','.join(f'{k}={_fmt(v)}' for k, v in self.overrides)}]"
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{self.method}[{','.join(f'{k}={fmt_value(v)}' for k, v in self.overrides)}]"
 
 
 def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
@@ -197,47 +183,6 @@ def plan_runs(methods: Sequence[str], widths: Sequence[int], sweep: dict[str, li
 
 
 # ---- one search ---------------------------------------------------------------------------------
-
-@dataclass
-class ProblemResult:
-    id: str
-    label: str
-    method: str
-    width: int
-    reference: str
-    seed: int = 0
-    overrides: dict[str, Any] = field(default_factory=dict)
-    answer: str = ""
-    correct: bool = False
-    oracle: bool = False  # some finished candidate's answer is right
-    error: str = ""
-    total_kv_tokens: int = 0
-    peak_kv_tokens: int = 0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    model_calls: int = 0
-    selections: int = 0
-    depth_reached: int = 0
-    solver_fallbacks: int = 0
-    wall_seconds: float = 0.0
-    selection_seconds: float = 0.0
-    policy_seconds: float = 0.0
-    reward_seconds: float = 0.0
-    candidates: int = 0
-    frontier: int = 0  # candidates offered to the selection, summed over depths
-    kept: int = 0      # of those, given at least one child
-    resolved_config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return self.label, self.width, self.id
-
-
-def result_from_json(row: dict[str, Any]) -> ProblemResult:
-    names = {f.name for f in fields(ProblemResult)}
-    return ProblemResult(**{k: v for k, v in row.items() if k in names})
-
 
 def _any_correct(answers: Sequence[str], reference: str) -> bool:
     return any(answers_match(a, reference) for a in dict.fromkeys(a for a in answers if a.strip()))
@@ -295,210 +240,7 @@ async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spe
     return result
 
 
-# ---- summary --------------------------------------------------------------------------------------
-
-@dataclass
-class Summary:
-    label: str
-    method: str
-    width: int
-    overrides: dict[str, Any]
-    problems: int
-    errors: int
-    correct: int
-    accuracy: float          # correct / problems (a failed search counts as wrong)
-    accuracy_ci_low: float   # 95% Wilson interval
-    accuracy_ci_high: float
-    answered: float          # share of searches that extracted an answer
-    oracle_accuracy: float   # share where some finished candidate was right
-    mean_total_kv_tokens: float
-    mean_peak_kv_tokens: float
-    max_peak_kv_tokens: int
-    mean_generated_tokens: float
-    cache_reuse: float       # cached / prompt tokens, over all searches
-    kept_share: float        # candidates kept / offered, over all selections
-    mean_wall_seconds: float
-    generated_tokens_per_second: float  # generated tokens / summed search wall time
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return statistics.fmean(xs) if xs else 0.0
-
-
-def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
-    """One Summary per (label, width), sorted by width, then label."""
-    groups: dict[tuple[str, int], list[ProblemResult]] = {}
-    for r in results:
-        groups.setdefault((r.label, r.width), []).append(r)
-    out = []
-    for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ok = [r for r in rs if not r.error]
-        prompt = sum(r.prompt_tokens for r in ok)
-        wall = sum(r.wall_seconds for r in ok)
-        frontier = sum(r.frontier for r in ok)
-        correct = sum(r.correct for r in rs)
-        lo, hi = wilson_interval(correct, len(rs))
-        out.append(Summary(
-            label=label, method=rs[0].method, width=width, overrides=dict(rs[0].overrides),
-            problems=len(rs), errors=len(rs) - len(ok), correct=correct,
-            accuracy=correct / len(rs), accuracy_ci_low=lo, accuracy_ci_high=hi,
-            answered=sum(bool(r.answer) for r in rs) / len(rs),
-            oracle_accuracy=sum(r.oracle for r in rs) / len(rs),
-            mean_total_kv_tokens=_mean([r.total_kv_tokens for r in ok]),
-            mean_peak_kv_tokens=_mean([r.peak_kv_tokens for r in ok]),
-            max_peak_kv_tokens=max((r.peak_kv_tokens for r in ok), default=0),
-            mean_generated_tokens=_mean([r.generated_tokens for r in ok]),
-            cache_reuse=sum(r.cached_prompt_tokens for r in ok) / prompt if prompt else 0.0,
-            kept_share=sum(r.kept for r in ok) / frontier if frontier else 0.0,
-            mean_wall_seconds=_mean([r.wall_seconds for r in ok]),
-            generated_tokens_per_second=sum(r.generated_tokens for r in ok) / wall if wall else 0.0,
-        ))
-    return out
-
-
-def compare_to_rebase(summaries: Sequence[Summary], results: Sequence[ProblemResult] = ()) -> list[dict[str, Any]]:
-    """Each ETS configuration against REBASE at the same width: KV reduction (REBASE / ETS, mean
-    total and mean peak), accuracy difference, whether ETS's accuracy lies within REBASE's 95%
-    interval or above it, and whether the paper's goal (that, with >= 1.8x less total KV) holds.
-    When per-problem results are given, only problems both finished are compared for KV."""
-    out = []
-    for width in sorted({s.width for s in summaries}):
-        rebase = next((s for s in summaries if s.width == width and s.label == "rebase"), None)
-        if rebase is None:
-            continue
-        for s in summaries:
-            if s.width != width or s.method != "ets":
-                continue
-            ets_kv, rebase_kv = s.mean_total_kv_tokens, rebase.mean_total_kv_tokens
-            ets_peak, rebase_peak = s.mean_peak_kv_tokens, rebase.mean_peak_kv_tokens
-            if results:  # paired: the same problems under both
-                mine = {r.id: r for r in results if r.label == s.label and r.width == width and not r.error}
-                theirs = {r.id: r for r in results if r.label == "rebase" and r.width == width and not r.error}
-                both = sorted(set(mine) & set(theirs))
-                if both:
-                    ets_kv = statistics.fmean(mine[i].total_kv_tokens for i in both)
-                    rebase_kv = statistics.fmean(theirs[i].total_kv_tokens for i in both)
-                    ets_peak = statistics.fmean(mine[i].peak_kv_tokens for i in both)
-                    rebase_peak = statistics.fmean(theirs[i].peak_kv_tokens for i in both)
-            reduction = rebase_kv / ets_kv if ets_kv else 0.0
-            matches = s.accuracy >= rebase.accuracy_ci_low
-            out.append({
-                "width": width, "label": s.label,
-                "kv_reduction_total": reduction,
-                "kv_reduction_peak": rebase_peak / ets_peak if ets_peak else 0.0,
-                "accuracy_delta": s.accuracy - rebase.accuracy,
-                "accuracy_within_rebase_ci": matches,
-                "goal_met": bool(matches and reduction >= KV_REDUCTION_GOAL),
-            })
-    return out
-
-
-# ---- output -----------------------------------------------------------------------------------
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def format_table(summaries: Sequence[Summary]) -> str:
-    """Plain-text table for the terminal."""
-    head = (f"{'method':<36} {'width':>5} {'n':>4} {'err':>3} {'acc':>6} {'95% CI':>13} {'answ':>6} {'oracle':>6} "
-            f"{'KV total':>9} {'KV peak':>8} {'gen tok':>7} {'reuse':>6} {'kept':>6} {'wall s':>7}")
-    rows = [head, "-" * len(head)]
-    for s in summaries:
-        ci = f"{100 * s.accuracy_ci_low:.0f}-{100 * s.accuracy_ci_high:.0f}%"
-        rows.append(f"{s.label:<36} {s.width:>5} {s.problems:>4} {s.errors:>3} {_pct(s.accuracy):>6} {ci:>13} "
-                    f"{_pct(s.answered):>6} {_pct(s.oracle_accuracy):>6} {s.mean_total_kv_tokens:>9.0f} "
-                    f"{s.mean_peak_kv_tokens:>8.0f} {s.mean_generated_tokens:>7.0f} {_pct(s.cache_reuse):>6} "
-                    f"{_pct(s.kept_share):>6} {s.mean_wall_seconds:>7.1f}")
-    return "\n".join(rows)
-
-
-def markdown_table(summaries: Sequence[Summary], comparisons: Sequence[dict[str, Any]] = ()) -> str:
-    """The README / docs table (one row per configuration), then the ETS-vs-REBASE lines."""
-    lines = [
-        "| method | width | n | accuracy (95% CI) | answered | oracle | KV total (mean) | KV peak (mean) "
-        "| generated tok | cache reuse | kept | wall s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for s in summaries:
-        err = f" ({s.errors} failed)" if s.errors else ""
-        lines.append(
-            f"| {s.label} | {s.width} | {s.problems}{err} | {_pct(s.accuracy)} "
-            f"({100 * s.accuracy_ci_low:.0f}-{100 * s.accuracy_ci_high:.0f}%) | {_pct(s.answered)} | "
-            f"{_pct(s.oracle_accuracy)} | {s.mean_total_kv_tokens:.0f} | {s.mean_peak_kv_tokens:.0f} | "
-            f"{s.mean_generated_tokens:.0f} | {_pct(s.cache_reuse)} | {_pct(s.kept_share)} | "
-            f"{s.mean_wall_seconds:.1f} |")
-    if comparisons:
-        lines.append("")
-        for c in comparisons:
-            verdict = "goal met" if c["goal_met"] else "goal not met"
-            within = "within or above" if c["accuracy_within_rebase_ci"] else "below"
-            lines.append(
-                f"- width {c['width']}, {c['label']}: REBASE/ETS KV total {c['kv_reduction_total']:.2f}x, "
-                f"peak {c['kv_reduction_peak']:.2f}x; accuracy {100 * c['accuracy_delta']:+.1f} points "
-                f"({within} REBASE's interval): {verdict} (>= {KV_REDUCTION_GOAL}x at REBASE's accuracy)")
-    return "\n".join(lines)
-
-
-def plot(summaries: Sequence[Summary], path: str | Path, title: str = "") -> None:
-    """Accuracy (with its 95% interval) against mean total logical KV tokens: one line per
-    method through its widths; sweep configurations as unconnected points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    plain = [s for s in summaries if not s.overrides]
-    for method in sorted({s.method for s in plain}):
-        pts = sorted((s for s in plain if s.method == method), key=lambda s: s.width)
-        xs = [s.mean_total_kv_tokens for s in pts]
-        ys = [100 * s.accuracy for s in pts]
-        err = [[100 * (s.accuracy - s.accuracy_ci_low) for s in pts],
-               [100 * (s.accuracy_ci_high - s.accuracy) for s in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method, alpha=0.9)
-        for s, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"w{s.width}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    swept = [s for s in summaries if s.overrides]
-    if swept:
-        ax.scatter([s.mean_total_kv_tokens for s in swept], [100 * s.accuracy for s in swept], marker="x",
-                   color="black", label="ets sweep", zorder=3)
-        for s in swept:
-            short = ",".join(f"{_abbrev(k)}{_fmt(v)}" for k, v in s.overrides.items())
-            ax.annotate(f"{short} w{s.width}", (s.mean_total_kv_tokens, 100 * s.accuracy), textcoords="offset points",
-                        xytext=(4, -9), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("mean total KV tokens per search (logical, sum over selections)")
-    ax.set_ylabel("accuracy (%), 95% Wilson interval")
-    ax.set_title(title or "accuracy vs KV cache size")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _abbrev(name: str) -> str:
-    return {"lambda_c": "c", "lambda_s": "s", "cluster_distance": "d", "softmax_temperature": "T",
-            "node_cost": "cost:"}.get(name, name)
-
-
 # ---- running ----------------------------------------------------------------------------------
-
-def read_jsonl(path: Path) -> list[ProblemResult]:
-    """Results already written (a cut-off last line is ignored)."""
-    out: list[ProblemResult] = []
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(result_from_json(json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            continue
-    return out
-
 
 async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpec], base: search_pb2.SearchConfig,
                    *, seed: int = 0, concurrency: int = 2, timeout: float = 600.0, progress: bool = True,
