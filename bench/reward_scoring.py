@@ -92,7 +92,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ets.reward.backends import PrmBackend
     from ets.reward.backends.sglang_backend import SglangBackend
     from ets.reward.backends.transformers_backend import TransformersBackend
-    from ets.reward.server import RewardServer, RewardServerConfig
+    from ets.reward.server import RewardServer
+    from ets.reward.settings import RewardServerConfig
     from ets.reward.embedder import default_embedder_model
     from ets.testing.tiny_models import make_tiny_model
 

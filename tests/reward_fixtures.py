@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ets.reward.server import RewardServer, RewardServerConfig
+from ets.reward.server import RewardServer
+from ets.reward.settings import RewardServerConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

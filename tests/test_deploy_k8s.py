@@ -436,7 +436,7 @@ def test_tls_component_mounts_real_settings_and_probes_over_tls(tmp_path: Path) 
 
     from grpc_health.v1 import health_pb2
 
-    from ets.reward.server import RewardServerConfig
+    from ets.reward.settings import RewardServerConfig
     from ets.service.settings import ServiceSettings
     from ets.settings import settings_of
     from tools import free_port

@@ -335,7 +335,7 @@ def test_compose_prm_start_timeout_matches_the_health_start_period() -> None:
 
 
 def test_compose_tls_override_names_real_settings_and_secrets() -> None:
-    from ets.reward.server import RewardServerConfig
+    from ets.reward.settings import RewardServerConfig
     from ets.service.settings import ServiceSettings
     from ets.settings import settings_of
 

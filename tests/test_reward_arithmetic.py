@@ -17,7 +17,7 @@ from ets.api.v1 import reward_pb2, reward_pb2_grpc, search_pb2, search_pb2_grpc
 from ets.healthcheck import check
 from ets.reward.client import RewardClient
 from ets.reward.rules import SCORE_NONE, SCORE_RIGHT, SCORE_WRONG, find_equations, score_steps
-from ets.reward.server import ConfigError, RewardServerConfig
+from ets.reward.settings import ConfigError, RewardServerConfig
 from ets.search.interfaces import ScoredTrajectory
 from ets.testing.stack import wait_grpc_serving
 from reward_fixtures import ThreadedRewardServer, reward_config

@@ -16,7 +16,8 @@ from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.policy.client import PolicyServerError, PolicyUnavailable
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
-from ets.reward.server import Overloaded, RewardServerConfig, RewardService
+from ets.reward.server import Overloaded, RewardService
+from ets.reward.settings import RewardServerConfig
 from ets.search import selection
 from ets.search.answers import group_answers
 from ets.search.base import Selection

@@ -129,7 +129,8 @@ def test_service_settings_errors_exit_2_naming_the_setting(argv: list[str], env:
 
 
 def test_reward_server_settings_env_flags_and_checks() -> None:
-    from ets.reward.server import ConfigError, RewardServerConfig, config_from_args
+    from ets.reward.main import config_from_args
+    from ets.reward.settings import ConfigError, RewardServerConfig
 
     env = {"ETS_PRM_MODEL": "/prm", "ETS_DEVICE": "CPU", "ETS_REWARD_PORT": "0", "ETS_PRM_STEP_TAG": "<s>",
            "ETS_REWARD_GRACE_S": "3"}

