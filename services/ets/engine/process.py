@@ -21,6 +21,10 @@ supervisor (``ets.engine.supervisor``, which adds restart-on-crash on top):
 
 A process still alive at interpreter exit is stopped by an ``atexit`` hook so a crashed test run
 does not leak 2 GB servers.
+
+One module (~500 lines) on purpose: start, the port and parent-death guards, health and stop are
+one lifecycle over the same process-group bookkeeping; the restart policy lives apart
+(``ets.engine.supervisor``).
 """
 from __future__ import annotations
 

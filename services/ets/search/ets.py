@@ -6,6 +6,9 @@ in-process HiGHS solve (``highspy``; LP first, then MIP with a time limit and th
 REBASE fallback when nothing feasible is found in time) and ``select_ets``. ``to_pulp`` /
 ``solve_cbc`` build the identical arrays in PuLP and solve them with its bundled CBC subprocess,
 as the reference implementation does (used by the benchmark as the reference).
+One module (~630 lines) on purpose: the formulations, the HiGHS solve and the CBC reference all
+build the same arrays from one private instance type and are tested against each other and
+against enumeration; split apart they would share those internals across modules.
 
 Program (spec): maximise sum_i O_i x_i - cost * (retained nodes) + lambda_s/K * sum_k c_k,
 y_j >= x_i for leaf i under ancestor j, y_j <= sum of x under j, c_k <= sum of x in cluster k,
