@@ -80,29 +80,58 @@ def serve_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
             s.stop()
 
 
+class SharedStack:
+    """The session's whole stack, rebuilt when something took it down: a later module may stop the
+    session's SGLang servers (the real-model smoke test frees their memory) or evict its policy
+    under the SGLang cap, and a search service pointing at a stopped policy would fail every test
+    after it."""
+
+    def __init__(self, work: Path, sglang_servers: Any, tiny_model_factory: Callable[[str], Path]) -> None:
+        self.work, self.servers, self.models = work, sglang_servers, tiny_model_factory
+        self.stack: Stack | None = None
+        self.policy: SGLangProcess | None = None
+        self.builds = 0
+
+    def _alive(self) -> bool:
+        procs = (self.policy, self.stack.reward, self.stack.search) if self.stack else ()
+        return bool(procs) and all(p is not None and p.is_alive() for p in procs)
+
+    def current(self) -> Stack:
+        if self.stack is not None and self._alive():
+            return self.stack
+        self.stop()
+        self.builds += 1
+        cfg = StackConfig(
+            work_dir=self.work / f"stack-{self.builds}", policy="tiny", prm_type="math-shepherd",
+            policy_model=self.models("policy"), prm_model=self.models("math-shepherd"),
+            search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
+        )
+        # Through the session's SGLang cache: get() restarts the policy if it was stopped.
+        self.policy = self.servers.get(cfg.policy_model)
+        self.stack = start_stack(cfg, policy_url=self.policy.url)
+        return self.stack
+
+    def stop(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+            self.stack = None
+
+
 @pytest.fixture(scope="session")
-def search_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
-                 tiny_model_factory: Callable[[str], Path]) -> Iterator[Stack]:
+def shared_stack(tmp_path_factory: pytest.TempPathFactory, sglang_servers: Any,
+                 tiny_model_factory: Callable[[str], Path]) -> Iterator[SharedStack]:
+    shared = SharedStack(tmp_path_factory.mktemp("stacks"), sglang_servers, tiny_model_factory)
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
+@pytest.fixture()
+def search_stack(shared_stack: SharedStack) -> Stack:
     """The whole stack on loopback: the session's SGLang policy, the reward server (its SGLang
     PRM backend and the MiniLM embedder) and ``ets serve``; SERVING before it is handed out."""
-    cfg = StackConfig(
-        work_dir=tmp_path_factory.mktemp("stack"), policy="tiny", prm_type="math-shepherd",
-        policy_model=tiny_model_factory("policy"), prm_model=tiny_model_factory("math-shepherd"),
-        search_env=dict(SMALL_SEARCH_ENV), max_concurrent=8, max_queued=32,
-    )
-    # Resolved here, not through the session's ``policy_process``: earlier tests may have evicted
-    # that server under the SGLang cap, and get() restarts it.
-    policy = sglang_servers.get(cfg.policy_model)
-    stack = start_stack(cfg, policy_url=policy.url)
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="session")
-def reward_addr(search_stack: Stack) -> str:
-    return search_stack.reward_addr
+    return shared_stack.current()
 
 
 class Prometheus:
