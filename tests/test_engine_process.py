@@ -20,6 +20,8 @@ import pytest
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import PID_FILE_ENV, PortInUseError, SGLangProcess, ServerStartError, free_port
 
+from tools import HealthOk
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -253,20 +255,10 @@ def test_port_in_use_is_refused_before_spawning_naming_the_setting(tmp_path: Pat
     assert not log.exists()  # nothing was started
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # the stdlib's handler name
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_health_answered_by_a_stranger_does_not_count(tmp_path: Path) -> None:
     # An old server (here: this test process) answers /health on the port the new one was given;
     # the new one cannot bind it. It must not be reported healthy.
-    stranger = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    stranger = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HealthOk)
     threading.Thread(target=stranger.serve_forever, daemon=True).start()
     try:
         port = stranger.server_address[1]

@@ -23,22 +23,12 @@ from ets.engine.launcher import LaunchConfig
 from ets.engine.process import descendants, free_port, still_running
 from ets.engine.supervisor import EngineSupervisor, EngineUnavailable
 
+from tools import HealthOk
+
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(900)]
 
 START_TIMEOUT_S = 400.0
 BACKOFF_S = 2.0
-
-
-class _Health(http.server.BaseHTTPRequestHandler):
-    """What an orphaned engine still holding the port answers: 200 on /health."""
-
-    def do_GET(self) -> None:  # the stdlib's handler name
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def _squat(port: int, timeout: float = 30.0) -> http.server.ThreadingHTTPServer:
@@ -46,7 +36,7 @@ def _squat(port: int, timeout: float = 30.0) -> http.server.ThreadingHTTPServer:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Health)
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", port), HealthOk)
         except OSError:
             if time.monotonic() > deadline:
                 raise

@@ -3,6 +3,7 @@ grpcurl, prometheus, ...), a free loopback port, a plain HTTP GET, and the small
 the real-stack tests send to the tiny models."""
 from __future__ import annotations
 
+import http.server
 import shutil
 import sys
 import time
@@ -56,3 +57,15 @@ def small(method: str = "rebase", width: int = 4, **extra: object) -> search_pb2
     values: dict[str, Any] = dict(method=method, width=width, max_step_tokens=12, max_tokens=96, max_depth=4)
     values.update(extra)
     return search_pb2.SearchConfig(**values)
+
+
+class HealthOk(http.server.BaseHTTPRequestHandler):
+    """Answers 200 "ok" on any GET: what a stranger (an orphaned engine) on a port says to /health."""
+
+    def do_GET(self) -> None:  # the stdlib's handler name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
