@@ -11,8 +11,8 @@ import sys
 # subcommand -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ets.service.main", "run the gRPC search service"),
-    "search": ("ets.service.client", "run one search against a search service and print it"),
-    "eval": ("ets.service.evaluate", "evaluate methods and widths over a JSONL dataset"),
+    "search": ("ets.client.search", "run one search against a search service and print it"),
+    "eval": ("ets.evaluation.evaluate", "evaluate methods and widths over a JSONL dataset"),
     "reward-serve": ("ets.reward.main", "run the reward server (PRM + embedder)"),
     "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),

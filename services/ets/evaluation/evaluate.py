@@ -22,7 +22,7 @@ evaluations run side by side) without searching. A prediction is correct when it
 mathematically equivalent to the reference (``ets.search.answers``). Wall times are measured
 with ``--concurrency`` searches sharing the engines.
 
-The summaries, tables and plot (pure, no I/O but the plot file) live in ``ets.service.eval_report``.
+The summaries, tables and plot (pure, no I/O but the plot file) live in ``ets.evaluation.report``.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
-from ets.service.eval_report import (
+from ets.evaluation.report import (
     ProblemResult,
     fmt_value,
     compare_to_rebase,
@@ -53,7 +53,7 @@ from ets.service.eval_report import (
     read_jsonl,
     summarise,
 )
-from ets.service.client import (
+from ets.client.search import (
     DEFAULT_ADDR,
     add_config_flags,
     add_security_flags,

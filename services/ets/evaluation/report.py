@@ -4,7 +4,7 @@ Owns: ``ProblemResult`` (one search of one problem, as written to the JSONL), pe
 ``Summary`` (accuracy with a 95% Wilson interval, answered and oracle rates, logical KV total
 and peak, tokens, wall time, engine cache reuse, kept share), the paired ETS-vs-REBASE comparison
 against the paper's goal (REBASE's accuracy at >= ``KV_REDUCTION_GOAL`` x less KV), the text and
-Markdown tables, and the accuracy-vs-KV plot. ``ets.service.evaluate`` runs the searches.
+Markdown tables, and the accuracy-vs-KV plot. ``ets.evaluation.evaluate`` runs the searches.
 """
 from __future__ import annotations
 
