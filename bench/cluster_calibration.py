@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
         p.error("give --policy-url or --policy-model")
     cuts = [float(c) for c in args.cuts.split(",") if c.strip()]
 
-    from ets.service.evaluate import load_dataset
+    from ets.evaluation.evaluate import load_dataset
 
     problems = load_dataset(args.dataset, args.problems)
     started = time.perf_counter()

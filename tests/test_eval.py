@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ets.service import eval_report as rep
-from ets.service import evaluate as ev
+from ets.evaluation import report as rep
+from ets.evaluation import evaluate as ev
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "bench" / "data"
