@@ -97,7 +97,7 @@ def analyse(problems: list[dict[str, Any]], cuts: Sequence[float]) -> dict[str, 
 async def sample_first_steps(policy_url: str, questions: Sequence[str], model_type_name: str, samples: int,
                              step_tokens: int, temperature: float) -> list[list[str]]:
     """``samples`` first steps per question, as the search's depth-0 expansion samples them."""
-    from ets.config import policy_model_type
+    from ets.policy.model_types import policy_model_type
     from ets.policy.client import PolicyClient, SamplingParams
     from ets.policy.generator import tokenize_root
 

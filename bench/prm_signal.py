@@ -250,7 +250,7 @@ async def _sample_on_engine(args: argparse.Namespace, model: Path, problems: Seq
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ets.config import policy_model_type
+    from ets.policy.model_types import policy_model_type
     from ets.models import DEFAULT_POLICY_MODEL, prepare_model
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.rules import score_steps

@@ -66,7 +66,7 @@ def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) 
     assert isinstance(prompt, str)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")  # ChatML
     # The policy model type the registry names renders its root through this tokenizer's template.
-    from ets.config import policy_model_type
+    from ets.policy.model_types import policy_model_type
 
     mt = policy_model_type(SPEC.policy_model_type)
     root = mt.format_root("Q?", lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from ets.config import policy_model_type
+from ets.policy.model_types import policy_model_type
 from ets.policy.client import PolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.search.interfaces import ExpandRequest, StepParams

@@ -50,7 +50,7 @@ def test_summary_views() -> None:
 
 
 def test_split_steps_cuts_at_the_delimiter() -> None:
-    from ets.config import policy_model_type
+    from ets.policy.model_types import policy_model_type
 
     mt = policy_model_type("llama-instruct")
     text = "First 3 + 5 = 8.\n\n\n\nThe answer is 8.\n\n"

@@ -17,7 +17,8 @@ from ets.api.v1 import reward_pb2, reward_pb2_grpc, search_pb2, search_pb2_grpc
 from ets.healthcheck import check
 from ets.reward.client import RewardClient
 from ets.reward.rules import SCORE_NONE, SCORE_RIGHT, SCORE_WRONG, find_equations, score_steps
-from ets.reward.settings import ConfigError, RewardServerConfig
+from ets.errors import SettingError
+from ets.reward.settings import RewardServerConfig
 from ets.search.interfaces import ScoredTrajectory
 from ets.testing.stack import wait_grpc_serving
 from reward_fixtures import ThreadedRewardServer, reward_config
@@ -90,7 +91,7 @@ def test_step_scores_judge_the_solution_so_far() -> None:
     ],
 )
 def test_rules_backend_configuration_names_the_setting(overrides: dict[str, str], field: str) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(SettingError) as err:
         RewardServerConfig(device="cpu", **overrides).validate()  # type: ignore[arg-type]
     assert err.value.field == field
 

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from ets.api.v1 import search_pb2
-from ets.config import (
-    POLICY_MODEL_TYPES, PRM_TYPES, ConfigError, SearchConfig, policy_model_type, preset_lambda_s,
-)
+from ets.config import PRM_TYPES, ConfigError, SearchConfig, preset_lambda_s
+from ets.errors import SettingError
+from ets.policy.model_types import POLICY_MODEL_TYPES, policy_model_type
 from ets.search.selection import validate
 
 
@@ -92,10 +92,10 @@ def test_from_env() -> None:
            "ETS_SEARCH_SEED": "", "OTHER": "x"}
     c = SearchConfig.from_env(environ=env)
     assert (c.width, c.method, c.lambda_c, c.seed, c.effective_lambda_s) == (256, "rebase", 5.0, None, 1.45)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SettingError) as info:
         SearchConfig.from_env(environ={"ETS_SEARCH_WIDTH": "wide"})
     assert info.value.field == "ETS_SEARCH_WIDTH"  # errors name the variable to fix
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(SettingError) as info:
         SearchConfig.from_env(environ={"X_MAX_TOKENS": "10"}, prefix="X_")
     assert info.value.field == "X_MAX_STEP_TOKENS"  # 256 > 10
 

@@ -130,7 +130,8 @@ def test_service_settings_errors_exit_2_naming_the_setting(argv: list[str], env:
 
 def test_reward_server_settings_env_flags_and_checks() -> None:
     from ets.reward.main import config_from_args
-    from ets.reward.settings import ConfigError, RewardServerConfig
+    from ets.errors import SettingError
+    from ets.reward.settings import RewardServerConfig
 
     env = {"ETS_PRM_MODEL": "/prm", "ETS_DEVICE": "CPU", "ETS_REWARD_PORT": "0", "ETS_PRM_STEP_TAG": "<s>",
            "ETS_REWARD_GRACE_S": "3"}
@@ -139,12 +140,13 @@ def test_reward_server_settings_env_flags_and_checks() -> None:
         "/prm", "cpu", 7, "transformers", 3.0, "/r")
     assert cfg.options.step_tag == "<s>" and cfg.validate() is cfg
     assert RewardServerConfig.from_env(env) == RewardServerConfig(
-        prm_model="/prm", device="cpu", port=0, grace_s=3.0, options=cfg.options)
-    with pytest.raises(ConfigError) as err:
+        prm_model="/prm", device="cpu", port=0, grace_s=3.0, options=cfg.options, prm_engine=cfg.prm_engine)
+    assert cfg.prm_engine.device == "cpu"  # the PRM engine's settings are read with the rest
+    with pytest.raises(SettingError) as err:
         config_from_args(["--max-batch-size", "0"], env)
     assert err.value.field == "--max-batch-size (ETS_REWARD_MAX_BATCH_SIZE)"
     # Built in code: the declared bounds still apply, named by the env var.
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(SettingError) as err:
         RewardServerConfig(prm_model="/prm", metrics_port=70000).validate()
     assert err.value.field == "ETS_REWARD_METRICS_PORT"
 

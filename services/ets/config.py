@@ -1,10 +1,14 @@
 """Search configuration: the one ``SearchConfig`` (paper defaults, validation, per-request and
-environment overrides) and the model-type conventions the search relies on.
+environment overrides) and the PRM type names.
 
-Owns: ``SearchConfig`` (field names equal the proto ``SearchConfig`` fields), ``ConfigError``,
-the ``PolicyModelType`` registry (step delimiter, answer markers, root formatting) and the PRM
-type names. Pure: no I/O except reading a given environment mapping in ``from_env`` (through
-``ets.settings``, the one loader: every field is read from ``ETS_SEARCH_<FIELD>``).
+Owns: ``SearchConfig`` (field names equal the proto ``SearchConfig`` fields), ``ValidConfig``
+(a config that passed ``validate()``: what a search carries from the edge to the loop, so it is
+checked once), the PRM type names, and the naming of the search defaults' environment variables
+(``ETS_SEARCH_<FIELD>``, ``env_name``: the one place a config field becomes a variable name).
+Errors are ``ConfigError`` (a field by its config name) and, for a bad environment variable,
+``SettingError`` (``ets.errors``). The policy model types a config names live with the policy
+(``ets.policy.model_types``). Pure: no I/O except reading a given environment mapping in
+``from_env`` (through ``ets.settings``, the one loader).
 """
 from __future__ import annotations
 
@@ -14,7 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ets import settings
-from ets.errors import FieldError
+from ets.errors import ConfigError, FieldError, SettingError
+from ets.policy.model_types import POLICY_MODEL_TYPES, PolicyModelType, policy_model_type
+
+__all__ = ["AGGREGATIONS", "ConfigError", "MAX_DEPTH_LIMIT", "MAX_TOKENS_LIMIT", "MAX_WIDTH", "MODEL_FREE_PRM_TYPES",
+           "NODE_COSTS", "PRM_TYPES", "SEARCH_ENV_PREFIX", "SearchConfig", "ValidConfig", "VOTINGS", "env_name",
+           "preset_lambda_s"]
 
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "mean", "prod")
 VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
@@ -43,147 +52,15 @@ def preset_lambda_s(width: int) -> float:
     return LAMBDA_S_PRESETS[best]
 
 
-class ConfigError(FieldError):
-    """An invalid configuration value; ``field`` names the offending ``SearchConfig`` field."""
+# The search defaults' environment variables: ETS_SEARCH_<FIELD> (ETS_SEARCH_WIDTH). The search
+# service's own settings share the prefix (ETS_SEARCH_PORT): one prefix for everything ``ets serve``
+# reads; ``ets.service.settings`` refuses, at import, a setting whose name a config field also has.
+SEARCH_ENV_PREFIX = "ETS_SEARCH_"
 
 
-# --------------------------------------------------------------------------------------------
-# Model-type conventions
-# --------------------------------------------------------------------------------------------
-
-LLAMA_INSTRUCT_SYSTEM_PROMPT = (
-    "Solve the following math problem efficiently and clearly:\n\n"
-    "- For simple problems (2 steps or fewer):\n"
-    "Provide a concise solution with minimal explanation.\n\n"
-    "- For complex problems (3 steps or more):\n"
-    "Use this step-by-step format:\n\n"
-    "## Step 1: [Concise description]\n[Brief explanation and calculations]\n\n"
-    "## Step 2: [Concise description]\n[Brief explanation and calculations]\n\n"
-    "...\n\n"
-    "Regardless of the approach, always conclude with:\n\n"
-    "Therefore, the final answer is: $\\boxed{answer}$. I hope it is correct.\n\n"
-    "Where [answer] is just the final number or expression that solves the problem."
-)
-
-# SmolLM2-Instruct (ets models: smollm2-135m-instruct). Alone, the question rarely gets a
-# final-answer line (greedy, 4 easy problems: 0/4 extracted), and the llama-instruct system prompt
-# (long, LaTeX) is too much for a 135M model (3/4, 0 right, longer text). A short instruction after
-# the question, naming the exact closing sentence, under the model's own default system prompt:
-# 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see docs/demo.md.
-SMOLLM2_INSTRUCTION = 'Solve it step by step. End your reply with "The answer is N." where N is the final number.'
-
-DEFAULT_ANSWER_MARKERS: tuple[str, ...] = (
-    "The answer is",
-    "The final answer is:",
-    "Therefore, the final answer is",
-)
-
-# (messages) -> formatted prompt text; the caller passes its tokenizer's apply_chat_template.
-ChatTemplateFn = Callable[[list[dict[str, str]]], str]
-
-
-@dataclass(frozen=True)
-class PolicyModelType:
-    """How a family of policy models writes steps and answers.
-
-    ``stop`` are the stop strings that end one step; with ``no_stop_trim`` the engine keeps the
-    delimiter in the returned text, so a child's prefix (parent ids + new ids) contains it and the
-    next step starts where the model expects. ``step_tag`` is the delimiter as it appears at the
-    end of a step's text (stripped to get the plain step text for the PRM and the embedder).
-    """
-
-    name: str
-    stop: tuple[str, ...]
-    step_tag: str
-    no_stop_trim: bool
-    answer_markers: tuple[str, ...]
-    chat: bool
-    system_prompt: str | None = None
-    # Appended to the question on its own line in the user turn (chat models): small models follow
-    # an instruction next to the question better than one in the system prompt.
-    instruction: str | None = None
-
-    def root_messages(self, question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-        """Chat messages of the root (chat-style models only). A request's ``system_prompt``
-        replaces the type's own (None keeps it, "" drops it); without any, the tokenizer's chat
-        template adds the model's own default system turn, if it has one."""
-        messages: list[dict[str, str]] = []
-        system = self.system_prompt if system_prompt is None else system_prompt
-        if system:
-            messages.append({"role": "system", "content": system})
-        content = f"{question}\n{self.instruction}" if self.instruction else question
-        messages.append({"role": "user", "content": content})
-        return messages
-
-    def format_root(self, question: str, apply_chat_template: ChatTemplateFn | None = None) -> str:
-        """The root prompt text: ``question + "\\n"`` for step models, the chat template otherwise.
-
-        ``apply_chat_template`` must return the prompt with the generation prompt appended
-        (e.g. ``lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)``).
-        """
-        if not self.chat:
-            return question + "\n"
-        if apply_chat_template is None:
-            raise ConfigError("policy_model_type", f"{self.name!r} needs the tokenizer's chat template")
-        return apply_chat_template(self.root_messages(question))
-
-    def plain_step(self, text: str) -> str:
-        """A step's text without its trailing delimiter and surrounding whitespace."""
-        stripped = text.rstrip()
-        tag = self.step_tag.strip()
-        if tag and stripped.endswith(tag):
-            stripped = stripped[: -len(tag)]
-        return stripped.strip()
-
-    def has_answer(self, step_text: str) -> bool:
-        """Whether a step contains a final-answer marker (case-insensitive)."""
-        low = step_text.lower()
-        return any(m.lower() in low for m in self.answer_markers)
-
-
-POLICY_MODEL_TYPES: dict[str, PolicyModelType] = {
-    # Mistral / Llemma math-shepherd style: plain "question\n" root, steps end with " ки".
-    "math-shepherd": PolicyModelType(
-        name="math-shepherd",
-        stop=("ки",),
-        step_tag=" ки",
-        no_stop_trim=True,
-        answer_markers=DEFAULT_ANSWER_MARKERS,
-        chat=False,
-    ),
-    # Llama-3.x-Instruct style: chat template with the search-and-learn system prompt, "\n\n" steps.
-    "llama-instruct": PolicyModelType(
-        name="llama-instruct",
-        stop=("\n\n",),
-        step_tag="\n\n",
-        no_stop_trim=True,
-        answer_markers=DEFAULT_ANSWER_MARKERS,
-        chat=True,
-        system_prompt=LLAMA_INSTRUCT_SYSTEM_PROMPT,
-    ),
-    # SmolLM2-Instruct: ChatML through the tokenizer's own template (its default system turn; end
-    # token <|im_end|>, the model's eos), "\n\n" between steps like llama-instruct (the model
-    # writes one paragraph per step), and a short answer-line instruction after the question.
-    "smollm2-instruct": PolicyModelType(
-        name="smollm2-instruct",
-        stop=("\n\n",),
-        step_tag="\n\n",
-        no_stop_trim=True,
-        answer_markers=DEFAULT_ANSWER_MARKERS,
-        chat=True,
-        instruction=SMOLLM2_INSTRUCTION,
-    ),
-}
-
-
-def policy_model_type(name: str) -> PolicyModelType:
-    """Look up a registered policy model type by name (ConfigError naming the field if unknown)."""
-    try:
-        return POLICY_MODEL_TYPES[name]
-    except KeyError:
-        raise ConfigError(
-            "policy_model_type", f"unknown {name!r}; expected one of {sorted(POLICY_MODEL_TYPES)}"
-        ) from None
+def env_name(field: str, prefix: str = SEARCH_ENV_PREFIX) -> str:
+    """The variable of a config field: ``width`` (or a request's ``config.width``) -> ``ETS_SEARCH_WIDTH``."""
+    return prefix + field.removeprefix("config.").upper()
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +68,7 @@ def policy_model_type(name: str) -> PolicyModelType:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SearchConfig:
     """Everything one search needs to know; defaults are the paper's (width-16 preset).
 
@@ -238,16 +115,29 @@ class SearchConfig:
         return policy_model_type(self.policy_model_type)
 
     def resolved(self) -> "SearchConfig":
-        """A copy with every "follow the default" field made explicit (for echoing back)."""
+        """A copy with every "follow the default" field made explicit (for echoing back); a
+        ``ValidConfig`` stays one (the preset's lambda_s and ceil(sqrt(width)) are in range)."""
         return dataclasses.replace(
             self, lambda_s=self.effective_lambda_s, beam_keep=self.effective_beam_keep
         )
+
+    # Equal by value whether checked or not: a ValidConfig equals the SearchConfig it was made from.
+    def _values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SearchConfig)}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SearchConfig):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._values().values()))
 
     # ---- overrides ----------------------------------------------------------------------------
     def replace(self, **overrides: Any) -> "SearchConfig":
         """A copy with ``overrides`` applied; ``None`` values mean "not set" and are ignored,
         so a request's unset optional fields keep the server defaults. Unknown names raise
-        ConfigError. The result is not validated (call ``validate()``)."""
+        ConfigError. The result is a plain, unchecked ``SearchConfig`` (call ``validate()``)."""
         names = {f.name for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
@@ -256,33 +146,36 @@ class SearchConfig:
             if value is None or (isinstance(value, str) and value == "" and key in _STRING_FIELDS):
                 continue
             changes[key] = value
-        return dataclasses.replace(self, **changes)
+        return SearchConfig(**{**self._values(), **changes})
 
     @classmethod
     def from_env(
-        cls, prefix: str = "ETS_SEARCH_", environ: Mapping[str, str] | None = None,
-        base: "SearchConfig | None" = None,
-    ) -> "SearchConfig":
-        """Server-wide defaults from ``{prefix}{FIELD}`` variables (e.g. ETS_SEARCH_WIDTH=64).
+        cls, prefix: str = SEARCH_ENV_PREFIX, environ: Mapping[str, str] | None = None,
+        base: "SearchConfig | None" = None, check: "Callable[[SearchConfig], ValidConfig] | None" = None,
+    ) -> "ValidConfig":
+        """Server-wide defaults from ``{prefix}{FIELD}`` variables (e.g. ETS_SEARCH_WIDTH=64), checked
+        by ``check`` (default ``validate``; the service adds the method registry and its caps).
 
-        Empty values are ignored; an unparsable or invalid value raises ConfigError naming the
-        variable (``ETS_SEARCH_WIDTH``).
+        Empty values are ignored; an unparsable or invalid value raises ``SettingError`` naming
+        the variable (``ETS_SEARCH_WIDTH``), whichever check found it.
         """
-        overrides = settings.env_values(cls, environ, prefix=prefix, error=ConfigError, every_field=True)
+        overrides = settings.env_values(cls, environ, prefix=prefix, error=SettingError, every_field=True)
         config = (base or cls()).replace(**overrides)
         try:
-            config.validate()
-        except ConfigError as err:
-            raise ConfigError(prefix + err.field.upper(), err.message) from None
-        return config
+            return check(config) if check is not None else config.validate()
+        except FieldError as err:
+            raise SettingError(env_name(err.field, prefix), err.message) from None
 
     # ---- validation ---------------------------------------------------------------------------
-    def validate(self, max_width: int = MAX_WIDTH) -> "SearchConfig":
-        """Raise ConfigError(field, message) for the first invalid field; return self if valid.
+    def validate(self, max_width: int = MAX_WIDTH) -> "ValidConfig":
+        """Raise ConfigError(field, message) for the first invalid field; the config as a
+        ``ValidConfig`` if valid (itself when it already is one: checked once).
 
         ``max_width`` is the server's cap on ``width`` (a guard against runaway requests).
         ``method`` must name a registered selection method; the names live with the methods
         (``ets.search.selection.validate`` checks both)."""
+        if isinstance(self, ValidConfig) and max_width >= MAX_WIDTH:
+            return self
         if not isinstance(self.method, str) or not self.method.strip():
             raise ConfigError("method", f"must name a selection method, got {self.method!r}")
         _int("width", self.width)
@@ -294,13 +187,7 @@ class SearchConfig:
         _int("max_tokens", self.max_tokens)
         if self.max_step_tokens < 1:
             raise ConfigError("max_step_tokens", f"must be >= 1, got {self.max_step_tokens}")
-        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise ConfigError("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {self.max_tokens}")
-        if self.max_step_tokens > self.max_tokens:
-            raise ConfigError(
-                "max_step_tokens",
-                f"must not exceed max_tokens ({self.max_tokens}), got {self.max_step_tokens}",
-            )
+        _check_max_tokens(self.max_tokens, self.max_step_tokens)
         _int("max_depth", self.max_depth)
         if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
             raise ConfigError("max_depth", f"must be between 1 and {MAX_DEPTH_LIMIT}, got {self.max_depth}")
@@ -327,7 +214,30 @@ class SearchConfig:
             _int("beam_keep", self.beam_keep)
             if not 1 <= self.beam_keep <= self.width:
                 raise ConfigError("beam_keep", f"must be between 1 and width ({self.width}), got {self.beam_keep}")
-        return self
+        return ValidConfig(**self._values())
+
+
+class ValidConfig(SearchConfig):
+    """A ``SearchConfig`` that passed ``validate()``: the type a search carries from the edge (the
+    service's request checks) to the loop, which then does not check it again. Only ``validate()``
+    makes one (``resolved()`` and ``with_max_tokens`` keep one valid); ``replace()`` returns a plain
+    ``SearchConfig``, to be validated again."""
+
+    def with_max_tokens(self, max_tokens: int) -> "ValidConfig":
+        """This config with another ``max_tokens``, checking only the rules that involve it."""
+        _int("max_tokens", max_tokens)
+        _check_max_tokens(max_tokens, self.max_step_tokens)
+        return dataclasses.replace(self, max_tokens=max_tokens)
+
+
+def _check_max_tokens(max_tokens: int, max_step_tokens: int) -> None:
+    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ConfigError("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
+    if max_step_tokens > max_tokens:
+        raise ConfigError(
+            "max_step_tokens",
+            f"must not exceed max_tokens ({max_tokens}), got {max_step_tokens}",
+        )
 
 
 _STRING_FIELDS = frozenset({"method", "aggregation", "voting", "policy_model_type", "prm_type", "node_cost"})

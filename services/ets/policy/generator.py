@@ -13,7 +13,7 @@ engine's own numbers and sums over samples equal the engine's counters. Behind s
 client with ``engine_url``) the client sends the same prompts as one concurrent ``/generate``
 each, so the router's cache-aware policy can route each by its own prefix (``ets.policy.client``).
 
-Stop strings and trimming come from the policy model type (``ets.config.PolicyModelType``). The
+Stop strings and trimming come from the policy model type (``ets.policy.model_types``). The
 new ids are exactly what the engine cached (stop-string tokens included), so the child's prefix
 is ``parent ids + token_ids``. Caveat (observed on 0.5.23): when a stop string ends inside a
 token, ``text`` stops at the end of the stop string while ``token_ids`` hold the whole token;
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
+from ets.policy.model_types import PolicyModelType, policy_model_type
 from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
 
 _FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "length"}
@@ -36,7 +37,7 @@ class SGLangStepGenerator:
     def __init__(
         self,
         client: PolicyClient,
-        model_type: object | None = None,
+        model_type: PolicyModelType | str | None = None,
         *,
         stop: Sequence[str] | None = None,
         no_stop_trim: bool | None = None,
@@ -44,18 +45,17 @@ class SGLangStepGenerator:
         top_p: float | None = None,
         logit_bias: Mapping[int, float] | None = None,
     ) -> None:
-        """``model_type`` is an ``ets.config.PolicyModelType`` or its registered name; explicit
-        ``stop`` / ``no_stop_trim`` override it (or stand in for it)."""
-        if isinstance(model_type, str):
-            from ets.config import policy_model_type
-
-            model_type = policy_model_type(model_type)
-        mt_stop = tuple(getattr(model_type, "stop", ())) if model_type is not None else ()
-        mt_trim = bool(getattr(model_type, "no_stop_trim", True)) if model_type is not None else True
+        """``model_type`` is a ``PolicyModelType`` or its registered name; explicit ``stop`` /
+        ``no_stop_trim`` override it (or stand in for it)."""
+        mt = policy_model_type(model_type) if isinstance(model_type, str) else model_type
         self.client = client
-        self.model_type = model_type
-        self.stop: tuple[str, ...] = tuple(stop) if stop is not None else mt_stop
-        self.no_stop_trim: bool = mt_trim if no_stop_trim is None else no_stop_trim
+        self.model_type = mt
+        if stop is None:
+            stop = mt.stop if mt is not None else ()
+        if no_stop_trim is None:
+            no_stop_trim = mt.no_stop_trim if mt is not None else True
+        self.stop: tuple[str, ...] = tuple(stop)
+        self.no_stop_trim: bool = no_stop_trim
         self.stop_token_ids = tuple(stop_token_ids)
         self.top_p = top_p
         self.logit_bias = dict(logit_bias) if logit_bias else None
@@ -63,8 +63,7 @@ class SGLangStepGenerator:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
 
     def _params(self, request: ExpandRequest, params: StepParams, k: int) -> SamplingParams:
-        own = getattr(request, "max_new_tokens", None)
-        max_new = own if own is not None else params.max_new_tokens
+        max_new = request.max_new_tokens if request.max_new_tokens is not None else params.max_new_tokens
         return SamplingParams(
             max_new_tokens=int(max_new), temperature=params.temperature, top_p=self.top_p,
             stop=self.stop, stop_token_ids=self.stop_token_ids, no_stop_trim=self.no_stop_trim,
@@ -100,21 +99,18 @@ def to_step(sample: Sample) -> SampledStep:
     )
 
 
-async def tokenize_root(client: PolicyClient, question: str, model_type: object,
+async def tokenize_root(client: PolicyClient, question: str, model_type: PolicyModelType | str,
                         system_prompt: str | None = None) -> Root:
     """The search root for ``question``: formatted per the policy model type and tokenized by
     the policy server itself (``/tokenize``: its tokenizer and chat template), so the root ids are
     the ones the engine caches. ``model_type`` is a ``PolicyModelType`` or its name.
     ``system_prompt`` (a request's system message) goes into the chat template of chat-style
     types, replacing the type's own; step-style types have no template and do not use it."""
-    if isinstance(model_type, str):
-        from ets.config import policy_model_type
-
-        model_type = policy_model_type(model_type)
-    if getattr(model_type, "chat", False):
-        ids = await client.tokenize_chat(model_type.root_messages(question, system_prompt))  # type: ignore[attr-defined]
+    mt = policy_model_type(model_type) if isinstance(model_type, str) else model_type
+    if mt.chat:
+        ids = await client.tokenize_chat(mt.root_messages(question, system_prompt))
     else:
-        ids = await client.tokenize(model_type.format_root(question), add_special_tokens=True)  # type: ignore[attr-defined]
+        ids = await client.tokenize(mt.format_root(question), add_special_tokens=True)
     if not ids:
         raise ValueError("question: tokenized to an empty prompt")
     return Root(question=question, prompt_ids=tuple(ids))

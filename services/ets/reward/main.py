@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ets import settings
-from ets.reward.adapters import AdapterError, PrmOptions
+from ets.errors import SettingError
+from ets.reward.adapters import AdapterError
 from ets.reward.server import RewardServer, log
-from ets.reward.settings import ConfigError, RewardServerConfig
+from ets.reward.settings import RewardServerConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +31,8 @@ def config_from_args(argv: Sequence[str],
                      env: Mapping[str, str] | None = None) -> tuple[RewardServerConfig, str | None]:
     args = _parser().parse_args(list(argv))
     env = os.environ if env is None else env
-    config = settings.from_args(RewardServerConfig, args, env=env,
-                                base=RewardServerConfig(options=PrmOptions.from_env(env)), error=ConfigError)
+    config = settings.from_args(RewardServerConfig, args, env=env, base=RewardServerConfig.env_base(env),
+                                error=SettingError)
     return config, args.ready_file
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         config.validate()
         code = asyncio.run(_serve(config, ready_file))
-    except (ConfigError, AdapterError) as exc:
+    except (SettingError, AdapterError) as exc:
         print(f"ets reward-serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(code)

@@ -1,9 +1,11 @@
 """The reward server's settings and its PRM backend factory.
 
 Owns ``RewardServerConfig`` (env ``ETS_PRM_*``, ``ETS_EMBEDDER_MODEL``, ``ETS_DEVICE``,
-``ETS_REWARD_*``, and the flags generated from them by ``ets.settings``), its validation
-(``ConfigError`` naming the variable), and ``build_backend``: the configured PRM backend (rules,
-transformers, or SGLang under the engine supervisor), not started.
+``ETS_REWARD_*``, and the flags generated from them by ``ets.settings``; the PRM token strings
+``PrmOptions`` and the spawned PRM engine's ``ETS_PRM_SGLANG_*`` are read with them, at startup),
+its validation (``SettingError`` naming the variable), and ``build_backend``: the configured PRM
+backend (rules, transformers, or SGLang under the engine supervisor), not started, built from the
+config alone (it reads no environment).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Any, Mapping
 
 from ets import settings
 from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
-from ets.engine.launcher import DEVICES
-from ets.errors import FieldError
+from ets.engine.launcher import DEVICES, LaunchConfig
+from ets.errors import FieldError, SettingError
 from ets.reward.adapters import PrmOptions
 from ets.reward.backends import BACKENDS, PrmBackend
 from ets.reward.metrics import RewardMetrics
@@ -24,8 +26,8 @@ from ets.settings import setting
 GPU_PRM_MEM_FRACTION = 0.85
 
 
-class ConfigError(FieldError):
-    """An invalid server setting; ``field`` names the env var."""
+# The spawned PRM engine's SGLang settings: LaunchConfig's names with this prefix in place of ETS_POLICY_.
+PRM_ENGINE_ENV_PREFIX = "ETS_PRM_SGLANG_"
 
 
 @dataclass(frozen=True)
@@ -75,30 +77,33 @@ class RewardServerConfig:
                                    help="bearer token Score/Embed/Info require (health stays open); unset = no auth")
     # ETS_PRM_STEP_TAG, _PLUS, _MINUS, _SEPARATOR, _YES, _NO, _JUDGE_*_TURN (PrmOptions.from_env).
     options: PrmOptions = field(default_factory=PrmOptions)
+    # ETS_PRM_SGLANG_* tunes the spawned PRM server like ETS_POLICY_* tunes the policy's; its model,
+    # host, port and device are the fields above (build_backend).
+    prm_engine: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> "RewardServerConfig":
-        settings.check(self, error=ConfigError, naming="env")
+        settings.check(self, error=SettingError, naming="env")
         model_free = self.prm_type in MODEL_FREE_PRM_TYPES
         if model_free and self.prm_backend != "rules":
-            raise ConfigError("ETS_PRM_BACKEND", f"PRM type {self.prm_type!r} is scored by rules without a model: "
+            raise SettingError("ETS_PRM_BACKEND", f"PRM type {self.prm_type!r} is scored by rules without a model: "
                               f"set ETS_PRM_BACKEND=rules, got {self.prm_backend!r}")
         if self.prm_backend == "rules" and not model_free:
-            raise ConfigError("ETS_PRM_TYPE", f"the rules backend serves {list(MODEL_FREE_PRM_TYPES)}; "
+            raise SettingError("ETS_PRM_TYPE", f"the rules backend serves {list(MODEL_FREE_PRM_TYPES)}; "
                               f"{self.prm_type!r} needs a model (ETS_PRM_BACKEND=sglang or transformers)")
         if model_free and self.prm_model:
             # Info would report a model that scores nothing.
-            raise ConfigError("ETS_PRM_MODEL", f"PRM type {self.prm_type!r} uses no model; leave it empty")
+            raise SettingError("ETS_PRM_MODEL", f"PRM type {self.prm_type!r} uses no model; leave it empty")
         if not model_free and not self.prm_model:
-            raise ConfigError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
+            raise SettingError("ETS_PRM_MODEL", "required: the PRM model folder (its tokenizer is read locally)")
         if not self.prm_host or any(c.isspace() for c in self.prm_host):
-            raise ConfigError("ETS_PRM_HOST",
+            raise SettingError("ETS_PRM_HOST",
                               f"must be one bind address (127.0.0.1, 0.0.0.0, ...), got {self.prm_host!r}")
         if self.prm_url and self.prm_backend != "sglang":
-            raise ConfigError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
+            raise SettingError("ETS_PRM_URL", "only the sglang backend attaches to a PRM server URL")
         try:
             self.security().check()
-        except FieldError as err:
-            raise ConfigError(err.field, err.message) from None
+        except FieldError as err:  # ets.security names the variable
+            raise SettingError(err.field, err.message) from None
         return self
 
     def security(self) -> ServerSecurity:
@@ -109,13 +114,20 @@ class RewardServerConfig:
         return replace(self, **overrides)
 
     @classmethod
+    def env_base(cls, env: Mapping[str, str]) -> "RewardServerConfig":
+        """The defaults with the settings that have no flag read from ``env``: the PRM token strings
+        and the spawned PRM engine's ``ETS_PRM_SGLANG_*`` (``SettingError`` naming the variable)."""
+        engine = settings.from_env(LaunchConfig, env, prefix=PRM_ENGINE_ENV_PREFIX, error=SettingError)
+        return cls(options=PrmOptions.from_env(env), prm_engine=engine)
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RewardServerConfig":
         env = os.environ if env is None else env
-        return settings.from_env(cls, env, base=cls(options=PrmOptions.from_env(env)), error=ConfigError)
+        return settings.from_env(cls, env, base=cls.env_base(env), error=SettingError)
 
 
 def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBackend:
-    """The configured PRM backend (not started). Raises AdapterError/ConfigError naming the setting."""
+    """The configured PRM backend (not started). Raises AdapterError/LaunchConfigError naming the setting."""
     on_batch = metrics.model_batch.labels("prm").observe
     if config.prm_backend == "rules":
         from ets.reward.backends.rules_backend import RulesBackend
@@ -126,7 +138,6 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
 
         return TransformersBackend(config.prm_model, config.prm_type, options=config.options, device=config.device,
                                    dtype=config.prm_dtype, max_batch_items=config.max_batch_size, on_batch=on_batch)
-    from ets.engine.launcher import config_from_env
     from ets.engine.supervisor import EngineSupervisor
     from ets.reward.backends.sglang_backend import SglangBackend
 
@@ -135,8 +146,7 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
         supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,
                                       on_restart=metrics.prm_restarts.inc, **names)
     else:
-        # ETS_PRM_SGLANG_* tunes the spawned server like ETS_POLICY_* tunes the policy's.
-        launch = config_from_env(prefix="ETS_PRM_SGLANG_", default_port=config.prm_port).replace(
+        launch = config.prm_engine.replace(
             model_path=config.prm_model, host=config.prm_host, port=config.prm_port, device=config.device,
             served_name="prm",
         )

@@ -25,7 +25,7 @@ from ets.search.base import Selection
 from ets.search.interfaces import (
     ExpandRequest, Root, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
 )
-from ets.search.selection import SelectionMethod, Subtrees, method_of, validate
+from ets.search.selection import SelectionMethod, Subtrees, method_of
 from ets.search.tree import FinishReason, Node, SearchTree
 
 __all__ = [
@@ -148,7 +148,8 @@ async def run_search(
     ``max_generated_tokens``: the search's token budget (an operator's cap), checked after each
     depth: once spent, the search stops and its open candidates finish as ``max_tokens``.
     """
-    validate(config)
+    # A ValidConfig (what the service's request checks produce) is returned as is: checked once.
+    config = config.validate()
     method = method_of(config)
     model_type = config.model_type
     if len(root.prompt_ids) >= config.max_tokens:

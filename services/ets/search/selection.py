@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from ets.config import ConfigError, SearchConfig
+from ets.config import ConfigError, SearchConfig, ValidConfig
 from ets.search.base import Selection
 from ets.search.beam import select_beam
 from ets.search.best_of_n import select_best_of_n
@@ -78,11 +78,11 @@ def method_of(config: SearchConfig) -> SelectionMethod:
         raise ConfigError("method", f"unknown {config.method!r}; expected one of {list(METHODS)}") from None
 
 
-def validate(config: SearchConfig) -> SearchConfig:
+def validate(config: SearchConfig) -> ValidConfig:
     """``config.validate()`` plus the method name (the names live in this registry)."""
-    config.validate()
-    method_of(config)
-    return config
+    valid = config.validate()
+    method_of(valid)
+    return valid
 
 
 def select(

@@ -4,7 +4,7 @@
               [--reward-addr HOST:PORT] [--grace 30] [--max-concurrent N] [--max-queued N]
 
 Settings (env vars and the flags generated from them): ``ets.service.settings.ServiceSettings``
-(``ets settings`` lists them); search defaults: ETS_SEARCH_<FIELD> (``SearchConfig.from_env``).
+(``ets settings`` lists them); search defaults: ETS_SEARCH_<FIELD> (``ets.service.settings.search_defaults``).
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from typing import Awaitable, Callable
 
 import prometheus_client
 
-from ets.config import ConfigError, SearchConfig
-from ets.search.selection import validate
-from ets.service.request import RequestError
-from ets.service.server import SearchServer, limits_of
-from ets.service.settings import ServiceSettings, settings_from_args
+from ets.config import SearchConfig
+from ets.errors import SettingError
+from ets.service.server import SearchServer
+from ets.service.settings import ServiceSettings, search_defaults, settings_from_args
 
 __all__ = ["main", "serve", "settings_from_args"]
 
@@ -51,18 +50,9 @@ def main(argv: list[str]) -> None:
     # One series per counter: the *_created gauges only double the exposition.
     prometheus_client.disable_created_metrics()
     try:
-        defaults = validate(SearchConfig.from_env())
-    except ConfigError as err:
-        # from_env names the variable; the method registry's checks name the field.
-        name = err.field if err.field.startswith("ETS_") else f"ETS_SEARCH_{err.field.upper()}"
-        print(f"ets serve: bad search default {name}: {err.message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    try:
-        # Server defaults beyond the operator's caps would refuse every request that relies on them.
-        limits_of(settings).check(defaults)
-    except RequestError as err:
-        name = "ETS_SEARCH_" + err.field.removeprefix("config.").upper()
-        print(f"ets serve: search default {name} is beyond this server's cap: {err.message}", file=sys.stderr)
+        defaults = search_defaults(settings)
+    except SettingError as err:
+        print(f"ets serve: bad search default {err}", file=sys.stderr)
         raise SystemExit(2) from None
     asyncio.run(serve(settings, defaults))
 

@@ -44,7 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ets.config import policy_model_type
+from ets.policy.model_types import policy_model_type
 from ets.errors import FieldError
 from ets.search.loop import DepthReport
 from ets.service.openai_request import METHOD_ALIASES, ChatSearch, parse_chat

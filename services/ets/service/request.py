@@ -1,16 +1,20 @@
 """Transport-neutral request checks: the problem text and the config overrides a request set.
 
-Owns ``RequestError`` (field named as ``problem`` or ``config.<name>``) and the rules every
-transport applies before a search is admitted. Transports parse their own wire format into a
-plain mapping of ``SearchConfig`` field names (``ets.service.convert`` for the proto).
+Owns ``RequestError`` (field named as ``problem`` or ``config.<name>``), ``Limits`` (the operator's
+caps as the runner applies them; their values and variable names are ``ServiceSettings``'
+declarations, ``ServiceSettings.limits()``) and the rules every transport's request passes once,
+in the runner, before a search is admitted: the result is a ``ValidConfig`` that the search loop
+does not check again. Transports parse their own wire format into a plain mapping of
+``SearchConfig`` field names (``ets.service.convert`` for the proto, ``ets.service.openai_request``
+for the HTTP body).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig
+from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig, ValidConfig
 from ets.errors import FieldError
 from ets.search.selection import validate
 
@@ -25,27 +29,29 @@ _REQUEST_ID = re.compile(r"[!-~]*")
 
 @dataclass(frozen=True)
 class Limits:
-    """The operator's caps on what one request may ask for (``ServiceSettings``' ETS_LIMIT_*,
-    ETS_MAX_SOLVER_TIME_LIMIT_S): memory and time are bounded by configuration, not by clients."""
+    """The operator's caps on what one request may ask for: memory and time are bounded by
+    configuration, not by clients. Built by ``ServiceSettings.limits()`` (values and variable
+    names declared once, there); ``settings`` maps each cap to the variable errors name."""
 
-    width: int = 256
-    max_tokens: int = 8192
-    max_depth: int = 100
-    solver_time_limit_s: float = 2.0
-    generated_tokens: int = 1_000_000
-    search_s: float = 900.0
+    width: int
+    max_tokens: int
+    max_depth: int
+    solver_time_limit_s: float
+    generated_tokens: int
+    search_s: float
+    settings: Mapping[str, str] = field(default_factory=dict)
 
-    def check(self, config: SearchConfig) -> SearchConfig:
+    def setting(self, cap: str) -> str:
+        """The variable that sets ``cap`` (e.g. ``ETS_LIMIT_WIDTH`` for ``width``)."""
+        return self.settings.get(cap, cap)
+
+    def check(self, config: ValidConfig) -> ValidConfig:
         """``config`` if within every cap, else ``RequestError`` naming the field and the setting."""
-        for field, value, cap, env in (
-            ("width", config.width, self.width, "ETS_LIMIT_WIDTH"),
-            ("max_tokens", config.max_tokens, self.max_tokens, "ETS_LIMIT_MAX_TOKENS"),
-            ("max_depth", config.max_depth, self.max_depth, "ETS_LIMIT_MAX_DEPTH"),
-            ("solver_time_limit_s", config.solver_time_limit_s, self.solver_time_limit_s,
-             "ETS_MAX_SOLVER_TIME_LIMIT_S"),
-        ):
+        for name in ("width", "max_tokens", "max_depth", "solver_time_limit_s"):
+            value, cap = getattr(config, name), getattr(self, name)
             if value > cap:
-                raise RequestError(f"config.{field}", f"must be at most {cap:g} on this server ({env}), got {value:g}")
+                raise RequestError(f"config.{name}",
+                                   f"must be at most {cap:g} on this server ({self.setting(name)}), got {value:g}")
         return config
 
 
@@ -70,7 +76,7 @@ def validate_request_id(request_id: str) -> str:
     return request_id
 
 
-def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits: Limits | None = None) -> SearchConfig:
+def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits: Limits | None = None) -> ValidConfig:
     """The request's config fields over the server defaults, validated and within the operator's
     ``limits`` (``RequestError``)."""
     try:
@@ -80,12 +86,12 @@ def resolve_config(overrides: Mapping[str, Any], defaults: SearchConfig, limits:
     return config if limits is None else limits.check(config)
 
 
-def with_new_token_budget(config: SearchConfig, prompt_tokens: int, max_new_tokens: int,
-                          limits: Limits | None = None) -> SearchConfig:
+def with_new_token_budget(config: ValidConfig, prompt_tokens: int, max_new_tokens: int,
+                          limits: Limits | None = None) -> ValidConfig:
     """``config`` with a per-trajectory budget of ``max_new_tokens`` generated tokens (OpenAI's
     ``max_tokens``) turned into ``max_tokens``, which counts the ``prompt_tokens`` of the root too;
-    the operator's caps apply to the result. ``RequestError`` names ``max_tokens`` (the field the
-    client set)."""
+    only the rules that involve ``max_tokens`` are checked again, and the operator's cap.
+    ``RequestError`` names ``max_tokens`` (the field the client set)."""
     if max_new_tokens < 1:
         raise RequestError("max_tokens", f"must be at least 1, got {max_new_tokens}")
     total = prompt_tokens + max_new_tokens
@@ -93,10 +99,11 @@ def with_new_token_budget(config: SearchConfig, prompt_tokens: int, max_new_toke
         raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
                            f"exceeds {MAX_TOKENS_LIMIT} tokens per trajectory")
     try:
-        config = validate(config.replace(max_tokens=total))
+        config = config.with_max_tokens(total)
     except ConfigError as err:
         raise RequestError("max_tokens", err.message) from None
     if limits is not None and total > limits.max_tokens:
         raise RequestError("max_tokens", f"the prompt ({prompt_tokens} tokens) plus {max_new_tokens} new tokens "
-                           f"exceeds this server's {limits.max_tokens} tokens per trajectory (ETS_LIMIT_MAX_TOKENS)")
+                           f"exceeds this server's {limits.max_tokens} tokens per trajectory "
+                           f"({limits.setting('max_tokens')})")
     return config

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
-from ets.config import SearchConfig
+from ets.config import SearchConfig, ValidConfig
 from ets.search.answers import Grouping, group_answers, select_answer
 from ets.search.interfaces import Root, StepGenerator, StepScorer
 from ets.search.base import Selection
@@ -121,10 +121,10 @@ class SearchRunner:
     off the event loop (0: one per core)."""
 
     def __init__(self, upstreams: Upstreams, defaults: SearchConfig, admission: Admission, metrics: SearchMetrics,
-                 *, grouping: Grouping = group_answers,
+                 *, limits: Limits, grouping: Grouping = group_answers,
                  on_upstream_failure: Callable[[], None] | None = None,
                  upstreams_down: Callable[[], Mapping[str, str]] | None = None,
-                 limits: Limits | None = None, selection_workers: int = 0) -> None:
+                 selection_workers: int = 0) -> None:
         self.upstreams = upstreams
         self.defaults = defaults
         self.admission = admission
@@ -132,7 +132,7 @@ class SearchRunner:
         self.grouping = grouping
         self.on_upstream_failure = on_upstream_failure
         self.upstreams_down = upstreams_down
-        self.limits = limits or Limits()
+        self.limits = limits
         # Selection (clustering + HiGHS, up to the solver limit) is CPU work: on the event loop it
         # would stall every other search, stream and health answer of the process.
         self._selection_pool = ThreadPoolExecutor(max_workers=selection_workers or os.cpu_count() or 1,
@@ -178,7 +178,8 @@ class SearchRunner:
                 async with asyncio.timeout_at(deadline):
                     served = await self._admitted(problem, config, call)
             except TimeoutError:
-                limit = f", the server's limit ETS_LIMIT_SEARCH_S={self.limits.search_s:g}s" if capped else ""
+                limit = (f", the server's limit {self.limits.setting('search_s')}={self.limits.search_s:g}s"
+                         if capped else "")
                 raise TimeoutError(f"search did not finish before the deadline "
                                    f"({time.perf_counter() - started:.1f}s{limit})") from None
         except asyncio.CancelledError:
@@ -204,13 +205,13 @@ class SearchRunner:
             self.metrics.grouping_fallbacks.inc()
         if served.result.stats.token_budget_hit:
             self.metrics.token_budget_hits.inc()
-            log.warning("search %s stopped at the generated-token budget (%d tokens, ETS_LIMIT_GENERATED_TOKENS)",
-                        call.request_id or "-", served.result.stats.generated_tokens)
+            log.warning("search %s stopped at the generated-token budget (%d tokens, %s)", call.request_id or "-",
+                        served.result.stats.generated_tokens, self.limits.setting("generated_tokens"))
         log.info("search %s ok: method=%s width=%d answer=%r wall=%.2fs", call.request_id or "-", method,
                  config.width, served.answer, served.wall_seconds)
         return served
 
-    async def _admitted(self, problem: str, config: SearchConfig, call: SearchCall) -> ServedSearch:
+    async def _admitted(self, problem: str, config: ValidConfig, call: SearchCall) -> ServedSearch:
         async with self.admission.slot(config.width) as waited:
             self.metrics.queue_wait.observe(waited)
             if waited > 0.01:
@@ -228,7 +229,7 @@ class SearchRunner:
             self.metrics.search_duration.labels(method=config.method, api=call.api).observe(served.wall_seconds)
             return served
 
-    async def run(self, problem: str, config: SearchConfig, on_depth: Callable[[DepthReport], None] | None = None,
+    async def run(self, problem: str, config: ValidConfig, on_depth: Callable[[DepthReport], None] | None = None,
                   *, expect_prm_type: str = "", system_prompt: str | None = None,
                   max_new_tokens: int | None = None) -> ServedSearch:
         """The search itself (no admission, deadline or metrics): root, loop, answer choice."""

@@ -35,7 +35,6 @@ from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.openai_http import OpenAIFrontDoor
 from ets.service.readiness import Readiness
-from ets.service.request import Limits
 from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
 from ets.service.status import Status
 from ets.service.settings import ServiceSettings
@@ -113,12 +112,6 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return response
 
 
-def limits_of(settings: ServiceSettings) -> Limits:
-    return Limits(width=settings.limit_width, max_tokens=settings.limit_max_tokens, max_depth=settings.limit_max_depth,
-                  solver_time_limit_s=settings.max_solver_time_limit_s,
-                  generated_tokens=settings.limit_generated_tokens, search_s=settings.limit_search_s)
-
-
 def server_options(max_send_bytes: int, max_connection_age_s: float, age_grace_s: float) -> list[tuple[str, int]]:
     """gRPC server options shared by the search and reward servers; ``age_grace_s``: how long a
     call may still run on a connection past its maximum age (the longest call allowed)."""
@@ -159,7 +152,7 @@ class SearchServer:
                                    grouping=grouping,
                                    on_upstream_failure=self.readiness.reprobe,
                                    upstreams_down=self.readiness.down if settings.fail_fast else None,
-                                   limits=limits_of(settings), selection_workers=settings.selection_workers)
+                                   limits=settings.limits(), selection_workers=settings.selection_workers)
         self.servicer = SearchServicer(self.runner, settings.max_send_bytes)
         self.security = settings.server_security()
         self.server = grpc.aio.server(options=server_options(settings.max_send_bytes, settings.max_connection_age_s,

@@ -1,10 +1,17 @@
 """Settings of the search service (``ets serve``): each env var with its flag, default and check.
 
 Owns ``ServiceSettings`` (one ``ets.settings.setting`` field per setting: the env var, the
-generated ``--flag``, the default and the bounds live together) and ``settings_from_args``
-(environment, then flags; a bad value exits with status 2 naming the flag and its env var).
-Search defaults (``ETS_SEARCH_<FIELD>``) are ``SearchConfig.from_env``'s; the admission limits'
-names and defaults are ``ets.service.admission``'s.
+generated ``--flag``, the default and the bounds live together; the operator's caps are read from
+here as ``limits()``), ``settings_from_args`` (environment, then flags; a bad value exits with
+status 2 naming the flag and its env var) and ``search_defaults``: the server-wide search
+defaults ``ETS_SEARCH_<FIELD>`` (``SearchConfig.from_env``), checked as a request would be
+(method registry, the caps), every error a ``SettingError`` naming the variable. The admission
+limits' names and defaults are ``ets.service.admission``'s.
+
+One prefix, ``ETS_SEARCH_``, for what ``ets serve`` reads: its own settings (``ETS_SEARCH_PORT``)
+and the search defaults (``ETS_SEARCH_WIDTH``). Kept rather than split: compose files, manifests
+and clients already use both, the two sets are told apart by name (a default is a
+``SearchConfig`` field), and an overlap is refused at import below.
 """
 from __future__ import annotations
 
@@ -14,8 +21,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ets import settings
-from ets.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH
-from ets.errors import FieldError
+from ets.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH, SEARCH_ENV_PREFIX, SearchConfig, ValidConfig
+from ets.errors import FieldError, SettingError
 from ets.security import ClientSecurity, ServerSecurity, read_token
 from ets.service.admission import (
     DEFAULT_MAX_CONCURRENT,
@@ -25,14 +32,12 @@ from ets.service.admission import (
 )
 from ets.service.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from ets.service.metrics import METRICS_PORT_ENV
+from ets.service.request import Limits
+from ets.search.selection import validate
 
 DEFAULT_PORT = 50051
 DEFAULT_OPENAI_PORT = 8000
 DEFAULT_GRACE_S = 30.0
-
-
-class SettingsError(FieldError):
-    """An invalid search-service setting; ``field`` names the env var (and flag)."""
 
 
 def _http_url(text: str) -> str | None:
@@ -137,6 +142,15 @@ class ServiceSettings:
     policy_api_key_file: str = settings.setting(
         "", env="ETS_POLICY_API_KEY_FILE", help="the policy SGLang server's --api-key, sent as a bearer token")
 
+    def limits(self) -> Limits:
+        """The operator's caps as the runner applies them, each named by its variable in errors."""
+        fields = {"width": "limit_width", "max_tokens": "limit_max_tokens", "max_depth": "limit_max_depth",
+                  "solver_time_limit_s": "max_solver_time_limit_s", "generated_tokens": "limit_generated_tokens",
+                  "search_s": "limit_search_s"}
+        env = {s.name: s.env_names()[0] for s in settings.settings_of(ServiceSettings)}
+        return Limits(**{cap: getattr(self, name) for cap, name in fields.items()},
+                      settings={cap: env[name] for cap, name in fields.items()})
+
     def server_security(self) -> ServerSecurity:
         return ServerSecurity(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file, self.auth_token_file,
                               env_prefix="ETS_SEARCH_")
@@ -154,7 +168,7 @@ class ServiceSettings:
         self.reward_security().check()
         self.policy_api_key()
         if self.limit_width > self.max_concurrent_width:
-            raise FieldError("ETS_LIMIT_WIDTH", f"must not exceed ETS_MAX_CONCURRENT_WIDTH "
+            raise SettingError("ETS_LIMIT_WIDTH", f"must not exceed ETS_MAX_CONCURRENT_WIDTH "
                              f"({self.max_concurrent_width}), got {self.limit_width}: such a search could never run")
 
 
@@ -172,8 +186,23 @@ def settings_from_args(argv: list[str], env: Mapping[str, str] | None = None) ->
     args = p.parse_args(argv)
     try:
         result = settings.from_args(ServiceSettings, args, env=os.environ if env is None else env,
-                                    error=SettingsError)
+                                    error=SettingError)
         result.check()
         return result
     except FieldError as err:
         p.error(str(err))
+
+
+def search_defaults(service: ServiceSettings, env: Mapping[str, str] | None = None) -> ValidConfig:
+    """The search defaults ``ETS_SEARCH_<FIELD>`` over the paper's, checked as a request is (the
+    method registry, this server's caps: defaults beyond them would refuse every request that
+    relies on them); ``SettingError`` naming the variable."""
+    limits = service.limits()
+    return SearchConfig.from_env(environ=env, check=lambda config: limits.check(validate(config)))
+
+
+# One prefix, two sets of names: a service setting must not be a search default's name too.
+_SHARED = {n for s in settings.settings_of(ServiceSettings) for n in s.env_names()} & {
+    s.env_names(SEARCH_ENV_PREFIX)[0] for s in settings.settings_of(SearchConfig, every_field=True)}
+if _SHARED:  # pragma: no cover - a naming error, caught by any import
+    raise ImportError(f"ServiceSettings and the search defaults both read {sorted(_SHARED)}")
