@@ -3,7 +3,8 @@
 Owns the HTTP edge only, on its own port (``ETS_SEARCH_OPENAI_PORT``, default 8000) in the same
 process and event loop as the gRPC server: FastAPI routes served by ``uvicorn.Server.serve()`` as
 a task of that loop (no thread, no second loop). ``POST /v1/chat/completions`` becomes a
-``SearchCall`` for the shared ``SearchRunner`` (``ets.service.openai_request`` parses it), so
+``SearchCall`` for the shared ``SearchRunner`` (``ets.service.openai_request`` parses it; a
+stream is the runner's ``stream``, translated to server-sent events), so
 admission, limits, deadline, metrics (``api="openai"``) and the one failure classification
 (``ets.service.status.status_for``) are the gRPC path's. This module only renders:
 
@@ -49,7 +50,7 @@ from ets.errors import FieldError
 from ets.search.loop import DepthReport
 from ets.service.openai_request import METHOD_ALIASES, ChatSearch, parse_chat
 from ets.service.request import RequestError
-from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch
+from ets.service.runner import SearchCall, SearchEvents, SearchFailed, SearchRunner, ServedSearch
 from ets.service.status import Status, status_for
 
 log = logging.getLogger("ets.service.openai")
@@ -112,6 +113,11 @@ def _failure(exc: BaseException, chat: ChatSearch | None) -> tuple[int, dict[str
     return status, _error_body(status, message, param, failure.status.name.lower())
 
 
+def _error_of(exc: BaseException, chat: ChatSearch) -> JSONResponse:
+    status, error = _failure(exc, chat)
+    return JSONResponse(error, status_code=status, headers=_error_headers(status))
+
+
 def _usage(served: ServedSearch) -> dict[str, Any]:
     """The whole search's tokens: every prompt sent to the policy and every token generated."""
     s = served.result.stats
@@ -167,10 +173,6 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-_STARTED = object()  # the search holds a running slot
-_DONE = object()  # the search task finished (result, failure or cancel)
 
 
 class OpenAIFrontDoor:
@@ -296,39 +298,47 @@ class OpenAIFrontDoor:
             return error_response(400, str(err), param=err.field, code="invalid_argument")
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         request_id = chat.request_id or completion_id
-        events: asyncio.Queue[object] = asyncio.Queue()
         call = SearchCall(problem=chat.problem, overrides=chat.overrides, request_id=request_id,
-                          expect_prm_type=str(chat.overrides.get("prm_type", "")).strip(),
                           timeout_s=chat.timeout_s, api=API, system_prompt=chat.system_prompt,
-                          max_new_tokens=chat.max_new_tokens,
-                          on_depth=events.put_nowait if chat.stream else None,
-                          on_start=(lambda: events.put_nowait(_STARTED)) if chat.stream else None)
-        search = asyncio.ensure_future(self.runner.search(call))
-        search.add_done_callback(lambda _: events.put_nowait(_DONE))
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, search))
+                          max_new_tokens=chat.max_new_tokens)
         created = int(time.time())
+        if chat.stream:
+            return await self._start_stream(request, chat, call, completion_id, created)
+        search = asyncio.ensure_future(self.runner.search(call))
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, search))
         try:
-            if chat.stream:
-                first = await events.get()  # admitted (the stream may start) or finished
-            else:
-                await asyncio.wait([search])
-                first = _DONE
+            await asyncio.wait([search])
         except asyncio.CancelledError:
             search.cancel()  # the handler itself was cancelled (server stopping)
+            raise
+        finally:
+            watcher.cancel()
+        if search.cancelled():
+            return Response(status_code=HTTP_STATUS[Status.CANCELLED])
+        exc = search.exception()
+        if exc is not None:
+            return _error_of(exc, chat)
+        return JSONResponse(self._completion(search.result(), chat, completion_id, created, request_id))
+
+    async def _start_stream(self, request: Request, chat: ChatSearch, call: SearchCall, completion_id: str,
+                            created: int) -> Response:
+        """The event stream once the search holds a running slot; a failure before that (400,
+        429, ...) is an HTTP status of its own."""
+        events = self.runner.stream(call)
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, events.task))
+        try:
+            first = await anext(events, None)  # Started, or the search ended before it could start
+        except asyncio.CancelledError:
+            events.cancel()  # the handler itself was cancelled (server stopping)
             watcher.cancel()
             raise
-        if first is _DONE:
+        except Exception as exc:  # noqa: BLE001 - SearchFailed, or a bug: either way an error response
             watcher.cancel()
-            if search.cancelled():
-                return Response(status_code=HTTP_STATUS[Status.CANCELLED])
-            exc = search.exception()
-            if exc is not None:
-                status, error = _failure(exc, chat)
-                return JSONResponse(error, status_code=status, headers=_error_headers(status))
-            if not chat.stream:
-                return JSONResponse(self._completion(search.result(), chat, completion_id, created, request_id))
-            events.put_nowait(_DONE)  # finished before it could start streaming: the stream ends at once
-        return StreamingResponse(self._stream(chat, search, events, watcher, completion_id, created, request_id),
+            return _error_of(exc, chat)
+        if first is None:
+            watcher.cancel()
+            return Response(status_code=HTTP_STATUS[Status.CANCELLED])
+        return StreamingResponse(self._stream(chat, events, watcher, completion_id, created, call.request_id),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -343,35 +353,29 @@ class OpenAIFrontDoor:
             "ets": ets_object(served, chat, request_id),
         }
 
-    async def _stream(self, chat: ChatSearch, search: asyncio.Future[ServedSearch], events: asyncio.Queue[object],
-                      watcher: asyncio.Future[None], completion_id: str, created: int,
-                      request_id: str) -> AsyncIterator[str]:
+    async def _stream(self, chat: ChatSearch, events: SearchEvents, watcher: asyncio.Future[None],
+                      completion_id: str, created: int, request_id: str) -> AsyncIterator[str]:
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": chat.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
 
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
-            while (item := await events.get()) is not _DONE:
-                if isinstance(item, DepthReport):
+            async for event in events:
+                if isinstance(event, DepthReport):
                     # Standard clients ignore the extra field; ours read the search's progress.
-                    yield _sse(chunk({}, ets={"progress": dataclasses.asdict(item)}))
-            if search.cancelled():
-                return
-            exc = search.exception()
-            if exc is not None:
-                yield _sse(_failure(exc, chat)[1])
-                return
-            served = search.result()
-            yield _sse(chunk({"content": _content(served)}))
-            yield _sse(chunk({}, "stop", ets=ets_object(served, chat, request_id)))
-            if chat.include_usage:
-                yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": chat.model, "choices": [], "usage": _usage(served)})
-            yield _sse("[DONE]")
+                    yield _sse(chunk({}, ets={"progress": dataclasses.asdict(event)}))
+                elif isinstance(event, ServedSearch):
+                    yield _sse(chunk({"content": _content(event)}))
+                    yield _sse(chunk({}, "stop", ets=ets_object(event, chat, request_id)))
+                    if chat.include_usage:
+                        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                    "model": chat.model, "choices": [], "usage": _usage(event)})
+                    yield _sse("[DONE]")
+        except Exception as exc:  # noqa: BLE001 - SearchFailed, or a bug: an error event either way
+            yield _sse(_failure(exc, chat)[1])
         finally:
             # Stream closed early (client gone, server stopping): stop the search with it. Not
             # awaited: this may run under a cancelled scope; the runner unwinds on its own.
             watcher.cancel()
-            if not search.done():
-                search.cancel()
+            events.cancel()

@@ -1,15 +1,21 @@
 """The search runner every transport shares: one admitted, bounded, measured search per call.
 
 Owns the path of one search from a transport-neutral ``SearchCall`` to a ``ServedSearch``:
-request checks and the operator's caps (``ets.service.request``), failing fast while an upstream
-is known down, admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the
-deadline (the client's, capped by the server's; over queueing and running), the search itself
-(root, generator and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections
-in a thread pool and its generated-token budget), answer choice off the event loop with the
-service's grouping function, the search metrics, and classifying every failure once through
+request checks and the operator's caps (``ets.service.request``: the request is checked once,
+here, and carried on as a ``ValidConfig``), failing fast while an upstream is known down,
+admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the deadline (the
+client's, capped by the server's; over queueing and running), the search itself (root, generator
+and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections in a thread pool
+and its generated-token budget), answer choice off the event loop with the service's grouping
+function, the search metrics, and classifying every failure once through
 ``ets.service.status.status_for`` (raised as ``SearchFailed``). Cancellation (a client that went
-away) propagates and is counted. The runner knows no transport: the gRPC servicer and any other
-front door only translate requests in and statuses out.
+away) propagates and is counted.
+
+Two ways in, and the transports only translate: ``search(call)`` awaits the result (unary calls);
+``stream(call)`` is the one streaming primitive, an async iterator of ``Started`` (admitted),
+one ``DepthReport`` per depth, then the ``ServedSearch``, whose early exit cancels the search
+(``SearchEvents``). Everything a request implies is derived here once (the expected PRM type
+from the request's ``prm_type``). The runner knows no transport.
 """
 from __future__ import annotations
 
@@ -62,12 +68,7 @@ class SearchCall:
     problem: str
     overrides: Mapping[str, Any]  # SearchConfig fields the request set (the rest: server defaults)
     request_id: str = ""
-    # The request's explicit prm_type, checked by the reward server against the PRM it serves.
-    expect_prm_type: str = ""
     timeout_s: float | None = None  # seconds left until the client's deadline (None: none)
-    on_depth: Callable[[DepthReport], None] | None = None
-    # Called once the search holds a running slot (a stream can start: admission has said yes).
-    on_start: Callable[[], None] | None = None
     # The transport that took the request: the bounded ``api`` metric label (ets.service.metrics.APIS).
     api: str = "grpc"
     # A system message for the policy's chat template (chat-style policy model types only).
@@ -75,6 +76,12 @@ class SearchCall:
     # Tokens each trajectory may generate beyond the root prompt (OpenAI's max_tokens); when set,
     # it replaces config.max_tokens (which counts the root prompt too) once the root is tokenized.
     max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """A stream's first event: the search holds a running slot (admission said yes), so a
+    transport may start its response; failures before it (400, 429) keep their own status."""
 
 
 class SearchFailed(Exception):
@@ -154,9 +161,17 @@ class SearchRunner:
             address = self.upstreams.policy_address if upstream == "policy" else self.upstreams.reward_address
             raise UpstreamUnavailable(upstream, address, f"down at its last health probe ({why})")
 
-    async def search(self, call: SearchCall) -> ServedSearch:
+    def stream(self, call: SearchCall) -> "SearchEvents":
+        """One search as events: ``Started``, a ``DepthReport`` per depth, then the ``ServedSearch``
+        (or ``SearchFailed`` raised); leaving the iteration early cancels the search. The one way a
+        streaming transport runs a search (``SearchEvents``)."""
+        return SearchEvents(self, call)
+
+    async def search(self, call: SearchCall, *, on_depth: Callable[[DepthReport], None] | None = None,
+                     on_start: Callable[[], None] | None = None) -> ServedSearch:
         """One search: checked, admitted, run under the deadline, measured. Raises
-        ``SearchFailed`` (with its status) or ``CancelledError``."""
+        ``SearchFailed`` (with its status) or ``CancelledError``. ``on_start``: called once the
+        search holds a running slot; ``on_depth``: after each depth (``stream`` passes both)."""
         # Metric label: a registered method or "invalid", never the client's text (bounded series).
         asked = str(call.overrides.get("method") or self.defaults.method).strip()
         method = asked if asked in METHODS else "invalid"
@@ -176,7 +191,7 @@ class SearchRunner:
                 method = config.method
                 self._fail_fast()
                 async with asyncio.timeout_at(deadline):
-                    served = await self._admitted(problem, config, call)
+                    served = await self._admitted(problem, config, call, on_depth, on_start)
             except TimeoutError:
                 limit = (f", the server's limit {self.limits.setting('search_s')}={self.limits.search_s:g}s"
                          if capped else "")
@@ -211,20 +226,24 @@ class SearchRunner:
                  config.width, served.answer, served.wall_seconds)
         return served
 
-    async def _admitted(self, problem: str, config: ValidConfig, call: SearchCall) -> ServedSearch:
+    async def _admitted(self, problem: str, config: ValidConfig, call: SearchCall,
+                        on_depth: Callable[[DepthReport], None] | None,
+                        on_start: Callable[[], None] | None) -> ServedSearch:
         async with self.admission.slot(config.width) as waited:
             self.metrics.queue_wait.observe(waited)
             if waited > 0.01:
                 self._fail_fast()  # an upstream may have gone down while this search waited
-            if call.on_start is not None:
-                call.on_start()
+            if on_start is not None:
+                on_start()
 
             def report(progress: DepthReport) -> None:
                 self.metrics.observe_selection(config.method, progress.kv_tokens)
-                if call.on_depth is not None:
-                    call.on_depth(progress)
+                if on_depth is not None:
+                    on_depth(progress)
 
-            served = await self.run(problem, config, on_depth=report, expect_prm_type=call.expect_prm_type,
+            # The request's explicit prm_type, checked by the reward server against the PRM it serves.
+            expect_prm_type = str(call.overrides.get("prm_type") or "").strip()
+            served = await self.run(problem, config, on_depth=report, expect_prm_type=expect_prm_type,
                                     system_prompt=call.system_prompt, max_new_tokens=call.max_new_tokens)
             self.metrics.search_duration.labels(method=config.method, api=call.api).observe(served.wall_seconds)
             return served
@@ -254,6 +273,53 @@ class SearchRunner:
         served.wall_seconds = time.perf_counter() - start
         served.grouping_fallback = fell_back
         return served
+
+
+SearchEvent = Started | DepthReport | ServedSearch
+
+
+class SearchEvents:
+    """One search running in its own task, as an async iterator of ``SearchEvent``: ``Started``, a
+    ``DepthReport`` per depth, then the ``ServedSearch``; a failed search raises ``SearchFailed``
+    from the iteration, and one cancelled by ``cancel()`` ends it without a result. Leaving it
+    early cancels the search: ``aclose()`` (or ``async with``) cancels and waits for it to unwind;
+    ``cancel()`` does not wait (for code that may run under a cancelled scope)."""
+
+    def __init__(self, runner: SearchRunner, call: SearchCall) -> None:
+        # None: the search task finished (result, failure or cancel).
+        self._queue: asyncio.Queue[Started | DepthReport | None] = asyncio.Queue()
+        self.task: asyncio.Task[ServedSearch] = asyncio.ensure_future(
+            runner.search(call, on_depth=self._queue.put_nowait, on_start=lambda: self._queue.put_nowait(Started())))
+        self.task.add_done_callback(lambda _: self._queue.put_nowait(None))
+        self._ended = False
+
+    def __aiter__(self) -> "SearchEvents":
+        return self
+
+    async def __anext__(self) -> SearchEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is not None:
+            return item
+        self._ended = True
+        if self.task.cancelled():
+            raise StopAsyncIteration
+        return self.task.result()  # or raises SearchFailed
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+    async def __aenter__(self) -> "SearchEvents":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def choose_answer(config: SearchConfig, result: SearchResult, grouping: Grouping = group_answers) -> ServedSearch:

@@ -2,23 +2,23 @@
 
 Owns the gRPC edge only: a ``SearchRequest`` becomes a ``SearchCall`` for the shared
 ``SearchRunner`` (which checks, admits, bounds and measures it), its result becomes a
-``SearchResponse`` / ``SearchEvent`` stream, and a ``SearchFailed`` status becomes the gRPC code
-of the same name. The RPC's deadline goes to the runner; a cancelled RPC cancels its search (the
-search runs in the RPC's task). ``SearchServer`` assembles the service: upstreams, runner,
-readiness monitor (driving gRPC health: NOT_SERVING until policy and reward both answer), the
-Prometheus endpoint, transport security (TLS/mTLS and the bearer token of ``ets.security``;
-health stays open), reflection and connection age as settings, the response size check (a
-result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate list, never its answer), the
-OpenAI-compatible HTTP transport over the same runner (``ets.service.openai_http``, its own port,
-same event loop, the same TLS and token), and graceful stop of both (refuse new searches, let
-in-flight ones finish within the grace period, cancel the rest). The command line is
-``ets.service.main``.
+``SearchResponse`` (``runner.search``) or the runner's event stream becomes ``SearchEvent``s
+(``runner.stream``), and a ``SearchFailed`` status becomes the gRPC code of the same name. The
+RPC's deadline goes to the runner; a cancelled RPC cancels its search. ``SearchServer``
+assembles the service: upstreams, runner, readiness monitor (driving gRPC health: NOT_SERVING
+until policy and reward both answer), the Prometheus endpoint, transport security (TLS/mTLS and
+the bearer token of ``ets.security``; health stays open), reflection and connection age as
+settings, the response size check (a result beyond ETS_SEARCH_MAX_SEND_BYTES loses its candidate
+list, never its answer), the OpenAI-compatible HTTP transport over the same runner
+(``ets.service.openai_http``, its own port, same event loop, the same TLS and token), and
+graceful stop of both (refuse new searches, let in-flight ones finish within the grace period,
+cancel the rest). The command line is ``ets.service.main``.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,38 +66,26 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     async def Search(self, request: search_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        return await self._serve(request, context, on_depth=None)
+        try:
+            served = await self._runner.search(_call(request, context))
+        except SearchFailed as failed:
+            await _abort(context, failed)
+        return self._response(served, request)
 
     async def SearchStream(self, request: search_pb2.SearchRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[search_pb2.SearchEvent]:
-        events: asyncio.Queue[search_pb2.DepthProgress | None] = asyncio.Queue()
-        task = asyncio.ensure_future(
-            self._serve(request, context, on_depth=lambda r: events.put_nowait(convert.progress_to_proto(r))))
-        task.add_done_callback(lambda _: events.put_nowait(None))
-        try:
-            while True:
-                progress = await events.get()
-                if progress is None:
-                    break
-                yield search_pb2.SearchEvent(progress=progress)
-            response = await task
-        finally:
-            # The client went away (or the deadline passed) mid-stream: stop the search too.
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        yield search_pb2.SearchEvent(result=response)
+        # Leaving the block (the client went away, the deadline passed) cancels the search too.
+        async with self._runner.stream(_call(request, context)) as events:
+            try:
+                async for event in events:
+                    if isinstance(event, DepthReport):
+                        yield search_pb2.SearchEvent(progress=convert.progress_to_proto(event))
+                    elif isinstance(event, ServedSearch):
+                        yield search_pb2.SearchEvent(result=self._response(event, request))
+            except SearchFailed as failed:
+                await _abort(context, failed)
 
-    async def _serve(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext,
-                     on_depth: Callable[[DepthReport], None] | None) -> search_pb2.SearchResponse:
-        call = SearchCall(problem=request.problem, overrides=convert.config_overrides(request.config),
-                          request_id=request.request_id, expect_prm_type=request.config.prm_type.strip(),
-                          timeout_s=_timeout_of(context), on_depth=on_depth)
-        try:
-            served: ServedSearch = await self._runner.search(call)
-        except SearchFailed as failed:
-            await context.abort(GRPC_CODES[failed.failure.status], failed.failure.message)
-            raise  # pragma: no cover - abort raises
+    def _response(self, served: ServedSearch, request: search_pb2.SearchRequest) -> search_pb2.SearchResponse:
         response = convert.response_to_proto(served, request.request_id)
         if request.summary_only:
             convert.omit_candidates(response)
@@ -110,6 +98,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if response.ByteSize() > self._max_send_bytes - _ENVELOPE_BYTES:
                 response.best.text = response.best.text[: self._max_send_bytes // 2]  # answer and stats remain
         return response
+
+
+def _call(request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> SearchCall:
+    return SearchCall(problem=request.problem, overrides=convert.config_overrides(request.config),
+                      request_id=request.request_id, timeout_s=_timeout_of(context))
+
+
+async def _abort(context: grpc.aio.ServicerContext, failed: SearchFailed) -> NoReturn:
+    await context.abort(GRPC_CODES[failed.failure.status], failed.failure.message)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def server_options(max_send_bytes: int, max_connection_age_s: float, age_grace_s: float) -> list[tuple[str, int]]:
