@@ -15,14 +15,22 @@ names (``param`` of the OpenAI error):
   sends) or an ``X-ETS-<Field>`` header (``X-ETS-Lambda-C`` or ``X-ETS-Lambda_C``); the body wins
   over headers, headers over the server defaults; unknown fields and headers are errors;
 - ``n > 1`` and other parameters a search cannot honour are refused, naming them.
+
+The body's shape and types are pydantic models (``ChatRequest``; the ``ets`` object's model is
+generated from ``SearchConfig``'s fields, strict: ints are numbers, bools are not ints; headers
+go through the same fields in pydantic's lax mode, from text). ``_request_error`` turns the first
+validation error into the ``RequestError`` every transport knows, the field named as the client
+wrote it (``ets.width``, ``X-ETS-Width``, ``messages[0]``, ``stream_options.include_usage``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import ErrorDetails
 
 from ets.config import SearchConfig
 from ets.search.selection import METHODS
@@ -32,7 +40,6 @@ HEADER_PREFIX = "x-ets-"
 # Models a client may name besides the policy model: one per registered method.
 METHOD_ALIASES: tuple[str, ...] = tuple(METHODS)
 
-_CONFIG_TYPES: dict[str, Any] = typing.get_type_hints(SearchConfig)
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 # ``ets`` fields that are not search config: how the result is returned and how long it may take.
 _OPTION_TYPES: dict[str, Any] = {
@@ -40,9 +47,128 @@ _OPTION_TYPES: dict[str, Any] = {
     "timeout_s": float | None,    # the search's deadline (OpenAI requests carry none)
     "request_id": str,            # logged and echoed; default: the completion's id
 }
-_ETS_TYPES = {**_CONFIG_TYPES, **_OPTION_TYPES}
-# The top-level OpenAI parameters that map to search config fields.
+_ETS_TYPES: dict[str, Any] = {**typing.get_type_hints(SearchConfig), **_OPTION_TYPES}
+_ETS_NAMES = sorted(_ETS_TYPES)
+
+
+# ---- the request models ------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    # JSON types as they are: an int is a number, a bool is no int, a string no number.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class _EtsBase(_Strict):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _HeaderBase(BaseModel):
+    # Header values are text: pydantic's lax mode parses them by the same field types.
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_optional(cls, data: Any) -> Any:
+        """Values without surrounding whitespace; ``none`` / ``null`` unsets an optional field
+        (``X-ETS-Lambda-S: none``)."""
+        if not isinstance(data, dict):
+            return data
+        texts = {k: str(v).strip() for k, v in data.items()}
+        return {k: None if _optional(k) and v.lower() in ("none", "null") else v for k, v in texts.items()}
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(_ETS_TYPES.get(name))
+
+
+# Every field defaults to None = "not set" (``model_fields_set`` says which were sent); an explicit
+# null is validated, so it is refused for a field that cannot be None.
+_ETS_FIELDS: dict[str, Any] = {name: (tp, None) for name, tp in _ETS_TYPES.items()}
+EtsFields = create_model("EtsFields", __base__=_EtsBase, **_ETS_FIELDS)
+EtsHeaders = create_model("EtsHeaders", __base__=_HeaderBase, **_ETS_FIELDS)
+
+
+class StreamOptions(_Strict):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class Message(_Strict):
+    # Only the user and system turns' content is read (``_content``); other turns pass as they are.
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Any = None
+
+
+class ChatRequest(_Strict):
+    """A ``POST /v1/chat/completions`` body; fields in the order they are checked. OpenAI
+    parameters a search has no use for (``user``, ``presence_penalty``, ...) are accepted and
+    ignored; those it cannot honour are refused by value (``_refuse_unsupported``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    n: Any = None
+    logprobs: Any = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
+    top_p: Any = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # The top-level OpenAI parameters that map to search config fields (null: not set).
+    temperature: float | None = None
+    seed: int | None = None
+    # EtsFields is generated from SearchConfig at import: a value, to mypy, not a class.
+    ets: EtsFields | None = None  # type: ignore[valid-type]
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+
+
 _TOP_LEVEL_CONFIG = ("temperature", "seed")
+# What a wrong shape means, by the top-level field (the type errors of scalars say it themselves).
+_SHAPES = {
+    "": ("body", "must be a JSON object"),
+    "model": ("model", "must name the policy model or a search method"),
+    "messages": ("messages", "must be a non-empty list of {role, content} messages"),
+    "stream_options": ("stream_options", "must be an object"),
+    "ets": ("ets", "must be an object of search fields"),
+}
+_KINDS = {"int": "an integer", "bool": "a boolean", "float": "a number", "string": "a string"}
+
+
+def _request_error(exc: ValidationError, names: Mapping[str, str] | None = None) -> RequestError:
+    """The first validation error as a ``RequestError`` naming the field as the client sent it;
+    ``names``: the param of each top-level key (headers: the header's name)."""
+    err = exc.errors(include_url=False)[0]
+    loc = err["loc"]
+    top = str(loc[0]) if loc else ""
+    if names is not None:
+        return RequestError(names.get(top, top), _message(err))
+    if top == "messages" and len(loc) >= 2:
+        return RequestError(f"messages[{loc[1]}]", "must be an object with a string role")
+    if top in _SHAPES and (len(loc) <= 1 or top == "model"):
+        return RequestError(*_SHAPES[top])
+    return RequestError(".".join(str(part) for part in loc), _message(err))
+
+
+def _message(err: ErrorDetails) -> str:
+    got = "null" if err["input"] is None else repr(err["input"])
+    kind = err["type"]
+    if kind == "finite_number":
+        return f"must be a finite number, got {got}"
+    if kind == "extra_forbidden":
+        return f"unknown search field; expected one of {_ETS_NAMES}"
+    base = kind.removesuffix("_type").removesuffix("_parsing")
+    if base in _KINDS:
+        return f"must be {_KINDS[base]}, got {got}"
+    return str(err["msg"])  # pydantic's own words for anything rarer
+
+
+# ---- the search a request asks for --------------------------------------------------------------
 
 
 @dataclass
@@ -70,67 +196,29 @@ class ChatSearch:
         return f"ets.{short}" if short in _ETS_TYPES else name
 
 
-def _type_name(tp: Any) -> str:
-    base = _optional_inner(tp)
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(base, str(base))
-
-
-def _optional_inner(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if len(args) == 1 and type(None) in typing.get_args(tp) else tp
-
-
-def _typed(value: Any, tp: Any, param: str) -> Any:
-    """A JSON value checked against the field's type (ints are numbers; bools are not ints)."""
-    base = _optional_inner(tp)
-    if value is None:
-        if base is not tp:
-            return None
-        raise RequestError(param, f"must be {_type_name(tp)}, got null")
-    ok = (isinstance(value, bool) if base is bool
-          else isinstance(value, int) and not isinstance(value, bool) if base is int
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if base is float
-          else isinstance(value, str) if base is str else False)
-    if not ok:
-        raise RequestError(param, f"must be {_type_name(tp)}, got {value!r}")
-    if base is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise RequestError(param, f"must be a finite number, got {value!r}")
-    return value
-
-
-def _from_text(text: str, tp: Any, param: str) -> Any:
-    """A header's text parsed as the field's type (``none``/``null`` unsets an optional field)."""
-    from ets.settings import parse_as
-
-    base = _optional_inner(tp)
-    if base is not tp and text.strip().lower() in ("none", "null"):
-        return None
-    try:
-        return parse_as(base, text.strip())
-    except ValueError as err:
-        raise RequestError(param, str(err)) from None
-
-
 def header_values(headers: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
     """``X-ETS-<Field>`` headers: field -> (header name as sent, value); unknown ones are errors."""
-    out: dict[str, tuple[str, Any]] = {}
+    texts: dict[str, str] = {}
+    shown: dict[str, str] = {}
     for name, text in headers.items():
         if not name.lower().startswith(HEADER_PREFIX):
             continue
         key = name[len(HEADER_PREFIX):].lower().replace("-", "_")
         # HTTP/1.1 servers hand header names over lower-cased: name it the way the docs spell it.
-        shown = "X-ETS-" + "-".join(part.capitalize() for part in name[len(HEADER_PREFIX):].split("-"))
+        shown[key] = "X-ETS-" + "-".join(part.capitalize() for part in name[len(HEADER_PREFIX):].split("-"))
         if key not in _ETS_TYPES:
-            raise RequestError(shown, f"unknown search field {key!r}; expected one of {sorted(_ETS_TYPES)}")
-        out[key] = (shown, _from_text(text, _ETS_TYPES[key], shown))
-    return out
+            raise RequestError(shown[key], f"unknown search field {key!r}; expected one of {_ETS_NAMES}")
+        texts[key] = text
+    try:
+        parsed = EtsHeaders.model_validate(texts)
+    except ValidationError as err:
+        raise _request_error(err, shown) from None
+    return {key: (shown[key], getattr(parsed, key)) for key in texts}
 
 
-def _content(message: Mapping[str, Any], param: str) -> str:
+def _content(message: Message, param: str) -> str:
     """A message's text: a string, or the text parts of a content list."""
-    content = message.get("content")
+    content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
@@ -145,20 +233,14 @@ def _content(message: Mapping[str, Any], param: str) -> str:
     raise RequestError(param, f"must be a string or a list of text parts, got {type(content).__name__}")
 
 
-def _messages(body: Mapping[str, Any]) -> tuple[str, str | None]:
+def _messages(messages: list[Message]) -> tuple[str, str | None]:
     """(problem, system prompt) from ``messages``."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages", "must be a non-empty list of {role, content} messages")
     problem: str | None = None
     system: list[str] = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise RequestError(f"messages[{i}]", "must be an object with a string role")
-        role = m["role"]
-        if role == "user":
+        if m.role == "user":
             problem = _content(m, f"messages[{i}].content")
-        elif role in ("system", "developer"):
+        elif m.role in ("system", "developer"):
             system.append(_content(m, f"messages[{i}].content"))
         # Assistant and tool turns are not part of a search's root: one problem, one search.
     if problem is None:
@@ -166,27 +248,27 @@ def _messages(body: Mapping[str, Any]) -> tuple[str, str | None]:
     return problem, ("\n\n".join(system) if system else None)
 
 
-def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise RequestError("n", f"a search returns one answer: n must be 1, got {n!r} (ask for "
+def _refuse_unsupported(body: ChatRequest) -> None:
+    if body.n is not None and body.n != 1:
+        raise RequestError("n", f"a search returns one answer: n must be 1, got {body.n!r} (ask for "
                            "ets.candidates to get every candidate)")
-    if body.get("logprobs"):
+    if body.logprobs:
         raise RequestError("logprobs", "not available from a search")
     for name in ("tools", "functions"):
-        if body.get(name):
+        if getattr(body, name):
             raise RequestError(name, "tool calling is not available from a search")
-    fmt = body.get("response_format")
+    fmt = body.response_format
     if isinstance(fmt, Mapping) and fmt.get("type", "text") != "text":
         raise RequestError("response_format", "only text responses are available from a search")
-    top_p = body.get("top_p")
-    if top_p is not None and top_p != 1:
-        raise RequestError("top_p", f"not supported by the search (it samples with temperature only), got {top_p!r}")
+    if body.top_p is not None and body.top_p != 1:
+        raise RequestError("top_p", f"not supported by the search (it samples with temperature only), "
+                           f"got {body.top_p!r}")
 
 
-def _new_tokens(body: Mapping[str, Any]) -> tuple[str, int] | None:
+def _new_tokens(body: ChatRequest) -> tuple[str, int] | None:
     """OpenAI's per-trajectory budget: ``max_completion_tokens`` or its older name ``max_tokens``."""
-    found = [(k, _typed(body[k], int, k)) for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+    found = [(k, v) for k, v in (("max_completion_tokens", body.max_completion_tokens),
+                                 ("max_tokens", body.max_tokens)) if v is not None]
     if len(found) == 2 and found[0][1] != found[1][1]:
         raise RequestError("max_tokens", "max_tokens and max_completion_tokens differ; set one")
     if not found:
@@ -199,22 +281,16 @@ def _new_tokens(body: Mapping[str, Any]) -> tuple[str, int] | None:
 
 def parse_chat(body: Any, headers: Mapping[str, str], policy_model: str) -> ChatSearch:
     """The search a chat-completion request asks for (``RequestError`` naming the field)."""
-    if not isinstance(body, Mapping):
-        raise RequestError("body", "must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("model", "must name the policy model or a search method")
+    try:
+        chat = ChatRequest.model_validate(body)
+    except ValidationError as err:
+        raise _request_error(err) from None
+    model = chat.model
     if model != policy_model and model not in METHOD_ALIASES:
         raise RequestError("model", f"unknown model {model!r}; expected {[policy_model, *METHOD_ALIASES]}")
-    _refuse_unsupported(body)
-    problem, system = _messages(body)
-    stream = False if body.get("stream") is None else _typed(body["stream"], bool, "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not isinstance(options, Mapping):
-            raise RequestError("stream_options", "must be an object")
-        include_usage = bool(_typed(options.get("include_usage", False), bool, "stream_options.include_usage"))
+    _refuse_unsupported(chat)
+    problem, system = _messages(chat.messages)
+    include_usage = chat.stream_options is not None and chat.stream_options.include_usage
 
     # Lowest precedence first: headers, then the body (top level, then the ets object).
     values: dict[str, Any] = {}
@@ -225,23 +301,18 @@ def parse_chat(body: Any, headers: Mapping[str, str], policy_model: str) -> Chat
     if model in METHOD_ALIASES:
         from_body["method"] = ("model", model)
     for key in _TOP_LEVEL_CONFIG:
-        if body.get(key) is not None:
-            from_body[key] = (key, _typed(body[key], _CONFIG_TYPES[key], key))
-    ets = body.get("ets")
-    if ets is not None and not isinstance(ets, Mapping):
-        raise RequestError("ets", "must be an object of search fields")
-    for key, raw in (ets or {}).items():
-        param = f"ets.{key}"
-        if key not in _ETS_TYPES:
-            raise RequestError(param, f"unknown search field; expected one of {sorted(_ETS_TYPES)}")
-        value = _typed(raw, _ETS_TYPES[key], param)
+        if getattr(chat, key) is not None:
+            from_body[key] = (key, getattr(chat, key))
+    ets = chat.ets
+    for key in ets.model_fields_set if ets is not None else ():
+        param, value = f"ets.{key}", getattr(ets, key)
         if key in from_body and from_body[key][1] != value:
             raise RequestError(param, f"conflicts with {from_body[key][0]}={from_body[key][1]!r}")
         from_body[key] = (param, value)
     for key, (param, value) in from_body.items():
         values[key], params[key] = value, param
 
-    budget = _new_tokens(body)
+    budget = _new_tokens(chat)
     if budget is not None:
         if "max_tokens" in from_body:
             raise RequestError(budget[0], "set either OpenAI's max_tokens (new tokens per trajectory) or "
@@ -255,7 +326,7 @@ def parse_chat(body: Any, headers: Mapping[str, str], policy_model: str) -> Chat
     return ChatSearch(
         model=model, problem=problem, system_prompt=system,
         overrides={k: v for k, v in values.items() if k in _CONFIG_FIELDS},
-        max_new_tokens=None if budget is None else budget[1], stream=stream, include_usage=include_usage,
+        max_new_tokens=None if budget is None else budget[1], stream=bool(chat.stream), include_usage=include_usage,
         candidates=bool(values.pop("candidates", False)), timeout_s=timeout,
         request_id=str(values.pop("request_id", "") or ""), params=params,
     )
