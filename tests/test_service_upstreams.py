@@ -50,13 +50,15 @@ async def test_each_call_is_timed_and_counted_once() -> None:
         raise PolicyUnavailable("connection refused")
 
     with pytest.raises(UpstreamUnavailable):
-        await up.policy_call("generate", refused)
+        with up.policy_call("generate"):
+            await refused()
 
     async def bad_config() -> None:
         raise ConfigError("policy_model_type", "needs a chat template")
 
     with pytest.raises(ConfigError):  # the request's own fault: passed through, not an upstream error
-        await up.policy_call("tokenize", bad_config)
+        with up.policy_call("tokenize"):
+            await bad_config()
     r = metrics.registry
     assert r.get_sample_value("ets_search_policy_call_errors_total", {"reason": "unavailable"}) == 1
     assert r.get_sample_value("ets_search_policy_call_duration_seconds_count", {"call": "generate"}) == 1

@@ -3,10 +3,14 @@
 Owns the SGLang policy server (HTTP, ``ets.policy.client``) and the reward server (gRPC client,
 ``ets.reward.client``) as one shared set of connections for all searches: building the root
 (format per policy model type, tokenized on the policy server so the ids are exactly the
-engine's), the step generator and scorer the search loop awaits, readiness probes, and one
-``instrumented`` wrapper that times every upstream call (Prometheus latency/error metrics) and
-turns its failure into ``UpstreamUnavailable`` / ``UpstreamRejected`` naming the upstream.
-Failures are matched by the clients' exception classes.
+engine's), the step generator and scorer the search loop awaits, readiness probes, and
+``UpstreamCall``: the one ``with`` block that times every upstream call (Prometheus
+latency/error metrics) and turns its failure into ``UpstreamUnavailable`` / ``UpstreamRejected``
+/ ``UpstreamFailed`` naming the upstream. Failures are matched by the clients' exception classes.
+An expansion is then five of our frames deep: ``InstrumentedGenerator.expand`` (metrics, error
+mapping) -> ``SGLangStepGenerator.expand`` (nodes -> engine requests) -> ``PolicyClient.generate``
+(checks, parse) -> ``_generate`` (the batch's wire format; the router's differs) -> ``_request``
+(HTTP with retries).
 
 Many searches share one policy HTTP session and one reward gRPC channel; all expansions of a
 depth go out as one batched call (the loop batches through the interfaces).
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import aiohttp
 import grpc
@@ -25,6 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ets import security
 from ets.config import ConfigError, SearchConfig
 from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
+from ets.policy.generator import SGLangStepGenerator, tokenize_root
+from ets.policy.routed import make_policy_client
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
 from ets.security import ClientSecurity
 from ets.search.interfaces import (
@@ -40,8 +46,6 @@ from ets.service.metrics import SearchMetrics
 from ets.service.status import Status, UpstreamFailed, UpstreamRejected, UpstreamUnavailable
 
 PROBE_TIMEOUT_S = 10.0
-
-T = TypeVar("T")
 
 
 # ---- failure classification ----------------------------------------------------------------
@@ -123,20 +127,31 @@ def reward_failure(address: str, err: BaseException) -> Exception:
 _PASS_THROUGH = (ConfigError, UpstreamUnavailable, UpstreamRejected, UpstreamFailed)
 
 
-async def instrumented(call: Callable[[], Awaitable[T]], *, duration: Any, count_error: Callable[[str], None],
-                       failure: Callable[[BaseException], Exception]) -> T:
-    """Await ``call()``, observing its latency on ``duration`` (a histogram child); a failure is
-    counted by ``reason`` and raised as ``failure(err)``. Cancellation passes through untouched."""
-    start = time.perf_counter()
-    try:
-        return await call()
-    except _PASS_THROUGH:
-        raise
-    except Exception as err:  # every other failure is the upstream's
-        count_error(reason(err))
-        raise failure(err) from err
-    finally:
-        duration.observe(time.perf_counter() - start)
+class UpstreamCall:
+    """One upstream call, timed and classified: ``with upstreams.policy_call("generate"): ...``.
+
+    The latency goes to ``duration`` (a histogram child); a failure is counted by ``reason`` and
+    raised as ``failure(err)``; cancellation and errors that already say what they mean pass
+    through untouched. A context manager rather than a wrapper of the call: the awaited call
+    runs in the caller's frame, no hop of its own on the hot path."""
+
+    __slots__ = ("_count_error", "_duration", "_failure", "_start")
+
+    def __init__(self, duration: Any, count_error: Callable[[str], None],
+                 failure: Callable[[BaseException], Exception]) -> None:
+        self._duration = duration
+        self._count_error = count_error
+        self._failure = failure
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        self._duration.observe(time.perf_counter() - self._start)
+        if isinstance(err, Exception) and not isinstance(err, _PASS_THROUGH):  # every other failure is the upstream's
+            self._count_error(reason(err))
+            raise self._failure(err) from err
 
 
 # ---- the live upstreams ----------------------------------------------------------------------
@@ -149,7 +164,8 @@ class InstrumentedGenerator:
         self._up = upstreams
 
     async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
-        return await self._up.policy_call("generate", lambda: self._inner.expand(requests, params))
+        with self._up.policy_call("generate"):
+            return await self._inner.expand(requests, params)
 
 
 class InstrumentedScorer:
@@ -164,11 +180,12 @@ class InstrumentedScorer:
     async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
         # Empty steps (the policy stopped at its delimiter) go as they are: the reward server
         # scores them at their boundary.
-        return await self._up.reward_call(
-            "score", lambda: self._client.score_last_steps(trajectories, prm_type=self._prm_type))
+        with self._up.reward_call("score"):
+            return await self._client.score_last_steps(trajectories, prm_type=self._prm_type)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return await self._up.reward_call("embed", lambda: self._client.embed(texts))
+        with self._up.reward_call("embed"):
+            return await self._client.embed(texts)
 
 
 class LiveUpstreams:
@@ -194,19 +211,17 @@ class LiveUpstreams:
         self._model_name: str | None = None
 
     # -- instrumentation ----------------------------------------------------------------------------
-    async def policy_call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+    def policy_call(self, call: str) -> UpstreamCall:
         m = self._metrics
-        return await instrumented(
-            fn, duration=m.policy_call_duration.labels(call=call),
-            count_error=lambda r: m.policy_call_errors.labels(reason=r).inc(),
-            failure=lambda err: policy_failure(self.policy_address, err))
+        return UpstreamCall(m.policy_call_duration.labels(call=call),
+                            lambda r: m.policy_call_errors.labels(reason=r).inc(),
+                            lambda err: policy_failure(self.policy_address, err))
 
-    async def reward_call(self, call: str, fn: Callable[[], Awaitable[T]]) -> T:
+    def reward_call(self, call: str) -> UpstreamCall:
         m = self._metrics
-        return await instrumented(
-            fn, duration=m.reward_call_duration.labels(call=call),
-            count_error=lambda r: m.reward_call_errors.labels(call=call, reason=r).inc(),
-            failure=lambda err: reward_failure(self.reward_address, err))
+        return UpstreamCall(m.reward_call_duration.labels(call=call),
+                            lambda r: m.reward_call_errors.labels(call=call, reason=r).inc(),
+                            lambda err: reward_failure(self.reward_address, err))
 
     # -- shared connections (created lazily inside the server's event loop) ---------------------
     def _http(self) -> aiohttp.ClientSession:
@@ -228,8 +243,6 @@ class LiveUpstreams:
     def policy_client(self) -> PolicyClient:
         """The shared policy client (one connection pool for all searches)."""
         if self._policy_client is None:
-            from ets.policy.routed import make_policy_client
-
             self._policy_client = make_policy_client(self.policy_address, session=self._http(),
                                                      engine_url=self.policy_engine_url,
                                                      api_key=self._policy_api_key)
@@ -244,21 +257,18 @@ class LiveUpstreams:
     async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root:
         """Format the root for the policy model type and tokenize it on the policy server (its
         own tokenizer and chat template, so the ids are what the engine caches)."""
-        from ets.policy.generator import tokenize_root
-
-        return await self.policy_call(
-            "tokenize", lambda: tokenize_root(self.policy_client(), question, config.model_type, system_prompt))
+        with self.policy_call("tokenize"):
+            return await tokenize_root(self.policy_client(), question, config.model_type, system_prompt)
 
     async def model_name(self) -> str:
         """The policy server's model (its ``model_path``), asked once and remembered."""
         if self._model_name is None:
-            info = await self.policy_call("model_info", lambda: self.policy_client().model_info())
+            with self.policy_call("model_info"):
+                info = await self.policy_client().model_info()
             self._model_name = str(info.get("model_path") or "policy")
         return self._model_name
 
     def generator(self, config: SearchConfig) -> StepGenerator:
-        from ets.policy.generator import SGLangStepGenerator
-
         return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.model_type), self)
 
     def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer:
