@@ -18,7 +18,11 @@ from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.engine.launcher import DEVICES, LaunchConfig
 from ets.errors import FieldError, SettingError
 from ets.reward.adapters import PrmOptions
+from ets.engine.supervisor import EngineSupervisor
 from ets.reward.backends import BACKENDS, PrmBackend
+from ets.reward.backends.rules_backend import RulesBackend
+from ets.reward.backends.sglang_backend import SglangBackend
+from ets.reward.backends.transformers_backend import TransformersBackend
 from ets.reward.metrics import RewardMetrics
 from ets.security import ServerSecurity
 from ets.settings import setting
@@ -130,17 +134,10 @@ def build_backend(config: RewardServerConfig, metrics: RewardMetrics) -> PrmBack
     """The configured PRM backend (not started). Raises AdapterError/LaunchConfigError naming the setting."""
     on_batch = metrics.model_batch.labels("prm").observe
     if config.prm_backend == "rules":
-        from ets.reward.backends.rules_backend import RulesBackend
-
         return RulesBackend(config.prm_type)
     if config.prm_backend == "transformers":
-        from ets.reward.backends.transformers_backend import TransformersBackend
-
         return TransformersBackend(config.prm_model, config.prm_type, options=config.options, device=config.device,
                                    dtype=config.prm_dtype, max_batch_items=config.max_batch_size, on_batch=on_batch)
-    from ets.engine.supervisor import EngineSupervisor
-    from ets.reward.backends.sglang_backend import SglangBackend
-
     names: dict[str, Any] = dict(name="PRM", port_setting="ETS_PRM_PORT", url_setting="ETS_PRM_URL")
     if config.prm_url:
         supervisor = EngineSupervisor(url=config.prm_url, start_timeout_s=config.prm_start_timeout_s,

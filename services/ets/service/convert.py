@@ -1,9 +1,9 @@
 """Conversions between the gRPC messages and the search core's types (no I/O).
 
-Owns: the proto ``SearchConfig`` -> the overrides it sets (checked by ``ets.service.request``) and
--> ``ets.config.SearchConfig`` on top of the server defaults (unset fields
-keep the defaults), the resolved config back to proto, ``DepthReport`` -> ``DepthProgress``, and a
-served search -> ``SearchResponse``.
+Owns: the proto ``SearchConfig`` -> the overrides it sets (checked once, by the runner, through
+``ets.service.request``) and -> ``ets.config.SearchConfig`` on top of the server defaults (unset
+fields keep the defaults), the resolved config back to proto, ``DepthReport`` ->
+``DepthProgress``, and a ``ServedSearch`` -> ``SearchResponse``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
+from ets.search.loop import DepthReport
 from ets.service.request import RequestError, resolve_config
+from ets.service.runner import ServedSearch
 
 __all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
            "response_to_proto"]
@@ -57,7 +59,7 @@ def config_to_proto(config: SearchConfig) -> search_pb2.SearchConfig:
     return search_pb2.SearchConfig(**{k: v for k, v in values.items() if v is not None})
 
 
-def progress_to_proto(report: Any) -> search_pb2.DepthProgress:
+def progress_to_proto(report: DepthReport) -> search_pb2.DepthProgress:
     """A loop ``DepthReport`` as a stream event payload."""
     return search_pb2.DepthProgress(
         depth=int(report.depth),
@@ -70,8 +72,8 @@ def progress_to_proto(report: Any) -> search_pb2.DepthProgress:
     )
 
 
-def response_to_proto(served: Any, request_id: str = "") -> search_pb2.SearchResponse:
-    """A ``runner.ServedSearch`` as the RPC's response."""
+def response_to_proto(served: ServedSearch, request_id: str = "") -> search_pb2.SearchResponse:
+    """A served search as the RPC's response."""
     stats = served.result.stats
     candidates = [
         search_pb2.Candidate(
@@ -101,7 +103,7 @@ def response_to_proto(served: Any, request_id: str = "") -> search_pb2.SearchRes
             reward_seconds=float(stats.reward_seconds),
         ),
         config=config_to_proto(served.config),
-        grouping_fallback=bool(getattr(served, "grouping_fallback", False)),
+        grouping_fallback=served.grouping_fallback,
     )
     if served.best_index is not None:
         response.best.CopyFrom(candidates[served.best_index])
