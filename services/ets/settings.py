@@ -11,9 +11,12 @@ Owns how a setting is declared and read, for every configuration dataclass of th
 - ``check`` applies the declared choices and bounds to a finished object (for objects built in
   code), naming the field or the env var.
 
-So a new limit is one field: its env var, default, flag, help and validation live together, e.g.
-``max_width: int = setting(4096, env="ETS_MAX_WIDTH", ge=1, help="widest search accepted")`` in
-``ServiceSettings``; ``ets settings --write docs/settings.md`` then refreshes the settings page's tables.
+So a new limit is one field: its env var, default, flag, help and validation live together, as
+in ``ServiceSettings``' ``limit_max_depth: int = setting(100, env="ETS_LIMIT_MAX_DEPTH", ge=1,
+le=MAX_DEPTH_LIMIT, help="largest config.max_depth")``; ``ets settings --write docs/settings.md``
+then refreshes the settings page's tables. A bad value is an ``ets.errors.SettingError`` (the
+class callers pass as ``error=``), its field the variable's name (and the flag's, from the
+command line).
 Env names may contain ``{prefix}`` (one dataclass read under several prefixes, e.g. the
 launcher's ``ETS_POLICY_`` and ``ETS_PRM_SGLANG_``); several names mean "first one set wins".
 Pure: reads only the mapping it is given (``os.environ`` by default), no other I/O.
