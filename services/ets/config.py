@@ -277,17 +277,18 @@ class SearchConfig:
         return config
 
     # ---- validation ---------------------------------------------------------------------------
-    def validate(self, max_width: int = MAX_WIDTH) -> "SearchConfig":
+    def validate(self) -> "SearchConfig":
         """Raise ConfigError(field, message) for the first invalid field; return self if valid.
 
-        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests).
+        ``width`` is capped at ``MAX_WIDTH`` (a guard against runaway requests; the operator's
+        lower cap is ``ETS_LIMIT_WIDTH``).
         ``method`` must name a registered selection method; the names live with the methods
         (``ets.search.selection.validate`` checks both)."""
         if not isinstance(self.method, str) or not self.method.strip():
             raise ConfigError("method", f"must name a selection method, got {self.method!r}")
         _int("width", self.width)
-        if not 1 <= self.width <= max_width:
-            raise ConfigError("width", f"must be between 1 and {max_width}, got {self.width}")
+        if not 1 <= self.width <= MAX_WIDTH:
+            raise ConfigError("width", f"must be between 1 and {MAX_WIDTH}, got {self.width}")
         # 0 is greedy decoding (valid for the engine, if pointless for a tree search).
         _nonneg("temperature", self.temperature)
         _int("max_step_tokens", self.max_step_tokens)

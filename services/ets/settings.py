@@ -12,7 +12,7 @@ Owns how a setting is declared and read, for every configuration dataclass of th
   code), naming the field or the env var.
 
 So a new limit is one field: its env var, default, flag, help and validation live together, e.g.
-``max_width: int = setting(4096, env="ETS_MAX_WIDTH", ge=1, help="widest search accepted")`` in
+``limit_width: int = setting(256, env="ETS_LIMIT_WIDTH", ge=1, help="largest config.width ...")`` in
 ``ServiceSettings``; ``ets settings --write docs/settings.md`` then refreshes the settings page's tables.
 Env names may contain ``{prefix}`` (one dataclass read under several prefixes, e.g. the
 launcher's ``ETS_POLICY_`` and ``ETS_PRM_SGLANG_``); several names mean "first one set wins".

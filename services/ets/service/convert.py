@@ -1,9 +1,8 @@
 """Conversions between the gRPC messages and the search core's types (no I/O).
 
-Owns: the proto ``SearchConfig`` -> the overrides it sets (checked by ``ets.service.request``) and
--> ``ets.config.SearchConfig`` on top of the server defaults (unset fields
-keep the defaults), the resolved config back to proto, ``DepthReport`` -> ``DepthProgress``, and a
-served search -> ``SearchResponse``.
+Owns: the proto ``SearchConfig`` -> the overrides it sets (checked and laid over the server
+defaults by ``ets.service.request``; unset fields keep the defaults), the resolved config back
+to proto, ``DepthReport`` -> ``DepthProgress``, and a served search -> ``SearchResponse``.
 """
 from __future__ import annotations
 
@@ -14,9 +13,9 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
-from ets.service.request import RequestError, resolve_config
+from ets.service.request import RequestError
 
-__all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
+__all__ = ["RequestError", "config_overrides", "config_to_proto", "progress_to_proto",
            "response_to_proto"]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
@@ -44,11 +43,6 @@ def config_overrides(message: search_pb2.SearchConfig) -> dict[str, Any]:
             if value != "":
                 overrides[field.name] = value
     return overrides
-
-
-def config_from_proto(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
-    """The request's config over the server defaults, validated (``RequestError`` on bad input)."""
-    return resolve_config(config_overrides(message), defaults)
 
 
 def config_to_proto(config: SearchConfig) -> search_pb2.SearchConfig:
