@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ets.engine.process import SGLangProcess
+from ets.engine.process import ServerProcess
 from ets.testing.stack import Stack, StackConfig, start_stack, wait_grpc_serving
 from tools import free_port, http_get, tool, wait_http
 
@@ -32,7 +32,7 @@ SMALL_SEARCH_ENV = {
 class ServeProcess:
     """``ets serve`` as a subprocess (own process group, log file, stop by PID)."""
 
-    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
+    def __init__(self, proc: ServerProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
         self.proc = proc
         self.addr = addr
         self.metrics_url = metrics_url
@@ -52,7 +52,7 @@ def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[s
     argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url,
             "--reward-addr", reward_addr, *args]
-    proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
+    proc = ServerProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
     serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
                          f"http://127.0.0.1:{openai_port}/v1")
@@ -89,7 +89,7 @@ class SharedStack:
     def __init__(self, work: Path, sglang_servers: Any, tiny_model_factory: Callable[[str], Path]) -> None:
         self.work, self.servers, self.models = work, sglang_servers, tiny_model_factory
         self.stack: Stack | None = None
-        self.policy: SGLangProcess | None = None
+        self.policy: ServerProcess | None = None
         self.builds = 0
 
     def _alive(self) -> bool:
