@@ -332,20 +332,20 @@ async def test_reward_server_queue_is_bounded_by_items() -> None:
     release = asyncio.Event()
 
     async def hold(items: int) -> None:
-        async with service._turn(items):
+        async with service.admission.slot(cost=items):
             await release.wait()
 
     running = asyncio.ensure_future(hold(8))
     await asyncio.sleep(0.01)
     queued = asyncio.ensure_future(hold(2))
     await asyncio.sleep(0.01)
-    assert service.queued_items == 2
+    assert service.admission.queued_cost == 2
     with pytest.raises(Overloaded, match="ETS_REWARD_MAX_QUEUED_ITEMS"):
-        async with service._turn(2):
+        async with service.admission.slot(cost=2):
             pass
     release.set()
     await asyncio.gather(running, queued)
-    assert service.queued_items == 0
+    assert service.admission.queued_cost == 0
 
 
 async def test_fail_fast_is_a_setting() -> None:

@@ -27,7 +27,7 @@ from ets.search.interfaces import Root, StepGenerator, StepScorer
 from ets.search.base import Selection
 from ets.search.loop import DepthReport, SearchResult, run_search
 from ets.search.selection import METHODS
-from ets.service.admission import Admission
+from ets.admission import Admission
 from ets.service.grouping import FallbackGroups
 from ets.service.metrics import SearchMetrics
 from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id, with_new_token_budget
