@@ -194,7 +194,7 @@ def test_cpu_overlay_has_no_gpu_and_prepares_its_models() -> None:
     assert config["ETS_POLICY_MODEL"] == f"/models/{spec.name}"
     assert config["ETS_SEARCH_POLICY_MODEL_TYPE"] == spec.policy_model_type
     init = deploys["reward"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert "tiny-model" in " ".join(init.get("command", []) + init["args"])
+    assert "python -m ets.testing.tiny_models" in " ".join(init.get("command", []) + init["args"])
     assert "/models/tiny-prm" in " ".join(init["args"])
 
 

@@ -41,8 +41,8 @@ DEADLINE_SLACK_S = 1.0
 
 
 class Upstreams(Protocol):
-    """What a search needs from the outside world (live: ``ets.service.upstreams``;
-    in-process fakes: ``ets.testing.upstreams``)."""
+    """What a search needs from the outside world (live: ``ets.service.upstreams``; the tests'
+    in-process ones are scripted)."""
 
     policy_address: str
     reward_address: str

@@ -135,7 +135,7 @@ class SearchServer:
     """The assembled service: gRPC server, health, reflection, metrics endpoint, readiness.
 
     ``upstreams``: the live policy and reward servers unless given (in-process tests pass
-    ``ets.testing.upstreams`` fakes); ``grouping``: answer equivalence (a bounded worker process
+    scripted ones); ``grouping``: answer equivalence (a bounded worker process
     unless given)."""
 
     def __init__(self, settings: ServiceSettings, defaults: SearchConfig, *, upstreams: Upstreams | None = None,
