@@ -61,28 +61,28 @@ def test_deadline_when_never_healthy(tmp_path: Path) -> None:
     assert not proc.is_alive()
 
 
-def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
-    # The leader forks a child that ignores SIGTERM (like a stuck worker); the leader exits on it.
+def _forking_leader(tmp_path: Path, name: str, then: str, *, child_ignores_sigterm: bool = False
+                    ) -> tuple[ServerProcess, int]:
+    """A leader that forks one sleeping child, prints its pid, then runs ``then``: (leader, child pid)."""
     script = (
         "import os, signal, sys, time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "    time.sleep(600)\n"
+        + ("    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if child_ignores_sigterm else "")
+        + "    time.sleep(600)\n"
         "    os._exit(0)\n"
         "print('child', pid, flush=True)\n"
-        "time.sleep(600)\n"
+        f"{then}\n"
     )
-    proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
-                               log_path=tmp_path / "group.log", name="group")
-    deadline = time.monotonic() + 10
-    child = None
-    while time.monotonic() < deadline and child is None:
-        for line in proc.log_tail().splitlines():
-            if line.startswith("child "):
-                child = int(line.split()[1])
-        time.sleep(0.05)
-    assert child is not None and _alive(child)
+    log = tmp_path / f"{name}.log"
+    proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1", log_path=log, name=name)
+    return proc, _read_pid(proc, log, "child ")
+
+
+def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
+    # The leader forks a child that ignores SIGTERM (like a stuck worker); the leader exits on it.
+    proc, child = _forking_leader(tmp_path, "group", "time.sleep(600)", child_ignores_sigterm=True)
+    assert _alive(child)
     start = time.monotonic()
     rc = proc.stop(timeout=1.0)
     assert rc == -signal.SIGTERM
@@ -135,22 +135,11 @@ def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_mode
 
 def test_stop_after_leader_crash_cleans_up_orphaned_workers_quickly(tmp_path: Path) -> None:
     # Like a crashed SGLang leader whose scheduler is still running.
-    script = (
-        "import os, sys, time\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    time.sleep(600)\n"
-        "    os._exit(0)\n"
-        "print('child', pid, flush=True)\n"
-        "sys.exit(7)\n"
-    )
-    proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
-                               log_path=tmp_path / "crash.log", name="crash")
+    proc, child = _forking_leader(tmp_path, "crash", "sys.exit(7)")
     deadline = time.monotonic() + 10
     while proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.returncode == 7
-    child = int(next(line for line in proc.log_tail().splitlines() if line.startswith("child ")).split()[1])
     assert _alive(child)
     start = time.monotonic()
     assert proc.stop(timeout=20) == 7

@@ -303,12 +303,19 @@ async def test_deadline_is_504(svc: OpenAIHarness) -> None:
     assert svc.upstreams.waiting == 0  # the held expansion was cancelled with its search
 
 
-async def test_failure_after_the_stream_started_is_an_error_event(svc: OpenAIHarness) -> None:
+async def _stream_held_at_first_expansion(svc: OpenAIHarness) -> Any:
+    """A streamed completion whose first chunk (the assistant role) has arrived, its search held at
+    its first expansion."""
     svc.upstreams.hold()
     stream = await svc.client.chat.completions.create(model="rebase", messages=MESSAGES, stream=True)
     first = await stream.__anext__()
     assert first.choices[0].delta.role == "assistant"
     await svc.held()
+    return stream
+
+
+async def test_failure_after_the_stream_started_is_an_error_event(svc: OpenAIHarness) -> None:
+    stream = await _stream_held_at_first_expansion(svc)
     svc.upstreams.policy_error = UpstreamUnavailable("policy", "scripted-policy", "gone")
     svc.upstreams.release()
     with pytest.raises(openai.APIError, match="policy server unavailable"):
@@ -319,11 +326,7 @@ async def test_failure_after_the_stream_started_is_an_error_event(svc: OpenAIHar
 # ---- disconnects -----------------------------------------------------------------------------------
 
 async def test_client_leaving_a_stream_stops_the_search(svc: OpenAIHarness) -> None:
-    svc.upstreams.hold()
-    stream = await svc.client.chat.completions.create(model="rebase", messages=MESSAGES, stream=True)
-    first = await stream.__anext__()
-    assert first.choices[0].delta.role == "assistant"
-    await svc.held()
+    stream = await _stream_held_at_first_expansion(svc)
     await stream.close()
     await svc.idle()
     assert svc.outcomes()["cancelled"] == 1
