@@ -5,5 +5,5 @@ OpenAI-compatible endpoint), its live upstreams and readiness, its settings, met
 search admission's limits (``admission``, over ``ets.admission``).
 
 Holds the service only: the gRPC client is ``ets.client``, the evaluation ``ets.evaluation``,
-the in-process test harness ``ets.testing``; none of them is imported from here.
+the in-process test harness is test support; none of them is imported from here.
 """
