@@ -150,10 +150,10 @@ def main(argv: list[str]) -> int:
         policy_url = args.policy_url
         if policy_url is None:
             from ets.engine.launcher import LaunchConfig
-            from ets.engine.process import SGLangProcess, free_port
+            from ets.engine.process import ServerProcess, free_port
 
             log = Path(tempfile.mkdtemp(prefix="ets-calib-")) / "policy.log"
-            server = SGLangProcess.launch(LaunchConfig(model_path=str(args.policy_model), host="127.0.0.1",
+            server = ServerProcess.launch(LaunchConfig(model_path=str(args.policy_model), host="127.0.0.1",
                                                        port=free_port("127.0.0.1"), device="cpu", random_seed=0),
                                           log_path=log, name="policy")
             server.wait_healthy(timeout=600)

@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -42,11 +43,10 @@ from functools import partial
 from typing import Any, Callable
 
 import numpy as np
+import pulp
 
 from ets.config import preset_lambda_s
-from ets.search.ets import (
-    build_instance, build_program, cluster_labels, select_ets, solve_cbc, solve_highs,
-)
+from ets.search.ets import Program, Solved, build_instance, build_program, cluster_labels, select_ets, solve_highs
 from ets.search.rebase import rebase_allocation, select_rebase
 from ets.testing.frontiers import grown_frontier
 
@@ -74,6 +74,40 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 def _solve_variant(inst: Any, formulation: str, lp_first: bool, time_limit_s: float) -> tuple[Any, Any]:
     prog = build_program(inst, formulation)
     return prog, solve_highs(prog, time_limit_s, (inst.outcome > 0).astype(float), lp_first=lp_first)
+
+
+def to_pulp(prog: Program, name: str = "ets") -> tuple[Any, list[Any]]:
+    """The same program as a PuLP model: the reference formulation, for the CBC comparison."""
+    model = pulp.LpProblem(name, pulp.LpMaximize)
+    cols = [
+        pulp.LpVariable(f"v{k}", lowBound=float(prog.col_lower[k]), upBound=float(prog.col_upper[k]),
+                        cat=pulp.LpBinary if prog.integer[k] else pulp.LpContinuous)
+        for k in range(prog.num_vars)
+    ]
+    model += pulp.lpSum(float(c) * v for c, v in zip(prog.objective, cols, strict=True) if c != 0) + prog.constant
+    a = prog.matrix.tocsr()
+    for r in range(prog.num_rows):
+        s, e = a.indptr[r], a.indptr[r + 1]
+        expr = pulp.lpSum(float(val) * cols[c] for c, val in zip(a.indices[s:e], a.data[s:e], strict=True))
+        lo, hi = prog.row_lower[r], prog.row_upper[r]
+        if math.isfinite(lo):
+            model += expr >= float(lo)
+        if math.isfinite(hi):
+            model += expr <= float(hi)
+    return model, cols
+
+
+def solve_cbc(prog: Program, time_limit_s: float | None = None) -> Solved:
+    """Solve with PuLP's bundled CBC (one subprocess per call, as the reference does)."""
+    t0 = time.perf_counter()
+    model, cols = to_pulp(prog)
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0)
+    model.solve(solver)
+    seconds = time.perf_counter() - t0
+    if pulp.LpStatus[model.status] != "Optimal" or cols[0].varValue is None:
+        return Solved(None, pulp.LpStatus[model.status], None, seconds)
+    x = np.array([(v.varValue or 0.0) > 0.5 for v in cols[: prog.n_leaves]])
+    return Solved(x, "optimal", float(pulp.value(model.objective)), seconds)
 
 
 def _stats(xs: list[float]) -> dict[str, float]:

@@ -9,7 +9,8 @@
 #
 # Everything (podman storage, the rootfs, the base image) lives in ETS_CONTAINERS_CACHE
 # (default /var/tmp/ets-containers) so repeated runs on the same machine reuse the base image
-# and the cached dependency layers. See /work/shared/containers/NOTES.md for why each setting.
+# and the cached dependency layers; each setting below says why it is there (docs/deployment.md:
+# the CPU host).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${ETS_CONTAINERS_CACHE:-/var/tmp/ets-containers}

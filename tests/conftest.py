@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import pytest
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import SGLangProcess, free_port, start_server
+from ets.engine.process import ServerProcess, free_port, start_server
 
 # Other areas' fixture modules (tests/<area>_fixtures.py); add yours here.
 pytest_plugins: list[str] = ["tiers", "pytester", "service_fixtures", "reward_fixtures"]
@@ -72,7 +72,7 @@ class SGLangServers:
     def __init__(self, log_dir: Path, max_alive: int) -> None:
         self.log_dir = log_dir
         self.max_alive = max_alive
-        self._servers: OrderedDict[tuple[object, ...], SGLangProcess] = OrderedDict()
+        self._servers: OrderedDict[tuple[object, ...], ServerProcess] = OrderedDict()
         self._lock = threading.Lock()
         self._count = 0
 
@@ -84,7 +84,7 @@ class SGLangServers:
         max_total_tokens: int | None = None,
         served_name: str | None = None,
         extra_args: tuple[str, ...] = (),
-    ) -> SGLangProcess:
+    ) -> ServerProcess:
         """A healthy server for ``model_dir`` (started if needed); returns the process (``.url``)."""
         key = (str(model_dir), grammar_backend, max_total_tokens, served_name, tuple(extra_args))
         with self._lock:
@@ -111,7 +111,7 @@ class SGLangServers:
             self._servers[key] = proc
             return proc
 
-    def stop(self, proc: SGLangProcess) -> None:
+    def stop(self, proc: ServerProcess) -> None:
         """Stop one server now (e.g. a test that kills it on purpose) and forget it."""
         with self._lock:
             for key, p in list(self._servers.items()):
@@ -119,7 +119,7 @@ class SGLangServers:
                     del self._servers[key]
         proc.stop()
 
-    def alive(self) -> list[SGLangProcess]:
+    def alive(self) -> list[ServerProcess]:
         with self._lock:
             return [p for p in self._servers.values() if p.is_alive()]
 
@@ -136,7 +136,7 @@ _SESSION_SERVERS: list[SGLangServers] = []
 
 @pytest.fixture(scope="session")
 def sglang_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SGLangServers]:
-    """Factory/cache of real SGLang CPU servers: ``sglang_servers.get(model_dir) -> SGLangProcess``.
+    """Factory/cache of real SGLang CPU servers: ``sglang_servers.get(model_dir) -> ServerProcess``.
     Fixtures that start servers of their own (a whole stack) can call ``stop_all()`` first to
     stay under the memory cap."""
     servers = SGLangServers(tmp_path_factory.mktemp("sglang-logs"), MAX_SGLANG_SERVERS)
@@ -160,13 +160,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 @pytest.fixture(scope="session")
-def policy_process(sglang_servers: SGLangServers, tiny_policy_model: Path) -> SGLangProcess:
+def policy_process(sglang_servers: SGLangServers, tiny_policy_model: Path) -> ServerProcess:
     """The real SGLang CPU server for the tiny policy model."""
     return sglang_servers.get(tiny_policy_model)
 
 
 @pytest.fixture()
-def policy_server(policy_process: SGLangProcess, sglang_servers: SGLangServers, tiny_policy_model: Path) -> str:
+def policy_server(policy_process: ServerProcess, sglang_servers: SGLangServers, tiny_policy_model: Path) -> str:
     """Base URL (``http://127.0.0.1:PORT``) of a healthy policy server. Re-resolved per test so
     a server evicted by the cap (or crashed) is transparently restarted."""
     return sglang_servers.get(tiny_policy_model).url

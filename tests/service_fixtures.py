@@ -1,5 +1,5 @@
-"""Fixtures and helpers of the search-service tests: ``ets serve`` subprocesses, the whole stack
-and a real Prometheus server.
+"""Fixtures and helpers of the search-service tests: the in-process service (``svc``, ``tight``),
+``ets serve`` subprocesses, the whole stack and a real Prometheus server.
 
 Every process is started on free ports, in its own process group, and stopped by PID.
 """
@@ -9,11 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
-from ets.engine.process import SGLangProcess
+from ets.engine.process import ServerProcess
+from ets.testing.inprocess import Harness, harness_of
 from ets.testing.stack import Stack, StackConfig, start_stack, wait_grpc_serving
 from tools import free_port, http_get, tool, wait_http
 
@@ -32,7 +33,7 @@ SMALL_SEARCH_ENV = {
 class ServeProcess:
     """``ets serve`` as a subprocess (own process group, log file, stop by PID)."""
 
-    def __init__(self, proc: SGLangProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
+    def __init__(self, proc: ServerProcess, addr: str, metrics_url: str, openai_url: str = "") -> None:
         self.proc = proc
         self.addr = addr
         self.metrics_url = metrics_url
@@ -52,7 +53,7 @@ def start_serve(log_dir: Path, *, policy_url: str, reward_addr: str, env: dict[s
     argv = [sys.executable, "-m", "ets.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--metrics-port", str(metrics_port), "--openai-port", str(openai_port), "--policy-url", policy_url,
             "--reward-addr", reward_addr, *args]
-    proc = SGLangProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
+    proc = ServerProcess.start(argv, url=f"http://127.0.0.1:{metrics_port}", env=run_env,
                                log_path=log_dir / f"{name}-{port}.log", name=name)
     serve = ServeProcess(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics",
                          f"http://127.0.0.1:{openai_port}/v1")
@@ -89,7 +90,7 @@ class SharedStack:
     def __init__(self, work: Path, sglang_servers: Any, tiny_model_factory: Callable[[str], Path]) -> None:
         self.work, self.servers, self.models = work, sglang_servers, tiny_model_factory
         self.stack: Stack | None = None
-        self.policy: SGLangProcess | None = None
+        self.policy: ServerProcess | None = None
         self.builds = 0
 
     def _alive(self) -> bool:
@@ -178,3 +179,28 @@ def start_prometheus(work: Path, targets: list[str], scrape_interval: str = "1s"
 
 __all__ = ["ServeProcess", "Prometheus", "start_prometheus", "wait_grpc_serving",
            "SMALL_SEARCH_ENV", "REPO"]
+
+
+# ---- the in-process service (ets.testing.inprocess) -------------------------------------------------
+
+@pytest.fixture()
+def harness_options() -> dict[str, Any]:
+    """What ``svc`` and ``tight`` pass to ``harness_of`` besides the limits (``kind``: the harness
+    class, ``script``, ``scores``, settings); a module overrides it for its own script or transport."""
+    return {}
+
+
+@pytest.fixture()
+async def svc(harness_options: dict[str, Any]) -> AsyncIterator[Harness]:
+    """The in-process service, four running slots and four queue places."""
+    options = dict(harness_options)
+    async with harness_of(options.pop("kind", Harness), max_concurrent=4, max_queued=4, **options) as h:
+        yield h
+
+
+@pytest.fixture()
+async def tight(harness_options: dict[str, Any]) -> AsyncIterator[Harness]:
+    """The in-process service with one running slot and one queue place."""
+    options = dict(harness_options)
+    async with harness_of(options.pop("kind", Harness), max_concurrent=1, max_queued=1, **options) as h:
+        yield h

@@ -195,9 +195,10 @@ def test_images_are_cpu_variants_with_healthchecks(images: dict[str, str]) -> No
         assert not any(k in env for k in ("HF_TOKEN", "GF_SECURITY_ADMIN_PASSWORD"))
         if name != "search":
             assert env["HF_HOME"] == "/models/hf"
-    # The search image is slim: the service imports, torch and SGLang are absent.
+    # The search image is slim: the service imports, torch, SGLang and the test support are absent.
     probe = ("import ets.service.server, importlib.util as u; "
-             "assert u.find_spec('torch') is None and u.find_spec('sglang') is None")
+             "assert u.find_spec('torch') is None and u.find_spec('sglang') is None "
+             "and u.find_spec('ets.testing') is None")
     podman("run", "--rm", "--entrypoint", "python", images["search"], "-c", probe)
     # No model weights baked in: the model cache is empty and no weight files lie outside the
     # installed libraries (which ship small data tables, and the packaged test embedder).

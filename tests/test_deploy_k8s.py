@@ -5,7 +5,7 @@ against the prometheus-operator CRD schema as shipped on PyPI by
 in requirements/dev.txt), closed so that unknown fields are rejected as
 `kubectl apply --validate=strict` would; the search autoscaler's KEDA ScaledObject likewise
 against KEDA's CRD schema from `cloudcoil-models-keda` (KEDA 2.16 CRDs). Plus the deployment
-rules of issues #5 and #11: GPUs, probes (started / ready / alive), shutdown timing, security
+rules: GPUs, probes (started / ready / alive), shutdown timing, security
 contexts and read-only roots, resources, default-deny network policies, autoscaling on load,
 the router's real CLI and its disruption budget.
 """
@@ -194,7 +194,7 @@ def test_cpu_overlay_has_no_gpu_and_prepares_its_models() -> None:
     assert config["ETS_POLICY_MODEL"] == f"/models/{spec.name}"
     assert config["ETS_SEARCH_POLICY_MODEL_TYPE"] == spec.policy_model_type
     init = deploys["reward"]["spec"]["template"]["spec"]["initContainers"][0]
-    assert "tiny-model" in " ".join(init.get("command", []) + init["args"])
+    assert "python -m ets.testing.tiny_models" in " ".join(init.get("command", []) + init["args"])
     assert "/models/tiny-prm" in " ".join(init["args"])
 
 
@@ -257,7 +257,7 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     assert [p["port"] for p in engine_svc["ports"]] == [int(engine_url.rsplit(":", 1)[1])]
 
 
-# --- issue #11: probes, shutdown, read-only roots, network, autoscaling ------------------------
+# --- probes, shutdown, read-only roots, network, autoscaling ------------------------
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
@@ -408,15 +408,28 @@ def test_search_autoscales_on_searches_in_flight_and_queued(overlay: tuple[str, 
     assert 0 < float(trigger["metadata"]["threshold"]) <= int(env_of(search)["ETS_MAX_CONCURRENT_SEARCHES"])
 
 
-def test_scale_out_router_is_redundant() -> None:
+def test_scale_out_routers_survive_a_drain_and_front_the_engines() -> None:
+    """The wiring the overlay's patches must keep consistent: labels, selectors, budget."""
     docs = kustomize(ROOT / "k8s/overlays/scale-out")
-    router = by_kind(docs, "Deployment")["policy-router"]
-    assert router["spec"]["replicas"] == 2
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    router, engines = deployments["policy-router"], deployments["policy"]
+    router_labels = router["spec"]["template"]["metadata"]["labels"]
+    engine_labels = engines["spec"]["template"]["metadata"]["labels"]
+    # The budget covers the router pods, and a drain may evict one while another still serves.
     pdb = by_kind(docs, "PodDisruptionBudget")["policy-router"]["spec"]
-    assert pdb["minAvailable"] == 1
-    assert pdb["selector"]["matchLabels"].items() <= router["spec"]["template"]["metadata"]["labels"].items()
-    # One search pod sticks to one router, which keeps its prefix tree.
-    assert by_kind(docs, "Service")["policy"]["spec"]["sessionAffinity"] == "ClientIP"
+    assert pdb["selector"]["matchLabels"].items() <= router_labels.items()
+    assert 1 <= pdb["minAvailable"] < router["spec"]["replicas"]
+
+    def selects(service: str, labels: dict[str, str]) -> bool:
+        return bool(services[service]["spec"]["selector"].items() <= labels.items())
+
+    # ETS_POLICY_URL (Service policy) reaches the routers only; tokenization (policy-engine) the engines only.
+    assert selects("policy", router_labels) and not selects("policy", engine_labels)
+    assert selects("policy-engine", engine_labels) and not selects("policy-engine", router_labels)
+    # The router discovers the engine pods, never itself.
+    args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    key, value = args[args.index("--selector") + 1].split("=")
+    assert engine_labels.get(key) == value and router_labels.get(key) != value
 
 
 def test_reflection_is_off_in_kubernetes(overlay: tuple[str, list[dict[str, Any]]]) -> None:

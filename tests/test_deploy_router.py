@@ -41,7 +41,7 @@ import aiohttp
 import pytest
 
 from ets.config import SearchConfig
-from ets.engine.process import SGLangProcess, free_port
+from ets.engine.process import ServerProcess, free_port
 from ets.policy.client import PolicyClient, PolicyRequestError, Sample, SamplingParams
 from ets.policy.routed import RoutedPolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
@@ -77,10 +77,10 @@ class Router:
 
 
 @pytest.fixture(scope="module")
-def engines(sglang_servers: Any, tiny_model_factory: Callable[[str], Path]) -> Iterator[dict[str, SGLangProcess]]:
+def engines(sglang_servers: Any, tiny_model_factory: Callable[[str], Path]) -> Iterator[dict[str, ServerProcess]]:
     """Two real SGLang CPU engines of the tiny policy model, stopped at the end of the module."""
     model = tiny_model_factory("policy")
-    procs: dict[str, SGLangProcess] = {}
+    procs: dict[str, ServerProcess] = {}
     try:
         for name in WORKERS:
             procs[name] = sglang_servers.get(model, extra_args=("--weight-version", name))
@@ -113,7 +113,7 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def router(engines: dict[str, SGLangProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
+def router(engines: dict[str, ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Router]:
     """The overlay's router (same policy and defaults; static worker list instead of pod
     discovery) on a free port, in its own process group, killed as a group at the end."""
     port, metrics_port = free_port(), free_port()
@@ -151,7 +151,7 @@ def served_by(sample: Sample) -> str:
 _METRIC = re.compile(r"^(sglang:(?:prompt_tokens_total|cached_tokens_total))\{[^}]*\}\s+([0-9.e+]+)$", re.M)
 
 
-async def engine_counters(engines: dict[str, SGLangProcess]) -> dict[str, dict[str, float]]:
+async def engine_counters(engines: dict[str, ServerProcess]) -> dict[str, dict[str, float]]:
     """Per engine: its own prompt/cached token counters (summed over label sets)."""
     out: dict[str, dict[str, float]] = {}
     for name, proc in engines.items():
@@ -186,7 +186,7 @@ def reward_address(reward_servers: Callable[..., ThreadedRewardServer],
     return reward_servers(reward_config(tiny_model_factory("math-shepherd"), "math-shepherd", "transformers")).address
 
 
-async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[str, SGLangProcess],
+async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[str, ServerProcess],
                                                                    router: Router) -> None:
     """What breaks when the search service talks to the router as if it were an engine."""
     engine = engines[WORKERS[0]]
@@ -221,7 +221,7 @@ async def test_router_does_not_take_the_single_engine_wire_format(engines: dict[
             await routed.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, logit_bias={300: 5.0}))
 
 
-async def test_searches_stay_on_the_engine_that_holds_their_prefix(engines: dict[str, SGLangProcess],
+async def test_searches_stay_on_the_engine_that_holds_their_prefix(engines: dict[str, ServerProcess],
                                                                    router: Router, reward_address: str) -> None:
     """Four ETS searches at once through the router, as the search service runs them (routed
     client, real generator, run_search): every request of a search lands on one engine, the
@@ -277,7 +277,7 @@ async def test_searches_stay_on_the_engine_that_holds_their_prefix(engines: dict
         assert dc == sum(s.cached_tokens for s in samples)
 
 
-async def test_prefix_affinity_beats_load_only_for_one_prompt_per_request(engines: dict[str, SGLangProcess],
+async def test_prefix_affinity_beats_load_only_for_one_prompt_per_request(engines: dict[str, ServerProcess],
                                                                           router: Router) -> None:
     """The mechanism, deterministically: while the engine holding a question's prefix is busy
     (one long request in flight, so it is the more loaded one), a continuation sent alone still

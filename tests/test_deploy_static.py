@@ -1,5 +1,5 @@
 """Static checks of the deployment bundle: Dockerfiles (hadolint + image rules), compose files
-(compose-spec schema; the hardening of issue #11: loopback ports, read-only roots, no
+(compose-spec schema; the hardening: loopback ports, read-only roots, no
 capabilities, init, memory limits, reflection per profile, the TLS override and its health
 checks against a real TLS gRPC server), the Prometheus config (promtool) and the Grafana dashboard.
 
@@ -439,7 +439,7 @@ def dashboard_metric_names() -> dict[str, set[str]]:
     return out
 
 
-def test_dashboard_panels_cover_the_issue() -> None:
+def test_dashboard_panels_cover_throughput_kv_reuse_and_errors() -> None:
     titles = set(dashboard_metric_names())
     for wanted in ("Searches / s", "Tokens / s", "Engine prefix-cache reuse", "Logical KV tokens",
                    "Selection time", "Search latency", "Errors / s"):

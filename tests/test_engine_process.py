@@ -18,7 +18,8 @@ from typing import Iterator
 import pytest
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PID_FILE_ENV, PortInUseError, SGLangProcess, ServerStartError, free_port
+from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port
+from ets.engine.procfs import PortInUseError
 
 from tools import HealthOk
 
@@ -36,7 +37,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_dead_process_fails_fast_with_log_tail(tmp_path: Path) -> None:
-    proc = SGLangProcess.start(
+    proc = ServerProcess.start(
         [sys.executable, "-c",
          "import sys; print('loading weights'); print('CUDA out of memory', file=sys.stderr); sys.exit(3)"],
         url=f"http://127.0.0.1:{free_port()}", log_path=tmp_path / "dead.log", name="dead",
@@ -51,7 +52,7 @@ def test_dead_process_fails_fast_with_log_tail(tmp_path: Path) -> None:
 
 
 def test_deadline_when_never_healthy(tmp_path: Path) -> None:
-    with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
+    with ServerProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
                              url=f"http://127.0.0.1:{free_port()}", log_path=tmp_path / "slow.log",
                              name="slow") as proc:
         with pytest.raises(ServerStartError, match="not healthy after 1s"):
@@ -60,28 +61,28 @@ def test_deadline_when_never_healthy(tmp_path: Path) -> None:
     assert not proc.is_alive()
 
 
-def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
-    # The leader forks a child that ignores SIGTERM (like a stuck worker); the leader exits on it.
+def _forking_leader(tmp_path: Path, name: str, then: str, *, child_ignores_sigterm: bool = False
+                    ) -> tuple[ServerProcess, int]:
+    """A leader that forks one sleeping child, prints its pid, then runs ``then``: (leader, child pid)."""
     script = (
         "import os, signal, sys, time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "    time.sleep(600)\n"
+        + ("    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if child_ignores_sigterm else "")
+        + "    time.sleep(600)\n"
         "    os._exit(0)\n"
         "print('child', pid, flush=True)\n"
-        "time.sleep(600)\n"
+        f"{then}\n"
     )
-    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
-                               log_path=tmp_path / "group.log", name="group")
-    deadline = time.monotonic() + 10
-    child = None
-    while time.monotonic() < deadline and child is None:
-        for line in proc.log_tail().splitlines():
-            if line.startswith("child "):
-                child = int(line.split()[1])
-        time.sleep(0.05)
-    assert child is not None and _alive(child)
+    log = tmp_path / f"{name}.log"
+    proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1", log_path=log, name=name)
+    return proc, _read_pid(proc, log, "child ")
+
+
+def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
+    # The leader forks a child that ignores SIGTERM (like a stuck worker); the leader exits on it.
+    proc, child = _forking_leader(tmp_path, "group", "time.sleep(600)", child_ignores_sigterm=True)
+    assert _alive(child)
     start = time.monotonic()
     rc = proc.stop(timeout=1.0)
     assert rc == -signal.SIGTERM
@@ -96,7 +97,7 @@ def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_mode
     port = free_port()
     env = {**os.environ, "ETS_POLICY_MODEL": str(tiny_policy_model), "ETS_DEVICE": "cpu",
            "ETS_POLICY_PORT": str(port), "ETS_POLICY_HOST": "127.0.0.1", "ETS_POLICY_SERVED_NAME": "tiny-policy"}
-    proc = SGLangProcess.start([sys.executable, "-m", "ets.cli", "policy-serve"], env=env,
+    proc = ServerProcess.start([sys.executable, "-m", "ets.cli", "policy-serve"], env=env,
                                url=f"http://127.0.0.1:{port}", log_path=tmp_path / "policy-serve.log",
                                name="policy-serve")
     try:
@@ -134,22 +135,11 @@ def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_mode
 
 def test_stop_after_leader_crash_cleans_up_orphaned_workers_quickly(tmp_path: Path) -> None:
     # Like a crashed SGLang leader whose scheduler is still running.
-    script = (
-        "import os, sys, time\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    time.sleep(600)\n"
-        "    os._exit(0)\n"
-        "print('child', pid, flush=True)\n"
-        "sys.exit(7)\n"
-    )
-    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
-                               log_path=tmp_path / "crash.log", name="crash")
+    proc, child = _forking_leader(tmp_path, "crash", "sys.exit(7)")
     deadline = time.monotonic() + 10
     while proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.returncode == 7
-    child = int(next(line for line in proc.log_tail().splitlines() if line.startswith("child ")).split()[1])
     assert _alive(child)
     start = time.monotonic()
     assert proc.stop(timeout=20) == 7
@@ -176,7 +166,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return not _alive(pid)
 
 
-def _read_pid(proc: SGLangProcess | subprocess.Popen[bytes], log: Path, prefix: str, timeout: float = 20) -> int:
+def _read_pid(proc: ServerProcess | subprocess.Popen[bytes], log: Path, prefix: str, timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines() if log.exists() else []:
@@ -192,8 +182,8 @@ def test_child_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
     log = tmp_path / "parent.log"
     script = (
         "import sys, time\n"
-        "from ets.engine.process import SGLangProcess\n"
-        f"p = SGLangProcess.start([sys.executable, '-c', 'import time; time.sleep(600)'], url='http://127.0.0.1:1',"
+        "from ets.engine.process import ServerProcess\n"
+        f"p = ServerProcess.start([sys.executable, '-c', 'import time; time.sleep(600)'], url='http://127.0.0.1:1',"
         f" log_path={str(tmp_path / 'child.log')!r}, name='child')\n"
         "print('child', p.pid, flush=True)\n"
         "time.sleep(600)\n"
@@ -226,7 +216,7 @@ def test_stop_reaches_a_descendant_that_left_the_group(tmp_path: Path) -> None:
         "print('grandchild', pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    proc = SGLangProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
+    proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
                                log_path=tmp_path / "leader.log", name="leader")
     grandchild = _read_pid(proc, proc.log_path, "grandchild ")
     assert _alive(grandchild) and os.getpgid(grandchild) != proc.pgid
@@ -247,7 +237,7 @@ def test_port_in_use_is_refused_before_spawning_naming_the_setting(tmp_path: Pat
     cfg = LaunchConfig(model_path="/models/prm", host="127.0.0.1", port=held_port, device="cpu")
     log = tmp_path / "never.log"
     with pytest.raises(PortInUseError) as err:
-        SGLangProcess.launch(cfg, log_path=log, name="prm-sglang", port_setting="ETS_PRM_PORT")
+        ServerProcess.launch(cfg, log_path=log, name="prm-sglang", port_setting="ETS_PRM_PORT")
     message = str(err.value)
     assert message.startswith(f"ETS_PRM_PORT: port {held_port} on 127.0.0.1 is already in use"), message
     assert f"pid {os.getpid()}" in message  # who holds it, where procfs tells
@@ -262,7 +252,7 @@ def test_health_answered_by_a_stranger_does_not_count(tmp_path: Path) -> None:
     threading.Thread(target=stranger.serve_forever, daemon=True).start()
     try:
         port = stranger.server_address[1]
-        with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
+        with ServerProcess.start([sys.executable, "-c", "import time; time.sleep(60)"],
                                  url=f"http://127.0.0.1:{port}", log_path=tmp_path / "new.log", name="new") as proc:
             with pytest.raises(ServerStartError, match="held by another process") as err:
                 proc.wait_healthy(timeout=20)
@@ -276,8 +266,8 @@ def test_health_answered_by_a_stranger_does_not_count(tmp_path: Path) -> None:
 def test_every_start_is_recorded_in_the_pid_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pid_file = tmp_path / "pids"
     monkeypatch.setenv(PID_FILE_ENV, str(pid_file))
-    with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
+    with ServerProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
                              log_path=tmp_path / "a.log", name="a") as a:
-        with SGLangProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
+        with ServerProcess.start([sys.executable, "-c", "import time; time.sleep(60)"], url="http://127.0.0.1:1",
                                  log_path=tmp_path / "b.log", name="b") as b:
             assert pid_file.read_text().splitlines() == [f"a {a.pgid}", f"b {b.pgid}"]

@@ -20,7 +20,8 @@ from typing import Callable
 import pytest
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import descendants, free_port, still_running
+from ets.engine.process import free_port
+from ets.engine.procfs import descendants, still_running
 from ets.engine.supervisor import EngineSupervisor, EngineUnavailable
 
 from tools import HealthOk

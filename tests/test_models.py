@@ -7,12 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ets import models
 from ets.models import (
     DEFAULT_POLICY_MODEL,
     MARKER,
@@ -27,16 +27,14 @@ SPEC = PACKAGED_MODELS[DEFAULT_POLICY_MODEL]
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
-    """(cache, folder, seconds): a conversion from scratch into an empty cache, over a stale
-    folder without a marker (an earlier run killed half-way) that must be replaced."""
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cache, folder): a conversion from scratch into an empty cache, over a stale folder
+    without a marker (an earlier run killed half-way) that must be replaced."""
     cache = tmp_path_factory.mktemp("model-cache")
     stale = cache / SPEC.name
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    started = time.monotonic()
-    folder = prepare_model(SPEC.name, cache)
-    return cache, folder, time.monotonic() - started
+    return cache, prepare_model(SPEC.name, cache)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,8 +43,8 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 @pytest.mark.models
-def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) -> None:
-    cache, folder, _ = fresh
+def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path]) -> None:
+    cache, folder = fresh
     assert folder == cache / SPEC.name
     marker = json.loads((folder / MARKER).read_text())
     assert (marker["name"], marker["sha256"], marker["package"]) == (SPEC.name, SPEC.sha256, SPEC.package)
@@ -79,16 +77,20 @@ def test_prepare_writes_a_loadable_dense_model(fresh: tuple[Path, Path, float]) 
 
 
 @pytest.mark.models
-def test_second_prepare_returns_at_once(fresh: tuple[Path, Path, float]) -> None:
-    cache, folder, first_s = fresh
+def test_second_prepare_does_no_work_again(fresh: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, folder = fresh
     before = (folder / MARKER).stat().st_mtime_ns
     res = _cli("prepare", SPEC.name, "--cache-dir", str(cache))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == str(folder)
     assert (folder / MARKER).stat().st_mtime_ns == before  # nothing rewritten
-    started = time.monotonic()
+
+    def refused(*args: object) -> None:
+        raise AssertionError("a prepared folder is neither checksummed nor converted again")
+
+    monkeypatch.setattr(models, "sha256_of", refused)
+    monkeypatch.setattr(models, "_convert", refused)
     assert prepare_model(SPEC.name, cache) == folder
-    assert time.monotonic() - started < first_s / 10  # no checksum, no conversion
 
 
 def test_checksum_mismatch_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ failure modes against real sockets (nothing listening, a server that never answe
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import time
@@ -151,8 +152,9 @@ async def test_bad_requests_raise_request_error_with_server_message(client: Poli
 
 
 @pytest.mark.sglang
-async def test_too_long_prompt_is_a_request_error(client: PolicyClient) -> None:
-    max_len = await client.max_model_len()
+async def test_too_long_prompt_is_a_request_error(client: PolicyClient, tiny_policy_model: Path) -> None:
+    # The engine's context length is the model's (the fixture's engine sets no --context-length).
+    max_len = json.loads((tiny_policy_model / "config.json").read_text())["max_position_embeddings"]
     with pytest.raises(PolicyRequestError) as err:
         await client.generate([[5] * (max_len + 10)], SamplingParams(max_new_tokens=1))
     assert err.value.message

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.engine.process import SGLangProcess, free_port
+from ets.engine.process import ServerProcess, free_port
 from ets.healthcheck import check
 from ets.reward.backends.sglang_backend import HIDDEN_STATES_FLAG
 from ets.reward.client import RewardClient
@@ -42,12 +42,12 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def prm_servers(sglang_servers: object,
-                tiny_model_factory: Callable[[str], Path]) -> Iterator[Callable[[str], SGLangProcess]]:
+                tiny_model_factory: Callable[[str], Path]) -> Iterator[Callable[[str], ServerProcess]]:
     """``get(kind)``: a real SGLang CPU server for the tiny PRM of ``kind`` (llemma's with hidden
     states enabled); stopped at module end so later modules stay under the server cap."""
-    started: list[SGLangProcess] = []
+    started: list[ServerProcess] = []
 
-    def get(kind: str) -> SGLangProcess:
+    def get(kind: str) -> ServerProcess:
         extra = (HIDDEN_STATES_FLAG,) if kind == "llemma" else ()
         proc = sglang_servers.get(tiny_model_factory(kind), extra_args=extra)  # type: ignore[attr-defined]
         started.append(proc)
@@ -62,7 +62,7 @@ def prm_servers(sglang_servers: object,
 
 @pytest.mark.parametrize("kind", SGLANG_KINDS)
 async def test_sglang_and_transformers_backends_agree(
-    kind: str, prm_servers: Callable[[str], SGLangProcess], reward_servers: Callable[..., ThreadedRewardServer],
+    kind: str, prm_servers: Callable[[str], ServerProcess], reward_servers: Callable[..., ThreadedRewardServer],
     tiny_model_factory: Callable[[str], Path],
 ) -> None:
     model = tiny_model_factory(kind)
@@ -92,7 +92,7 @@ async def test_sglang_and_transformers_backends_agree(
 
 
 async def test_sglang_backend_reports_prefix_cache_reuse(
-    prm_servers: Callable[[str], SGLangProcess], reward_servers: Callable[..., ThreadedRewardServer],
+    prm_servers: Callable[[str], ServerProcess], reward_servers: Callable[..., ThreadedRewardServer],
     tiny_model_factory: Callable[[str], Path],
 ) -> None:
     model = tiny_model_factory("math-shepherd")

@@ -25,7 +25,8 @@ import psutil
 import pytest
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.engine.process import ProcInfo, descendants, free_port, still_running
+from ets.engine.process import free_port
+from ets.engine.procfs import ProcInfo, descendants, still_running
 from ets.healthcheck import check
 
 pytestmark = pytest.mark.sglang

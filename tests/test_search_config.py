@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from ets.api.v1 import search_pb2
-from ets.config import PRM_TYPES, ConfigError, SearchConfig, preset_lambda_s
+from ets.config import MAX_WIDTH, PRM_TYPES, ConfigError, SearchConfig, preset_lambda_s
 from ets.errors import SettingError
 from ets.policy.model_types import POLICY_MODEL_TYPES, policy_model_type
 from ets.search.selection import validate
@@ -71,10 +71,10 @@ def test_invalid_values_name_their_field(overrides: dict, field: str) -> None:
     assert isinstance(info.value, ValueError)
 
 
-def test_width_cap_is_configurable() -> None:
-    SearchConfig(width=1024).validate()
+def test_width_is_capped() -> None:
+    SearchConfig(width=MAX_WIDTH).validate()
     with pytest.raises(ConfigError, match="width"):
-        SearchConfig(width=1024).validate(max_width=512)
+        SearchConfig(width=MAX_WIDTH + 1).validate()
 
 
 def test_replace_ignores_unset_and_rejects_unknown() -> None:

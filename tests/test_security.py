@@ -4,7 +4,7 @@ The test makes its own PKI with ``cryptography`` (a CA, a server certificate for
 127.0.0.1, a client certificate, and a client certificate from an unrelated CA). The search
 service runs in-process over the scripted upstreams; the reward server runs the model-free
 rules backend (only its embedder loads a model). The policy client's API key is checked against
-an HTTP server that, like ``sglang --api-key``, answers 401 without ``Authorization: Bearer``.
+a real SGLang CPU engine started with ``--api-key``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 import pytest
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,26 +22,21 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
 from ets.errors import FieldError
 from ets.policy.client import PolicyClient, PolicyRequestError
 from ets.reward.client import RewardClient, RewardError
 from ets.reward.rules import SCORE_RIGHT
-from ets.search.answers import group_answers
 from ets.security import ClientSecurity, ServerSecurity, bearer_ok, channel
 from ets.service.metrics import SearchMetrics
 from ets.service.server import SearchServer, ServiceSettings
 from ets.service.settings import settings_from_args
+from ets.testing.inprocess import PROBLEM, SCORES, SCRIPT, serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
 
 from reward_fixtures import ThreadedRewardServer, reward_config
 from tools import free_port
 
 TOKEN = "s3cret-token"
-SCRIPT: Any = {
-    (): [("s1 ки", 5, "step")],
-    ("s1 ки",): [("The answer is 3 ки", 5, "step")],
-}
 
 
 # ---- a PKI made by the test ----------------------------------------------------------------------
@@ -116,18 +110,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture()
 async def secure_search(pki: Pki) -> AsyncIterator[SearchServer]:
     """The search service with TLS, required client certificates (mTLS) and a bearer token."""
-    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=free_port(), grace_s=1,
-                               tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
-                               tls_client_ca_file=pki.ca, auth_token_file=pki.token)
-    server = SearchServer(settings, SearchConfig(method="rebase", width=2, max_step_tokens=5, max_tokens=200,
-                                                 max_depth=5, seed=1),
-                          upstreams=ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer()),
-                          metrics=SearchMetrics(process_metrics=False), grouping=group_answers)
-    await server.start()
-    try:
+    async with serving(ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer(SCORES)), openai_port=free_port(),
+                       tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca,
+                       auth_token_file=pki.token) as server:
         yield server
-    finally:
-        await server.stop(grace=0)
 
 
 def _scripted(server: SearchServer) -> ScriptedUpstreams:
@@ -139,7 +125,7 @@ def _addr(server: SearchServer) -> str:
     return f"localhost:{server.port}"
 
 
-REQUEST = search_pb2.SearchRequest(problem="What is 1 + 2?", request_id="tls-1")
+REQUEST = search_pb2.SearchRequest(problem=PROBLEM, request_id="tls-1")
 
 
 async def _search(addr: str, security: ClientSecurity, *, stream: bool = False) -> search_pb2.SearchResponse:
@@ -273,29 +259,18 @@ async def test_search_service_reaches_a_secured_reward_server(secure_reward: Thr
 
 # ---- policy API key ------------------------------------------------------------------------------
 
-async def test_policy_client_sends_the_api_key() -> None:
-    """Like ``sglang --api-key``: 401 without ``Authorization: Bearer <key>``."""
-    async def health(request: web.Request) -> web.Response:
-        if not bearer_ok(request.headers.get("Authorization"), "policy-key"):
-            return web.json_response({"error": "Unauthorized"}, status=401)
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/model_info", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with PolicyClient(f"http://127.0.0.1:{port}", api_key="policy-key") as client:
-            assert await client.health(timeout=5)
-        async with PolicyClient(f"http://127.0.0.1:{port}") as client:
-            with pytest.raises(PolicyRequestError):
-                await client._json("GET", "/model_info")
-    finally:
-        await runner.cleanup()
+async def test_policy_client_sends_the_api_key(sglang_servers: Any, tiny_policy_model: Path) -> None:
+    """A real engine started with ``--api-key``: the client's bearer token opens its API, and
+    without it the engine answers 401 (its /health stays open, so probes need no key)."""
+    url = sglang_servers.get(tiny_policy_model, extra_args=("--api-key", "policy-key")).url
+    async with PolicyClient(url, api_key="policy-key") as client:
+        assert await client.tokenize("What is 1 + 2?")
+        assert (await client.model_info())["model_path"] == str(tiny_policy_model)
+    async with PolicyClient(url) as client:
+        assert await client.health(timeout=30)
+        with pytest.raises(PolicyRequestError) as err:
+            await client.tokenize("What is 1 + 2?")
+        assert err.value.status == 401
 
 
 async def test_cli_search_with_tls_flags(secure_search: SearchServer, pki: Pki) -> None:

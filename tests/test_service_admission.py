@@ -1,16 +1,17 @@
-"""Admission control: bounded running searches, a bounded FIFO queue, refusal beyond both."""
+"""Admission control (``ets.admission`` as the search service sets it up): bounded running searches, a
+bounded FIFO queue, refusal beyond both."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
-from ets.service.admission import Admission, QueueFull
+from ets.service.admission import QueueFull, search_admission
 
 
 async def test_runs_up_to_limit_then_queues_then_refuses() -> None:
     changes: list[tuple[int, int]] = []
-    adm = Admission(max_concurrent=2, max_queued=1, on_change=lambda r, q: changes.append((r, q)))
+    adm = search_admission(max_concurrent=2, max_queued=1, on_change=lambda r, q: changes.append((r, q)))
     release = asyncio.Event()
     order: list[int] = []
 
@@ -34,7 +35,7 @@ async def test_runs_up_to_limit_then_queues_then_refuses() -> None:
 
 
 async def test_cancelled_waiter_leaves_queue_and_slot_is_not_lost() -> None:
-    adm = Admission(max_concurrent=1, max_queued=2)
+    adm = search_admission(max_concurrent=1, max_queued=2)
     release = asyncio.Event()
 
     async def hold() -> None:
@@ -59,7 +60,7 @@ async def test_cancelled_waiter_leaves_queue_and_slot_is_not_lost() -> None:
 
 
 async def test_cancel_after_handoff_passes_slot_on() -> None:
-    adm = Admission(max_concurrent=1, max_queued=2)
+    adm = search_admission(max_concurrent=1, max_queued=2)
     first = asyncio.Event()
 
     async def hold(ev: asyncio.Event) -> None:
@@ -84,9 +85,9 @@ async def test_cancel_after_handoff_passes_slot_on() -> None:
 
 def test_limits_validated() -> None:
     with pytest.raises(ValueError, match="ETS_MAX_CONCURRENT_SEARCHES"):
-        Admission(0, 1)
+        search_admission(0, 1)
     with pytest.raises(ValueError, match="ETS_MAX_QUEUED_SEARCHES"):
-        Admission(1, -1)
+        search_admission(1, -1)
 
 
 @pytest.mark.parametrize(("argv", "env_name"), [

@@ -10,16 +10,21 @@ from ets.config import SearchConfig
 from ets.service import convert, request
 
 
+def _resolve(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
+    """What the server does with a request's config: its overrides over the defaults, validated."""
+    return request.resolve_config(convert.config_overrides(message), defaults)
+
+
 def test_unset_fields_take_server_defaults() -> None:
     defaults = SearchConfig().replace(width=8, max_step_tokens=16, max_tokens=64)
-    config = convert.config_from_proto(search_pb2.SearchConfig(), defaults)
+    config = _resolve(search_pb2.SearchConfig(), defaults)
     assert config == defaults
 
 
 def test_set_fields_override_including_zero_values() -> None:
     defaults = SearchConfig()
     msg = search_pb2.SearchConfig(method="rebase", width=4, lambda_c=0.0, seed=0, temperature=0.7)
-    config = convert.config_from_proto(msg, defaults)
+    config = _resolve(msg, defaults)
     assert (config.method, config.width, config.lambda_c, config.seed, config.temperature) == ("rebase", 4, 0.0, 0, 0.7)
     # Untouched fields still the defaults.
     assert config.max_tokens == defaults.max_tokens and config.voting == defaults.voting
@@ -39,8 +44,8 @@ def test_set_fields_override_including_zero_values() -> None:
     ],
 )
 def test_bad_config_names_field(msg: search_pb2.SearchConfig, field: str) -> None:
-    with pytest.raises(convert.RequestError) as info:
-        convert.config_from_proto(msg, SearchConfig())
+    with pytest.raises(request.RequestError) as info:
+        _resolve(msg, SearchConfig())
     assert info.value.field == field
     assert str(info.value).startswith(field + ":")
 
@@ -58,5 +63,5 @@ def test_resolved_config_round_trips() -> None:
     # Every field is set in the echo (lambda_s and beam_keep resolved from the width preset).
     assert msg.HasField("lambda_s") and msg.lambda_s == pytest.approx(1.4)
     assert msg.beam_keep == 8
-    back = convert.config_from_proto(msg, SearchConfig())
+    back = _resolve(msg, SearchConfig())
     assert back == dataclasses.replace(config.resolved())

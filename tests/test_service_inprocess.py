@@ -6,68 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ets.api.v1 import search_pb2, search_pb2_grpc
+from ets.api.v1 import search_pb2
 from ets.config import ConfigError
 from ets.service.admission import QueueFull
 from ets.service.request import RequestError
-from ets.service.server import SearchServer
 from ets.service.status import Status, UpstreamRejected, UpstreamUnavailable, status_for
-from ets.testing.inprocess import serving
-from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
-
-PROBLEM = "What is 1 + 2?"
-# Three depths: s1 -> s2 -> the answer.
-SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
-    (): [("s1 ки", 5, "step")],
-    ("s1 ки",): [("s2 ки", 5, "step")],
-    ("s1 ки", "s2 ки"): [("The answer is 3 ки", 5, "step")],
-}
-
-
-class Harness:
-    def __init__(self, server: SearchServer, upstreams: ScriptedUpstreams, channel: grpc.aio.Channel) -> None:
-        self.server, self.upstreams, self.channel = server, upstreams, channel
-        self.stub = search_pb2_grpc.SearchServiceStub(channel)
-
-    def sample(self, name: str, **labels: str) -> float:
-        return self.server.metrics.registry.get_sample_value(name, labels) or 0.0
-
-    def outcomes(self, method: str = "rebase", api: str = "grpc") -> dict[str, float]:
-        return {s.outcome: self.sample("ets_search_searches_total", method=method, outcome=s.outcome, api=api)
-                for s in Status}
-
-    async def idle(self, timeout: float = 5.0) -> None:
-        """Wait until no search is running or queued (handler tasks unwind after a status)."""
-        deadline = time.monotonic() + timeout
-        while self.server.runner.active or self.server.admission.running or self.server.admission.queued:
-            assert time.monotonic() < deadline, (self.server.runner.active, self.server.admission.running)
-            await asyncio.sleep(0.01)
-
-
-async def _harness(max_concurrent: int = 4, max_queued: int = 4) -> AsyncIterator[Harness]:
-    upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer({"The answer is 3": 0.9}))
-    async with serving(upstreams, max_concurrent=max_concurrent, max_queued=max_queued) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield Harness(server, upstreams, channel)
-
-
-@pytest.fixture()
-async def svc() -> AsyncIterator[Harness]:
-    async for h in _harness():
-        yield h
-
-
-@pytest.fixture()
-async def tight() -> AsyncIterator[Harness]:
-    """One running slot, one queue place."""
-    async for h in _harness(max_concurrent=1, max_queued=1):
-        yield h
+from ets.testing.inprocess import PROBLEM, Harness
 
 
 def request(**config: Any) -> search_pb2.SearchRequest:

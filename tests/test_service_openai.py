@@ -9,23 +9,22 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, Sequence
 
 import grpc
 import httpx
 import openai
 import pytest
 
-from ets.api.v1 import search_pb2, search_pb2_grpc
+from ets.api.v1 import search_pb2
 from ets.service.openai_request import METHOD_ALIASES, parse_chat
 from ets.service.request import RequestError
 from ets.service.server import SearchServer
 from ets.service.status import UpstreamUnavailable
-from ets.testing.inprocess import serving
-from ets.testing.upstreams import PROMPT, ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
+from ets.testing.inprocess import PROBLEM, Harness, harness_of
+from ets.testing.upstreams import PROMPT, ScriptedUpstreams, Spec
 from tools import free_port, tool
 
-PROBLEM = "What is 1 + 2?"
 SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
     (): [("s1 ки", 5, "step"), ("t1 ки", 5, "step")],
     ("s1 ки",): [("s2 ки", 5, "step")],
@@ -37,65 +36,35 @@ TOKEN = "s3cret-token"
 MESSAGES: list[Any] = [{"role": "user", "content": PROBLEM}]
 
 
-class Harness:
-    def __init__(self, server: SearchServer, upstreams: ScriptedUpstreams, *, api_key: str = "unused") -> None:
+class OpenAIHarness(Harness):
+    """The in-process service with its OpenAI port, and the official clients (sync and async)."""
+
+    api = "openai"
+
+    def __init__(self, server: SearchServer, upstreams: ScriptedUpstreams, channel: grpc.aio.Channel) -> None:
+        super().__init__(server, upstreams, channel)
         assert server.openai is not None
-        self.server, self.upstreams = server, upstreams
         self.base_url = f"http://127.0.0.1:{server.openai.port}/v1"
-        self.grpc_addr = f"127.0.0.1:{server.port}"
+        token_file = server.settings.auth_token_file
+        api_key = Path(token_file).read_text().strip() if token_file else "unused"
         # No retries: each test sees the first answer (the client would retry 429/503).
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
         self.sync = openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
 
-    def outcomes(self, api: str = "openai", method: str = "rebase") -> dict[str, float]:
-        reg = self.server.metrics.registry
-        return {o: reg.get_sample_value("ets_search_searches_total", {"method": method, "outcome": o, "api": api})
-                or 0.0 for o in ("ok", "invalid_argument", "resource_exhausted", "unavailable", "deadline_exceeded",
-                                 "cancelled", "error")}
-
-    async def idle(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.server.runner.active or self.server.admission.running or self.server.admission.queued:
-            assert time.monotonic() < deadline, (self.server.runner.active, self.server.admission.running)
-            await asyncio.sleep(0.01)
-
-    async def held(self, n: int = 1) -> None:
-        """Wait until ``n`` expansions sit at the upstreams' gate."""
-        deadline = time.monotonic() + 5
-        while self.upstreams.waiting < n:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
-
-
-async def _harness(max_concurrent: int = 4, max_queued: int = 4, token_file: str = "") -> AsyncIterator[Harness]:
-    upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer(SCORES))
-    async with serving(upstreams, openai_port=free_port(), max_concurrent=max_concurrent, max_queued=max_queued,
-                       auth_token_file=token_file) as server:
-        h = Harness(server, upstreams, api_key=TOKEN if token_file else "unused")
-        try:
-            yield h
-        finally:
-            await h.client.close()
-            h.sync.close()
+    async def aclose(self) -> None:
+        await self.client.close()
+        self.sync.close()
 
 
 @pytest.fixture()
-async def svc() -> AsyncIterator[Harness]:
-    async for h in _harness():
-        yield h
-
-
-@pytest.fixture()
-async def tight() -> AsyncIterator[Harness]:
-    async for h in _harness(max_concurrent=1, max_queued=1):
-        yield h
+def harness_options() -> dict[str, Any]:
+    """``svc`` and ``tight`` (tests/service_fixtures.py) with this module's two-answer script."""
+    return {"kind": OpenAIHarness, "script": SCRIPT, "scores": SCORES, "openai_port": free_port()}
 
 
 async def grpc_search(h: Harness, **config: Any) -> search_pb2.SearchResponse:
-    async with grpc.aio.insecure_channel(h.grpc_addr) as channel:
-        stub = search_pb2_grpc.SearchServiceStub(channel)
-        return await stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=search_pb2.SearchConfig(**config)),
-                                 timeout=10)
+    return await h.stub.Search(search_pb2.SearchRequest(problem=PROBLEM, config=search_pb2.SearchConfig(**config)),
+                               timeout=10)
 
 
 def ets_of(obj: Any) -> dict[str, Any]:
@@ -107,7 +76,7 @@ def ets_of(obj: Any) -> dict[str, Any]:
 
 # ---- searches --------------------------------------------------------------------------------------
 
-async def test_async_client_extra_body_equals_grpc_search(svc: Harness) -> None:
+async def test_async_client_extra_body_equals_grpc_search(svc: OpenAIHarness) -> None:
     reply = await svc.client.chat.completions.create(
         model="scripted-policy-model", messages=MESSAGES, seed=7,
         extra_body={"ets": {"method": "ets", "width": 4, "lambda_c": 0.5, "candidates": True}})
@@ -135,7 +104,7 @@ async def test_async_client_extra_body_equals_grpc_search(svc: Harness) -> None:
     assert svc.outcomes(method="ets")["ok"] == 1 and svc.outcomes("grpc", method="ets")["ok"] == 1
 
 
-async def test_sync_client_with_headers_and_body_precedence(svc: Harness) -> None:
+async def test_sync_client_with_headers_and_body_precedence(svc: OpenAIHarness) -> None:
     def call(**kwargs: Any) -> Any:
         return svc.sync.chat.completions.create(model="scripted-policy-model", messages=MESSAGES, **kwargs)
 
@@ -152,7 +121,7 @@ async def test_sync_client_with_headers_and_body_precedence(svc: Harness) -> Non
     assert (config["method"], config["width"], config["seed"]) == ("beam", 2, 9)
 
 
-async def test_method_alias_as_model(svc: Harness) -> None:
+async def test_method_alias_as_model(svc: OpenAIHarness) -> None:
     listed = [m.id async for m in svc.client.models.list()]
     assert listed == ["scripted-policy-model", *METHOD_ALIASES]
     assert set(METHOD_ALIASES) == {"ets", "rebase", "beam", "dvts", "best_of_n"}
@@ -163,7 +132,7 @@ async def test_method_alias_as_model(svc: Harness) -> None:
     assert ets["answer"] == expected.answer and reply.choices[0].message.content == expected.best.text
 
 
-async def test_async_stream_progress_content_usage_done(svc: Harness) -> None:
+async def test_async_stream_progress_content_usage_done(svc: OpenAIHarness) -> None:
     stream = await svc.client.chat.completions.create(
         model="rebase", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, seed=1)
     chunks = [c async for c in stream]
@@ -183,7 +152,7 @@ async def test_async_stream_progress_content_usage_done(svc: Harness) -> None:
     assert svc.outcomes()["ok"] == 1
 
 
-async def test_sync_stream(svc: Harness) -> None:
+async def test_sync_stream(svc: OpenAIHarness) -> None:
     def run() -> list[Any]:
         stream = svc.sync.chat.completions.create(model="scripted-policy-model", messages=MESSAGES, stream=True,
                                                   extra_headers={"X-ETS-Width": "2"})
@@ -195,7 +164,7 @@ async def test_sync_stream(svc: Harness) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage is None  # no include_usage
 
 
-async def test_curl_sees_raw_server_sent_events(svc: Harness) -> None:
+async def test_curl_sees_raw_server_sent_events(svc: OpenAIHarness) -> None:
     body = json.dumps({"model": "rebase", "messages": MESSAGES, "stream": True})
     proc = await asyncio.create_subprocess_exec(
         tool("curl"), "-sS", "-N", "--max-time", "20", "-H", "Content-Type: application/json",
@@ -212,7 +181,7 @@ async def test_curl_sees_raw_server_sent_events(svc: Harness) -> None:
     assert payloads[-1]["choices"][0]["finish_reason"] == "stop" and payloads[-1]["ets"]["answer"] == "3"
 
 
-async def test_system_message_and_new_token_budget(svc: Harness) -> None:
+async def test_system_message_and_new_token_budget(svc: OpenAIHarness) -> None:
     system = [{"role": "system", "content": "Be brief."}, *MESSAGES]
     # math-shepherd (the default policy model type) has no chat template: the prompt is not used.
     reply = await svc.client.chat.completions.create(model="rebase", messages=system, max_tokens=12)
@@ -245,7 +214,7 @@ async def test_system_message_and_new_token_budget(svc: Harness) -> None:
     # Refused by the search core once the root is known: the budget is below the prompt.
     ({"extra_body": {"ets": {"max_tokens": 8}}}, "ets.max_tokens", "ets.max_tokens: "),
 ])
-async def test_bad_request_is_400_naming_the_field(svc: Harness, kwargs: dict[str, Any], param: str,
+async def test_bad_request_is_400_naming_the_field(svc: OpenAIHarness, kwargs: dict[str, Any], param: str,
                                                    text: str) -> None:
     args: dict[str, Any] = {"model": "rebase", "messages": MESSAGES, **kwargs}
     with pytest.raises(openai.BadRequestError) as info:
@@ -257,7 +226,7 @@ async def test_bad_request_is_400_naming_the_field(svc: Harness, kwargs: dict[st
     assert info.value.response.headers["x-should-retry"] == "false"
 
 
-async def test_malformed_bodies_are_400_naming_the_body(svc: Harness) -> None:
+async def test_malformed_bodies_are_400_naming_the_body(svc: OpenAIHarness) -> None:
     async with httpx.AsyncClient() as http:
         for content in (b"{not json", b"[1, 2]"):
             r = await http.post(f"{svc.base_url}/chat/completions", content=content,
@@ -272,7 +241,8 @@ async def test_missing_or_wrong_token_is_401(tmp_path: Path) -> None:
     tests/test_security.py."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    async for h in _harness(token_file=str(token_file)):
+    async with harness_of(OpenAIHarness, SCRIPT, SCORES, openai_port=free_port(),
+                          auth_token_file=str(token_file)) as h:
         reply = await h.client.chat.completions.create(model="rebase", messages=MESSAGES)
         assert ets_of(reply)["answer"] == "3"
         for key in ("wrong", None):
@@ -289,7 +259,7 @@ async def test_missing_or_wrong_token_is_401(tmp_path: Path) -> None:
                 model="rebase", messages=MESSAGES)
 
 
-async def test_queue_full_is_429(tight: Harness) -> None:
+async def test_queue_full_is_429(tight: OpenAIHarness) -> None:
     tight.upstreams.hold()
     running = asyncio.ensure_future(tight.client.chat.completions.create(model="rebase", messages=MESSAGES))
     await tight.held()
@@ -306,7 +276,7 @@ async def test_queue_full_is_429(tight: Harness) -> None:
     assert tight.outcomes()["resource_exhausted"] == 1 and tight.outcomes()["ok"] == 2
 
 
-async def test_upstream_down_is_503_and_internal_error_500(svc: Harness) -> None:
+async def test_upstream_down_is_503_and_internal_error_500(svc: OpenAIHarness) -> None:
     svc.upstreams.reward_error = UpstreamUnavailable("reward", "scripted-reward", "gone")
     with pytest.raises(openai.InternalServerError) as info:
         await svc.client.chat.completions.create(model="rebase", messages=MESSAGES)
@@ -322,7 +292,7 @@ async def test_upstream_down_is_503_and_internal_error_500(svc: Harness) -> None
     assert svc.outcomes()["unavailable"] == 1 and svc.outcomes()["error"] == 1
 
 
-async def test_deadline_is_504(svc: Harness) -> None:
+async def test_deadline_is_504(svc: OpenAIHarness) -> None:
     svc.upstreams.hold()
     with pytest.raises(openai.InternalServerError) as info:
         await svc.client.chat.completions.create(model="rebase", messages=MESSAGES,
@@ -333,12 +303,19 @@ async def test_deadline_is_504(svc: Harness) -> None:
     assert svc.upstreams.waiting == 0  # the held expansion was cancelled with its search
 
 
-async def test_failure_after_the_stream_started_is_an_error_event(svc: Harness) -> None:
+async def _stream_held_at_first_expansion(svc: OpenAIHarness) -> Any:
+    """A streamed completion whose first chunk (the assistant role) has arrived, its search held at
+    its first expansion."""
     svc.upstreams.hold()
     stream = await svc.client.chat.completions.create(model="rebase", messages=MESSAGES, stream=True)
     first = await stream.__anext__()
     assert first.choices[0].delta.role == "assistant"
     await svc.held()
+    return stream
+
+
+async def test_failure_after_the_stream_started_is_an_error_event(svc: OpenAIHarness) -> None:
+    stream = await _stream_held_at_first_expansion(svc)
     svc.upstreams.policy_error = UpstreamUnavailable("policy", "scripted-policy", "gone")
     svc.upstreams.release()
     with pytest.raises(openai.APIError, match="policy server unavailable"):
@@ -348,12 +325,8 @@ async def test_failure_after_the_stream_started_is_an_error_event(svc: Harness) 
 
 # ---- disconnects -----------------------------------------------------------------------------------
 
-async def test_client_leaving_a_stream_stops_the_search(svc: Harness) -> None:
-    svc.upstreams.hold()
-    stream = await svc.client.chat.completions.create(model="rebase", messages=MESSAGES, stream=True)
-    first = await stream.__anext__()
-    assert first.choices[0].delta.role == "assistant"
-    await svc.held()
+async def test_client_leaving_a_stream_stops_the_search(svc: OpenAIHarness) -> None:
+    stream = await _stream_held_at_first_expansion(svc)
     await stream.close()
     await svc.idle()
     assert svc.outcomes()["cancelled"] == 1
@@ -361,7 +334,7 @@ async def test_client_leaving_a_stream_stops_the_search(svc: Harness) -> None:
     svc.upstreams.release()
 
 
-async def test_client_leaving_a_plain_request_stops_the_search(svc: Harness) -> None:
+async def test_client_leaving_a_plain_request_stops_the_search(svc: OpenAIHarness) -> None:
     svc.upstreams.hold()
     call = asyncio.ensure_future(svc.client.chat.completions.create(model="rebase", messages=MESSAGES))
     await svc.held()
@@ -374,7 +347,7 @@ async def test_client_leaving_a_plain_request_stops_the_search(svc: Harness) -> 
 
 # ---- health and request parsing ---------------------------------------------------------------------
 
-async def test_health_follows_the_upstreams(svc: Harness) -> None:
+async def test_health_follows_the_upstreams(svc: OpenAIHarness) -> None:
     url = svc.base_url.removesuffix("/v1") + "/health"
     assert await svc.server.wait_ready(5)
     async with httpx.AsyncClient() as http:

@@ -43,7 +43,7 @@ import grpc
 import pytest
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.engine.process import ProcInfo, descendants, process_table, still_running
+from ets.engine.procfs import ProcInfo, descendants, process_table, still_running
 from ets.testing.stack import TINY, Stack, StackConfig, start_stack, wait_grpc_serving
 from service_fixtures import SMALL_SEARCH_ENV
 from tools import http_get, small

@@ -1,7 +1,8 @@
 """The ``ets`` command: one entry point dispatching to each component's own ``main``.
 
 Subcommands are imported lazily so that the search image (no torch) never imports the
-reward or policy code.
+reward or policy code. The test and demo tools (tiny models, the development stack) are not
+commands: the search image leaves them out, and they run as modules (docs/testing.md).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "policy-serve": ("ets.engine.launcher", "launch the SGLang policy server from the project's configuration"),
     "health": ("ets.healthcheck", "probe a gRPC server's health service (exit 0 when SERVING)"),
     "models": ("ets.models", "prepare a real model shipped in a PyPI package into the model cache"),
-    "tiny-model": ("ets.testing.tiny_models", "write a tiny random-weight model for CPU runs"),
     "settings": ("ets.settings_reference", "print every environment variable with its flag and default"),
 }
 

@@ -167,20 +167,21 @@ class SearchConfig:
             raise SettingError(env_name(err.field, prefix), err.message) from None
 
     # ---- validation ---------------------------------------------------------------------------
-    def validate(self, max_width: int = MAX_WIDTH) -> "ValidConfig":
+    def validate(self) -> "ValidConfig":
         """Raise ConfigError(field, message) for the first invalid field; the config as a
         ``ValidConfig`` if valid (itself when it already is one: checked once).
 
-        ``max_width`` is the server's cap on ``width`` (a guard against runaway requests).
+        ``width`` is capped at ``MAX_WIDTH`` (a guard against runaway requests; the operator's
+        lower cap is ``ETS_LIMIT_WIDTH``).
         ``method`` must name a registered selection method; the names live with the methods
         (``ets.search.selection.validate`` checks both)."""
-        if isinstance(self, ValidConfig) and max_width >= MAX_WIDTH:
+        if isinstance(self, ValidConfig):
             return self
         if not isinstance(self.method, str) or not self.method.strip():
             raise ConfigError("method", f"must name a selection method, got {self.method!r}")
         _int("width", self.width)
-        if not 1 <= self.width <= max_width:
-            raise ConfigError("width", f"must be between 1 and {max_width}, got {self.width}")
+        if not 1 <= self.width <= MAX_WIDTH:
+            raise ConfigError("width", f"must be between 1 and {MAX_WIDTH}, got {self.width}")
         # 0 is greedy decoding (valid for the engine, if pointless for a tree search).
         _nonneg("temperature", self.temperature)
         _int("max_step_tokens", self.max_step_tokens)

@@ -22,15 +22,15 @@ supervisor (``ets.engine.supervisor``, which adds restart-on-crash on top):
 A process still alive at interpreter exit is stopped by an ``atexit`` hook so a crashed test run
 does not leak 2 GB servers.
 
-One module (~500 lines) on purpose: start, the port and parent-death guards, health and stop are
-one lifecycle over the same process-group bookkeeping; the restart policy lives apart
-(``ets.engine.supervisor``).
+``ServerProcess`` runs any HTTP server with a ``/health`` route (SGLang engines, the reward
+server, sglang-router, the search service in the stack); ``launch`` / ``start_server`` build an
+SGLang engine's command from a ``LaunchConfig``. What /proc says about processes and ports is
+``ets.engine.procfs``; the restart policy is ``ets.engine.supervisor``.
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
-import errno
 import http.client
 import os
 import signal
@@ -43,11 +43,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ets.engine.launcher import LaunchCommand, LaunchConfig, build_command
+from ets.engine.procfs import (
+    check_port_free, describe, descendants, listening_inodes, port_holders, process_table, still_running,
+)
 
 DEFAULT_START_TIMEOUT_S = 180.0
 DEFAULT_STOP_TIMEOUT_S = 20.0
@@ -61,155 +63,6 @@ class ServerStartError(RuntimeError):
     def __init__(self, message: str, log_tail: str) -> None:
         super().__init__(f"{message}\n--- server log tail ---\n{log_tail}")
         self.log_tail = log_tail
-
-
-class PortInUseError(RuntimeError):
-    """A server's port is already taken by another process; ``field`` names the setting."""
-
-    def __init__(self, field: str, host: str, port: int, holders: str) -> None:
-        super().__init__(f"{field}: port {port} on {host} is already in use{holders}; stop that process or "
-                         f"choose another port (a server is only started on a free port, so that an old one "
-                         f"answering there is never taken for it)")
-        self.field = field
-        self.host = host
-        self.port = port
-
-
-# -- Linux process table ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    ppid: int
-    pgid: int
-    state: str
-    start: int  # clock ticks after boot: tells a process from a later one that reuses its pid
-
-    @property
-    def running(self) -> bool:
-        """Not a zombie: orphans reparented to a PID 1 that never reaps them stay zombies."""
-        return self.state not in ("Z", "X")
-
-
-def _proc_info(pid: int) -> ProcInfo | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        # After "pid (comm)": state, ppid, pgrp, session, ..., starttime is field 22 (index 19 here).
-        return ProcInfo(pid, int(fields[1]), int(fields[2]), fields[0].decode(), int(fields[19]))
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_table() -> dict[int, ProcInfo] | None:
-    """Every process visible in /proc, or None without procfs."""
-    try:
-        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-    except OSError:
-        return None
-    table = {}
-    for pid in pids:
-        info = _proc_info(pid)
-        if info is not None:
-            table[pid] = info
-    return table
-
-
-def descendants(pid: int, table: Mapping[int, ProcInfo] | None = None) -> list[ProcInfo]:
-    """Children, grandchildren, ... of ``pid``, whatever process group or session they are in."""
-    table = process_table() if table is None else table
-    if not table:
-        return []
-    children: dict[int, list[ProcInfo]] = {}
-    for info in table.values():
-        children.setdefault(info.ppid, []).append(info)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child.pid)
-    return found
-
-
-def still_running(procs: Sequence[ProcInfo]) -> list[ProcInfo]:
-    """Those of ``procs`` still running (same pid and start time, not a zombie)."""
-    left = []
-    for p in procs:
-        now = _proc_info(p.pid)
-        if now is not None and now.start == p.start and now.running:
-            left.append(now)
-    return left
-
-
-def _listening_inodes(port: int) -> set[str] | None:
-    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), or None without procfs."""
-    inodes: set[str] = set()
-    seen = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        seen = True
-        for line in lines:
-            cols = line.split()
-            # local_address is HEX_IP:HEX_PORT; state 0A is LISTEN.
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(cols[9])
-    return inodes if seen else None
-
-
-def port_holders(port: int, pids: Sequence[int] | None = None) -> list[int] | None:
-    """Pids (of ``pids``, default all visible) holding a socket listening on ``port``; None when
-    procfs cannot tell."""
-    inodes = _listening_inodes(port)
-    if inodes is None:
-        return None
-    if not inodes:
-        return []
-    wanted = {f"socket:[{i}]" for i in inodes}
-    if pids is None:
-        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
-    holders = []
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # gone, or another user's process
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    holders.append(pid)
-                    break
-            except OSError:
-                continue
-    return holders
-
-
-def _describe(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return f"pid {pid}: " + " ".join(a.decode(errors="replace") for a in argv if a)[:160]
-    except OSError:
-        return f"pid {pid}"
-
-
-def check_port_free(host: str, port: int, field: str = "port") -> None:
-    """Raise ``PortInUseError`` (naming ``field`` and, where visible, the holder) when ``port``
-    cannot be bound on ``host``. SO_REUSEADDR as servers use it: a port whose last connections
-    are in TIME_WAIT is free."""
-    bind_host = "" if host in ("0.0.0.0", "::", "") else host
-    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((bind_host, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            pids = port_holders(port) or []
-            holders = f" ({'; '.join(_describe(p) for p in pids)})" if pids else ""
-            raise PortInUseError(field, host or "0.0.0.0", port, holders) from None
 
 
 # -- dying with the parent ----------------------------------------------------------------------
@@ -238,7 +91,7 @@ def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
-_LIVE: set["SGLangProcess"] = set()
+_LIVE: set["ServerProcess"] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -252,8 +105,8 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
-class SGLangProcess:
-    """One SGLang server subprocess in its own process group."""
+class ServerProcess:
+    """One server subprocess in its own process group, healthy when ``GET /health`` answers 200."""
 
     def __init__(self, popen: subprocess.Popen[bytes], url: str, log_path: Path, name: str) -> None:
         self._popen = popen
@@ -281,7 +134,7 @@ class SGLangProcess:
         env: Mapping[str, str] | None = None,
         name: str = "sglang",
         die_with_parent: bool = True,
-    ) -> "SGLangProcess":
+    ) -> "ServerProcess":
         """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``.
 
         ``die_with_parent``: the child is SIGKILLed when the calling thread's process dies (see
@@ -303,7 +156,7 @@ class SGLangProcess:
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang",
-               port_setting: str = "port") -> "SGLangProcess":
+               port_setting: str = "port") -> "ServerProcess":
         """Build the SGLang command for ``config`` and start it (not yet waited for). A port
         already in use raises ``PortInUseError`` naming ``port_setting`` before anything starts."""
         command = build_command(config)
@@ -338,7 +191,7 @@ class SGLangProcess:
         descendants. True when procfs cannot tell, for a URL without a port, or when nothing
         listens (the next probe decides)."""
         port = self._port()
-        if port is None or not _listening_inodes(port):
+        if port is None or not listening_inodes(port):
             return True
         mine = [self.pid, *(p.pid for p in descendants(self.pid))]
         return bool(port_holders(port, mine))
@@ -374,7 +227,7 @@ class SGLangProcess:
                 if not self.owns_port():
                     # An old server (e.g. an orphaned engine) answers on our port; ours will not
                     # be able to bind it, so waiting longer cannot help.
-                    others = "; ".join(_describe(p) for p in port_holders(self._port() or 0) or []) or "unknown"
+                    others = "; ".join(describe(p) for p in port_holders(self._port() or 0) or []) or "unknown"
                     raise ServerStartError(
                         f"{self.name}: {self.url} answered /health, but the port is held by another process "
                         f"({others}), not by the one started (pid {self.pid}) (log: {self.log_path})",
@@ -459,7 +312,7 @@ class SGLangProcess:
     async def stop_async(self, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int | None:
         return await asyncio.to_thread(self.stop, timeout)
 
-    def __enter__(self) -> "SGLangProcess":
+    def __enter__(self) -> "ServerProcess":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -467,7 +320,7 @@ class SGLangProcess:
 
     def __repr__(self) -> str:
         state = "alive" if self.is_alive() else f"exited({self.returncode})"
-        return f"SGLangProcess(name={self.name!r}, pid={self.pid}, url={self.url!r}, {state})"
+        return f"ServerProcess(name={self.name!r}, pid={self.pid}, url={self.url!r}, {state})"
 
 
 def local_url(config: LaunchConfig) -> str:
@@ -479,8 +332,6 @@ def local_url(config: LaunchConfig) -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (bind port 0); for tests and local runs."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -492,9 +343,9 @@ def start_server(
     log_path: str | Path,
     name: str = "sglang",
     timeout: float = DEFAULT_START_TIMEOUT_S,
-) -> SGLangProcess:
+) -> ServerProcess:
     """Launch ``config`` and wait until healthy; on failure stop the process and re-raise."""
-    proc = SGLangProcess.launch(config, log_path=log_path, name=name)
+    proc = ServerProcess.launch(config, log_path=log_path, name=name)
     try:
         proc.wait_healthy(timeout=timeout)
     except BaseException:

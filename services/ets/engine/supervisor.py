@@ -22,7 +22,8 @@ from typing import Any, Callable
 import aiohttp
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PortInUseError, SGLangProcess, check_port_free, local_url
+from ets.engine.process import ServerProcess, local_url
+from ets.engine.procfs import PortInUseError, check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class EngineSupervisor:
         self.backoff_max_s = backoff_max_s
         self.stable_after_s = stable_after_s
         self.on_restart = on_restart
-        self.process: SGLangProcess | None = None  # when spawned
+        self.process: ServerProcess | None = None  # when spawned
         self.restarts = 0
         self._up = False
         self._healthy_since: float | None = None
@@ -100,7 +101,7 @@ class EngineSupervisor:
             await self.process.stop_async(timeout=10.0)
         # Launched on the event loop's thread, not a worker thread: the parent-death signal is
         # tied to the spawning thread, and this one lives as long as the supervisor.
-        self.process = SGLangProcess.launch(
+        self.process = ServerProcess.launch(
             self.launch, log_path=self.log_dir / f"{self.name.lower()}-sglang-{self.launch.port}.log",
             name=f"{self.name.lower()}-sglang", port_setting=self.port_setting,
         )

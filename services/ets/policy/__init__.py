@@ -7,4 +7,7 @@ stop strings, answer markers, root format; ``SearchConfig.policy_model_type`` na
 sglang-router; ``generator`` is the search's ``StepGenerator`` on top of it (a depth's expansions
 as one batched call) and ``tokenize_root``. No metrics and no service types here: the search
 service wraps these in its instrumentation (``ets.service.upstreams``).
+
+Owns the wire to the policy engine; must not know about admission, transports or selection
+(the search loop calls it only through ``ets.search.interfaces``).
 """

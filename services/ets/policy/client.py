@@ -379,10 +379,6 @@ class PolicyClient:
         )
         return [int(t) for t in data["tokens"]]
 
-    async def max_model_len(self) -> int:
-        data = await self._json("POST", "/tokenize", {"prompt": "", "add_special_tokens": False}, engine=True)
-        return int(data["max_model_len"])
-
     async def model_info(self) -> dict[str, Any]:
         return dict(await self._json("GET", "/model_info", engine=True))
 

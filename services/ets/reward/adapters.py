@@ -1,7 +1,7 @@
 """PRM adapters: how each process reward model type formats a trajectory and reads a step score.
 
-Owns the per-type conventions of /work/shared/ets-algorithm.md ("Process reward models and how a
-score is read"), independent of the backend that runs the model:
+Owns the per-type conventions of the algorithm's PRM scoring (each model's input format and how a
+step score is read; the table in docs/reward-server.md), independent of the backend that runs the model:
 
 - ``math-shepherd``: ``question + "\\n"`` then each step followed by `` ки`` (one line per step);
   the score of a step is P("+") of the softmax over the ["+", "-"] logits at its tag position.

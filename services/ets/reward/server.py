@@ -1,7 +1,8 @@
 """The reward server (``ets reward-serve``): PRM scoring and sentence embeddings over gRPC.
 
 Owns request validation (INVALID_ARGUMENT naming the field), the ``RewardService``
-implementation (grpc.aio) with its call cap and bounded queue, gRPC health (NOT_SERVING while the
+implementation (grpc.aio) with its call cap and queue bounded by items (``ets.admission``, the
+search service's mechanism too), gRPC health (NOT_SERVING while the
 PRM backend is down) and reflection, the metrics exporter, and graceful SIGTERM: stop accepting,
 let in-flight calls finish within the grace period, stop the PRM subprocess. Its settings and
 backend factory are ``ets.reward.settings``; the command line is ``ets.reward.main``.
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ets.admission import Admission
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
 from ets.config import PRM_TYPES
 from ets.errors import FieldError
@@ -43,6 +45,11 @@ class Overloaded(Exception):
     """Every call slot is busy and the queue is full (RESOURCE_EXHAUSTED)."""
 
 
+def _overloaded(running: int, queued_items: int) -> Overloaded:
+    return Overloaded(f"reward server at capacity: {running} calls running, {queued_items} items queued "
+                      f"(ETS_REWARD_MAX_CONCURRENT, ETS_REWARD_MAX_QUEUED_ITEMS); retry later")
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, config: RewardServerConfig, backend: PrmBackend, embedder: Any,
                  metrics: RewardMetrics) -> None:
@@ -50,30 +57,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.backend = backend
         self.embedder = embedder
         self.metrics = metrics
-        self._slots = asyncio.Semaphore(config.max_concurrent)
-        self.queued_items = 0
-
-    @asynccontextmanager
-    async def _turn(self, items: int) -> AsyncIterator[None]:
-        """Hold one of ``max_concurrent`` call slots; wait in a queue bounded by items (not calls:
-        a 256-trajectory batch weighs 256 times a single one)."""
-        if self._slots.locked():
-            if self.queued_items + items > self.config.max_queued_items:
-                raise Overloaded(f"reward server at capacity: {self.config.max_concurrent} calls running, "
-                                 f"{self.queued_items} items queued (ETS_REWARD_MAX_CONCURRENT, "
-                                 f"ETS_REWARD_MAX_QUEUED_ITEMS); retry later")
-            self.queued_items += items
-            try:
-                await self._slots.acquire()
-            finally:
-                self.queued_items -= items
-        else:
-            await self._slots.acquire()
-        try:
-            yield
-        finally:
-            self._slots.release()
-
+        # One of ``max_concurrent`` call slots per call; the queue is bounded by items, not calls
+        # (a 256-trajectory batch waits as 256 single ones).
+        self.admission = Admission(config.max_concurrent, config.max_queued_items, refuse=_overloaded)
     @asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext, items: int) -> AsyncIterator[None]:
         """Metrics plus the mapping of failures to gRPC codes (never a stack trace to the caller)."""
@@ -151,7 +137,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             self._validate_score(request)
             if not self.backend.is_up():
                 raise BackendUnavailable(f"PRM backend ({self.config.prm_backend}) is not serving")
-            async with self._turn(len(request.trajectories)):
+            async with self.admission.slot(cost=len(request.trajectories)):
                 encoded = await asyncio.to_thread(self._encode, request)
                 outcome = await self.backend.score(encoded, request.last_step_only)
             self.metrics.prm_tokens.labels("prompt").inc(outcome.prompt_tokens)
@@ -172,7 +158,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 raise InvalidRequest("texts", "empty: send at least one text")
             if n > self.config.max_batch_size:
                 raise InvalidRequest("texts", f"{n} exceeds max_batch_size {self.config.max_batch_size}")
-            async with self._turn(n):
+            async with self.admission.slot(cost=n):
                 vectors = await self.embedder.embed(list(request.texts))
             return reward_pb2.EmbedResponse(
                 embeddings=[reward_pb2.Embedding(values=row.tolist()) for row in vectors], dim=int(vectors.shape[1])

@@ -3,12 +3,9 @@
 Owns the ETS instance (outcome values, node costs, clusters), its objective evaluated straight
 from the definitions, the integer program as plain arrays in several formulations, the
 in-process HiGHS solve (``highspy``; LP first, then MIP with a time limit and the best incumbent,
-REBASE fallback when nothing feasible is found in time) and ``select_ets``. ``to_pulp`` /
-``solve_cbc`` build the identical arrays in PuLP and solve them with its bundled CBC subprocess,
-as the reference implementation does (used by the benchmark as the reference).
-One module (~630 lines) on purpose: the formulations, the HiGHS solve and the CBC reference all
-build the same arrays from one private instance type and are tested against each other and
-against enumeration; split apart they would share those internals across modules.
+REBASE fallback when nothing feasible is found in time) and ``select_ets``. The reference's
+solver (the same arrays built in PuLP and solved by its bundled CBC) is the benchmark's
+(``bench/selection.py``), which compares the two on every frontier.
 
 Program (spec): maximise sum_i O_i x_i - cost * (retained nodes) + lambda_s/K * sum_k c_k,
 y_j >= x_i for leaf i under ancestor j, y_j <= sum of x under j, c_k <= sum of x in cluster k,
@@ -35,13 +32,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import highspy
 import numpy as np
 import scipy.sparse as sp
 
-from ets.search.base import Selection
+from ets.search.base import Selection, SolverStatus
 from ets.search.clustering import cluster_steps, coverage_applies
 from ets.search.rebase import outcome_values, rebase_allocation
 from ets.search.tree import Frontier
@@ -443,6 +440,13 @@ def _highs_lp(prog: Program, rows: np.ndarray | None = None) -> "highspy.HighsLp
     return lp
 
 
+def _add_rows(h: "highspy.Highs", prog: Program, rows: np.ndarray) -> None:
+    """Add the program's rows selected by the bool mask ``rows`` to the model in ``h``."""
+    extra = sp.csr_matrix(prog.matrix[rows])
+    h.addRows(extra.shape[0], _bounds(prog.row_lower[rows]), _bounds(prog.row_upper[rows]),
+              extra.nnz, extra.indptr[:-1].astype(np.int32), extra.indices.astype(np.int32), extra.data)
+
+
 # An LP vertex whose x are within this of 0/1 is taken as integral.
 _INTEGRAL_TOL = 1e-6
 
@@ -484,10 +488,7 @@ def solve_highs(
                 assert core is not None  # two stages only with a core (above)
                 # Lean LP fractional: add the strengthening rows; dual simplex re-optimises
                 # from the current basis.
-                extra = sp.csr_matrix(prog.matrix[~core])
-                h.addRows(extra.shape[0], _bounds(prog.row_lower[~core]), _bounds(prog.row_upper[~core]),
-                          extra.nnz, extra.indptr[:-1].astype(np.int32), extra.indices.astype(np.int32),
-                          extra.data)
+                _add_rows(h, prog, ~core)
             left = time_limit_s - (time.perf_counter() - t0)
             if left <= 0:
                 return Solved(None, "none", None, time.perf_counter() - t0)
@@ -500,9 +501,7 @@ def solve_highs(
                 return Solved(x > 0.5, "optimal", float(h.getInfo().objective_function_value),
                               time.perf_counter() - t0)
         if core is not None and h.getNumRow() < prog.num_rows:  # the lean LP did not finish
-            extra = sp.csr_matrix(prog.matrix[~core])
-            h.addRows(extra.shape[0], _bounds(prog.row_lower[~core]), _bounds(prog.row_upper[~core]),
-                      extra.nnz, extra.indptr[:-1].astype(np.int32), extra.indices.astype(np.int32), extra.data)
+            _add_rows(h, prog, ~core)
         h.setOptionValue("solve_relaxation", False)
         h.setOptionValue("presolve", "choose")
     left = time_limit_s - (time.perf_counter() - t0)
@@ -524,44 +523,6 @@ def solve_highs(
     x = np.asarray(h.getSolution().col_value[: prog.n_leaves]) > 0.5
     label = "optimal" if model_status == highspy.HighsModelStatus.kOptimal else "time_limit"
     return Solved(x, label, float(info.objective_function_value), seconds)
-
-
-def to_pulp(prog: Program, name: str = "ets") -> tuple[Any, list[Any]]:
-    """The same program as a PuLP model (for the CBC reference in the benchmark)."""
-    import pulp
-
-    model = pulp.LpProblem(name, pulp.LpMaximize)
-    cols = [
-        pulp.LpVariable(f"v{k}", lowBound=float(prog.col_lower[k]), upBound=float(prog.col_upper[k]),
-                        cat=pulp.LpBinary if prog.integer[k] else pulp.LpContinuous)
-        for k in range(prog.num_vars)
-    ]
-    model += pulp.lpSum(float(c) * v for c, v in zip(prog.objective, cols, strict=True) if c != 0) + prog.constant
-    a = prog.matrix.tocsr()
-    for r in range(prog.num_rows):
-        s, e = a.indptr[r], a.indptr[r + 1]
-        expr = pulp.lpSum(float(val) * cols[c] for c, val in zip(a.indices[s:e], a.data[s:e], strict=True))
-        lo, hi = prog.row_lower[r], prog.row_upper[r]
-        if math.isfinite(lo):
-            model += expr >= float(lo)
-        if math.isfinite(hi):
-            model += expr <= float(hi)
-    return model, cols
-
-
-def solve_cbc(prog: Program, time_limit_s: float | None = None) -> Solved:
-    """Solve with PuLP's bundled CBC (one subprocess per call, as the reference does)."""
-    import pulp
-
-    t0 = time.perf_counter()
-    model, cols = to_pulp(prog)
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0)
-    model.solve(solver)
-    seconds = time.perf_counter() - t0
-    if pulp.LpStatus[model.status] != "Optimal" or cols[0].varValue is None:
-        return Solved(None, pulp.LpStatus[model.status], None, seconds)
-    x = np.array([(v.varValue or 0.0) > 0.5 for v in cols[: prog.n_leaves]])
-    return Solved(x, "optimal", float(pulp.value(model.objective)), seconds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,31 +561,34 @@ def select_ets(
     scores = frontier.scores
     if n == 0 or width <= 0:
         return Selection(counts=(0,) * n, solver_status="trivial")
+
+    def plain_rebase(status: SolverStatus, clusters: int = 0) -> Selection:
+        """REBASE over every candidate: the program's answer when it is trivial, else its fallback."""
+        counts = rebase_allocation(scores, width, softmax_temperature)
+        keep = (True,) * n if status == "trivial" else None
+        return Selection(counts=tuple(int(c) for c in counts), solver_status=status, clusters=clusters, keep=keep)
+
     if n == 1 or lambda_c == 0:  # the cases ``uses_coverage`` excludes
         # One candidate, or no node cost: every term is non-decreasing in x, so keeping all is
         # optimal, and then REBASE over the kept set is plain REBASE.
-        counts = rebase_allocation(scores, width, softmax_temperature)
-        return Selection(counts=tuple(int(c) for c in counts), solver_status="trivial", keep=(True,) * n)
+        return plain_rebase("trivial")
     labels = cluster_labels(frontier, lambda_s, cluster_distance)
     inst = build_instance(frontier, width, softmax_temperature, lambda_c, lambda_s, node_cost, labels)
     k = inst.num_clusters
-    if time.perf_counter() - started >= 0.9 * time_limit_s:  # no time left to even build it
-        counts = rebase_allocation(scores, width, softmax_temperature)
-        return Selection(counts=tuple(int(c) for c in counts), solver_status="fallback", clusters=k)
+    # The solver gets what is left minus a 10% reserve for the REBASE pass and bookkeeping after
+    # it, so the selection as a whole stays within the limit; none left -> not even built.
+    if time.perf_counter() - started >= 0.9 * time_limit_s:
+        return plain_rebase("fallback", k)
     prog = build_program(inst, formulation)
     start = None
     if warm_start:
         # REBASE's own keep-set is always feasible: HiGHS starts with an incumbent, so a time
         # limit still returns a keep-set at least as good as plain REBASE's.
         start = (inst.outcome > 0).astype(float)
-    # The solver gets what is left minus a 10% reserve for the REBASE pass and bookkeeping after
-    # it, so the selection as a whole stays within the limit.
     left = 0.9 * time_limit_s - (time.perf_counter() - started)
     solved = solve_highs(prog, left, start, lp_first=lp_first) if left > 0 else None
-    k = inst.num_clusters
     if solved is None or solved.keep is None or not solved.keep.any():
-        counts = rebase_allocation(scores, width, softmax_temperature)
-        return Selection(counts=tuple(int(c) for c in counts), solver_status="fallback", clusters=k)
+        return plain_rebase("fallback", k)
     counts = rebase_allocation(scores, width, softmax_temperature, keep=solved.keep)
     return Selection(
         counts=tuple(int(c) for c in counts),

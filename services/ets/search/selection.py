@@ -5,7 +5,7 @@ Each method's algorithm lives in its own module (``rebase``, ``ets``, ``beam``, 
 do for it: whether the candidates' newest steps must be embedded first (ETS with a coverage
 term), and whether the root's children are split into subtrees with their own width (DVTS).
 Adding a method is its module plus one entry in ``METHODS``; the config, the loop, the service and
-the benchmarks take the names from here. ``select`` dispatches on ``config.method``.
+the benchmarks take the names from here.
 """
 from __future__ import annotations
 
@@ -84,18 +84,3 @@ def validate(config: SearchConfig) -> ValidConfig:
     method_of(valid)
     return valid
 
-
-def select(
-    frontier: Frontier,
-    width: int,
-    config: SearchConfig,
-    *,
-    subtrees: Sequence[int] | None = None,
-    subtree_remaining: Mapping[int, int] | None = None,
-) -> Selection:
-    """Child counts for ``frontier``'s candidates with ``width`` units of width left. DVTS needs
-    each candidate's subtree and each subtree's remaining width."""
-    method = method_of(config)
-    if method.split is not None and (subtrees is None or subtree_remaining is None):
-        raise ValueError(f"{method.name}: needs each candidate's subtree and the subtrees' remaining width")
-    return method.select(frontier, width, config, Subtrees(subtrees or (), subtree_remaining or {}))

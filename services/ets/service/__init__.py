@@ -11,4 +11,6 @@ body). ``upstreams`` holds the live policy and reward connections and times and 
 call; ``readiness`` probes them; ``settings`` declares every setting once (and the search
 defaults ``ETS_SEARCH_<FIELD>``); ``main`` is the command line. The gRPC client and the
 evaluation are not the service: ``ets.client``, ``ets.evaluation``.
+
+Holds the service only: the in-process test harness is test support and is not imported from here.
 """

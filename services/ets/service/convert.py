@@ -15,10 +15,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from ets.api.v1 import search_pb2
 from ets.config import SearchConfig
 from ets.search.loop import DepthReport
-from ets.service.request import RequestError, resolve_config
+from ets.service.request import RequestError
 from ets.service.runner import ServedSearch
 
-__all__ = ["RequestError", "config_from_proto", "config_overrides", "config_to_proto", "progress_to_proto",
+__all__ = ["RequestError", "config_overrides", "config_to_proto", "progress_to_proto",
            "response_to_proto"]
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
@@ -46,11 +46,6 @@ def config_overrides(message: search_pb2.SearchConfig) -> dict[str, Any]:
             if value != "":
                 overrides[field.name] = value
     return overrides
-
-
-def config_from_proto(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
-    """The request's config over the server defaults, validated (``RequestError`` on bad input)."""
-    return resolve_config(config_overrides(message), defaults)
 
 
 def config_to_proto(config: SearchConfig) -> search_pb2.SearchConfig:

@@ -33,7 +33,7 @@ from ets.search.interfaces import Root, StepGenerator, StepScorer
 from ets.search.base import Selection
 from ets.search.loop import DepthReport, SearchResult, run_search
 from ets.search.selection import METHODS
-from ets.service.admission import Admission
+from ets.admission import Admission
 from ets.service.grouping import FallbackGroups
 from ets.service.metrics import SearchMetrics
 from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id, with_new_token_budget
@@ -47,8 +47,8 @@ DEADLINE_SLACK_S = 1.0
 
 
 class Upstreams(Protocol):
-    """What a search needs from the outside world (live: ``ets.service.upstreams``;
-    in-process fakes: ``ets.testing.upstreams``)."""
+    """What a search needs from the outside world (live: ``ets.service.upstreams``; the tests'
+    in-process ones are scripted)."""
 
     policy_address: str
     reward_address: str

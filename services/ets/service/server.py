@@ -30,7 +30,7 @@ from ets.config import SearchConfig
 from ets.search.answers import Grouping
 from ets.search.loop import DepthReport
 from ets.service import convert
-from ets.service.admission import Admission
+from ets.service.admission import search_admission
 from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.openai_http import OpenAIFrontDoor
@@ -126,7 +126,7 @@ class SearchServer:
     """The assembled service: gRPC server, health, reflection, metrics endpoint, readiness.
 
     ``upstreams``: the live policy and reward servers unless given (in-process tests pass
-    ``ets.testing.upstreams`` fakes); ``grouping``: answer equivalence (a bounded worker process
+    scripted ones); ``grouping``: answer equivalence (a bounded worker process
     unless given)."""
 
     def __init__(self, settings: ServiceSettings, defaults: SearchConfig, *, upstreams: Upstreams | None = None,
@@ -142,8 +142,8 @@ class SearchServer:
         if grouping is None:
             self._worker = EquivalenceWorker()
             grouping = self._worker.group
-        self.admission = Admission(settings.max_concurrent, settings.max_queued, self._admission_changed,
-                                   max_weight=settings.max_concurrent_width)
+        self.admission = search_admission(settings.max_concurrent, settings.max_queued, self._admission_changed,
+                                          max_weight=settings.max_concurrent_width)
         self.health = health.aio.HealthServicer()
         self.readiness = Readiness(self.upstreams.probe, self.metrics, on_change=self._readiness_changed)
         self.runner = SearchRunner(self.upstreams, defaults, self.admission, self.metrics,

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PID_FILE_ENV, ServerStartError, SGLangProcess, free_port
+from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
@@ -75,7 +75,7 @@ def _grpc_ready(address: str, timeout: float = 2.0) -> str | None:
     return None if status == "SERVING" else status
 
 
-def wait_grpc_serving(proc: SGLangProcess, address: str, timeout: float) -> None:
+def wait_grpc_serving(proc: ServerProcess, address: str, timeout: float) -> None:
     """Poll the standard health service until SERVING; fail fast when the process exits."""
     deadline = time.monotonic() + timeout
     reason: str | None = "not probed"
@@ -122,9 +122,9 @@ class Stack:
     """The running stack; ``stop()`` is idempotent and stops in reverse start order."""
 
     config: StackConfig
-    policy: SGLangProcess | None = None
-    reward: SGLangProcess | None = None
-    search: SGLangProcess | None = None
+    policy: ServerProcess | None = None
+    reward: ServerProcess | None = None
+    search: ServerProcess | None = None
     policy_url: str = ""
     reward_addr: str = ""
     search_addr: str = ""
@@ -132,7 +132,7 @@ class Stack:
     search_openai_url: str = ""  # base URL of the OpenAI-compatible endpoint (http://host:port/v1)
     reward_metrics_url: str = ""
     # How each process was started ("policy", "reward", "search"): restart() repeats it.
-    starters: dict[str, Callable[[], SGLangProcess]] = field(default_factory=dict, repr=False)
+    starters: dict[str, Callable[[], ServerProcess]] = field(default_factory=dict, repr=False)
 
     @property
     def log_dir(self) -> Path:
@@ -144,14 +144,14 @@ class Stack:
         kill these groups even if this orchestrator itself was killed."""
         return self.config.work_dir / "pids"
 
-    def record(self, proc: SGLangProcess) -> None:
+    def record(self, proc: ServerProcess) -> None:
         with open(self.pid_file, "a") as f:
             f.write(f"{proc.name} {proc.pgid}\n")
 
-    def processes(self) -> list[SGLangProcess]:
+    def processes(self) -> list[ServerProcess]:
         return [p for p in (self.search, self.reward, self.policy) if p is not None]
 
-    def launch(self, name: str, starter: Callable[[], SGLangProcess]) -> SGLangProcess:
+    def launch(self, name: str, starter: Callable[[], ServerProcess]) -> ServerProcess:
         """Start ``name`` with ``starter``, keep it for ``restart`` and record its group."""
         self.starters[name] = starter
         proc = starter()
@@ -159,10 +159,10 @@ class Stack:
         self.record(proc)
         return proc
 
-    def restart(self, name: str) -> SGLangProcess:
+    def restart(self, name: str) -> ServerProcess:
         """Stop ``name`` if anything of it is left, start it again with the same command and ports
         (not waited for: the caller waits for what it needs)."""
-        old: SGLangProcess | None = getattr(self, name)
+        old: ServerProcess | None = getattr(self, name)
         if old is not None:
             old.stop(timeout=20.0)
         return self.launch(name, self.starters[name])
@@ -219,7 +219,7 @@ def start_policy(cfg: StackConfig, stack: Stack, model: Path) -> None:
     port = cfg.policy_port or free_port(cfg.host)
     launch = LaunchConfig(model_path=str(model), host=cfg.host, port=port, device="cpu", random_seed=0,
                           max_total_tokens=cfg.policy_max_total_tokens)
-    policy = stack.launch("policy", lambda: SGLangProcess.launch(launch, log_path=stack.log_dir / "policy.log",
+    policy = stack.launch("policy", lambda: ServerProcess.launch(launch, log_path=stack.log_dir / "policy.log",
                                                                 name="policy", port_setting="policy_port"))
     stack.policy_url = policy.url
 
@@ -261,7 +261,7 @@ def start_reward(cfg: StackConfig, stack: Stack, prm_model: Path | None) -> None
     argv, env = reward_command(cfg, prm_model, embedder, port, metrics_port, prm_port)
     stack.reward_addr = f"{cfg.host}:{port}"
     stack.reward_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
-    stack.launch("reward", lambda: SGLangProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
+    stack.launch("reward", lambda: ServerProcess.start(argv, url=f"http://{cfg.host}:{metrics_port}", env=env,
                                                        log_path=stack.log_dir / "reward.log", name="reward"))
 
 
@@ -285,7 +285,7 @@ def start_search(cfg: StackConfig, stack: Stack, policy_model_type: str = "math-
     stack.search_addr = f"{cfg.host}:{port}"
     stack.search_openai_url = f"http://{cfg.host}:{openai_port}/v1"
     stack.search_metrics_url = f"http://{cfg.host}:{metrics_port}/metrics"
-    search = stack.launch("search", lambda: SGLangProcess.start(
+    search = stack.launch("search", lambda: ServerProcess.start(
         argv, url=f"http://{cfg.host}:{metrics_port}", env=env, log_path=stack.log_dir / "search.log", name="search"))
     # SERVING means both upstreams answered the service's own readiness probes.
     wait_grpc_serving(search, stack.search_addr, START_TIMEOUT_S)
