@@ -74,20 +74,21 @@ step() {
 }
 # pip_install ARGS...: `pip install -q ARGS` as a step named after what it installs.
 pip_install() {
-  local what=() note="" skip=0 req=0 a
+  local what=() notes=() skip=0 req=0 a
   for a in "$@"; do
     if [ $skip = 1 ]; then skip=0; continue; fi
     if [ $req = 1 ]; then req=0; what+=("$(basename "$a")"); continue; fi
     case "$a" in
       -r) req=1 ;;
       --extra-index-url|--index-url) skip=1 ;;
-      --no-deps) note+=" (no dependencies)" ;;
-      -e) note+=" (editable)" ;;
+      --no-deps) notes+=("no dependencies") ;;
+      -e) notes+=("editable") ;;
       -*) ;;
       "$ROOT") what+=("the project") ;;
       *) what+=("$a") ;;
     esac
   done
+  local note=""; [ ${#notes[@]} -gt 0 ] && note=" ($(IFS=,; echo "${notes[*]}" | sed 's/,/, /g'))"
   step "${what[*]}$note" "$PY" -m pip install -q "$@"
 }
 PIP=(pip_install)

@@ -100,3 +100,29 @@ async def test_openai_body_header_and_bad_value(server: SearchServer) -> None:
         wrong = await client.post(url, json={**body, "model": "other"})
         assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "model"
     assert _early_stops(server)[0] == 2.0
+
+
+async def test_bench_replay_matches_the_option_on_the_same_tree(server: SearchServer) -> None:
+    # bench/early_stop.py replays the rule on a full search's stream; on a deterministic tree the
+    # replay must stop where the option stops, with its tokens and answer.
+    import importlib.util
+    from pathlib import Path
+
+    from ets.client.search import run_search
+
+    spec = importlib.util.spec_from_file_location("bench_early_stop", Path(__file__).parents[1] / "bench/early_stop.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    replay = bench.replay
+
+    addr = f"127.0.0.1:{server.port}"
+    config = search_pb2.SearchConfig(method="rebase", width=6)
+    full, events = await run_search(addr, search_pb2.SearchRequest(problem=PROBLEM, config=config), timeout=10,
+                                    stream=True)
+    config.early_stop = True
+    early, _ = await run_search(addr, search_pb2.SearchRequest(problem=PROBLEM, config=config), timeout=10)
+    r = replay(full, events)
+    assert r == {"stopped": True, "depth": early.stats.depth_reached, "width_left": early.stats.width_left,
+                 "generated_tokens": early.stats.generated_tokens, "finished": len(early.candidates),
+                 "answer": early.answer}
