@@ -45,7 +45,53 @@ VENV_ARGS=()
 [ "$ENGINE" = image ] && VENV_ARGS=(--system-site-packages)
 [ -x "$VENV/bin/python" ] || python3 -m venv "${VENV_ARGS[@]}" "$VENV"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install -q)
+
+# ---- output: progress lines here, pip's own output in the log ------------------------------
+# A first install prints pip's resolver report and framework warnings a newcomer reads as
+# failure; they go to $LOG (ETS_INSTALL_LOG; ETS_INSTALL_VERBOSE=1 also shows them). A failing
+# step prints the log's tail.
+LOG=${ETS_INSTALL_LOG:-$VENV/install.log}
+mkdir -p "$(dirname "$LOG")"
+echo "== install.sh $(date -u +%FT%TZ) profile=$PROFILE engine=$ENGINE stage=$STAGE" >>"$LOG"
+T_START=$SECONDS
+echo "install.sh: profile $PROFILE (engine $ENGINE, stage $STAGE) into $VENV; full log: $LOG"
+# step LABEL CMD...: one progress line (label, seconds); the command's output goes to the log.
+step() {
+  local label=$1 t0=$SECONDS rc=0; shift
+  printf 'install.sh:   %s ... ' "$label"
+  echo "-- $label: $*" >>"$LOG"
+  if [ "${ETS_INSTALL_VERBOSE:-0}" = 1 ]; then
+    "$@" 2>&1 | tee -a "$LOG" || rc=${PIPESTATUS[0]}
+  else
+    "$@" >>"$LOG" 2>&1 || rc=$?
+  fi
+  if [ $rc -ne 0 ]; then
+    echo "FAILED (exit $rc, $((SECONDS - t0)) s); last lines of $LOG:"
+    tail -n 40 "$LOG" | sed 's/^/    /'
+    exit $rc
+  fi
+  echo "$((SECONDS - t0)) s"
+}
+# pip_install ARGS...: `pip install -q ARGS` as a step named after what it installs.
+pip_install() {
+  local what=() notes=() skip=0 req=0 a
+  for a in "$@"; do
+    if [ $skip = 1 ]; then skip=0; continue; fi
+    if [ $req = 1 ]; then req=0; what+=("$(basename "$a")"); continue; fi
+    case "$a" in
+      -r) req=1 ;;
+      --extra-index-url|--index-url) skip=1 ;;
+      --no-deps) notes+=("no dependencies") ;;
+      -e) notes+=("editable") ;;
+      -*) ;;
+      "$ROOT") what+=("the project") ;;
+      *) what+=("$a") ;;
+    esac
+  done
+  local note=""; [ ${#notes[@]} -gt 0 ] && note=" ($(IFS=,; echo "${notes[*]}" | sed 's/,/, /g'))"
+  step "${what[*]}$note" "$PY" -m pip install -q "$@"
+}
+PIP=(pip_install)
 # torch: the CPU wheel. PIP_FIND_LINKS (a local wheel folder) or TORCH_INDEX_URL (PyTorch's CPU
 # index) must provide it; otherwise PyPI serves a multi-GB CUDA build.
 TORCH_ARGS=()
@@ -61,6 +107,37 @@ case "$PROFILE" in
   policy) reqs+=("${engine_reqs[@]}"); needs_sglang=1 ;;
 esac
 [ "$ENGINE" = image ] && needs_sglang=0
+
+# pip's check after the --no-deps installs lists every declared requirement of SGLang (and of the
+# packaged model) that is absent: CUDA kernels and optional extras the CPU engine never loads. Its
+# lines are shown only for a package the project itself pins (requirements/*.txt); the rest are
+# counted, and listed in the log.
+report_conflicts() {
+  "$PY" -m pip check >"$LOG.check" 2>&1 || true
+  { echo "-- pip check"; cat "$LOG.check"; } >>"$LOG"
+  "$PY" - "$LOG.check" "$ROOT"/requirements/*.txt <<'PYEOF'
+import re, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+ours = {"torch", "torchvision", "sglang"}
+for path in sys.argv[2:]:
+    for line in open(path):
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#", 1)[0])
+        if m and not line.lstrip().startswith("-"):
+            ours.add(norm(m.group(1)))
+lines = [l.rstrip() for l in open(sys.argv[1]) if "which is not installed" in l or "but you have" in l]
+matter = [l for l in lines if (m := re.search(r" requires ([^ ,]+), which is not installed", l)) and norm(m.group(1)) in ours]
+if matter:
+    print("install.sh:   pip check: packages the project uses are missing:")
+    print("\n".join("    " + l for l in matter))
+elif lines:
+    print(f"install.sh:   pip check: {len(lines)} unmet declared requirements (CUDA kernels, optional extras), "
+          "none that the project uses (listed in the log)")
+if lines:
+    print("install.sh:   (SGLang is installed without its dependencies because its metadata pins a CUDA torch "
+          "build; the CPU engine runs on the CPU torch wheel)")
+PYEOF
+  rm -f "$LOG.check"
+}
 
 if [ "$STAGE" != project ]; then
 if [ $needs_sglang = 1 ]; then
@@ -82,15 +159,15 @@ if [ $needs_sglang = 1 ]; then
     "$SP/torchvision/_meta_registrations.py"
   # sgl_kernel's CPU build is not on PyPI: install the project's pure-torch stand-in.
   rm -rf "$SP/sgl_kernel"; cp -r "$ROOT/deploy/cpu/sgl_kernel_shim/sgl_kernel" "$SP/sgl_kernel"
-  SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.http_server, sglang.launch_server" \
-    || { echo "install.sh: SGLang CPU import check failed" >&2; exit 1; }
+  step "SGLang CPU import check" env SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.http_server, sglang.launch_server"
 fi
+report_conflicts
 fi  # stage deps
-[ "$STAGE" = deps ] && { echo "install.sh: profile $PROFILE dependencies ready in $VENV"; exit 0; }
+[ "$STAGE" = deps ] && { echo "install.sh: profile $PROFILE dependencies ready in $VENV ($((SECONDS - T_START)) s)"; exit 0; }
 
 if [ $EDITABLE = 1 ]; then
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
   "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
 fi
-echo "install.sh: profile $PROFILE ready in $VENV"
+echo "install.sh: profile $PROFILE ready in $VENV ($((SECONDS - T_START)) s)"

@@ -191,3 +191,14 @@ def test_policy_serve_cli_prints_command_and_rejects_bad_config(tmp_path: Path) 
     assert missing.returncode == 2 and "model_path" in missing.stderr
     typo = _policy_serve([], {**env, "ETS_POLICY_MODEL": "no-such-model"})
     assert typo.returncode == 2 and "no-such-model" in typo.stderr
+
+
+def test_served_model_name_defaults_to_the_short_name() -> None:
+    from ets.engine.launcher import short_model_name
+
+    argv = build_command(LaunchConfig(model_path="/cache/ets/models/smollm2-135m-instruct/", device="cpu"),
+                         base_env={}).argv
+    assert argv[argv.index("--served-model-name") + 1] == "smollm2-135m-instruct"
+    argv = build_command(LaunchConfig(model_path="/m/x", served_name="policy"), base_env={}).argv
+    assert argv[argv.index("--served-model-name") + 1] == "policy"
+    assert short_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"

@@ -100,6 +100,9 @@ class SearchConfig:
     # Wall-clock limit of one ETS integer program; the best incumbent found by then is used.
     solver_time_limit_s: float = 0.5
     beam_keep: int | None = None
+    # Exact early stop: stop expanding once the vote over the finished trajectories cannot change
+    # whatever the remaining width adds (ets.search.answers.vote_decided; off: the paper's search).
+    early_stop: bool = False
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -215,6 +218,8 @@ class SearchConfig:
             _int("beam_keep", self.beam_keep)
             if not 1 <= self.beam_keep <= self.width:
                 raise ConfigError("beam_keep", f"must be between 1 and width ({self.width}), got {self.beam_keep}")
+        if not isinstance(self.early_stop, bool):
+            raise ConfigError("early_stop", f"must be a boolean, got {self.early_stop!r}")
         return ValidConfig(**self._values())
 
 

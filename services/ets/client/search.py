@@ -15,7 +15,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import grpc
 from google.protobuf import json_format
@@ -25,6 +25,7 @@ from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.errors import FieldError
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
+from ets.settings import parse_bool
 
 DEFAULT_ADDR = "localhost:50051"
 
@@ -82,10 +83,10 @@ def security_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     return sec
 
 
-_TYPES = {
+_TYPES: dict[int, Callable[[str], Any]] = {
     FieldDescriptor.TYPE_INT32: int, FieldDescriptor.TYPE_INT64: int, FieldDescriptor.TYPE_UINT64: int,
     FieldDescriptor.TYPE_UINT32: int, FieldDescriptor.TYPE_DOUBLE: float, FieldDescriptor.TYPE_FLOAT: float,
-    FieldDescriptor.TYPE_STRING: str,
+    FieldDescriptor.TYPE_STRING: str, FieldDescriptor.TYPE_BOOL: parse_bool,
 }
 
 
@@ -120,6 +121,7 @@ def format_response(response: search_pb2.SearchResponse, *, max_candidates: int 
         f"method {c.method}  width {c.width}  policy {c.policy_model_type}  prm {c.prm_type}"
         + (f"  request {response.request_id}" if response.request_id else ""),
         f"answer: {response.answer or '(none extracted)'}",
+        *format_votes(response),
     ]
     if response.HasField("best"):
         b = response.best
@@ -142,11 +144,38 @@ def format_response(response: search_pb2.SearchResponse, *, max_candidates: int 
         f"  KV tokens (logical): total {s.total_kv_tokens}, peak {s.peak_kv_tokens} over {s.selections} selections",
         f"  policy: {s.model_calls} step samples, {s.generated_tokens} generated tokens, "
         f"{s.prompt_tokens} prompt tokens ({s.cached_prompt_tokens} from prefix cache, reuse {reuse:.1%})",
-        f"  depth reached {s.depth_reached}; solver fallbacks {s.solver_fallbacks}",
+        f"  depth reached {s.depth_reached}; solver fallbacks {s.solver_fallbacks}"
+        + (f"; stopped early (vote decided), {s.width_left} width left" if s.stopped_early else ""),
         f"  time: wall {s.wall_seconds:.2f}s = policy {s.policy_seconds:.2f}s + reward {s.reward_seconds:.2f}s "
         f"+ selection {s.selection_seconds:.3f}s + other",
     ]
     return "\n".join(lines)
+
+
+def _vote_line(v: search_pb2.AnswerVote, voting: str) -> str:
+    what = {"majority": "votes", "best": "best score"}.get(voting, "summed score")
+    n = f"{v.trajectories} trajector{'y' if v.trajectories == 1 else 'ies'}"
+    return f"{v.answer!r}: {n}, {what} {v.vote:.3g} (best {v.best_score:.3g})"
+
+
+def format_votes(response: search_pb2.SearchResponse) -> list[str]:
+    """Why the answer won: its group against the runner-up (and how many other answers)."""
+    votes = list(response.votes)
+    if not votes:
+        return []
+    voting = response.config.voting or "weighted_majority"
+    lines = [f"vote ({voting}): {_vote_line(votes[0], voting)}"]
+    if len(votes) > 1:
+        runner_up = votes[1]
+        tie = ""
+        if runner_up.vote == votes[0].vote:
+            tie = (" (tied vote: the higher best score wins)" if runner_up.best_score != votes[0].best_score
+                   else " (tied vote and best score: the answer seen first wins)")
+        lines.append(f"  runner-up {_vote_line(runner_up, voting)}{tie}"
+                     + (f"; {len(votes) - 2} other answer{'s' if len(votes) > 3 else ''}" if len(votes) > 2 else ""))
+    else:
+        lines.append("  no other answer")
+    return lines
 
 
 def format_progress(p: search_pb2.DepthProgress) -> str:

@@ -57,7 +57,10 @@ class LaunchConfig:
     model_path: str = setting("", env="{prefix}MODEL", help="model folder or hub id (required)")
     port: int = setting(30000, env="{prefix}PORT", ge=1, le=65535, help="HTTP port")
     host: str = setting("0.0.0.0", env="{prefix}HOST", help="bind address")
-    served_name: str | None = setting(None, env="{prefix}SERVED_NAME", help="served model name")
+    # None: the model's short name (its folder's or hub id's last part), not SGLang's default (the
+    # full path), so /v1/models and responses show "smollm2-135m-instruct", not a cache folder.
+    served_name: str | None = setting(None, env="{prefix}SERVED_NAME",
+                                      help="served model name (default: the model's short name)")
     device: str = setting("cuda", env="ETS_DEVICE", choices=DEVICES, lower=True,
                           help="cpu adds the CPU engine recipe")
     # GPU ids to pin to (CUDA_VISIBLE_DEVICES); None leaves the inherited visibility alone.
@@ -129,6 +132,11 @@ class LaunchCommand:
     env: dict[str, str]
 
 
+def short_model_name(model_path: str) -> str:
+    """A model's name without its location: the last part of a folder path or hub id."""
+    return Path(model_path.rstrip("/")).name or model_path
+
+
 def build_command(
     config: LaunchConfig, *, python: str | None = None, base_env: Mapping[str, str] | None = None
 ) -> LaunchCommand:
@@ -149,8 +157,7 @@ def build_command(
         "--grammar-backend", config.grammar_backend,
         "--log-level", config.log_level,
     ]
-    if config.served_name:
-        argv += ["--served-model-name", config.served_name]
+    argv += ["--served-model-name", config.served_name or short_model_name(config.model_path)]
     if config.enable_metrics:
         argv.append("--enable-metrics")
     if config.enable_cache_report:

@@ -2,8 +2,9 @@
 
 Owns ``extract_answer`` (``\\boxed{...}`` with nested braces, "The final answer is X", "The answer
 is: X"), ``aggregate`` (last / min / mean / prod), answer equivalence through ``math-verify``
-(parse + verify; no hand-written LaTeX grading) and ``select_answer`` (weighted majority vote,
-majority vote, best-of).
+(parse + verify; no hand-written LaTeX grading), ``select_answer`` (weighted majority vote,
+majority vote, best-of) and ``vote_decided``, the exact early-stop rule (the vote's winner can no
+longer change, whatever the remaining width adds; see its docstring for what that guarantees).
 
 Equivalence is a function the caller may replace (``select_answer(..., group=...)``): this
 module's ``group_answers`` runs math-verify on the calling thread. math-verify bounds parse/verify
@@ -19,9 +20,10 @@ import re
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ets.search.loop import Trajectory
+if TYPE_CHECKING:  # the loop imports this module (its early stop votes)
+    from ets.search.loop import Trajectory
 
 EQUIVALENCE_TIMEOUT_S = 2
 
@@ -173,12 +175,45 @@ def group_by_string(answers: Sequence[str]) -> list[list[int]]:
 
 
 @dataclass(frozen=True)
+class AnswerVote:
+    """One answer group's standing in the vote."""
+
+    answer: str  # the group's representative (its first answer)
+    trajectories: int  # trajectories in the group
+    vote: float  # the group's vote (sum, count or best score, per the voting rule)
+    best_score: float  # its best trajectory's aggregated score (the first tie-break)
+
+
+@dataclass(frozen=True)
 class AnswerChoice:
     answer: str  # the chosen answer ("" when no trajectory gave one)
     best_index: int | None  # index of the trajectory shown as the best one (None if none)
     aggregate_scores: tuple[float, ...]  # per trajectory
     answers: tuple[str, ...]  # extracted answer per trajectory
     votes: dict[str, float] = field(default_factory=dict)  # group representative -> vote total
+    # Every answer group, the winner first, then by the vote's own order (vote, best score, first seen).
+    ranking: tuple[AnswerVote, ...] = ()
+
+
+# A group's place in the vote: (vote, best aggregated score, -first-seen order); higher wins.
+_Key = tuple[float, float, int]
+
+
+def _tally(scores: Sequence[float], groups: Sequence[list[int]], voting: str) -> list[tuple[_Key, list[int]]]:
+    """Each group's vote key, in first-seen order (the one ranking ``select_answer`` and
+    ``vote_decided`` share)."""
+    if voting not in ("weighted_majority", "majority", "best"):
+        raise ValueError(f"voting: unknown {voting!r}")
+    keyed: list[tuple[_Key, list[int]]] = []
+    for order, g in enumerate(groups):
+        if voting == "weighted_majority":
+            total = float(sum(scores[i] for i in g))
+        elif voting == "majority":
+            total = float(len(g))
+        else:
+            total = float(max(scores[i] for i in g))
+        keyed.append(((total, float(max(scores[i] for i in g)), -order), g))
+    return keyed
 
 
 def select_answer(
@@ -207,17 +242,76 @@ def select_answer(
     def best_in(g: list[int]) -> int:
         return max(g, key=lambda i: (scores[i], -i))
 
-    votes: dict[str, float] = {}
-    keyed = []
-    for order, g in enumerate(groups):
-        if voting == "weighted_majority":
-            total = float(sum(scores[i] for i in g))
-        elif voting == "majority":
-            total = float(len(g))
-        else:
-            total = float(max(scores[i] for i in g))
-        votes[answers[g[0]]] = total
-        keyed.append(((total, scores[best_in(g)], -order), g))
-    _, winner = max(keyed, key=lambda kv: kv[0])
-    best = best_in(winner)
-    return AnswerChoice(answers[best], best, scores, answers, votes)
+    keyed = _tally(scores, groups, voting)
+    votes = {answers[g[0]]: key[0] for key, g in keyed}
+    ranked = sorted(keyed, key=lambda kv: kv[0], reverse=True)
+    ranking = tuple(AnswerVote(answers[g[0]], len(g), key[0], key[1]) for key, g in ranked)
+    best = best_in(ranked[0][1])
+    return AnswerChoice(answers[best], best, scores, answers, votes, ranking)
+
+
+def _most_gained(key: _Key, remaining: int, voting: str) -> _Key:
+    """The highest key a group can reach when ``remaining`` more trajectories, each with an
+    aggregated score in [0, 1], all join it (its first-seen order cannot change)."""
+    total, best, order = key
+    if remaining <= 0:
+        return key
+    if voting == "best":
+        return (1.0, 1.0, order)  # a max: one trajectory at 1.0 sets it, more add nothing
+    if voting == "majority":
+        return (total + remaining, 1.0, order)
+    # Float sums: the vote adds scores one at a time in trajectory order, and rounding is monotone,
+    # so adding 1.0 the same way bounds every continuation exactly.
+    for _ in range(remaining):
+        total += 1.0
+    return (total, 1.0, order)
+
+
+def vote_decided(scores: Sequence[float], answers: Sequence[str], remaining: int,
+                 voting: str = "weighted_majority", group: Grouping = group_answers) -> bool:
+    """Whether the vote over these finished trajectories is decided: no ``remaining`` further
+    trajectories (at most one per unit of width left), whatever their answers and aggregated
+    scores in [0, 1], can change which answer group ``select_answer`` picks.
+
+    ``scores`` / ``answers``: aggregated score and extracted answer of each finished trajectory,
+    in the order they finished. The bound per rule (``select_answer``'s order: vote, then the
+    group's best score, then the group seen first):
+
+    - weighted_majority (sum of scores): every further trajectory adds at most 1 to one group;
+      decided when the leader's key beats every other group's vote plus ``remaining`` (and a new
+      answer's ``remaining``), with best score 1.0 at an equal vote, which only a leader whose own
+      best is 1.0 and that was seen first survives.
+    - majority (counts): the same with counts (each trajectory adds exactly 1).
+    - best (a max, not a sum): one further trajectory at 1.0 lifts any group to 1.0, so the "1 per
+      trajectory" bound does not apply; decided only when ``remaining`` is 0 or the leader already
+      has 1.0 and every group that could tie it comes later.
+
+    Guaranteed: the winning group (its representative answer) is the one the full search would
+    pick from these trajectories plus any it could still finish. Not guaranteed: the best
+    trajectory and the answer's exact text (a later, higher-scoring member of the same group
+    would replace them with an equivalent answer), any other group's standing, the statistics.
+    It relies on the grouping treating the earlier trajectories the same in both votes (greedy in
+    finishing order, as ``group_answers`` and the string fallback are; a grouping that times out in
+    one vote and not in the other can differ). No answer yet: undecided.
+    """
+    if remaining <= 0:
+        return True
+    answered = [s for s, a in zip(scores, answers, strict=True) if a]
+    if not answered:
+        return False
+    # Cheap necessary condition before grouping (math-verify): the leader's vote is at most the
+    # sum (count) of every answered trajectory's, and it must beat a new answer's ``remaining``.
+    if voting == "weighted_majority" and sum(answered) < remaining:
+        return False
+    if voting == "majority" and len(answered) < remaining:
+        return False
+    if voting == "best" and max(answered) < 1.0:
+        return False
+    keyed = _tally(scores, group(answers), voting)
+    if not keyed:
+        return False
+    leader = max(range(len(keyed)), key=lambda i: keyed[i][0])
+    lead_key = keyed[leader][0]
+    challengers = [key for i, (key, _) in enumerate(keyed) if i != leader]
+    challengers.append((0.0, 0.0, -len(keyed)))  # an answer not seen yet: after every group
+    return all(_most_gained(key, remaining, voting) < lead_key for key in challengers)

@@ -64,6 +64,7 @@ def progress_to_proto(report: DepthReport) -> search_pb2.DepthProgress:
         elapsed_seconds=float(report.elapsed_seconds),
         remaining_width=int(report.remaining_width),
         finished=int(report.finished),
+        generated_tokens=int(getattr(report, "generated_tokens", 0)),
     )
 
 
@@ -96,9 +97,13 @@ def response_to_proto(served: ServedSearch, request_id: str = "") -> search_pb2.
             solver_fallbacks=int(stats.solver_fallbacks),
             policy_seconds=float(stats.policy_seconds),
             reward_seconds=float(stats.reward_seconds),
+            stopped_early=bool(stats.stopped_early),
+            width_left=int(stats.width_left),
         ),
         config=config_to_proto(served.config),
         grouping_fallback=served.grouping_fallback,
+        votes=[search_pb2.AnswerVote(answer=v.answer, trajectories=int(v.trajectories), vote=float(v.vote),
+                                     best_score=float(v.best_score)) for v in served.votes],
     )
     if served.best_index is not None:
         response.best.CopyFrom(candidates[served.best_index])

@@ -30,6 +30,8 @@ All series are prefixed ``ets_search_`` and served on ``ETS_SEARCH_METRICS_PORT`
 | ets_search_grouping_fallbacks_total | counter | | answer groupings that timed out (or lost their worker) and fell back to string matching |
 | ets_search_results_truncated_total | counter | | responses whose candidate list was dropped to fit ETS_SEARCH_MAX_SEND_BYTES |
 | ets_search_token_budget_hits_total | counter | | searches stopped by ETS_LIMIT_GENERATED_TOKENS |
+| ets_search_early_stops_total | counter | method | searches the exact early stop ended (early_stop: the vote was decided) |
+| ets_search_early_stop_width_left_total | counter | method | width those searches left unspent |
 
 The ``method`` label takes the registered method names only; a request naming anything else is
 counted as ``invalid`` (a client cannot mint series).
@@ -139,6 +141,11 @@ class SearchMetrics:
                                          "Responses sent without their candidate list (too large).", registry=r)
         self.token_budget_hits = Counter(f"{p}token_budget_hits",
                                          "Searches stopped by the generated-token budget.", registry=r)
+        self.early_stops = Counter(f"{p}early_stops", "Searches ended by the exact early stop (vote decided).",
+                                   ["method"], registry=r)
+        self.early_stop_width_left = Counter(f"{p}early_stop_width_left",
+                                             "Width left unspent by searches the early stop ended.",
+                                             ["method"], registry=r)
 
     def observe_result(self, method: str, stats: object, api: str = "grpc") -> None:
         """Record one successful search's statistics (``SearchResult.stats`` of the loop)."""
@@ -155,6 +162,11 @@ class SearchMetrics:
         self.selection_seconds.labels(method=m).observe(getattr(stats, "selection_seconds", 0.0))
         self.solver_fallbacks.labels(method=m).inc(getattr(stats, "solver_fallbacks", 0))
         self.depth_reached.labels(method=m).observe(getattr(stats, "depth_reached", 0))
+
+    def observe_early_stop(self, method: str, width_left: int) -> None:
+        """One search ended by the exact early stop, with ``width_left`` unspent."""
+        self.early_stops.labels(method=method).inc()
+        self.early_stop_width_left.labels(method=method).inc(width_left)
 
     def observe_selection(self, method: str, kv_tokens: int) -> None:
         """Record one selection's logical KV size (called per depth from the progress hook)."""

@@ -144,6 +144,7 @@ def ets_object(served: ServedSearch, chat: ChatSearch, request_id: str) -> dict[
         "system_prompt": ("none" if chat.system_prompt is None else "applied" if chat_template
                           else f"not used: policy model type {config.policy_model_type!r} has no chat template"),
     }
+    out["votes"] = [dataclasses.asdict(v) for v in served.votes]  # every answer group, the chosen first
     if chat.candidates:
         out["candidates"] = [dataclasses.asdict(c) for c in served.candidates]
     return out
@@ -257,12 +258,16 @@ class OpenAIFrontDoor:
                 "upstreams": {k: v or "ok" for k, v in errors.items()}}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    async def _policy_model(self) -> str | None:
+    async def _policy_names(self) -> tuple[str, ...]:
+        """The policy's names (served name first, then its path); () while it cannot be asked."""
         try:
-            return await self.runner.upstreams.model_name()
+            return await self.runner.upstreams.model_names()
         except Exception as err:  # noqa: BLE001 - reported to the caller as the policy being down
             log.info("policy model name unavailable: %s", err)
-            return None
+            return ()
+
+    async def _policy_model(self) -> str | None:
+        return next(iter(await self._policy_names()), None)
 
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
@@ -288,14 +293,18 @@ class OpenAIFrontDoor:
         policy = ""
         if isinstance(model, str) and model and model not in METHOD_ALIASES:
             # Only a request naming the policy model needs its name (a probe of the policy server).
-            policy = await self._policy_model() or ""
-            if not policy:
+            names = await self._policy_names()
+            if not names:
                 return error_response(503, "policy server unavailable: cannot read its model name",
                                       code="unavailable")
+            # The served name or the model's path: responses name it by the served name.
+            policy = model if model in names else names[0]
         try:
             chat = parse_chat(body, request.headers, policy)
         except RequestError as err:
             return error_response(400, str(err), param=err.field, code="invalid_argument")
+        if policy and chat.model == policy:
+            chat.model = names[0]
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         request_id = chat.request_id or completion_id
         call = SearchCall(problem=chat.problem, overrides=chat.overrides, request_id=request_id,

@@ -25,12 +25,11 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from ets.config import SearchConfig, ValidConfig
-from ets.search.answers import Grouping, group_answers, select_answer
+from ets.search.answers import AnswerVote, Grouping, group_answers, select_answer
 from ets.search.interfaces import Root, StepGenerator, StepScorer
-from ets.search.base import Selection
 from ets.search.loop import DepthReport, SearchResult, run_search
 from ets.search.selection import METHODS
 from ets.admission import Admission
@@ -45,6 +44,8 @@ log = logging.getLogger("ets.service")
 # of the deadline passes: a cancel within this much of the deadline counts as expiry.
 DEADLINE_SLACK_S = 1.0
 
+_T = TypeVar("_T")
+
 
 class Upstreams(Protocol):
     """What a search needs from the outside world (live: ``ets.service.upstreams``; the tests'
@@ -55,6 +56,7 @@ class Upstreams(Protocol):
 
     async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root: ...
     async def model_name(self) -> str: ...
+    async def model_names(self) -> tuple[str, ...]: ...
     def generator(self, config: SearchConfig) -> StepGenerator: ...
     def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
     async def probe(self) -> dict[str, str | None]: ...
@@ -115,6 +117,8 @@ class ServedSearch:
     wall_seconds: float
     # Answer grouping timed out and fell back to string matching (flagged in the response).
     grouping_fallback: bool = False
+    # Every answer group of the vote, the chosen one first (ets.search.answers.AnswerChoice.ranking).
+    votes: tuple[AnswerVote, ...] = ()
 
 
 class SearchRunner:
@@ -151,8 +155,8 @@ class SearchRunner:
         await self.upstreams.close()
         self._selection_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _offload(self, select: Callable[[], Selection]) -> Selection:
-        return await asyncio.get_running_loop().run_in_executor(self._selection_pool, select)
+    async def _offload(self, work: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._selection_pool, work)
 
     def _fail_fast(self) -> None:
         """UNAVAILABLE at once while the readiness monitor knows an upstream is down."""
@@ -218,6 +222,8 @@ class SearchRunner:
         self.metrics.observe_result(method, served.result.stats, call.api)
         if served.grouping_fallback:
             self.metrics.grouping_fallbacks.inc()
+        if served.result.stats.stopped_early:
+            self.metrics.observe_early_stop(method, served.result.stats.width_left)
         if served.result.stats.token_budget_hit:
             self.metrics.token_budget_hits.inc()
             log.warning("search %s stopped at the generated-token budget (%d tokens, %s)", call.request_id or "-",
@@ -257,9 +263,6 @@ class SearchRunner:
         if max_new_tokens is not None:
             # Only now is the root's length known: the budget becomes config.max_tokens.
             config = with_new_token_budget(config, len(root.prompt_ids), max_new_tokens, self.limits)
-        result = await run_search(root, config, self.upstreams.generator(config),
-                                  self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth,
-                                  offload=self._offload, max_generated_tokens=self.limits.generated_tokens)
         fell_back = False
 
         def grouping(answers: Any) -> list[list[int]]:
@@ -267,6 +270,12 @@ class SearchRunner:
             groups = self.grouping(answers)
             fell_back = fell_back or isinstance(groups, FallbackGroups)
             return groups
+
+        # The early stop's votes (config.early_stop) use the same grouping as the final one.
+        result = await run_search(root, config, self.upstreams.generator(config),
+                                  self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth,
+                                  offload=self._offload, max_generated_tokens=self.limits.generated_tokens,
+                                  group=grouping)
 
         # Equivalence checks may run sympy: keep them off the event loop other searches share.
         served = await asyncio.to_thread(choose_answer, config, result, grouping)
@@ -335,4 +344,5 @@ def choose_answer(config: SearchConfig, result: SearchResult, grouping: Grouping
         for i, t in enumerate(result.trajectories)
     ]
     return ServedSearch(config=result.config or config, result=result, answer=choice.answer,
-                        candidates=candidates, best_index=choice.best_index, wall_seconds=0.0)
+                        candidates=candidates, best_index=choice.best_index, wall_seconds=0.0,
+                        votes=choice.ranking)

@@ -208,7 +208,7 @@ class LiveUpstreams:
         self._reward_channel: grpc.aio.Channel | None = None
         self._policy_client: PolicyClient | None = None
         self._reward_client: RewardClient | None = None
-        self._model_name: str | None = None
+        self._model_names: tuple[str, ...] | None = None
 
     # -- instrumentation ----------------------------------------------------------------------------
     def policy_call(self, call: str) -> UpstreamCall:
@@ -261,12 +261,17 @@ class LiveUpstreams:
             return await tokenize_root(self.policy_client(), question, config.model_type, system_prompt)
 
     async def model_name(self) -> str:
-        """The policy server's model (its ``model_path``), asked once and remembered."""
-        if self._model_name is None:
+        """The policy server's model name (its ``--served-model-name``), asked once and remembered."""
+        return (await self.model_names())[0]
+
+    async def model_names(self) -> tuple[str, ...]:
+        """Every name a request may give the policy: the served name first, then its model path."""
+        if self._model_names is None:
             with self.policy_call("model_info"):
                 info = await self.policy_client().model_info()
-            self._model_name = str(info.get("model_path") or "policy")
-        return self._model_name
+            names = (str(info.get("served_model_name") or ""), str(info.get("model_path") or ""))
+            self._model_names = tuple(dict.fromkeys(n for n in names if n)) or ("policy",)
+        return self._model_names
 
     def generator(self, config: SearchConfig) -> StepGenerator:
         return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.model_type), self)

@@ -177,6 +177,9 @@ class ScriptedUpstreams:
     async def model_name(self) -> str:
         return self.policy_model
 
+    async def model_names(self) -> tuple[str, ...]:
+        return (self.policy_model, f"/models/{self.policy_model}")  # as SGLang: served name, then path
+
     def generator(self, config: SearchConfig) -> StepGenerator:
         return _Gated(self)
 
