@@ -1,0 +1,268 @@
+"""The KV the engine holds: SGLang's prefix reuse per request against the sharable prefix (issue 15, section 4).
+
+    python bench/prefix_reuse.py --policy-url URL --reward-addr HOST:PORT [--methods ets,rebase,beam,dvts]
+        [--width 16] [--problems 3] [--concurrency 1] [--out bench/results/prefix_reuse.json]
+
+Runs the search core in-process (``ets.search.loop.run_search``, the service's own generator and
+reward client) against a live policy engine and reward server, and records every engine request
+of every search: its prompt ids, the sampled ids and the engine's ``prompt_tokens`` /
+``cached_tokens`` (SGLang: the prefix length its radix cache matched when the request was first
+prefilled, ``schedule_batch.py``: ``req.cached_tokens += pre_len - req.already_computed``).
+
+*Sharable* tokens of a request: the longest prefix of its prompt that some earlier request of the
+same search already put in the engine's KV (an earlier request's prompt, or its prompt plus its
+sampled ids but the last one, whose KV is never computed), at most the prompt length minus one
+(the engine always computes the last prompt token to get the next token's logits). Earlier means
+sent earlier: a previous depth, or earlier in the same batched call (SGLang's lpm scheduler
+defers in-batch duplicates of an uncached prefix until the first is cached). So the engine could
+serve every sharable token from cache; ``cached / sharable`` is how much of that it did, and
+``sharable / prompt`` is the ceiling of the usual "cached / prompt" ratio.
+
+The policy's cache is flushed before each search (``--concurrency 1``: one search at a time, so the
+figures are the search's own); with ``--concurrency K`` K searches of different problems run at
+once, as ``ets eval --concurrency`` runs them, and share the engine's pool. During each search
+the engine's KV pool is sampled (``sglang:kv_used_tokens``: held by running requests;
+``kv_evictable_tokens``: cached, unreferenced) next to the search's logical KV peak.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import load as load_bench  # the sibling benchmark: metrics helpers
+
+
+# ---- pure part ---------------------------------------------------------------------------------
+
+class TokenTrie:
+    """Token-id sequences; ``match(ids)`` is the longest prefix of ``ids`` present."""
+
+    def __init__(self) -> None:
+        self.root: dict[int, Any] = {}
+
+    def insert(self, ids: Sequence[int]) -> None:
+        node = self.root
+        for t in ids:
+            node = node.setdefault(t, {})
+
+    def match(self, ids: Sequence[int]) -> int:
+        node, n = self.root, 0
+        for t in ids:
+            nxt = node.get(t)
+            if nxt is None:
+                break
+            node, n = nxt, n + 1
+        return n
+
+
+@dataclass
+class Request:
+    """One engine request of a search: sent in call ``call`` at position ``index``."""
+
+    call: int
+    index: int
+    prompt: tuple[int, ...]
+    output: tuple[int, ...]
+    prompt_tokens: int
+    cached_tokens: int
+    sharable: int = 0
+
+
+def assign_sharable(requests: Sequence[Request]) -> None:
+    """Set ``sharable`` on each request (module docstring), in the order the requests were sent."""
+    seen = TokenTrie()
+    for r in sorted(requests, key=lambda r: (r.call, r.index)):
+        r.sharable = min(max(len(r.prompt) - 1, 0), seen.match(r.prompt))
+        seen.insert(r.prompt)
+        if len(r.output) > 1:
+            seen.insert(r.prompt + r.output[:-1])
+
+
+def reuse_summary(requests: Sequence[Request]) -> dict[str, Any]:
+    prompt = sum(r.prompt_tokens for r in requests)
+    cached = sum(r.cached_tokens for r in requests)
+    sharable = sum(r.sharable for r in requests)
+    short = [r for r in requests if r.cached_tokens < r.sharable]
+    return {
+        "requests": len(requests), "prompt_tokens": prompt, "cached_tokens": cached, "sharable_tokens": sharable,
+        "cached_over_prompt": cached / prompt if prompt else None,
+        "sharable_over_prompt": sharable / prompt if prompt else None,
+        "cached_over_sharable": cached / sharable if sharable else None,
+        "requests_short": len(short), "tokens_short": sum(r.sharable - r.cached_tokens for r in short),
+        # Misses of the first request of a call (the engine saw it first) vs later ones.
+        "short_by_position": {"first_of_call": sum(1 for r in short if r.index == 0),
+                              "later_in_call": sum(1 for r in short if r.index > 0)},
+        "cached_above_sharable": sum(1 for r in requests if r.cached_tokens > r.sharable),
+    }
+
+
+# ---- live part -----------------------------------------------------------------------------------
+
+@dataclass
+class Recorder:
+    """A ``StepGenerator`` that forwards to ``inner`` and records every request it sends."""
+
+    inner: Any
+    requests: list[Request] = field(default_factory=list)
+    calls: int = 0
+
+    async def expand(self, requests: Sequence[Any], params: Any) -> list[list[Any]]:
+        out = await self.inner.expand(requests, params)
+        call, self.calls = self.calls, self.calls + 1
+        i = 0
+        for r, samples in zip(requests, out, strict=True):
+            for s in samples:
+                self.requests.append(Request(call, i, tuple(r.prefix_ids), tuple(s.token_ids), int(s.prompt_tokens),
+                                             int(s.cached_tokens)))
+                i += 1
+        return out
+
+
+async def one_search(policy_url: str, reward: Any, client: Any, problem: Any, method: str, args: argparse.Namespace,
+                     seed: int) -> dict[str, Any]:
+    from ets.config import SearchConfig
+    from ets.policy.generator import SGLangStepGenerator, tokenize_root
+    from ets.search.loop import run_search
+
+    config = SearchConfig(method=method, width=args.width, temperature=0.7, max_step_tokens=args.step_tokens,
+                          max_tokens=args.max_tokens, max_depth=args.max_depth, seed=seed,
+                          policy_model_type=args.policy_model_type, prm_type=args.prm_type)
+    root = await tokenize_root(client, problem.problem, config.model_type)
+    rec = Recorder(SGLangStepGenerator(client, config.model_type))
+    samples: list[dict[str, float]] = []
+    done = asyncio.Event()
+    t0 = time.perf_counter()
+
+    async def sampler() -> None:
+        while not done.is_set():
+            snap = await asyncio.to_thread(load_bench.scrape, f"{policy_url}/metrics", load_bench.ENGINE_GAUGES, 5.0)
+            if snap:
+                snap["t"] = time.perf_counter() - t0
+                samples.append(snap)
+            try:
+                await asyncio.wait_for(done.wait(), 0.3)
+            except TimeoutError:
+                pass
+
+    before = await asyncio.to_thread(load_bench.scrape, f"{policy_url}/metrics", load_bench.ENGINE_COUNTERS)
+    task = asyncio.create_task(sampler())
+    result = await run_search(root, config, rec, reward)
+    done.set()
+    await task
+    after = await asyncio.to_thread(load_bench.scrape, f"{policy_url}/metrics", load_bench.ENGINE_COUNTERS)
+    assign_sharable(rec.requests)
+    eng = load_bench.delta(after, before)
+    held = [s["sglang:kv_used_tokens"] + s["sglang:kv_evictable_tokens"] for s in samples
+            if "sglang:kv_used_tokens" in s and "sglang:kv_evictable_tokens" in s]
+    used = [s["sglang:kv_used_tokens"] for s in samples if "sglang:kv_used_tokens" in s]
+    st = result.stats
+    return {
+        "method": method, "problem": problem.id, "width": args.width,
+        "logical_kv_total": st.total_kv_tokens, "logical_kv_peak": st.peak_kv_tokens,
+        "generated_tokens": st.generated_tokens, "depth": st.depth_reached, "wall_s": st.wall_seconds,
+        "engine_kv_used_max": max(used) if used else None, "engine_kv_held_max": max(held) if held else None,
+        "engine_evicted_tokens": eng.get("sglang:evicted_tokens_total", 0.0),
+        "engine_retracted": eng.get("sglang:num_retracted_requests_total", 0.0),
+        "reuse": reuse_summary(rec.requests),
+        "requests": [[r.call, r.index, len(r.prompt), r.prompt_tokens, r.cached_tokens, r.sharable]
+                     for r in rec.requests],
+        "kv_samples": [[round(s["t"], 2), s.get("sglang:kv_used_tokens"), s.get("sglang:kv_evictable_tokens")]
+                       for s in samples],
+    }
+
+
+async def run(args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    from ets.evaluation.evaluate import load_dataset
+    from ets.policy.client import PolicyClient
+    from ets.reward.client import RewardClient
+
+    problems = load_dataset(args.data, limit=args.problems)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    jobs = [(p, m) for p in problems for m in methods]
+    async with PolicyClient(args.policy_url) as client:
+        reward = RewardClient(args.reward_addr)
+        try:
+            for start in range(0, len(jobs), args.concurrency):
+                batch = jobs[start:start + args.concurrency]
+                await asyncio.to_thread(load_bench.flush_policy_cache, args.policy_url)
+                rows = await asyncio.gather(*(one_search(args.policy_url, reward, client, p, m, args,
+                                                         seed=11 + problems.index(p)) for p, m in batch))
+                for row in rows:
+                    row["concurrency"] = args.concurrency
+                    report["searches"].append(row)
+                    u = row["reuse"]
+                    print(f"reuse: {row['method']:<10} {row['problem']:<10} cached/prompt "
+                          f"{u['cached_over_prompt']:.3f}  sharable/prompt {u['sharable_over_prompt']:.3f}  "
+                          f"cached/sharable {u['cached_over_sharable']:.3f}  short {u['requests_short']}/"
+                          f"{u['requests']} ({u['tokens_short']} tok)  evicted {row['engine_evicted_tokens']:.0f}  "
+                          f"KV logical peak {row['logical_kv_peak']} engine held max {row['engine_kv_held_max']}",
+                          file=sys.stderr, flush=True)
+                out.write_text(json.dumps(report, indent=1))
+        finally:
+            await reward.close()
+
+
+def summarise(searches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for key in sorted({(s["concurrency"], s["method"]) for s in searches}):
+        rs = [s for s in searches if (s["concurrency"], s["method"]) == key]
+        prompt = sum(s["reuse"]["prompt_tokens"] for s in rs)
+        cached = sum(s["reuse"]["cached_tokens"] for s in rs)
+        sharable = sum(s["reuse"]["sharable_tokens"] for s in rs)
+        out.append({"concurrency": key[0], "method": key[1], "searches": len(rs),
+                    "cached_over_prompt": cached / prompt if prompt else None,
+                    "sharable_over_prompt": sharable / prompt if prompt else None,
+                    "cached_over_sharable": cached / sharable if sharable else None,
+                    "worst_cached_over_sharable": min(s["reuse"]["cached_over_sharable"] or 0 for s in rs),
+                    "evicted_tokens": sum(s["engine_evicted_tokens"] for s in rs),
+                    "mean_logical_kv_peak": statistics.fmean(s["logical_kv_peak"] for s in rs),
+                    "mean_engine_kv_held_max": statistics.fmean(s["engine_kv_held_max"] or 0 for s in rs)})
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy-url", required=True)
+    p.add_argument("--reward-addr", required=True)
+    p.add_argument("--methods", default="ets,rebase,beam,dvts")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--data", default="bench/data/arith_easy.jsonl")
+    p.add_argument("--problems", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--step-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=320)
+    p.add_argument("--max-depth", type=int, default=6)
+    p.add_argument("--policy-model-type", default="smollm2-instruct")
+    p.add_argument("--prm-type", default="arithmetic")
+    p.add_argument("--out", default="bench/results/prefix_reuse.json")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": "python bench/prefix_reuse.py " + " ".join(argv),
+                              "load_average_start": load_bench.load_average(), "searches": []}
+    asyncio.run(run(args, report, out))
+    report["load_average_end"] = load_bench.load_average()
+    report["summary"] = summarise(report["searches"])
+    out.write_text(json.dumps(report, indent=1))
+    print("| concurrency | method | searches | cached / prompt | sharable / prompt | cached / sharable (worst) | "
+          "evicted tok | logical KV peak | engine KV held max |")
+    print("|---:|---|---:|---:|---:|---|---:|---:|---:|")
+    for s in report["summary"]:
+        print(f"| {s['concurrency']} | {s['method']} | {s['searches']} | {100 * s['cached_over_prompt']:.1f}% | "
+              f"{100 * s['sharable_over_prompt']:.1f}% | {100 * s['cached_over_sharable']:.1f}% "
+              f"({100 * s['worst_cached_over_sharable']:.1f}%) | {s['evicted_tokens']:.0f} | "
+              f"{s['mean_logical_kv_peak']:.0f} | {s['mean_engine_kv_held_max']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
