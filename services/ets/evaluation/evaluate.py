@@ -36,20 +36,26 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
+from ets.config import SearchConfig
+from ets.evaluation.local import LocalUpstreams, run_local
+from ets.evaluation.store import SampleStore
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
+from ets.evaluation.stats import goal_line, paired_comparisons
 from ets.evaluation.report import (
     ProblemResult,
     fmt_value,
     compare_to_rebase,
     format_table,
     markdown_table,
+    paired_markdown,
     plot,
+    plot_kv_ratio,
     read_jsonl,
     summarise,
 )
@@ -242,14 +248,15 @@ async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spe
 
 # ---- running ----------------------------------------------------------------------------------
 
-async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpec], base: search_pb2.SearchConfig,
-                   *, seed: int = 0, concurrency: int = 2, timeout: float = 600.0, progress: bool = True,
-                   done: Iterable[tuple[str, int, str]] = (),
-                   on_result: Callable[[ProblemResult], None] | None = None,
-                   security: ClientSecurity | None = None) -> list[ProblemResult]:
-    """Run every (problem, run) not in ``done`` with ``concurrency`` searches in flight, problem by
-    problem (so a cut-off evaluation has every configuration on its first problems); problem i
-    uses seed ``seed + i`` under every configuration. ``on_result`` sees each result as it lands."""
+Job = tuple[int, Problem, RunSpec]
+
+
+async def _schedule(problems: Sequence[Problem], runs: Sequence[RunSpec],
+                    run: Callable[[Job], Awaitable[ProblemResult]], *, concurrency: int, progress: bool,
+                    done: Iterable[tuple[str, int, str]],
+                    on_result: Callable[[ProblemResult], None] | None) -> list[ProblemResult]:
+    """Every (problem, run) not in ``done``, ``concurrency`` at a time, problem by problem (so a
+    cut-off evaluation has every configuration on its first problems)."""
     from tqdm import tqdm
 
     skip = set(done)
@@ -257,31 +264,73 @@ async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpe
     gate = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(jobs), desc="eval", unit="search", disable=not progress, file=sys.stderr)
     results: list[ProblemResult] = []
-    async with secure_channel(addr, security, options=channel_options(3)) as channel:
-        stub = search_pb2_grpc.SearchServiceStub(channel)
 
-        async def run(job: tuple[int, Problem, RunSpec]) -> None:
-            index, problem, spec = job
-            async with gate:
-                result = await run_one(stub, problem, spec, seed + index, base, timeout)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-            bar.update(1)
-            bar.set_postfix_str(f"{spec.label}/w{spec.width}")
+    async def one(job: Job) -> None:
+        async with gate:
+            result = await run(job)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        bar.update(1)
+        bar.set_postfix_str(f"{job[2].label}/w{job[2].width}")
 
-        try:
-            await asyncio.gather(*(run(j) for j in jobs))
-        finally:
-            bar.close()
+    try:
+        await asyncio.gather(*(one(j) for j in jobs))
+    finally:
+        bar.close()
     return results
 
 
+async def evaluate(addr: str, problems: Sequence[Problem], runs: Sequence[RunSpec], base: search_pb2.SearchConfig,
+                   *, seed: int = 0, concurrency: int = 2, timeout: float = 600.0, progress: bool = True,
+                   done: Iterable[tuple[str, int, str]] = (),
+                   on_result: Callable[[ProblemResult], None] | None = None,
+                   security: ClientSecurity | None = None) -> list[ProblemResult]:
+    """Through the search service: every (problem, run) not in ``done``, ``concurrency`` searches
+    in flight; problem i uses seed ``seed + i`` under every configuration (unpaired: the CPU
+    engine ignores seeds). ``on_result`` sees each result as it lands."""
+    async with secure_channel(addr, security, options=channel_options(3)) as channel:
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+
+        async def run(job: Job) -> ProblemResult:
+            index, problem, spec = job
+            return await run_one(stub, problem, spec, seed + index, base, timeout)
+
+        return await _schedule(problems, runs, run, concurrency=concurrency, progress=progress, done=done,
+                               on_result=on_result)
+
+
+async def evaluate_local(upstreams: LocalUpstreams, store: SampleStore, problems: Sequence[Problem],
+                         runs: Sequence[RunSpec], base: SearchConfig, *, seed: int = 0, concurrency: int = 2,
+                         paired: bool = True, progress: bool = True, done: Iterable[tuple[str, int, str]] = (),
+                         on_result: Callable[[ProblemResult], None] | None = None) -> list[ProblemResult]:
+    """In-process (``--store``): the search core against the live policy and reward servers through
+    ``store``; paired, every configuration of a problem draws the same k-th sample at the same node."""
+    async def run(job: Job) -> ProblemResult:
+        index, problem, spec = job
+        return await run_local(problem, spec, base, seed + index, upstreams, store, paired=paired)
+
+    return await _schedule(problems, runs, run, concurrency=concurrency, progress=progress, done=done,
+                           on_result=on_result)
+
+
 def build_report(meta: dict[str, Any], results: Sequence[ProblemResult]) -> dict[str, Any]:
+    """Summaries per configuration, the paired comparisons against REBASE with the goal line, and
+    every search's result."""
     summaries = summarise(results)
+    paired = paired_comparisons(results)
     return {**meta, "summary": [asdict(s) for s in summaries],
+            "paired_vs_rebase": paired, "goal": goal_line(paired),
+            "samples": {"requested": sum(r.samples_requested for r in results),
+                        "drawn": sum(r.samples_drawn for r in results)},
             "ets_vs_rebase": compare_to_rebase(summaries, results),
             "results": [asdict(r) for r in results]}
+
+
+def local_base_config(args: argparse.Namespace) -> SearchConfig:
+    """``--store``'s search defaults: ETS_SEARCH_* as ``ets serve`` reads them, then the config flags."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    return SearchConfig.from_env().replace(**overrides)
 
 
 def _csv(value: str, kind: type) -> list[Any]:
@@ -311,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", default=None, help="write the Markdown table here")
     parser.add_argument("--title", default=None, help="plot title")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ratio-plot", default=None, help="PNG path for REBASE/ETS KV against width (paired)")
+    local = parser.add_argument_group(
+        "in-process (paired) mode: the search core against the live policy and reward servers")
+    local.add_argument("--store", default=None,
+                       help="sample store (JSONL, created or extended): run in-process, every configuration of a "
+                            "problem drawing the same k-th sample at the same node; resumes without redrawing")
+    local.add_argument("--unpaired", action="store_true",
+                       help="with --store: each configuration draws its own samples (the control)")
+    local.add_argument("--policy-url", default=os.environ.get("ETS_POLICY_URL", ""),
+                       help="SGLang policy server (default $ETS_POLICY_URL)")
+    local.add_argument("--reward-addr", default=os.environ.get("ETS_REWARD_ADDR", ""),
+                       help="reward server host:port (default $ETS_REWARD_ADDR)")
     add_security_flags(parser)
     add_config_flags(parser)
     return parser
@@ -341,6 +402,17 @@ def main(argv: Sequence[str]) -> None:
     if args.report_only:
         report_only(args, argv)
         return
+    if args.unpaired and not args.store:
+        parser.error("--unpaired needs --store (the service path is unpaired already)")
+    local_config: SearchConfig | None = None
+    if args.store:
+        if not args.policy_url or not args.reward_addr:
+            parser.error("--store runs in-process: it needs --policy-url and --reward-addr "
+                         "(or $ETS_POLICY_URL and $ETS_REWARD_ADDR)")
+        try:
+            local_config = local_base_config(args)
+        except ValueError as err:  # ConfigError names the field
+            parser.error(str(err))
     runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method)
     base = config_from_args(args)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
@@ -359,7 +431,12 @@ def main(argv: Sequence[str]) -> None:
         "concurrency": args.concurrency,
         "config_overrides": json.loads(json.dumps({k[4:]: v for k, v in vars(args).items()
                                                     if k.startswith("cfg_") and v is not None})),
+        "mode": ("unpaired (store)" if args.unpaired else "paired (store)") if args.store else "service (unpaired)",
     }
+    if args.store:
+        assert local_config is not None
+        meta["store"] = {"path": str(args.store), "policy_url": args.policy_url, "reward_addr": args.reward_addr}
+        meta["search_defaults"] = json.loads(json.dumps(asdict(local_config)))
     collected = list(previous)
     started = time.perf_counter()
 
@@ -370,12 +447,46 @@ def main(argv: Sequence[str]) -> None:
         report = build_report({**meta, "wall_seconds": time.perf_counter() - started, "complete": False}, collected)
         out.write_text(json.dumps(report, indent=2))
 
-    asyncio.run(evaluate(args.addr, problems, runs, base, seed=seed, concurrency=args.concurrency,
-                         timeout=args.timeout, progress=not args.no_progress,
-                         done={r.key for r in previous}, on_result=land, security=security))
+    if args.store:
+        store_before = run_store(args, problems, runs, local_config, seed, previous, land, meta)
+        meta["store"].update(store_before)
+    else:
+        asyncio.run(evaluate(args.addr, problems, runs, base, seed=seed, concurrency=args.concurrency,
+                             timeout=args.timeout, progress=not args.no_progress,
+                             done={r.key for r in previous}, on_result=land, security=security))
     report = build_report({**meta, "wall_seconds": time.perf_counter() - started, "complete": True}, collected)
     out.write_text(json.dumps(report, indent=2))
     finish(args, report, collected, jsonl)
+
+
+def run_store(args: argparse.Namespace, problems: Sequence[Problem], runs: Sequence[RunSpec],
+              base: SearchConfig | None, seed: int, previous: Sequence[ProblemResult],
+              land: Callable[[ProblemResult], None], meta: dict[str, Any]) -> dict[str, Any]:
+    """``--store``: open (or create) the store, run in-process, say what was requested and drawn."""
+    assert base is not None
+    upstreams = LocalUpstreams(args.policy_url, args.reward_addr)
+    store = SampleStore(args.store, {"created_by": meta["command"], "dataset": meta["dataset"]})
+    before = {"samples_at_start": store.sample_count, "scores_at_start": len(store.scores),
+              "embeddings_at_start": len(store.embeddings)}
+
+    async def go() -> None:
+        try:
+            await evaluate_local(upstreams, store, problems, runs, base, seed=seed, concurrency=args.concurrency,
+                                 paired=not args.unpaired, progress=not args.no_progress,
+                                 done={r.key for r in previous}, on_result=land)
+        finally:
+            await upstreams.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        store.close()
+    c = store.counts
+    print(f"store {args.store}: {c.samples_requested} samples requested, {c.samples_drawn} drawn "
+          f"({before['samples_at_start']} there at the start, {store.sample_count} now); "
+          f"PRM scores {c.scores_requested} requested, {c.scores_computed} computed; "
+          f"embeddings {c.embeds_requested} requested, {c.embeds_computed} computed")
+    return {**before, "samples_at_end": store.sample_count, **asdict(c)}
 
 
 def report_only(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -404,16 +515,30 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
     """Print the table and the ETS-vs-REBASE lines; write the Markdown table and the plot."""
     summaries = summarise(collected)
     print(format_table(summaries))
-    table = markdown_table(summaries, report["ets_vs_rebase"])
+    paired = report["paired_vs_rebase"]
+    table = markdown_table(summaries) + "\n\n" + paired_markdown(paired)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
-    for c in report["ets_vs_rebase"]:
-        print(f"width {c['width']} {c['label']}: REBASE/ETS KV total {c['kv_reduction_total']:.2f}x, "
-              f"accuracy {100 * c['accuracy_delta']:+.1f} points, goal {'met' if c['goal_met'] else 'not met'}")
+    for c in paired:
+        if c.get("problems"):
+            lo, hi = c["kv_ratio_total_ci"]
+            print(f"width {c['width']} {c['label']} (n={c['problems']}): "
+                  f"REBASE/ETS KV total {c['kv_ratio_total']:.2f}x "
+                  f"({lo:.2f}-{hi:.2f}), accuracy {100 * c['accuracy_difference']:+.1f} points "
+                  f"(McNemar p {c['mcnemar_p']:.2f}): {c['verdict']}")
+    goal = report["goal"]
+    print(f"goal line: paper's 1.8x {'met' if goal['paper_met'] else 'not met'}, "
+          f"ours 2x {'met' if goal['ours_met'] else 'not met'}")
+    if report["samples"]["requested"]:
+        print(f"samples: {report['samples']['requested']} requested, {report['samples']['drawn']} drawn")
     print(f"results: {args.out}" + (f" (per search: {jsonl})" if jsonl else ""))
+    name = Path(args.dataset).name
     if args.plot:
-        plot(summaries, args.plot, title=args.title or f"{Path(args.dataset).name}: accuracy vs KV tokens")
+        plot(summaries, args.plot, title=args.title or f"{name}: accuracy vs KV tokens")
         print(f"plot: {args.plot}")
+    if args.ratio_plot:
+        plot_kv_ratio(paired, args.ratio_plot, title=f"{name}: REBASE/ETS logical KV (paired)")
+        print(f"plot: {args.ratio_plot}")
     errors = sum(s.errors for s in summaries)
     if errors:
         print(f"ets eval: {errors} search(es) failed (see 'error' in {args.out})", file=sys.stderr)

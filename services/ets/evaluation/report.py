@@ -71,6 +71,13 @@ class ProblemResult:
     candidates: int = 0
     frontier: int = 0  # candidates offered to the selection, summed over depths
     kept: int = 0      # of those, given at least one child
+    solver_time_limits: int = 0  # ETS programs that hit their time limit (a rerun may then differ)
+    # In-process runs over a sample store (``ets eval --store``): samples this search asked for and
+    # how many of them had to be drawn from the policy (the rest came from the store).
+    samples_requested: int = 0
+    samples_drawn: int = 0
+    tree: str = ""     # digest of the finished trajectories (ets.evaluation.store.tree_digest)
+    literal_n: int = 0  # finished candidates whose answer is a literal "N" (the copied instruction)
     resolved_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -227,41 +234,97 @@ def markdown_table(summaries: Sequence[Summary], comparisons: Sequence[dict[str,
 
 
 def plot(summaries: Sequence[Summary], path: str | Path, title: str = "") -> None:
-    """Accuracy (with its 95% interval) against mean total logical KV tokens: one line per
-    method through its widths; sweep configurations as unconnected points."""
+    """Accuracy (with its 95% Wilson interval) against mean total logical KV tokens: one line per
+    configuration (method, or ETS at one setting) through its widths, each point labelled with
+    its width (the paper's accuracy-vs-KV figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    plain = [s for s in summaries if not s.overrides]
-    for method in sorted({s.method for s in plain}):
-        pts = sorted((s for s in plain if s.method == method), key=lambda s: s.width)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for label in sorted({s.label for s in summaries}):
+        pts = sorted((s for s in summaries if s.label == label), key=lambda s: s.width)
         xs = [s.mean_total_kv_tokens for s in pts]
         ys = [100 * s.accuracy for s in pts]
         err = [[100 * (s.accuracy - s.accuracy_ci_low) for s in pts],
                [100 * (s.accuracy_ci_high - s.accuracy) for s in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method, alpha=0.9)
+        short = label if not pts[0].overrides else pts[0].method + "[" + ",".join(
+            f"{_abbrev(k)}{fmt_value(v)}" for k, v in pts[0].overrides.items()) + "]"
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{short} (n={pts[0].problems})", alpha=0.85)
         for s, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"w{s.width}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    swept = [s for s in summaries if s.overrides]
-    if swept:
-        ax.scatter([s.mean_total_kv_tokens for s in swept], [100 * s.accuracy for s in swept], marker="x",
-                   color="black", label="ets sweep", zorder=3)
-        for s in swept:
-            short = ",".join(f"{_abbrev(k)}{fmt_value(v)}" for k, v in s.overrides.items())
-            ax.annotate(f"{short} w{s.width}", (s.mean_total_kv_tokens, 100 * s.accuracy), textcoords="offset points",
-                        xytext=(4, -9), fontsize=6)
+            ax.annotate(f"w{s.width}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("mean total KV tokens per search (logical, sum over selections)")
     ax.set_ylabel("accuracy (%), 95% Wilson interval")
     ax.set_title(title or "accuracy vs KV cache size")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_kv_ratio(comparisons: Sequence[dict[str, Any]], path: str | Path, title: str = "",
+                  goals: Sequence[float] = (1.8, 2.0)) -> None:
+    """REBASE/configuration logical KV (geometric mean over problems, 95% bootstrap interval)
+    against width, one line per ETS setting; the goals as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [c for c in comparisons if c.get("problems") and c["method"] == "ets"]
+    for label in sorted({c["label"] for c in rows}):
+        pts = sorted((c for c in rows if c["label"] == label), key=lambda c: c["width"])
+        xs = [c["width"] for c in pts]
+        ys = [c["kv_ratio_total"] for c in pts]
+        err = [[y - c["kv_ratio_total_ci"][0] for c, y in zip(pts, ys, strict=True)],
+               [c["kv_ratio_total_ci"][1] - y for c, y in zip(pts, ys, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, alpha=0.85,
+                    label=f"{label} (n={'/'.join(str(c['problems']) for c in pts)})")
+    for g, style in zip(goals, (":", "--"), strict=False):
+        ax.axhline(g, color="grey", linestyle=style, linewidth=1, label=f"{g}x")
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("width")
+    ax.set_ylabel("REBASE / ETS logical KV (geometric mean, 95% bootstrap)")
+    ax.set_title(title or "KV saving against width (paired)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def paired_markdown(comparisons: Sequence[dict[str, Any]]) -> str:
+    """The paired table: per configuration and width against REBASE on the same problems."""
+    lines = [
+        "| configuration | width | n | REBASE/ETS KV total (95% CI) | peak (95% CI) | accuracy (95% CI) "
+        "| REBASE accuracy (95% CI) | difference (95% CI) | discordant (this/REBASE) | McNemar p "
+        "| identical trees | goal line |",
+        "|---|---:|---:|---|---|---|---|---|---:|---:|---:|---|",
+    ]
+
+    def ci(v: float, pair: Sequence[float]) -> str:
+        return f"{v:.2f}x ({pair[0]:.2f}-{pair[1]:.2f})"
+
+    def acc(v: float, pair: Sequence[float]) -> str:
+        return f"{100 * v:.1f}% ({100 * pair[0]:.0f}-{100 * pair[1]:.0f}%)"
+
+    for c in comparisons:
+        if not c.get("problems"):
+            continue
+        d = c["discordant"]
+        lines.append(
+            f"| {c['label']} | {c['width']} | {c['problems']} | {ci(c['kv_ratio_total'], c['kv_ratio_total_ci'])} "
+            f"| {ci(c['kv_ratio_peak'], c['kv_ratio_peak_ci'])} | {acc(c['accuracy'], c['accuracy_ci'])} "
+            f"| {acc(c['reference_accuracy'], c['reference_accuracy_ci'])} "
+            f"| {100 * c['accuracy_difference']:+.1f} ({100 * c['accuracy_difference_ci'][0]:+.0f} to "
+            f"{100 * c['accuracy_difference_ci'][1]:+.0f}) | {d['only_this']}/{d['only_reference']} "
+            f"| {c['mcnemar_p']:.2f} | {c['identical_trees']}/{c['problems']} | {c['verdict']} |")
+    return "\n".join(lines)
 
 
 def _abbrev(name: str) -> str:

@@ -1,0 +1,119 @@
+"""The sample store and the paired statistics of ``ets eval --store`` (pure tier: an in-process
+deterministic source stands behind the store's seams, as the search core's tests do). The
+real-stack tests (identical root children, exact rerun, resume) are not written yet."""
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from ets.evaluation import stats
+from ets.evaluation.report import ProblemResult
+from ets.evaluation.store import SampleStore, StoreGenerator, StoreScorer
+from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
+
+
+class Counter:
+    """A source whose every draw is new (a counter), so a replayed sample is recognisable."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+
+    async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+        out = []
+        for r in requests:
+            got = []
+            for _ in range(r.n):
+                self.drawn += 1
+                got.append(SampledStep((self.drawn,), f"s{self.drawn}", "step"))
+            out.append(got)
+        return out
+
+    async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
+        self.drawn += len(trajectories)
+        return [0.5 for _ in trajectories]
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.ones((len(texts), 3), dtype=np.float32) / math.sqrt(3)
+
+
+PARAMS = StepParams(max_new_tokens=8, temperature=0.7)
+
+
+def test_kth_sample_is_shared_across_searches_and_distinct_within_one(tmp_path: Path) -> None:
+    source = Counter()
+    store = SampleStore(tmp_path / "s.jsonl", {})
+
+    async def go() -> tuple[list[list[SampledStep]], list[list[SampledStep]]]:
+        a = StoreGenerator(store, source, "policy")
+        b = StoreGenerator(store, source, "policy")
+        first = await a.expand([ExpandRequest((1, 2), 2), ExpandRequest((1, 2), 1)], PARAMS)
+        second = await b.expand([ExpandRequest((1, 2), 4)], PARAMS)
+        return first, second
+
+    first, second = asyncio.run(go())
+    # Within a search the same prefix takes the next samples; another search sees them in order.
+    assert [s.token_ids for s in first[0] + first[1]] == [(1,), (2,), (3,)]
+    assert [s.token_ids for s in second[0]] == [(1,), (2,), (3,), (4,)]
+    assert (store.counts.samples_requested, store.counts.samples_drawn) == (7, 4)
+    store.close()
+    # Reopened (a cut line dropped): nothing is drawn again.
+    with open(tmp_path / "s.jsonl", "a") as f:
+        f.write('{"kind": "sample", "key": "ab')
+    again = SampleStore(tmp_path / "s.jsonl")
+    replay = asyncio.run(StoreGenerator(again, source, "policy").expand([ExpandRequest((1, 2), 4)], PARAMS))
+    assert [s.token_ids for s in replay[0]] == [(1,), (2,), (3,), (4,)] and again.counts.samples_drawn == 0
+    # Another budget, temperature or identity is another sample stream.
+    other = asyncio.run(StoreGenerator(again, source, "policy|unpaired=x").expand([ExpandRequest((1, 2), 1)], PARAMS))
+    assert other[0][0].token_ids == (5,)
+    again.close()
+
+
+def test_scores_and_embeddings_cached_by_input(tmp_path: Path) -> None:
+    source = Counter()
+    store = SampleStore(tmp_path / "s.jsonl", {})
+    scorer = StoreScorer(store, source, "prm", "emb")
+    t = ScoredTrajectory("q", ("a", "b"))
+    assert asyncio.run(scorer.score_last_steps([t, t])) == [0.5, 0.5]
+    assert asyncio.run(scorer.score_last_steps([t])) == [0.5]
+    assert source.drawn == 1 and store.counts.scores_computed == 1
+    e = asyncio.run(scorer.embed(["x", "y", "x"]))
+    assert e.shape == (3, 3) and store.counts.embeds_computed == 2
+    store.close()
+    back = SampleStore(tmp_path / "s.jsonl")
+    assert len(back.scores) == 1 and len(back.embeddings) == 2
+    back.close()
+
+
+def test_mcnemar_and_intervals() -> None:
+    assert stats.mcnemar_exact(0, 0) == 1.0
+    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert stats.mcnemar_exact(3, 7) == pytest.approx(0.34375)
+    gm, lo, hi = stats.geometric_mean_ci([2.0, 2.0, 2.0])
+    assert (gm, lo, hi) == pytest.approx((2.0, 2.0, 2.0))
+    gm, lo, hi = stats.geometric_mean_ci([1.0, 4.0])
+    assert gm == pytest.approx(2.0) and lo <= gm <= hi
+    d, dlo, dhi = stats.paired_difference_ci([True, False, True], [True, True, True])
+    assert d == pytest.approx(-1 / 3) and dlo <= d <= dhi
+
+
+def _r(label: str, pid: str, correct: bool, kv: int) -> ProblemResult:
+    return ProblemResult(id=pid, label=label, method=label.split("[")[0], width=16, reference="1", correct=correct,
+                         total_kv_tokens=kv, peak_kv_tokens=kv // 2)
+
+
+def test_paired_comparison_goal_line() -> None:
+    rs = [_r("rebase", str(i), i < 5, 2000) for i in range(10)]
+    rs += [_r("ets", str(i), i < 5, 1000) for i in range(10)]          # 2x, same accuracy: met
+    rs += [_r("ets[lambda_c=5]", str(i), i < 1, 400) for i in range(10)]  # 5x, -40 points: not met
+    by = {c["label"]: c for c in stats.paired_comparisons(rs)}
+    assert by["ets"]["kv_ratio_total"] == pytest.approx(2.0) and by["ets"]["goal_ours"]
+    assert by["ets"]["discordant"] == {"only_this": 0, "only_reference": 0}
+    assert not by["ets[lambda_c=5]"]["accuracy_holds"] and not by["ets[lambda_c=5]"]["goal_paper"]
+    assert "accuracy -40.0 points" in by["ets[lambda_c=5]"]["verdict"]
+    goal = stats.goal_line(list(by.values()))
+    assert goal["ours_met"] and goal["ours"] == [(16, "ets")]
