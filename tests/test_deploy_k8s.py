@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_gpu_engines_and_probes() -> None:
         # Model download + load: at least 10 minutes before the first successful probe.
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
         assert c["readinessProbe"] and c["livenessProbe"]
-        assert {"name": "models", "persistentVolumeClaim": {"claimName": "ets-models"}} in pod["volumes"]
+        assert {"name": "models", "persistentVolumeClaim": {"claimName": f"ets-models-{name}"}} in pod["volumes"]
     policy = deploys["policy"]["spec"]["template"]["spec"]["containers"][0]
     assert policy["readinessProbe"]["httpGet"]["path"] == "/health"
     assert "grpc" in deploys["reward"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
@@ -169,7 +170,14 @@ def test_gpu_engines_and_probes() -> None:
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["openai"] == 8000
     assert "nvidia.com/gpu" not in str(search["resources"])
     assert by_kind(docs, "PodDisruptionBudget")["search"]["spec"]["minAvailable"] == 1
-    assert "ets-models" in by_kind(docs, "PersistentVolumeClaim")
+    # One ReadWriteOnce volume per engine with the cluster's default class (binds on EBS, PD, Azure
+    # Disk); RWO attaches to one node at a time, so the engines never run two pods at once.
+    claims = by_kind(docs, "PersistentVolumeClaim")
+    for name in ("policy", "reward"):
+        claim = claims[f"ets-models-{name}"]["spec"]
+        assert claim["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in claim
+        assert deploys[name]["spec"]["strategy"] == {"type": "Recreate"}
+        assert deploys[name]["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
     # Images resolved by the overlay, never :latest.
     for deploy in deploys.values():
         for c in containers(deploy):
@@ -225,6 +233,63 @@ def test_network_policies_only_search_reaches_model_servers(overlay: tuple[str, 
         assert all(r.get("from") for r in rules), "no rule open to every source"
 
 
+# Kinds that have no namespace (kubectl api-resources --namespaced=false, the ones an overlay may hold).
+CLUSTER_SCOPED = frozenset({"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                            "RuntimeClass", "PriorityClass", "CustomResourceDefinition", "IngressClass"})
+
+
+# Where the cluster's Prometheus runs (docs/deployment.md): the one other namespace objects name.
+PROMETHEUS_NAMESPACE = "monitoring"
+
+
+def overlay_images(path: Path) -> set[str]:
+    """The images an overlay sets (``images:``), its own and those of the overlays it builds on."""
+    kustomization = yaml.safe_load((path / "kustomization.yaml").read_text())
+    found = {f"{i['newName']}:{i['newTag']}" for i in kustomization.get("images", [])}
+    for resource in kustomization.get("resources", []):
+        if (path / resource / "kustomization.yaml").is_file() and "overlays" in (path / resource).resolve().parts:
+            found |= overlay_images((path / resource).resolve())
+    return found
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    spec = doc.get("spec") or {}
+    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        return spec["template"]["spec"]
+    if doc["kind"] == "CronJob":
+        return spec["jobTemplate"]["spec"]["template"]["spec"]
+    return spec if doc["kind"] == "Pod" else None
+
+
+def test_every_overlay_renders_into_its_namespace_with_its_images(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """Every namespaced object lands in the overlay's namespace (the Namespace it renders), every
+    namespace named inside an object (RoleBinding subjects, PromQL label matchers) is that one,
+    and every container image is one the overlay sets: nothing falls back to the `default`
+    namespace or to a bare image name that no registry serves (issue #16, finding 3)."""
+    name, docs = overlay
+    namespaces = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    assert len(namespaces) == 1, (name, namespaces)
+    namespace = namespaces[0]
+    wrong = [f"{d['kind']}/{d['metadata']['name']}: {d['metadata'].get('namespace')}" for d in docs
+             if d["kind"] not in CLUSTER_SCOPED and d["metadata"].get("namespace") != namespace]
+    assert not wrong, f"{name}: objects outside namespace {namespace}: {wrong}"
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        for subject in binding.get("subjects", []):
+            if subject["kind"] == "ServiceAccount":
+                assert subject.get("namespace") == namespace, (name, binding["metadata"]["name"], subject)
+    text = yaml.safe_dump_all(docs)
+    named = set(re.findall(r'namespace="([^"]+)"', text)) | set(re.findall(r"\.([a-z0-9-]+)\.svc\b", text))
+    # Besides its own, only the cluster's Prometheus (prometheus-operated.monitoring.svc, KEDA's server).
+    assert named <= {namespace, PROMETHEUS_NAMESPACE}, (name, named)
+    images = overlay_images(ROOT / "k8s/overlays" / name)
+    assert images, name
+    used = {(d["kind"], d["metadata"]["name"], c["name"]): c["image"] for d in docs if (pod := pod_spec(d))
+            for c in pod.get("initContainers", []) + pod["containers"]}
+    assert used, name
+    foreign = {k: v for k, v in used.items() if v not in images}
+    assert not foreign, f"{name}: images the overlay does not set ({sorted(images)}): {foreign}"
+
+
 def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     from sglang_router.router_args import RouterArgs
 
@@ -235,7 +300,9 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     assert router["command"] == ["python", "-m", "sglang_router.launch_router"]
     parser = argparse.ArgumentParser()
     RouterArgs.add_cli_args(parser)
-    args = [a.replace("$(POD_NAMESPACE)", "ets") for a in router["args"]]
+    # $(POD_NAMESPACE) is the pod's own namespace (a fieldRef): the one the router is rendered in.
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in router["env"]
+    args = [a.replace("$(POD_NAMESPACE)", deploys["policy-router"]["metadata"]["namespace"]) for a in router["args"]]
     parsed = RouterArgs.from_cli_args(parser.parse_args(args))
     assert parsed.policy == "cache_aware" and parsed.service_discovery
     # A width-256 depth (256 single-sample requests) stays on its replica.
@@ -255,6 +322,9 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
     engine_svc = by_kind(docs, "Service")[engine_url.split("//")[1].split(":")[0]]["spec"]
     assert engine_svc["selector"].items() <= policy_labels.items()
     assert [p["port"] for p in engine_svc["ports"]] == [int(engine_url.rsplit(":", 1)[1])]
+    # The replicas share the policy's model volume: ReadWriteMany, with the RWX class named.
+    claim = by_kind(docs, "PersistentVolumeClaim")["ets-models-policy"]["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"] and claim["storageClassName"]
 
 
 # --- probes, shutdown, read-only roots, network, autoscaling ------------------------
