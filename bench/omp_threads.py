@@ -49,14 +49,14 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     from ets.engine.launcher import LaunchConfig, build_command
-    from ets.engine.process import SGLangProcess, free_port
+    from ets.engine.process import ServerProcess, free_port
     from ets.models import packaged_model, prepare_model
 
     model = prepare_model(packaged_model(args.model), None, log=True)
     cores = os.cpu_count() or 1
     variants = {"omp1": "1", f"omp{cores}": str(cores)}
     work = Path(tempfile.mkdtemp(prefix="ets-omp-"))
-    procs: dict[str, SGLangProcess] = {}
+    procs: dict[str, ServerProcess] = {}
     urls: dict[str, str] = {}
     try:
         for name, threads in variants.items():
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
             cmd = build_command(LaunchConfig(model_path=str(model), host="127.0.0.1", port=port, device="cpu",
                                              random_seed=0))
             cmd.env["OMP_NUM_THREADS"] = threads
-            procs[name] = SGLangProcess.start(cmd, url=f"http://127.0.0.1:{port}", log_path=work / f"{name}.log",
+            procs[name] = ServerProcess.start(cmd, url=f"http://127.0.0.1:{port}", log_path=work / f"{name}.log",
                                               name=name)
             urls[name] = f"http://127.0.0.1:{port}"
         for proc in procs.values():

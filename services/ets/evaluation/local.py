@@ -17,12 +17,11 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from ets.config import SearchConfig
 from ets.evaluation.report import ProblemResult
 from ets.evaluation.store import Counts, SampleStore, StoreGenerator, StoreScorer, tree_digest
-from ets.search.base import Selection
 from ets.search.interfaces import Root
 from ets.search.loop import DepthReport, SearchResult, run_search
 
@@ -81,9 +80,12 @@ class LocalUpstreams:
             await self._reward.close()
 
 
-async def _offload(select: Callable[[], Selection]) -> Selection:
+_T = TypeVar("_T")
+
+
+async def _offload(work: Callable[[], _T]) -> _T:
     # Selections (clustering + HiGHS) off the event loop: concurrent searches keep drawing.
-    return await asyncio.to_thread(select)
+    return await asyncio.to_thread(work)
 
 
 @dataclass
