@@ -5,6 +5,8 @@ step score is read; the table in docs/reward-server.md), independent of the back
 
 - ``math-shepherd``: ``question + "\\n"`` then each step followed by `` ки`` (one line per step);
   the score of a step is P("+") of the softmax over the ["+", "-"] logits at its tag position.
+  The tokens read are the ones after a space, as the model was trained ("▁+" / "▁-" / "▁ки"
+  in its sentencepiece vocabulary); for the released model their ids are checked at start-up.
 - ``rlhflow`` (RLHFlow Llama-3.1-8B PRM): chat format, one user turn per step (the first one
   prefixed by the question), each answered by an assistant "+"; the score is P("+") vs "-" at
   the assistant's answer position.
@@ -105,6 +107,39 @@ class EncodedTrajectory:
         return self.input_ids[: self.score_positions[-1] + 1]
 
 
+# The ids the reference code reads for models whose vocabulary it names (ETS rebase.py:
+# logits_require_id=[648, 387, 12902]; the model card: encode("+ -")[1:] == [648, 387]). A
+# tokenizer that resolves other ids (e.g. a conversion without sentencepiece's leading "▁"
+# maps "+" to 489) would read scores from the wrong logits with no error: refused at start-up.
+KNOWN_TOKEN_IDS: dict[str, dict[str, dict[str, int]]] = {
+    "math-shepherd": {
+        "math-shepherd-mistral-7b-prm": {"ETS_PRM_PLUS": 648, "ETS_PRM_MINUS": 387, "ETS_PRM_STEP_TAG": 12902},
+    },
+}
+SENTENCEPIECE_SPACE = "\u2581"  # "▁": sentencepiece's word-start marker
+
+
+def known_token_ids(prm_type: str, model: str) -> dict[str, int] | None:
+    """The reference's token ids for ``model`` (a hub id, a local folder or a hub cache path
+    naming it), or None for a model the reference does not name."""
+    name = model.replace("--", "/").rstrip("/")
+    for known, ids in KNOWN_TOKEN_IDS.get(prm_type, {}).items():
+        if known in name.split("/") or name.endswith(known) or f"/{known}/" in name:
+            return ids
+    return None
+
+
+def spaced_token_id(tokenizer: Any, text: str, setting: str) -> int:
+    """The id of ``text`` as a word after a space: sentencepiece's "▁" + text where the
+    vocabulary holds it (how math-shepherd's labels were tokenized), else ``single_token_id``."""
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    if convert is not None:
+        spaced = convert(SENTENCEPIECE_SPACE + text)
+        if isinstance(spaced, int) and spaced != getattr(tokenizer, "unk_token_id", None):
+            return spaced
+    return single_token_id(tokenizer, text, setting)
+
+
 def single_token_id(tokenizer: Any, text: str, setting: str) -> int:
     """The id of ``text`` when the tokenizer holds it as exactly one token, else AdapterError."""
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -154,6 +189,13 @@ class PrmAdapter:
 class _TaggedAdapter(PrmAdapter):
     """Shared by math-shepherd and llemma: plain text, each step ends with the step tag."""
 
+    # Between the question and the first step. The ETS reference (rebase.py) writes
+    # `question + "\n"` and lets the policy continue: the PRM scores that very text, so "\n" is
+    # what the paper's numbers were measured with. (math-shepherd's model card and training
+    # data join question and solution with a space; the tag positions, hence the readout, are
+    # the same either way.)
+    question_separator = "\n"
+
     def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
         super().__init__(tokenizer, options)
         self.tag_id = single_token_id(tokenizer, self.options.step_tag, "ETS_PRM_STEP_TAG")
@@ -161,7 +203,7 @@ class _TaggedAdapter(PrmAdapter):
     def format(self, question: str, steps: Sequence[str]) -> str:
         tag = self.options.step_tag
         body = "\n".join(f"{_clean_step(s, tag)} {tag}" for s in steps)
-        return f"{_clean_step(question, tag)}\n{body}"
+        return f"{_clean_step(question, tag)}{self.question_separator}{body}"
 
     def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
         ids = tuple(int(i) for i in self.tokenizer.encode(self.format(question, steps)))
@@ -179,7 +221,25 @@ class MathShepherdAdapter(_TaggedAdapter):
 
     def __init__(self, tokenizer: Any, options: PrmOptions | None = None) -> None:
         super().__init__(tokenizer, options)
-        self._pair_ids()
+        # The tag follows a space in the text (format above) and the training labels replaced
+        # it: tag and "+"/"-" are read as tokenized after a space ("▁+" 648, not "+" 489).
+        self.tag_id = spaced_token_id(tokenizer, self.options.step_tag, "ETS_PRM_STEP_TAG")
+        self.plus_id = spaced_token_id(tokenizer, self.options.plus, "ETS_PRM_PLUS")
+        self.minus_id = spaced_token_id(tokenizer, self.options.minus, "ETS_PRM_MINUS")
+        if self.plus_id == self.minus_id:
+            raise AdapterError("ETS_PRM_PLUS",
+                               f"{self.options.plus!r} and {self.options.minus!r} map to the same token")
+        model = str(getattr(tokenizer, "name_or_path", "") or "")
+        expected = known_token_ids(self.name, model)
+        if expected is not None:
+            got = {"ETS_PRM_PLUS": self.plus_id, "ETS_PRM_MINUS": self.minus_id, "ETS_PRM_STEP_TAG": self.tag_id}
+            wrong = {k: v for k, v in got.items() if v != expected[k]}
+            if wrong:
+                setting = next(iter(wrong))
+                raise AdapterError(setting, f"{model}: the tokenizer resolves {wrong}, the model reads "
+                                   f"{ {k: expected[k] for k in wrong} } (reference ids); scores would come "
+                                   "from the wrong logits. Check the tokenizer files (sentencepiece "
+                                   "tokenizer.model) and ETS_PRM_PLUS/ETS_PRM_MINUS/ETS_PRM_STEP_TAG")
 
 
 class LlemmaAdapter(_TaggedAdapter):
