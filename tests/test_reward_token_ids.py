@@ -94,7 +94,7 @@ def test_question_and_steps_are_joined_as_the_ets_reference_does() -> None:
 def test_sentencepiece_model_only_folder_loads(tmp_path: Path) -> None:
     """math-shepherd ships tokenizer.model and no tokenizer.json: transformers converts it with
     sentencepiece (requirements/reward.txt), and the adapter reads the "▁" tokens of it."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # type: ignore[import-untyped]
     from transformers import AutoTokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -105,7 +105,7 @@ def test_sentencepiece_model_only_folder_loads(tmp_path: Path) -> None:
     folder.mkdir()
     (tmp_path / "tokenizer.model").rename(folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok: Any = AutoTokenizer.from_pretrained(folder)
     adapter: Any = make_adapter("math-shepherd", tok)
     ids = tok.convert_tokens_to_ids(["\u2581+", "\u2581-", "\u2581ки"])
     assert (adapter.plus_id, adapter.minus_id, adapter.tag_id) == tuple(ids)
