@@ -73,6 +73,38 @@ def test_kth_sample_is_shared_across_searches_and_distinct_within_one(tmp_path: 
     again.close()
 
 
+def test_concurrent_searches_share_one_draw_and_a_failed_draw_is_not_stored(tmp_path: Path) -> None:
+    class Slow(Counter):
+        calls = 0
+
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+            self.calls += 1
+            await asyncio.sleep(0.01)  # the second search asks while this draw is in flight
+            return await super().expand(requests, params)
+
+    source = Slow()
+    store = SampleStore(tmp_path / "s.jsonl", {})
+
+    async def go() -> list[list[list[SampledStep]]]:
+        return list(await asyncio.gather(*(StoreGenerator(store, source, "policy").expand(
+            [ExpandRequest((7,), 3)], PARAMS) for _ in range(2))))
+
+    a, b = asyncio.run(go())
+    assert a == b and [s.token_ids for s in a[0]] == [(1,), (2,), (3,)]
+    assert source.calls == 1 and store.counts.samples_drawn == 3 and store.counts.samples_requested == 6
+
+    class Broken(Counter):
+        async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
+            raise ConnectionError("policy down")
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(StoreGenerator(store, Broken(), "policy").expand([ExpandRequest((8,), 2)], PARAMS))
+    # Nothing half-drawn is kept: the next search draws those samples afresh.
+    got = asyncio.run(StoreGenerator(store, source, "policy").expand([ExpandRequest((8,), 2)], PARAMS))
+    assert [s.token_ids for s in got[0]] == [(4,), (5,)]
+    store.close()
+
+
 def test_scores_and_embeddings_cached_by_input(tmp_path: Path) -> None:
     source = Counter()
     store = SampleStore(tmp_path / "s.jsonl", {})

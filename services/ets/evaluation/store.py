@@ -36,13 +36,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
 from ets.search.interfaces import (
     ExpandRequest, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
 )
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 FORMAT = "ets-sample-store"
 VERSION = 1
@@ -83,8 +86,7 @@ class Counts:
     embeds_computed: int = 0
 
     def add(self, other: "Counts") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        _count(self, **{name: getattr(other, name) for name in self.__dataclass_fields__})
 
 
 class SampleStore:
@@ -92,7 +94,7 @@ class SampleStore:
 
     def __init__(self, path: str | Path | None = None, meta: dict[str, Any] | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self.samples: dict[str, dict[int, SampledStep]] = {}
+        self.samples: dict[tuple[str, int], SampledStep] = {}  # (key, k) -> the key's k-th sample
         self.scores: dict[str, float] = {}
         self.embeddings: dict[str, np.ndarray] = {}
         self.meta: dict[str, Any] = {}
@@ -132,7 +134,7 @@ class SampleStore:
                     raise StoreError(f"{where}: not an {FORMAT} version {VERSION} file")
                 self.meta = row
             elif kind == "sample":
-                self.samples.setdefault(row["key"], {})[int(row["k"])] = SampledStep(
+                self.samples[(row["key"], int(row["k"]))] = SampledStep(
                     token_ids=tuple(int(t) for t in row["ids"]), text=str(row["text"]), finish=row["finish"],
                     prompt_tokens=int(row.get("prompt_tokens", 0)), cached_tokens=int(row.get("cached_tokens", 0)))
             elif kind == "score":
@@ -172,75 +174,51 @@ class SampleStore:
 
     @property
     def sample_count(self) -> int:
-        return sum(len(v) for v in self.samples.values())
+        return len(self.samples)
 
     # ---- samples -------------------------------------------------------------------------------------
     async def take(self, wants: Sequence[tuple[str, int, int, ExpandRequest]], params: StepParams,
                    inner: StepGenerator, counts: Counts | None = None) -> list[list[SampledStep]]:
         """For each ``(key, start, n, request)``: samples ``start .. start+n-1`` of ``key``; the
-        missing ones (not stored, not being drawn) are drawn in one ``inner.expand`` call."""
-        mine: list[tuple[str, int]] = []
-        draws: list[ExpandRequest] = []
-        slots: list[list[tuple[str, int]]] = []
-        loop = asyncio.get_running_loop()
-        for key, start, n, request in wants:
-            have = self.samples.get(key, {})
-            run: list[tuple[str, int]] = []
-            for k in range(start, start + n):
-                if k in have or (key, k) in self._pending:
-                    if run:
-                        draws.append(_draw(request, key, run[0][1], len(run)))
-                        slots.append(run)
-                        run = []
-                    continue
-                self._pending[(key, k)] = loop.create_future()
-                mine.append((key, k))
-                run.append((key, k))
-            if run:
-                draws.append(_draw(request, key, run[0][1], len(run)))
-                slots.append(run)
-        requested = sum(n for _, _, n, _ in wants)
-        for c in (self.counts, counts):
-            if c is not None:
-                c.samples_requested += requested
-                c.samples_drawn += len(mine)
-        if draws:
-            try:
-                outputs = await inner.expand(draws, params)
-                if len(outputs) != len(draws) or any(len(o) != len(s) for o, s in zip(outputs, slots, strict=False)):
-                    raise ValueError("generator returned the wrong number of samples")
-            except BaseException as err:
-                for slot in mine:
-                    fut = self._pending.pop(slot)
-                    if not fut.done():
-                        fut.set_exception(err if isinstance(err, Exception) else asyncio.CancelledError())
-                        fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-                raise
-            rows = []
-            for run, samples in zip(slots, outputs, strict=True):
-                for (key, k), step in zip(run, samples, strict=True):
-                    self.samples.setdefault(key, {})[k] = step
-                    self._pending.pop((key, k)).set_result(step)
-                    rows.append({"kind": "sample", "key": key, "k": k, "ids": list(step.token_ids), "text": step.text,
-                                 "finish": step.finish, "prompt_tokens": step.prompt_tokens,
-                                 "cached_tokens": step.cached_tokens})
-            self._write(rows)
+        missing ones (not stored, not being drawn) are drawn in one ``inner.expand`` call, each
+        run of consecutive missing samples of a key as one request."""
+        slots = [((key, k), request) for key, start, n, request in wants for k in range(start, start + n)]
+
+        async def draw(todo: list[tuple[tuple[str, int], ExpandRequest]]) -> list[SampledStep]:
+            runs: list[list[tuple[tuple[str, int], ExpandRequest]]] = []
+            for slot in todo:  # in request order, so a key's missing samples are adjacent
+                prev = runs[-1][-1][0] if runs else None
+                if prev is not None and prev[0] == slot[0][0] and prev[1] + 1 == slot[0][1]:
+                    runs[-1].append(slot)
+                else:
+                    runs.append([slot])
+            outputs = await inner.expand([_draw(run[0][1], *run[0][0], len(run)) for run in runs], params)
+            if len(outputs) != len(runs) or any(len(o) != len(r) for o, r in zip(outputs, runs, strict=False)):
+                raise ValueError("generator returned the wrong number of samples")
+            steps = [step for out in outputs for step in out]
+            self._write({"kind": "sample", "key": key, "k": k, "ids": list(step.token_ids), "text": step.text,
+                         "finish": step.finish, "prompt_tokens": step.prompt_tokens,
+                         "cached_tokens": step.cached_tokens}
+                        for ((key, k), _), step in zip(todo, steps, strict=True))
+            return steps
+
+        values, drawn = await self.cached([slot for slot, _ in slots], self.samples, self._pending, draw, slots)
+        _count(counts, self.counts, samples_requested=len(slots), samples_drawn=drawn)
         out: list[list[SampledStep]] = []
-        for key, start, n, _ in wants:
-            got: list[SampledStep] = []
-            for k in range(start, start + n):
-                stored = self.samples.get(key, {}).get(k)
-                got.append(stored if stored is not None else await self._pending[(key, k)])
-            out.append(got)
+        for _, _, n, _ in wants:
+            out.append(values[:n])
+            values = values[n:]
         return out
 
     # ---- scores and embeddings ---------------------------------------------------------------------------
-    async def cached(self, keys: Sequence[str], table: dict[str, Any], pending: dict[str, asyncio.Future[Any]],
-                     compute: Any, inputs: Sequence[Any]) -> tuple[list[Any], int]:
+    async def cached(self, keys: Sequence[_K], table: dict[_K, _V], pending: dict[_K, asyncio.Future[_V]],
+                     compute: Callable[[list[Any]], Awaitable[Sequence[_V]]],
+                     inputs: Sequence[Any]) -> tuple[list[_V], int]:
         """Values of ``keys`` from ``table``; the missing ones computed in one ``compute(inputs)``
-        call (deduplicated; shared with concurrent callers). Returns (values, computed)."""
+        call (deduplicated; a value being computed for a concurrent caller is awaited, not
+        computed again). Returns (values, computed)."""
         loop = asyncio.get_running_loop()
-        todo: dict[str, Any] = {}
+        todo: dict[_K, Any] = {}
         for key, value in zip(keys, inputs, strict=True):
             if key not in table and key not in pending and key not in todo:
                 todo[key] = value
@@ -250,12 +228,12 @@ class SampleStore:
             try:
                 values = list(await compute(list(todo.values())))
                 if len(values) != len(todo):
-                    raise ValueError(f"scorer returned {len(values)} values for {len(todo)} inputs")
+                    raise ValueError(f"returned {len(values)} values for {len(todo)} inputs")
             except BaseException as err:
                 for key in todo:
                     fut = pending.pop(key)
                     fut.set_exception(err if isinstance(err, Exception) else asyncio.CancelledError())
-                    fut.exception()
+                    fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
                 raise
             for key, value in zip(todo, values, strict=True):
                 table[key] = value
@@ -274,10 +252,7 @@ class SampleStore:
             return values
 
         values, computed = await self.cached(keys, self.scores, self._pending_scores, compute, trajectories)
-        for c in (self.counts, counts):
-            if c is not None:
-                c.scores_requested += len(keys)
-                c.scores_computed += computed
+        _count(counts, self.counts, scores_requested=len(keys), scores_computed=computed)
         return [float(v) for v in values]
 
     async def embed(self, identity: str, texts: Sequence[str], inner: StepScorer,
@@ -294,13 +269,17 @@ class SampleStore:
             return list(rows)
 
         values, computed = await self.cached(keys, self.embeddings, self._pending_embeds, compute, texts)
-        for c in (self.counts, counts):
-            if c is not None:
-                c.embeds_requested += len(keys)
-                c.embeds_computed += computed
+        _count(counts, self.counts, embeds_requested=len(keys), embeds_computed=computed)
         if not values:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack(values).astype(np.float32)
+
+
+def _count(*counts: Counts | None, **deltas: int) -> None:
+    for c in counts:
+        if c is not None:
+            for name, delta in deltas.items():
+                setattr(c, name, getattr(c, name) + delta)
 
 
 def _draw(request: ExpandRequest, key: str, start: int, n: int) -> ExpandRequest:
