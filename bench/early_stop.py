@@ -33,7 +33,8 @@ from typing import Any, Sequence
 
 from ets.api.v1 import search_pb2
 from ets.client.search import run_search
-from ets.evaluation.evaluate import answers_match, load_dataset
+from ets.evaluation.evaluate import load_dataset
+from ets.evaluation.report import answers_match
 from ets.search.answers import equivalent, group_answers, select_answer, vote_decided
 from ets.search.loop import Trajectory
 

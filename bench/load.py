@@ -278,7 +278,7 @@ async def run_level(addr: str, policy_metrics: str | None, service_metrics: str 
     import grpc
 
     from ets.api.v1 import search_pb2, search_pb2_grpc
-    from ets.evaluation.evaluate import answers_match
+    from ets.evaluation.report import answers_match
 
     outcomes: list[Outcome] = []
     samples: list[dict[str, float]] = []

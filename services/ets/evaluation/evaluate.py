@@ -49,6 +49,7 @@ from ets.security import channel as secure_channel
 from ets.evaluation.stats import goal_line, paired_comparisons
 from ets.evaluation.report import (
     ProblemResult,
+    grade,
     fmt_value,
     compare_to_rebase,
     format_table,
@@ -117,15 +118,6 @@ def load_dataset(path: str | Path, limit: int | None = None) -> list[Problem]:
     return problems
 
 
-def answers_match(predicted: str, reference: str) -> bool:
-    """Mathematical equivalence of a predicted and a reference answer (ets.search.answers)."""
-    if not predicted.strip():
-        return False
-    from ets.search import answers
-
-    return bool(answers.equivalent(predicted, reference))
-
-
 # ---- what to run ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -190,10 +182,6 @@ def plan_runs(methods: Sequence[str], widths: Sequence[int], sweep: dict[str, li
 
 # ---- one search ---------------------------------------------------------------------------------
 
-def _any_correct(answers: Sequence[str], reference: str) -> bool:
-    return any(answers_match(a, reference) for a in dict.fromkeys(a for a in answers if a.strip()))
-
-
 def _config_for(spec: RunSpec, base: search_pb2.SearchConfig, seed: int) -> search_pb2.SearchConfig:
     config = search_pb2.SearchConfig()
     config.CopyFrom(base)
@@ -232,16 +220,8 @@ async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spe
     if response is None:
         result.error = "stream ended without a result"
         return result
-    s = response.stats
-    result.answer = response.answer
-    result.correct = await asyncio.to_thread(answers_match, response.answer, problem.answer)
-    result.oracle = result.correct or await asyncio.to_thread(
-        _any_correct, [c.answer for c in response.candidates], problem.answer)
-    for name in ("total_kv_tokens", "peak_kv_tokens", "generated_tokens", "prompt_tokens", "cached_prompt_tokens",
-                 "model_calls", "selections", "depth_reached", "solver_fallbacks", "wall_seconds",
-                 "selection_seconds", "policy_seconds", "reward_seconds"):
-        setattr(result, name, getattr(s, name))
-    result.candidates = len(response.candidates)
+    await asyncio.to_thread(grade, result, response.answer, [c.answer for c in response.candidates], response.stats)
+    result.wall_seconds = response.stats.wall_seconds
     result.resolved_config = json_format.MessageToDict(response.config, preserving_proto_field_name=True)
     return result
 

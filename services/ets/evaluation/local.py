@@ -17,13 +17,21 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ets.config import SearchConfig
-from ets.evaluation.report import ProblemResult
+from ets.evaluation.report import ProblemResult, grade
 from ets.evaluation.store import Counts, SampleStore, StoreGenerator, StoreScorer, tree_digest
+from ets.policy.client import PolicyClient
+from ets.policy.generator import SGLangStepGenerator, tokenize_root
+from ets.policy.routed import make_policy_client
+from ets.reward.client import RewardClient
+from ets.search.answers import select_answer
 from ets.search.interfaces import Root
 from ets.search.loop import DepthReport, SearchResult, run_search
+
+if TYPE_CHECKING:  # evaluate.py imports this module
+    from ets.evaluation.evaluate import Problem, RunSpec
 
 
 @dataclass
@@ -32,22 +40,18 @@ class LocalUpstreams:
 
     policy_url: str
     reward_addr: str
-    _policy: Any = None
-    _reward: Any = None
+    _policy: PolicyClient | None = None
+    _reward: RewardClient | None = None
     _roots: dict[tuple[str, str], Root] = field(default_factory=dict)
     _identity: dict[str, str] = field(default_factory=dict)
 
-    def policy(self) -> Any:
+    def policy(self) -> PolicyClient:
         if self._policy is None:
-            from ets.policy.routed import make_policy_client
-
             self._policy = make_policy_client(self.policy_url)
         return self._policy
 
-    def reward(self) -> Any:
+    def reward(self) -> RewardClient:
         if self._reward is None:
-            from ets.reward.client import RewardClient
-
             self._reward = RewardClient(self.reward_addr, timeout_s=600.0)
         return self._reward
 
@@ -68,8 +72,6 @@ class LocalUpstreams:
     async def root(self, question: str, config: SearchConfig) -> Root:
         key = (question, config.policy_model_type)
         if key not in self._roots:
-            from ets.policy.generator import tokenize_root
-
             self._roots[key] = await tokenize_root(self.policy(), question, config.model_type)
         return self._roots[key]
 
@@ -103,8 +105,6 @@ async def search_local(question: str, config: SearchConfig, upstreams: LocalUpst
                        *, scope: str = "") -> LocalSearch:
     """One search of ``question`` under ``config`` over ``store`` (``scope``: set in unpaired mode,
     so that this configuration's samples are its own)."""
-    from ets.policy.generator import SGLangStepGenerator
-
     started = time.perf_counter()
     ids = await upstreams.identities(config)
     root = await upstreams.root(question, config)
@@ -125,18 +125,14 @@ async def search_local(question: str, config: SearchConfig, upstreams: LocalUpst
     return LocalSearch(result, counts, frontier, kept, time.perf_counter() - started)
 
 
-async def run_local(problem: Any, spec: Any, base: SearchConfig, seed: int, upstreams: LocalUpstreams,
+async def run_local(problem: "Problem", spec: "RunSpec", base: SearchConfig, seed: int, upstreams: LocalUpstreams,
                     store: SampleStore, *, paired: bool = True) -> ProblemResult:
-    """One configuration (``RunSpec``) on one ``Problem``, as a ``ProblemResult`` with the store's
-    requested/drawn counts and the tree's digest."""
-    from ets.evaluation.evaluate import _any_correct, answers_match
-    from ets.search.answers import select_answer
-
+    """One configuration on one problem, as a ``ProblemResult`` with the store's requested/drawn
+    counts and the tree's digest."""
     result = ProblemResult(id=problem.id, label=spec.label, method=spec.method, width=spec.width,
                            reference=problem.answer, seed=seed, overrides=dict(spec.overrides))
-    config = base.replace(method=spec.method, width=spec.width, seed=seed, **dict(spec.overrides))
     try:
-        config.validate()
+        config = base.replace(method=spec.method, width=spec.width, seed=seed, **dict(spec.overrides)).validate()
         done = await search_local(problem.problem, config, upstreams, store,
                                   scope="" if paired else f"{spec.label}/w{spec.width}")
     except Exception as err:  # noqa: BLE001 - one failed search is reported, the evaluation goes on
@@ -144,16 +140,9 @@ async def run_local(problem: Any, spec: Any, base: SearchConfig, seed: int, upst
         return result
     trajectories = done.result.trajectories
     choice = await asyncio.to_thread(select_answer, trajectories, config.voting, config.aggregation)
-    result.answer = choice.answer
-    result.correct = await asyncio.to_thread(answers_match, choice.answer, problem.answer)
-    result.oracle = result.correct or await asyncio.to_thread(_any_correct, list(choice.answers), problem.answer)
-    s = done.result.stats
-    for name in ("total_kv_tokens", "peak_kv_tokens", "generated_tokens", "prompt_tokens", "cached_prompt_tokens",
-                 "model_calls", "selections", "depth_reached", "solver_fallbacks", "solver_time_limits",
-                 "selection_seconds", "policy_seconds", "reward_seconds"):
-        setattr(result, name, getattr(s, name))
+    await asyncio.to_thread(grade, result, choice.answer, choice.answers, done.result.stats)
+    result.solver_time_limits = done.result.stats.solver_time_limits
     result.wall_seconds = done.wall_seconds
-    result.candidates = len(trajectories)
     result.frontier, result.kept = done.frontier, done.kept
     result.samples_requested = done.counts.samples_requested
     result.samples_drawn = done.counts.samples_drawn

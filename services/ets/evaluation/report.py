@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from ets.search import answers
+
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 # ETS reaches REBASE's accuracy with at least this much less logical KV: the paper's headline.
 KV_REDUCTION_GOAL = 1.8
@@ -83,6 +85,30 @@ class ProblemResult:
     @property
     def key(self) -> tuple[str, int, str]:
         return self.label, self.width, self.id
+
+
+# The search statistics a ProblemResult copies; the gRPC ``SearchStats`` and the core's have them all.
+STAT_FIELDS = ("total_kv_tokens", "peak_kv_tokens", "generated_tokens", "prompt_tokens", "cached_prompt_tokens",
+               "model_calls", "selections", "depth_reached", "solver_fallbacks",
+               "selection_seconds", "policy_seconds", "reward_seconds")
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Mathematical equivalence of a predicted and a reference answer (ets.search.answers)."""
+    return bool(predicted.strip()) and bool(answers.equivalent(predicted, reference))
+
+
+def grade(result: ProblemResult, answer: str, candidate_answers: Sequence[str], stats: Any) -> ProblemResult:
+    """``result`` with the chosen answer, whether it (or any finished candidate: the oracle) is
+    right, and ``stats``' ``STAT_FIELDS``. Runs math-verify: call it off the event loop."""
+    result.answer = answer
+    result.correct = answers_match(answer, result.reference)
+    result.oracle = result.correct or any(
+        answers_match(a, result.reference) for a in dict.fromkeys(a for a in candidate_answers if a.strip()))
+    for name in STAT_FIELDS:
+        setattr(result, name, getattr(stats, name))
+    result.candidates = len(candidate_answers)
+    return result
 
 
 def result_from_json(row: dict[str, Any]) -> ProblemResult:
