@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -190,9 +190,13 @@ class AnswerChoice:
     best_index: int | None  # index of the trajectory shown as the best one (None if none)
     aggregate_scores: tuple[float, ...]  # per trajectory
     answers: tuple[str, ...]  # extracted answer per trajectory
-    votes: dict[str, float] = field(default_factory=dict)  # group representative -> vote total
     # Every answer group, the winner first, then by the vote's own order (vote, best score, first seen).
     ranking: tuple[AnswerVote, ...] = ()
+
+    @property
+    def votes(self) -> dict[str, float]:
+        """Group representative -> vote total."""
+        return {v.answer: v.vote for v in self.ranking}
 
 
 # A group's place in the vote: (vote, best aggregated score, -first-seen order); higher wins.
@@ -243,11 +247,10 @@ def select_answer(
         return max(g, key=lambda i: (scores[i], -i))
 
     keyed = _tally(scores, groups, voting)
-    votes = {answers[g[0]]: key[0] for key, g in keyed}
     ranked = sorted(keyed, key=lambda kv: kv[0], reverse=True)
     ranking = tuple(AnswerVote(answers[g[0]], len(g), key[0], key[1]) for key, g in ranked)
     best = best_in(ranked[0][1])
-    return AnswerChoice(answers[best], best, scores, answers, votes, ranking)
+    return AnswerChoice(answers[best], best, scores, answers, ranking)
 
 
 def _most_gained(key: _Key, remaining: int, voting: str) -> _Key:

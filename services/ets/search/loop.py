@@ -185,6 +185,10 @@ async def run_search(
     remaining = config.width
     group_remaining: dict[int, int] = {}
     finished: list[Trajectory] = []
+    # The early stop's view of ``finished`` (append-only): each trajectory's aggregated score and
+    # answer, computed once when it is first voted on rather than again at every depth.
+    voted_scores: list[float] = []
+    voted_answers: list[str] = []
     candidates: list[Node] = [tree.root]
     depth = 0
 
@@ -274,9 +278,11 @@ async def run_search(
             candidates = []
             break
         if config.early_stop and candidates and remaining > 0 and depth < config.max_depth:
-            decided = functools.partial(
-                vote_decided, [aggregate(t.step_scores, config.aggregation) for t in finished],
-                [extract_answer(t.text) for t in finished], remaining, config.voting, group)
+            for t in finished[len(voted_scores):]:
+                voted_scores.append(aggregate(t.step_scores, config.aggregation))
+                voted_answers.append(extract_answer(t.text))
+            decided = functools.partial(vote_decided, tuple(voted_scores), tuple(voted_answers), remaining,
+                                        config.voting, group)
             if decided() if offload is None else await offload(decided):
                 stats.stopped_early, stats.width_left = True, remaining
                 break
