@@ -365,18 +365,27 @@ async def test_health_follows_the_upstreams(svc: OpenAIHarness) -> None:
         assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_parse_chat_takes_the_served_name_or_the_path_and_names_the_search_by_the_served_name() -> None:
+    names = ("smollm2", "/models/smollm2")
+    for given in names:
+        assert parse_chat({"model": given, "messages": MESSAGES}, {}, names).model == "smollm2"
+    with pytest.raises(RequestError) as err:
+        parse_chat({"model": "/models/other", "messages": MESSAGES}, {}, names)
+    assert err.value.field == "model" and "'smollm2'" in str(err.value) and "/models/smollm2" not in str(err.value)
+
+
 def test_parse_chat_maps_fields_and_keeps_their_sources() -> None:
     chat = parse_chat({"model": "beam", "messages": [
         {"role": "system", "content": "Sys."}, {"role": "user", "content": "old"},
         {"role": "assistant", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "new"}]}],
         "temperature": 0.6, "max_tokens": 50, "ets": {"width": 8, "timeout_s": 3}},
-        {"X-ETS-Lambda-S": "none", "X-ETS-Max-Tokens": "900", "x-other": "1"}, "policy")
+        {"X-ETS-Lambda-S": "none", "X-ETS-Max-Tokens": "900", "x-other": "1"}, ("policy",))
     assert chat.problem == "new" and chat.system_prompt == "Sys."
     assert chat.overrides == {"method": "beam", "temperature": 0.6, "width": 8, "lambda_s": None}
     assert chat.max_new_tokens == 50 and chat.timeout_s == 3.0
     assert chat.param("config.width") == "ets.width" and chat.param("lambda_s") == "X-ETS-Lambda-S"
     assert chat.param("max_tokens") == "max_tokens" and chat.param("method") == "model"
     with pytest.raises(RequestError, match=r"^messages\[0\].content\[0\]: only text parts"):
-        parse_chat({"model": "beam", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, "p")
+        parse_chat({"model": "beam", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, {}, ("p",))
     with pytest.raises(RequestError, match="^top_p: "):
-        parse_chat({"model": "beam", "messages": MESSAGES, "top_p": 0.9}, {}, "p")
+        parse_chat({"model": "beam", "messages": MESSAGES, "top_p": 0.9}, {}, ("p",))

@@ -290,21 +290,17 @@ class OpenAIFrontDoor:
         if not isinstance(body, dict):
             return error_response(400, "body: must be a JSON object", param="body", code="invalid_argument")
         model = body.get("model")
-        policy = ""
+        names: tuple[str, ...] = ()
         if isinstance(model, str) and model and model not in METHOD_ALIASES:
-            # Only a request naming the policy model needs its name (a probe of the policy server).
+            # Only a request naming the policy model needs its names (a probe of the policy server).
             names = await self._policy_names()
             if not names:
                 return error_response(503, "policy server unavailable: cannot read its model name",
                                       code="unavailable")
-            # The served name or the model's path: responses name it by the served name.
-            policy = model if model in names else names[0]
         try:
-            chat = parse_chat(body, request.headers, policy)
+            chat = parse_chat(body, request.headers, names)
         except RequestError as err:
             return error_response(400, str(err), param=err.field, code="invalid_argument")
-        if policy and chat.model == policy:
-            chat.model = names[0]
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         request_id = chat.request_id or completion_id
         call = SearchCall(problem=chat.problem, overrides=chat.overrides, request_id=request_id,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
@@ -279,15 +279,20 @@ def _new_tokens(body: ChatRequest) -> tuple[str, int] | None:
     return name, value
 
 
-def parse_chat(body: Any, headers: Mapping[str, str], policy_model: str) -> ChatSearch:
-    """The search a chat-completion request asks for (``RequestError`` naming the field)."""
+def parse_chat(body: Any, headers: Mapping[str, str], policy_models: Sequence[str]) -> ChatSearch:
+    """The search a chat-completion request asks for (``RequestError`` naming the field).
+
+    ``policy_models``: the names the policy answers to, its served name first (then its model
+    path); a request may give any of them and the search is named by the first."""
     try:
         chat = ChatRequest.model_validate(body)
     except ValidationError as err:
         raise _request_error(err) from None
     model = chat.model
-    if model != policy_model and model not in METHOD_ALIASES:
-        raise RequestError("model", f"unknown model {model!r}; expected {[policy_model, *METHOD_ALIASES]}")
+    if model in policy_models:
+        model = policy_models[0]
+    elif model not in METHOD_ALIASES:
+        raise RequestError("model", f"unknown model {model!r}; expected {[*policy_models[:1], *METHOD_ALIASES]}")
     _refuse_unsupported(chat)
     problem, system = _messages(chat.messages)
     include_usage = chat.stream_options is not None and chat.stream_options.include_usage
