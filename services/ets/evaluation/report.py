@@ -259,16 +259,31 @@ def markdown_table(summaries: Sequence[Summary], comparisons: Sequence[dict[str,
     return "\n".join(lines)
 
 
+def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _save(fig: Any, ax: Any, path: str | Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(summaries: Sequence[Summary], path: str | Path, title: str = "") -> None:
     """Accuracy (with its 95% Wilson interval) against mean total logical KV tokens: one line per
     configuration (method, or ETS at one setting) through its widths, each point labelled with
     its width (the paper's accuracy-vs-KV figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = _figure((7.5, 5))
     for label in sorted({s.label for s in summaries}):
         pts = sorted((s for s in summaries if s.label == label), key=lambda s: s.width)
         xs = [s.mean_total_kv_tokens for s in pts]
@@ -283,24 +298,14 @@ def plot(summaries: Sequence[Summary], path: str | Path, title: str = "") -> Non
     ax.set_xscale("log")
     ax.set_xlabel("mean total KV tokens per search (logical, sum over selections)")
     ax.set_ylabel("accuracy (%), 95% Wilson interval")
-    ax.set_title(title or "accuracy vs KV cache size")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title or "accuracy vs KV cache size")
 
 
 def plot_kv_ratio(comparisons: Sequence[dict[str, Any]], path: str | Path, title: str = "",
                   goals: Sequence[float] = (1.8, 2.0)) -> None:
     """REBASE/configuration logical KV (geometric mean over problems, 95% bootstrap interval)
     against width, one line per ETS setting; the goals as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure((7, 4.5))
     rows = [c for c in comparisons if c.get("problems") and c["method"] == "ets"]
     for label in sorted({c["label"] for c in rows}):
         pts = sorted((c for c in rows if c["label"] == label), key=lambda c: c["width"])
@@ -316,12 +321,7 @@ def plot_kv_ratio(comparisons: Sequence[dict[str, Any]], path: str | Path, title
     ax.set_xscale("log", base=2)
     ax.set_xlabel("width")
     ax.set_ylabel("REBASE / ETS logical KV (geometric mean, 95% bootstrap)")
-    ax.set_title(title or "KV saving against width (paired)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title or "KV saving against width (paired)")
 
 
 def paired_markdown(comparisons: Sequence[dict[str, Any]]) -> str:
