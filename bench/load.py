@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from stack import flush_policy_cache  # the sibling benchmark's, shared
+
 # SGLang's series this benchmark reads (srt/observability/metrics_collector.py). Counters keep
 # their ``_total`` sample name; every series carries a ``model_name`` label (summed over here).
 ENGINE_COUNTERS = (
@@ -249,20 +251,6 @@ def scrape(url: str | None, names: Iterable[str], timeout: float = 10.0) -> dict
             return parse_metrics(resp.read().decode(), names)
     except (urllib.error.URLError, OSError):
         return {}
-
-
-def flush_policy_cache(policy_url: str) -> bool:
-    """Empty the policy's radix cache (SGLang refuses while a request runs: wait and retry)."""
-    for _ in range(20):
-        req = urllib.request.Request(f"{policy_url.rstrip('/')}/flush_cache?timeout=5", method="POST", data=b"")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                resp.read()
-                return True
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    print("load: warning: policy cache not flushed (server kept busy)", file=sys.stderr)
-    return False
 
 
 @dataclass

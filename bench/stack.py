@@ -51,7 +51,7 @@ def flush_policy_cache(policy_url: str) -> bool:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 resp.read()
                 return True
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError:  # busy: SGLang refuses to flush while a request runs
             time.sleep(0.5)
     print("bench: warning: policy cache not flushed (server kept busy)", file=sys.stderr)
     return False

@@ -29,6 +29,7 @@ from ets.service.admission import (
     DEFAULT_MAX_QUEUED,
     MAX_CONCURRENT_ENV,
     MAX_QUEUED_ENV,
+    MAX_WEIGHT_ENV,
 )
 from ets.service.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from ets.service.metrics import METRICS_PORT_ENV
@@ -88,7 +89,7 @@ class ServiceSettings:
     max_queued: int = settings.setting(DEFAULT_MAX_QUEUED, env=MAX_QUEUED_ENV, ge=0,
                                        help="searches waiting for a slot; beyond: RESOURCE_EXHAUSTED")
     max_concurrent_width: int = settings.setting(
-        1024, env="ETS_MAX_CONCURRENT_WIDTH", ge=1,
+        1024, env=MAX_WEIGHT_ENV, ge=1,
         help="sum of the widths of running searches (admission by width: a wide search takes more)")
     log_level: str = settings.setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
     # -- operator caps: requests beyond them get INVALID_ARGUMENT naming the field ------------------
