@@ -108,7 +108,7 @@ atexit.register(_stop_all_at_exit)
 class ServerProcess:
     """One server subprocess in its own process group, healthy when ``GET /health`` answers 200."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], url: str, log_path: Path, name: str) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], url: str, log_path: Path | None, name: str) -> None:
         self._popen = popen
         self.url = url.rstrip("/")
         self.log_path = log_path
@@ -130,12 +130,13 @@ class ServerProcess:
         command: LaunchCommand | Sequence[str],
         *,
         url: str,
-        log_path: str | Path,
+        log_path: str | Path | None,
         env: Mapping[str, str] | None = None,
         name: str = "sglang",
         die_with_parent: bool = True,
     ) -> "ServerProcess":
-        """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``.
+        """Spawn ``command`` (a ``LaunchCommand`` or an argv) with output appended to ``log_path``
+        (None: to this process's stdout/stderr).
 
         ``die_with_parent``: the child is SIGKILLed when the calling thread's process dies (see
         ``die_with_parent_argv``: call from a thread that lives as long as the child should)."""
@@ -143,6 +144,10 @@ class ServerProcess:
             argv, run_env = command.argv, command.env
         else:
             argv, run_env = list(command), dict(os.environ if env is None else env)
+        if log_path is None:  # the caller's stdout/stderr (a container's log, rotated by its runtime)
+            popen = subprocess.Popen(die_with_parent_argv(argv) if die_with_parent else argv, env=run_env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            return cls(popen, url, None, name)
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -155,7 +160,7 @@ class ServerProcess:
         return cls(popen, url, log_path, name)
 
     @classmethod
-    def launch(cls, config: LaunchConfig, *, log_path: str | Path, name: str = "sglang",
+    def launch(cls, config: LaunchConfig, *, log_path: str | Path | None, name: str = "sglang",
                port_setting: str = "port") -> "ServerProcess":
         """Build the SGLang command for ``config`` and start it (not yet waited for). A port
         already in use raises ``PortInUseError`` naming ``port_setting`` before anything starts."""
@@ -175,7 +180,14 @@ class ServerProcess:
     def is_alive(self) -> bool:
         return self._popen.poll() is None
 
+    @property
+    def log_where(self) -> str:
+        """Where the server's output goes, for error messages."""
+        return f"log: {self.log_path}" if self.log_path is not None else "log: this process's stdout"
+
     def log_tail(self, lines: int = 60) -> str:
+        if self.log_path is None:
+            return "<the server logs to this process's stdout>"
         try:
             with open(self.log_path, "rb") as f:
                 tail = deque(f, maxlen=lines)
@@ -215,12 +227,12 @@ class ServerProcess:
             if not self.is_alive():
                 raise ServerStartError(
                     f"{self.name} exited with code {self.returncode} before becoming healthy "
-                    f"(log: {self.log_path})", self.log_tail()
+                    f"({self.log_where})", self.log_tail()
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServerStartError(
-                    f"{self.name} not healthy after {timeout:.0f}s at {self.url} (log: {self.log_path})",
+                    f"{self.name} not healthy after {timeout:.0f}s at {self.url} ({self.log_where})",
                     self.log_tail(),
                 )
             if self.check_health(timeout=min(10.0, max(remaining, 0.1))):
@@ -230,7 +242,7 @@ class ServerProcess:
                     others = "; ".join(describe(p) for p in port_holders(self._port() or 0) or []) or "unknown"
                     raise ServerStartError(
                         f"{self.name}: {self.url} answered /health, but the port is held by another process "
-                        f"({others}), not by the one started (pid {self.pid}) (log: {self.log_path})",
+                        f"({others}), not by the one started (pid {self.pid}) ({self.log_where})",
                         self.log_tail())
                 return
             time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))

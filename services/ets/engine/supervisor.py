@@ -51,7 +51,8 @@ class EngineSupervisor:
         self.name = name
         self.port_setting = port_setting
         self.url_setting = url_setting
-        self.log_dir = Path(log_dir)
+        # Empty: the engine logs to this process's stdout (no file to fill a tmpfs).
+        self.log_dir = Path(log_dir) if str(log_dir) else None
         self.start_timeout_s = start_timeout_s
         self.poll_s = poll_s
         self.health_every_s = health_every_s
@@ -102,7 +103,8 @@ class EngineSupervisor:
         # Launched on the event loop's thread, not a worker thread: the parent-death signal is
         # tied to the spawning thread, and this one lives as long as the supervisor.
         self.process = ServerProcess.launch(
-            self.launch, log_path=self.log_dir / f"{self.name.lower()}-sglang-{self.launch.port}.log",
+            self.launch,
+            log_path=self.log_dir / f"{self.name.lower()}-sglang-{self.launch.port}.log" if self.log_dir else None,
             name=f"{self.name.lower()}-sglang", port_setting=self.port_setting,
         )
         try:

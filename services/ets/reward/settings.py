@@ -61,7 +61,10 @@ class RewardServerConfig:
     # Trajectories per Score call and texts per Embed call.
     max_batch_size: int = setting(256, env="ETS_REWARD_MAX_BATCH_SIZE", ge=1, help="trajectories/texts per call")
     grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
-    log_dir: str = setting("/tmp/ets-reward-logs", env="ETS_REWARD_LOG_DIR", help="where the spawned PRM server logs")
+    # Default: the reward server's stdout, i.e. the container log (rotated by the runtime); a file
+    # there was appended to forever on the containers' 1 GiB /tmp tmpfs.
+    log_dir: str = setting("", env="ETS_REWARD_LOG_DIR",
+                           help="folder for the spawned PRM server's log file; empty = this server's stdout")
     log_level: str = setting("INFO", env="ETS_LOG_LEVEL", help="Python logging level")
     # Capacity: Score/Embed calls at once, and trajectories/texts of the calls waiting for a turn;
     # beyond the queue a call gets RESOURCE_EXHAUSTED at once (memory bounded by configuration).
