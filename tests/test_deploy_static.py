@@ -524,8 +524,8 @@ def test_gpu_images_install_into_the_base_environment() -> None:
             assert 'engine=image; venv=; if [ "$VARIANT" = cpu ]; then engine=cpu; venv=/opt/venv; fi' in rest, rest
             assert '--engine "$engine" ${venv:+--venv "$venv"}' in rest, rest
     for dockerfile in DOCKERFILES:
-        runs = " ".join(rest for word, rest in _instructions(dockerfile) if word == "RUN")
-        assert "__pycache__" not in runs, dockerfile
+        all_runs = " ".join(rest for word, rest in _instructions(dockerfile) if word == "RUN")
+        assert "__pycache__" not in all_runs, dockerfile
     install = (ROOT / "scripts/install.sh").read_text()
     assert "--system-site-packages" not in install.replace("a --system-site-packages venv made", "")
     assert "compileall" in install

@@ -218,7 +218,7 @@ def test_stop_reaches_a_descendant_that_left_the_group(tmp_path: Path) -> None:
     )
     proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
                                log_path=tmp_path / "leader.log", name="leader")
-    grandchild = _read_pid(proc, proc.log_path, "grandchild ")
+    grandchild = _read_pid(proc, tmp_path / "leader.log", "grandchild ")
     assert _alive(grandchild) and os.getpgid(grandchild) != proc.pgid
     assert proc.stop(timeout=1.0) == -signal.SIGTERM
     assert _wait_gone(grandchild, 5), "stop() left the leader's grandchild (own session) running"
