@@ -194,7 +194,7 @@ def test_compose_gpu_pinning_and_wiring() -> None:
         assert services[name]["volumes"] == ["models:/models", f"{name}-home:/home/ets"]
         assert services[name]["environment"]["HF_HOME"] == "/models/hf"
         hc = services[name]["healthcheck"]
-        assert hc["test"][0] == "CMD-SHELL" and int(hc["start_period"].rstrip("s")) >= 600
+        assert hc["test"][0] == "CMD-SHELL" and int(hc["start_period"].rstrip("s")) >= 3600
     assert "peiyi9979/mistral-7b-sft" in services["policy"]["environment"]["ETS_POLICY_MODEL"]
     assert "peiyi9979/math-shepherd-mistral-7b-prm" in services["reward"]["environment"]["ETS_PRM_MODEL"]
     assert services["reward"]["environment"]["ETS_PRM_BACKEND"].endswith("sglang}")
@@ -587,3 +587,40 @@ def test_prm_engine_logs_to_stdout_by_default(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "engine says hi" in res.stdout and "stdout" in res.stdout
     assert not list(tmp_path.iterdir())
+
+
+def _preflight(tmp_path: Path, rows: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """scripts/gpu-preflight.sh against an nvidia-smi that prints ``rows`` (its CSV query)."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\ncat <<'ROWS'\n{rows}\nROWS\n")
+    smi.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETS_")}
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    return run([str(ROOT / "scripts/gpu-preflight.sh")], env=dict(clean, PATH=path, **env))
+
+
+def test_gpu_preflight_checks_driver_capability_and_pinned_gpus(tmp_path: Path) -> None:
+    """Finding 10: CUDA 13 needs driver R580+ and compute capability 7.5+ (no Volta)."""
+    good = "0, NVIDIA H200, 580.95.05, 9.0, 143771\n1, NVIDIA L40S, 580.95.05, 8.9, 46068"
+    res = _preflight(tmp_path, good)
+    assert res.returncode == 0 and res.stdout.count("PASS") == 4, res.stdout
+    res = _preflight(tmp_path, "0, NVIDIA A100, 570.133.20, 8.0, 81920\n1, Tesla V100, 580.95.05, 7.0, 32768")
+    assert res.returncode == 1
+    assert "FAIL GPU 0 (NVIDIA A100): driver 570.133.20 < R580" in res.stdout, res.stdout
+    assert "FAIL GPU 1 (Tesla V100): compute capability 7.0 < 7.5" in res.stdout, res.stdout
+    res = _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771")
+    assert res.returncode == 1 and "FAIL ETS_REWARD_GPU=1: no such GPU" in res.stdout, res.stdout
+    assert _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771", ETS_REWARD_GPU="0").returncode == 0
+
+
+def test_first_start_allows_an_hour_and_a_predownload_exists() -> None:
+    """Finding 7: ~30 GB of weights on first start; the health windows allow an hour, the PRM
+    engine's start timeout matches, and scripts/predownload-models.sh fetches the same models
+    compose would (its defaults are docker-compose.yml's)."""
+    services = _services("gpu")
+    for name in ("policy", "reward"):
+        assert int(str(services[name]["healthcheck"]["start_period"]).rstrip("s")) >= 3600, name
+    script = (ROOT / "scripts/predownload-models.sh").read_text()
+    for var, service in (("ETS_POLICY_MODEL", "policy"), ("ETS_PRM_MODEL", "reward"), ("ETS_EMBEDDER_MODEL", "reward")):
+        assert f'"${{{var}:-{services[service]["environment"][var]}}}"' in script, var
+    assert run(["bash", "-n", str(ROOT / "scripts/predownload-models.sh")]).returncode == 0
