@@ -577,9 +577,9 @@ def test_prm_engine_logs_to_stdout_by_default(tmp_path: Path) -> None:
 
     assert RewardServerConfig.from_env({}).log_dir == ""
     script = ("import sys; from ets.engine.supervisor import EngineSupervisor; from ets.engine.process import "
-              "SGLangProcess\n"
+              "ServerProcess\n"
               "assert EngineSupervisor(url='http://127.0.0.1:1', log_dir='').log_dir is None\n"
-              "p = SGLangProcess.start([sys.executable, '-c', 'print(\"engine says hi\")'], url='http://127.0.0.1:1', "
+              "p = ServerProcess.start([sys.executable, '-c', 'print(\"engine says hi\")'], url='http://127.0.0.1:1', "
               "log_path=None, die_with_parent=False)\n"
               "p._popen.wait(timeout=30); print(p.log_tail())\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
