@@ -74,10 +74,17 @@ def packages(image: str) -> dict[str, str]:
 
 
 def probe(image: str, modules: str) -> dict[str, Any]:
-    res = podman("run", "--rm", "--read-only", "--entrypoint", "python", image, "-c", PROBE, modules, check=False)
+    res = podman("run", "--rm", *RUN_AS_DEPLOYED, "--entrypoint", "python", image, "-c", PROBE, modules, check=False)
     assert res.returncode == 0, f"{image}: {res.stderr[-3000:]}"
     return json.loads(res.stdout.strip().splitlines()[-1])
 
+
+# As compose runs the engines: read-only root, /tmp a tmpfs, the home (SGLang's and torch's caches
+# under ~/.cache) a volume owned by uid 10001 (here a tmpfs with that owner), /models likewise.
+# "U": owned by the container's user. podman 4.3 ignores a tmpfs's mode= (and has no uid=): a
+# root-owned 0755 tmpfs that uid 10001 cannot write.
+RUN_AS_DEPLOYED = ("--read-only", "--tmpfs", "/tmp:rw,exec,U", "--tmpfs", "/home/ets:rw,U",
+                   "--tmpfs", "/models:rw,U")
 
 ENGINE = "sglang,sglang.launch_server,sglang.srt.entrypoints.http_server,torch,sgl_kernel,transformers,numpy"
 
@@ -101,7 +108,8 @@ def test_launcher_execs_the_base_sglang(images: dict[str, str]) -> None:
     script = ("from ets.engine.launcher import LaunchConfig, build_command; import subprocess, sys\n"
               "argv = build_command(LaunchConfig(model_path='/models/x', device='cpu')).argv\n"
               "print(argv[0]); sys.exit(subprocess.run(argv[:3] + ['--help'], capture_output=True).returncode)")
-    res = podman("run", "--rm", "--read-only", "--entrypoint", "python", images["policy"], "-c", script, check=False)
+    res = podman("run", "--rm", *RUN_AS_DEPLOYED, "--entrypoint", "python", images["policy"], "-c", script,
+                 check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == f"{BASE_ENV}/bin/python"
 
@@ -115,7 +123,8 @@ def test_no_base_package_replaced_and_one_torch(images: dict[str, str]) -> None:
                    and got.get(p) != v}
         assert not changed, (name, changed)
         assert got["torch"] == base["torch"] and got["transformers"] == base["transformers"]
-        dists = podman("run", "--rm", "--entrypoint", "/bin/sh", image, "-c",
+        # As root: uid 10001 cannot read every folder, and a find that fails would hide a torch.
+        dists = podman("run", "--rm", "--user", "0", "--entrypoint", "/bin/sh", image, "-c",
                        "find / -xdev -name 'torch-*.dist-info' -path '*-packages/*' 2>/dev/null; "
                        "find / -xdev -name 'nvidia_*.dist-info' -path '*-packages/*' 2>/dev/null").stdout.split()
         assert dists == [f"{BASE_ENV}/lib/python3.11/site-packages/torch-{base['torch']}.dist-info"], (name, dists)
@@ -142,8 +151,8 @@ def test_reward_server_starts_in_the_gpu_layout(images: dict[str, str]) -> None:
              "exec ets reward-serve")
     env = ["-e", "ETS_DEVICE=cpu", "-e", "ETS_PRM_BACKEND=transformers", "-e", "ETS_PRM_TYPE=math-shepherd",
            "-e", "ETS_PRM_MODEL=/models/tiny-prm", "-e", "ETS_EMBEDDER_MODEL=", "-e", "HF_HUB_OFFLINE=1"]
-    podman("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp:exec,mode=1777", "--tmpfs", "/models:mode=1777",
-           "--network", "none", *env, "--entrypoint", "/bin/sh", images["reward"], "-c", setup)
+    podman("run", "-d", "--name", name, *RUN_AS_DEPLOYED, "--network", "none", *env, "--entrypoint", "/bin/sh",
+           images["reward"], "-c", setup)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
