@@ -21,7 +21,7 @@ from ets.config import SearchConfig
 from ets.search.answers import group_by_string, select_answer, vote_decided
 from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
 from ets.search.loop import Root, Trajectory, run_search
-from ets.testing.upstreams import PROMPT, ScriptedPolicy, Spec, TableScorer
+from ets.testing.upstreams import EARLY_STOP_SCRIPT, PROMPT, ScriptedPolicy, TableScorer
 
 VOTINGS = ("weighted_majority", "majority", "best")
 _T = TypeVar("_T")
@@ -127,22 +127,15 @@ def cfg(**kw: object) -> SearchConfig:
     return SearchConfig(**base)  # type: ignore[arg-type]
 
 
-# Width 6. d1: three answers "8" at 0.9 and three open steps a, b, c; remaining 3. Vote 2.7 vs a
-# new answer's 3: undecided. d2: a and b give two more "8"s, c a step d; remaining 1: 4.5 > 0 + 1:
-# decided, d is never expanded (the full search finishes it as "3" at 1.0).
-SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
-    (): [("The answer is 8 ки", 5, "step")] * 3 + [("a ки", 5, "step"), ("b ки", 5, "step"), ("c ки", 5, "step")],
-    ("a ки",): [("The answer is 8 ки", 5, "step")],
-    ("b ки",): [("The answer is 8 ки", 5, "step")],
-    ("c ки",): [("d ки", 5, "step")],
-    ("c ки", "d ки"): [("The answer is 3 ки", 5, "step")],
-}
+# EARLY_STOP_SCRIPT, "8" at 0.9 and the open steps at 0.6: stops at depth 2 with width 1 left; the
+# full search finishes d as "3" at 1.0.
 SCORES = {"The answer is 8": 0.9, "The answer is 3": 1.0, "a": 0.6, "b": 0.6, "c": 0.6, "d": 0.6}
 
 
 async def test_loop_stops_once_decided_and_keeps_the_full_answer() -> None:
-    full = await run_search(Root("q", PROMPT), cfg(), ScriptedPolicy(SCRIPT), TableScorer(SCORES))
-    early = await run_search(Root("q", PROMPT), cfg(early_stop=True), ScriptedPolicy(SCRIPT), TableScorer(SCORES))
+    full = await run_search(Root("q", PROMPT), cfg(), ScriptedPolicy(EARLY_STOP_SCRIPT), TableScorer(SCORES))
+    early = await run_search(Root("q", PROMPT), cfg(early_stop=True), ScriptedPolicy(EARLY_STOP_SCRIPT),
+                             TableScorer(SCORES))
     assert not full.stats.stopped_early and full.stats.width_left == 0
     assert early.stats.stopped_early and early.stats.width_left == 1
     assert early.stats.depth_reached == 2 < full.stats.depth_reached == 3
@@ -160,7 +153,8 @@ async def test_loop_does_not_stop_while_a_tie_is_possible() -> None:
     # answer's 1.0, whose best (1.0) would beat 0.2 in the tie: undecided, the search runs to the end.
     for score, stops in ((0.5, True), (0.2, False)):
         table = {**SCORES, "The answer is 8": score}
-        early = await run_search(Root("q", PROMPT), cfg(early_stop=True), ScriptedPolicy(SCRIPT), TableScorer(table))
+        early = await run_search(Root("q", PROMPT), cfg(early_stop=True), ScriptedPolicy(EARLY_STOP_SCRIPT),
+                                 TableScorer(table))
         assert early.stats.stopped_early is stops, score
     # Off by default.
     assert SearchConfig().early_stop is False

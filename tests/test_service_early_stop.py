@@ -3,7 +3,7 @@ the response says it stopped and with how much width, the vote is in the respons
 count it. In-process server over scripted upstreams (the guarantee itself: test_search_early_stop)."""
 from __future__ import annotations
 
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 import grpc
 import httpx
@@ -13,25 +13,19 @@ from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.client.search import build_parser, config_from_args, format_response
 from ets.service.server import SearchServer
 from ets.testing.inprocess import serving
-from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, Spec, TableScorer
+from ets.testing.upstreams import EARLY_STOP_SCRIPT, ScriptedPolicy, ScriptedUpstreams, TableScorer
 from tools import free_port
 
 PROBLEM = "What is 5 + 3?"
-# Width 6: three "8"s (0.9) and three open steps at depth 1 (undecided: 2.7 vs 3 left); depth 2
-# adds two "8"s and one step: 4.5 vs 1 left, decided; the full search would go to depth 3.
-SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
-    (): [("The answer is 8 ки", 5, "step")] * 3 + [("a ки", 5, "step"), ("b ки", 5, "step"), ("c ки", 5, "step")],
-    ("a ки",): [("The answer is 8 ки", 5, "step")],
-    ("b ки",): [("The answer is 8 ки", 5, "step")],
-    ("c ки",): [("d ки", 5, "step")],
-    ("c ки", "d ки"): [("The answer is 3 ки", 5, "step")],
-}
+# EARLY_STOP_SCRIPT at width 6: three "8"s (0.9) and three open steps at depth 1 (undecided: 2.7
+# vs 3 left); depth 2 adds two "8"s and one step: 4.5 vs 1 left, decided; the full search would go
+# to depth 3.
 SCORES = {"The answer is 8": 0.9, "The answer is 3": 1.0}
 
 
 @pytest.fixture()
 async def server() -> AsyncIterator[SearchServer]:
-    upstreams = ScriptedUpstreams(ScriptedPolicy(SCRIPT), TableScorer(SCORES))
+    upstreams = ScriptedUpstreams(ScriptedPolicy(EARLY_STOP_SCRIPT), TableScorer(SCORES))
     async with serving(upstreams, openai_port=free_port()) as srv:
         yield srv
 

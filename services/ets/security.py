@@ -51,6 +51,16 @@ def read_token(path: str, setting: str) -> str:
     return token
 
 
+def _check_readable(env_prefix: str, files: Sequence[tuple[str, str]], token_file: str) -> None:
+    """Read each configured (setting suffix, path) and the token file, so that a missing or empty
+    one fails at startup naming its env var (``env_prefix`` + suffix); "" paths are off."""
+    for suffix, path in files:
+        if path:
+            _read(path, f"{env_prefix}{suffix}")
+    if token_file:
+        read_token(token_file, f"{env_prefix}AUTH_TOKEN_FILE")
+
+
 def bearer_ok(header: str | None, token: str) -> bool:
     """Whether ``header`` (an ``authorization`` value) is ``Bearer <token>``; constant-time in the
     token so its content cannot be guessed byte by byte from response times."""
@@ -82,12 +92,8 @@ class ServerSecurity:
         if self.client_ca_file and not self.cert_file:
             raise FieldError(self._name("TLS_CLIENT_CA_FILE"),
                              f"client certificates need server TLS ({self._name('TLS_CERT_FILE')})")
-        for suffix, path in (("TLS_CERT_FILE", self.cert_file), ("TLS_KEY_FILE", self.key_file),
-                             ("TLS_CLIENT_CA_FILE", self.client_ca_file)):
-            if path:
-                _read(path, self._name(suffix))
-        if self.token_file:
-            read_token(self.token_file, self._name("AUTH_TOKEN_FILE"))
+        _check_readable(self.env_prefix, (("TLS_CERT_FILE", self.cert_file), ("TLS_KEY_FILE", self.key_file),
+                                          ("TLS_CLIENT_CA_FILE", self.client_ca_file)), self.token_file)
 
     @property
     def tls(self) -> bool:
@@ -202,12 +208,8 @@ class ClientSecurity:
         if bool(self.cert_file) != bool(self.key_file):
             missing = "TLS_CLIENT_KEY_FILE" if self.cert_file else "TLS_CLIENT_CERT_FILE"
             raise FieldError(self._name(missing), "a client certificate needs both the certificate and its key")
-        for suffix, path in (("TLS_CA_FILE", self.ca_file), ("TLS_CLIENT_CERT_FILE", self.cert_file),
-                             ("TLS_CLIENT_KEY_FILE", self.key_file)):
-            if path:
-                _read(path, self._name(suffix))
-        if self.token_file:
-            read_token(self.token_file, self._name("AUTH_TOKEN_FILE"))
+        _check_readable(self.env_prefix, (("TLS_CA_FILE", self.ca_file), ("TLS_CLIENT_CERT_FILE", self.cert_file),
+                                          ("TLS_CLIENT_KEY_FILE", self.key_file)), self.token_file)
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:

@@ -24,6 +24,7 @@ import aiohttp
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerProcess, local_url
 from ets.engine.procfs import PortInUseError, check_port_free
+from ets.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,7 @@ class EngineSupervisor:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            # Its outcome (cancelled, or an error already reported) is not this caller's.
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         if self.process is not None:
             await self.process.stop_async()
         if self._session is not None:

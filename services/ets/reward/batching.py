@@ -12,6 +12,8 @@ import concurrent.futures
 from dataclasses import dataclass
 from typing import Callable, Generic, Sequence, TypeVar
 
+from ets.tasks import cancel_and_wait
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -82,8 +84,5 @@ class MicroBatcher(Generic[Item, Result]):
                 offset += n
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # Its outcome (cancelled, or an error already reported) is not this caller's.
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -31,6 +31,7 @@ from ets.reward.backends import BackendUnavailable, PrmBackend
 from ets.reward.metrics import RewardMetrics
 from ets.reward.settings import RewardServerConfig, build_backend
 from ets.security import add_port
+from ets.tasks import cancel_and_wait
 
 log = logging.getLogger("ets.reward")
 
@@ -250,10 +251,7 @@ class RewardServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
-        if self._backend_task is not None and not self._backend_task.done():
-            self._backend_task.cancel()
-            # Its outcome (cancelled, or an error already reported) is not this caller's.
-            await asyncio.gather(self._backend_task, return_exceptions=True)
+        await cancel_and_wait(self._backend_task)
         if self.backend is not None:
             await self.backend.close()
         if self.embedder is not None:

@@ -13,6 +13,7 @@ import time
 from typing import Awaitable, Callable
 
 from ets.service.metrics import SearchMetrics
+from ets.tasks import cancel_and_wait
 
 log = logging.getLogger("ets.service")
 
@@ -78,10 +79,8 @@ class Readiness:
         self._monitor = asyncio.create_task(self._watch(), name="ets-upstream-monitor")
 
     async def stop(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
-            self._monitor = None
+        await cancel_and_wait(self._monitor)
+        self._monitor = None
 
     async def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -36,6 +36,19 @@ STEP_BASE = 1000  # first token of every step: STEP_BASE + index into the policy
 Spec = tuple[str, int, str]
 _FINISHES = frozenset(get_args(StepFinish))
 
+# A tree on which the exact early stop decides before the end (test_search_early_stop: the loop;
+# test_service_early_stop: through the service). Width 6. d1: three answers "8" and three open
+# steps a, b, c; remaining 3: undecided (with "8" at 0.9: 2.7 vs a new answer's 3). d2: a and b
+# give two more "8"s, c a step d; remaining 1: 4.5 > 0 + 1: decided, d is never expanded (the
+# full search finishes it as "3" at depth 3).
+EARLY_STOP_SCRIPT: dict[tuple[str, ...], Sequence[Spec]] = {
+    (): [("The answer is 8 ки", 5, "step")] * 3 + [("a ки", 5, "step"), ("b ки", 5, "step"), ("c ки", 5, "step")],
+    ("a ки",): [("The answer is 8 ки", 5, "step")],
+    ("b ки",): [("The answer is 8 ки", 5, "step")],
+    ("c ки",): [("d ки", 5, "step")],
+    ("c ки", "d ки"): [("The answer is 3 ки", 5, "step")],
+}
+
 
 class ScriptedPolicy:
     """Expands a node from a script keyed by its path of step texts; unknown paths get a default

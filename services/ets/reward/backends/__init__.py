@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from ets.engine.supervisor import EngineUnavailable
-from ets.reward.adapters import EncodedTrajectory, PrmAdapter
+from ets.reward.adapters import EncodedTrajectory, PrmAdapter, PrmOptions, make_adapter
 
 BACKENDS: tuple[str, ...] = ("sglang", "transformers", "rules")
 
@@ -86,6 +86,18 @@ def check_model_ref(model_path: str) -> None:
     local = model_path.startswith(("/", ".", "~")) or model_path.count("/") != 1
     if local and not Path(model_path).expanduser().is_dir():
         raise AdapterError("ETS_PRM_MODEL", f"model folder {model_path!r} does not exist")
+
+
+def load_tokenizer(model_path: str, prm_type: str, options: PrmOptions | None) -> tuple[Any, PrmAdapter, int]:
+    """What both model backends load first: the PRM's tokenizer (after ``check_model_ref``), the
+    adapter of ``prm_type`` over it, and the tokenizer's input limit (4096 when it states none;
+    each backend lowers it to the model's ``max_position_embeddings``)."""
+    from transformers import AutoTokenizer
+
+    check_model_ref(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    adapter = make_adapter(prm_type, tokenizer, options)
+    return tokenizer, adapter, int(getattr(tokenizer, "model_max_length", 4096) or 4096)
 
 
 def sigmoid(x: float) -> float:

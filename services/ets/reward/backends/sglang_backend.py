@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from ets.engine.supervisor import EngineSupervisor
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import ScoreOutcome, check_model_ref, pair_score, sigmoid
+from ets.reward.backends import ScoreOutcome, load_tokenizer, pair_score, sigmoid
 
 SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
@@ -70,8 +70,6 @@ class SglangBackend:
     def __init__(self, model_path: str, prm_type: str, supervisor: EngineSupervisor, *,
                  options: PrmOptions | None = None, request_timeout_s: float = 120.0,
                  reuse_prefix: bool = True) -> None:
-        from transformers import AutoTokenizer
-
         if prm_type not in SGLANG_TYPES:
             if prm_type == "qwen-prm":
                 raise AdapterError(
@@ -80,7 +78,7 @@ class SglangBackend:
                 )
             make_adapter(prm_type, None)  # raises the unknown-type error naming ETS_PRM_TYPE
         # The tokenizer is loaded here even when attaching by ETS_PRM_URL: scoring sends token ids.
-        check_model_ref(model_path)
+        self.tokenizer, self.adapter, self.max_tokens = load_tokenizer(model_path, prm_type, options)
         self.model_path = model_path
         self.prm_type = prm_type
         self.supervisor = supervisor
@@ -88,9 +86,6 @@ class SglangBackend:
         # False = logprob_start_len 0 (every call recomputes the whole prompt): the naive way,
         # kept for bench/reward_scoring.py's comparison.
         self.reuse_prefix = reuse_prefix
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.adapter = make_adapter(prm_type, self.tokenizer, options)
-        self.max_tokens = int(getattr(self.tokenizer, "model_max_length", 4096) or 4096)
         try:
             from transformers import AutoConfig
 

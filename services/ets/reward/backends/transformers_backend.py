@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-from ets.reward.adapters import EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import InProcessHealth, ScoreOutcome, check_model_ref
+from ets.reward.adapters import EncodedTrajectory, PrmOptions
+from ets.reward.backends import InProcessHealth, ScoreOutcome, load_tokenizer
 from ets.reward.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -27,18 +27,13 @@ class TransformersBackend(InProcessHealth):
                  device: str = "cpu", dtype: str = "auto", max_batch_items: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  on_batch: Callable[[int], None] | None = None) -> None:
-        from transformers import AutoTokenizer
-
-        check_model_ref(model_path)
+        self.tokenizer, self.adapter, self.max_tokens = load_tokenizer(model_path, prm_type, options)
         self.model_path = model_path
         self.prm_type = prm_type
         self.device = device
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.adapter = make_adapter(prm_type, self.tokenizer, options)
         self.model: Any = None
-        self.max_tokens = int(getattr(self.tokenizer, "model_max_length", 4096) or 4096)
         self._batcher: MicroBatcher[tuple[EncodedTrajectory, bool], list[float]] = MicroBatcher(
             self._score_sync, max_items=max_batch_items, name="prm-transformers", on_batch=on_batch
         )
