@@ -1,7 +1,8 @@
 """The KV the engine holds: SGLang's prefix reuse per request against the sharable prefix (issue 15, section 4).
 
     python bench/prefix_reuse.py --policy-url URL --reward-addr HOST:PORT [--methods ets,rebase,beam,dvts]
-        [--width 16] [--problems 3] [--concurrency 1] [--out bench/results/prefix_reuse.json]
+        [--width 16] [--problems 3] [--concurrency 1] [--prefill-min-shared 2] [--out bench/results/prefix_reuse.json]
+    python bench/prefix_reuse.py ... --fanout-ab REPS [--fanout-tokens 1]     # the root fan-out alone, prefill off/on
 
 Runs the search core in-process (``ets.search.loop.run_search``, the service's own generator and
 reward client) against a live policy engine and reward server, and records every engine request
@@ -243,6 +244,45 @@ async def run(args: argparse.Namespace, report: dict[str, Any], out: Path) -> No
         await reward.close()
 
 
+async def fanout_ab(args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    """Where the prefill pays: the root fan-out alone (``--width`` samples of each problem's root,
+    ``--fanout-tokens`` new tokens each), prefill off and on in alternating order, the policy's
+    cache flushed before each; wall time of the whole expand and cached prompt tokens."""
+    from ets.evaluation.evaluate import load_dataset
+    from ets.search.interfaces import ExpandRequest, StepParams
+
+    problems = load_dataset(args.data, limit=args.problems)
+    rows = report.setdefault("fanout_ab", [])
+    async with RecordingClient(args.policy_url) as client:
+        for rep in range(args.fanout_ab):
+            for problem in problems:
+                root = await tokenize_root(client, problem.problem, args.policy_model_type)
+                modes = (0, PREFILL_MIN_SHARED) if rep % 2 == 0 else (PREFILL_MIN_SHARED, 0)
+                for mode in modes:
+                    await asyncio.to_thread(load_bench.flush_policy_cache, args.policy_url)
+                    gen = SGLangStepGenerator(client, args.policy_model_type, prefill_min_shared=mode)
+                    t0 = time.perf_counter()
+                    [steps] = await gen.expand([ExpandRequest(root.prompt_ids, args.width)],
+                                               StepParams(args.fanout_tokens, 0.7))
+                    wall = time.perf_counter() - t0
+                    rows.append({"rep": rep, "problem": problem.id, "prefill": bool(mode), "wall_s": wall,
+                                 "root_tokens": len(root.prompt_ids), "width": args.width,
+                                 "new_tokens": args.fanout_tokens,
+                                 "prompt_tokens": sum(x.prompt_tokens for x in steps),
+                                 "cached_tokens": sum(x.cached_tokens for x in steps)})
+                    print(f"fanout: {problem.id} prefill {'on ' if mode else 'off'} {wall:.3f}s "
+                          f"cached {rows[-1]['cached_tokens']}/{rows[-1]['prompt_tokens']}", file=sys.stderr,
+                          flush=True)
+                    out.write_text(json.dumps(report, indent=1))
+    summary = {}
+    for mode in (False, True):
+        rs = [r for r in rows if r["prefill"] is mode]
+        summary["on" if mode else "off"] = {
+            "n": len(rs), "median_wall_s": statistics.median(r["wall_s"] for r in rs),
+            "cached_tokens": sum(r["cached_tokens"] for r in rs), "prompt_tokens": sum(r["prompt_tokens"] for r in rs)}
+    report["fanout_ab_summary"] = summary
+
+
 def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
     return statistics.fmean(vals) if vals else None
@@ -314,11 +354,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prefill-min-shared", type=int, default=PREFILL_MIN_SHARED,
                    help="the generator's prefill-first threshold (0: off, the control)")
     p.add_argument("--out", default="bench/results/prefix_reuse.json")
+    p.add_argument("--fanout-ab", type=int, default=0, metavar="REPS",
+                   help="instead of searches: time the root fan-out with the prefill off and on, REPS rounds "
+                        "(added to --out's report)")
+    p.add_argument("--fanout-tokens", type=int, default=1, help="new tokens per sample in --fanout-ab")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"command": "python bench/prefix_reuse.py " + " ".join(argv),
                               "load_average_start": load_bench.load_average(), "searches": []}
+    if args.fanout_ab:
+        report = json.loads(out.read_text()) if out.exists() else report
+        report["fanout_command"] = "python bench/prefix_reuse.py " + " ".join(argv)
+        report["fanout_load_average_start"] = load_bench.load_average()
+        asyncio.run(fanout_ab(args, report, out))
+        report["fanout_load_average_end"] = load_bench.load_average()
+        out.write_text(json.dumps(report, indent=1))
+        print(json.dumps(report["fanout_ab_summary"], indent=1))
+        return 0
     asyncio.run(run(args, report, out))
     report["load_average_end"] = load_bench.load_average()
     report["summary"] = summarise(report["searches"])
