@@ -19,11 +19,18 @@ defers in-batch duplicates of an uncached prefix until the first is cached). So 
 serve every sharable token from cache; ``cached / sharable`` is how much of that it did, and
 ``sharable / prompt`` is the ceiling of the usual "cached / prompt" ratio.
 
+The search's generator is the service's own, prefill-first rule included (``--prefill-min-shared``,
+``ets.policy.generator``; 0 turns it off for the control): its prefill-only requests are recorded
+like any other (no output ids; they put their whole prompt in the engine), and their prompt tokens
+count in every ratio.
+
 The policy's cache is flushed before each search (``--concurrency 1``: one search at a time, so the
 figures are the search's own); with ``--concurrency K`` K searches of different problems run at
 once, as ``ets eval --concurrency`` runs them, and share the engine's pool. During each search
-the engine's KV pool is sampled (``sglang:kv_used_tokens``: held by running requests;
-``kv_evictable_tokens``: cached, unreferenced) next to the search's logical KV peak.
+the engine's KV pool is sampled every 0.3 s from its /metrics (``sglang:kv_used_tokens``: held by
+running requests; ``kv_evictable_tokens``: cached, unreferenced; ``token_usage``; SGLang updates
+these gauges when the scheduler logs stats: every prefill batch and every ``decode_log_interval``
+decode steps) and reported as peak and time-mean next to the search's logical KV peak and total.
 """
 from __future__ import annotations
 
