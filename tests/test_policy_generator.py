@@ -1,6 +1,7 @@
 """SGLangStepGenerator against a real SGLang CPU server: one batched call per depth with a
-different n per node, finish mapping, token-exact children, accounting equal to the engine's
-own counters, and root tokenization per policy model type."""
+different n per node (after one prefill-only call for unseen shared prefixes), finish mapping,
+token-exact children, the root fan-out cached by its prefill, accounting equal to the engine's
+own counters (prefill included), and root tokenization per policy model type."""
 from __future__ import annotations
 
 import asyncio
@@ -63,7 +64,9 @@ async def test_one_call_per_depth_with_per_node_n_and_step_finish(client: Counti
     requests = [ExpandRequest(a, 3), ExpandRequest(b, 0), ExpandRequest(root.prompt_ids, 1),
                 ExpandRequest(b, 2, max_new_tokens=64)]
     out = await gen.expand(requests, StepParams(max_new_tokens=64, temperature=1.0))
-    assert client.calls == 1
+    # One prefill-only call for the two unseen prefixes several samples share (a: 3, b: 2), then
+    # one batched call for all samples.
+    assert client.calls == 2
     assert [len(x) for x in out] == [3, 0, 1, 2]
     steps = [s for x in out for s in x]
     assert any(s.finish == "step" for s in steps)
@@ -71,8 +74,10 @@ async def test_one_call_per_depth_with_per_node_n_and_step_finish(client: Counti
         if s.finish == "step":
             assert s.token_ids[-1] == tag_id and s.text.endswith(TAG)
         assert s.finish in ("step", "eos", "length")
-    assert [s.prompt_tokens for s in out[0]] == [len(a)] * 3
-    assert [s.prompt_tokens for s in out[3]] == [len(b)] * 2
+    # The prefill's prompt tokens are counted on the first sample of its prefix.
+    assert [s.prompt_tokens for s in out[0]] == [2 * len(a)] + [len(a)] * 2
+    assert [s.prompt_tokens for s in out[3]] == [2 * len(b), len(b)]
+    assert [s.prompt_tokens for s in out[2]] == [len(root.prompt_ids)]
     assert await gen.expand([], StepParams(8, 1.0)) == []
 
 
@@ -96,6 +101,31 @@ async def test_children_continue_token_exact_from_cache(client: CountingClient) 
     for c in children:
         assert c.prompt_tokens == len(child_prefix)
         assert c.cached_tokens >= len(child_prefix) - 1
+
+
+async def test_root_fan_out_finds_the_prefilled_root_cached(client: CountingClient) -> None:
+    # Without the prefill the engine prefills identical uncached prompts of one batch together:
+    # the control shows at least one sample of the fan-out missing the shared root.
+    params = StepParams(4, 1.0)
+    for prefill, question in ((0, "Fan-out control"), (2, "Fan-out prefilled")):
+        gen = SGLangStepGenerator(client, "math-shepherd", prefill_min_shared=prefill)
+        root = await tokenize_root(client, question + " " + " ".join(map(str, range(600, 660))), "math-shepherd")
+        calls = client.calls
+        [fan] = await gen.expand([ExpandRequest(root.prompt_ids, 4)], params)
+        n = len(root.prompt_ids)
+        if prefill:
+            assert client.calls == calls + 2
+            # Every sample found the root cached but the last token; the first also carries the
+            # prefill request's own n prompt tokens (and whatever of them the engine already had).
+            assert [(s.prompt_tokens, s.cached_tokens) for s in fan[1:]] == [(n, n - 1)] * 3
+            assert fan[0].prompt_tokens == 2 * n and n - 1 <= fan[0].cached_tokens < 2 * n - 1
+        else:
+            assert client.calls == calls + 1
+            assert min(s.cached_tokens for s in fan) < n - 1
+        # The next depth's children are the generator's own: no prefill call before them.
+        calls = client.calls
+        await gen.expand([ExpandRequest(list(root.prompt_ids) + list(s.token_ids), 2) for s in fan], params)
+        assert client.calls == calls + 1
 
 
 async def test_accounting_sums_equal_the_engine_counters(client: CountingClient) -> None:

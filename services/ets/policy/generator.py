@@ -19,16 +19,64 @@ is ``parent ids + token_ids``. Caveat (observed on 0.5.23): when a stop string e
 token, ``text`` stops at the end of the stop string while ``token_ids`` hold the whole token;
 the few characters after the delimiter (whitespace for "\\n\\n" tokenizers; never for math-shepherd's
 single-token "ки") are in the ids, not in any step's text.
+
+Prefill first (issue 15 section 4): the lpm scheduler's in-batch deferral does not save a prompt
+the engine has never seen. Measured on 0.5.23 (docs/benchmarks.md, "Engine prefix reuse"): the 16
+identical root prompts of a width-16 fan-out were prefilled together and 15 of them got no cached
+tokens, the only misses of whole searches. So before a call in which several samples share a
+prefix that this generator did not itself produce in its previous call (the root; any node it
+did not sample, e.g. one replayed from a sample store), it sends that prefix once as a
+prefill-only request (``max_new_tokens`` 0: SGLang's ``is_prefill_only`` skips sampling and caches
+the prompt's KV; SGLang's own ``n > 1`` warmup does the same) and awaits it, so the batch finds it
+cached. A child of a node sampled in the previous call needs none: the engine already holds its
+prefix but the last token. The prefill request's ``prompt_tokens`` / ``cached_tokens`` are added
+to the first sample of that prefix, so sums over samples still equal the engine's counters.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import replace
+from typing import Iterable, Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
 from ets.policy.model_types import PolicyModelType, policy_model_type
 from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
 
 _FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "length"}
+
+# Samples that must share an unseen prefix in one call before it is prefilled first: one sample
+# alone gains nothing from a warm cache and would pay an extra round trip.
+PREFILL_MIN_SHARED = 2
+
+
+def prefixes_to_prefill(requests: Sequence[ExpandRequest], produced: Iterable[tuple[int, ...]],
+                        min_shared: int = PREFILL_MIN_SHARED) -> list[tuple[int, ...]]:
+    """The prefixes of ``requests`` to send prefill-only before their batch, in first-seen order:
+    each one that ``min_shared`` or more samples of the call share (summed over requests with the
+    same prefix) and that is not in ``produced`` (prefixes whose KV the engine already holds but
+    the last token: parent ids + sampled ids of this generator's previous call).
+    ``min_shared`` < 1 turns prefilling off."""
+    if min_shared < 1:
+        return []
+    known = produced if isinstance(produced, (set, frozenset)) else set(produced)
+    shared: dict[tuple[int, ...], int] = {}
+    for r in requests:
+        if r.n > 0:
+            key = tuple(r.prefix_ids)
+            shared[key] = shared.get(key, 0) + r.n
+    return [k for k, n in shared.items() if n >= min_shared and k not in known and len(k) > 1]
+
+
+def fold_prefill(out: list[list[SampledStep]], requests: Sequence[ExpandRequest],
+                 prefilled: Mapping[tuple[int, ...], Sample]) -> list[list[SampledStep]]:
+    """Add each prefill request's engine accounting to the first sample of its prefix (in place),
+    so that the samples' ``prompt_tokens`` / ``cached_tokens`` still sum to the engine's counts."""
+    left = dict(prefilled)
+    for r, steps in zip(requests, out, strict=True):
+        warm = left.pop(tuple(r.prefix_ids), None) if steps else None
+        if warm is not None:
+            steps[0] = replace(steps[0], prompt_tokens=steps[0].prompt_tokens + warm.prompt_tokens,
+                               cached_tokens=steps[0].cached_tokens + warm.cached_tokens)
+    return out
 
 
 class SGLangStepGenerator:
@@ -44,9 +92,12 @@ class SGLangStepGenerator:
         stop_token_ids: Sequence[int] = (),
         top_p: float | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        prefill_min_shared: int = PREFILL_MIN_SHARED,
     ) -> None:
         """``model_type`` is a ``PolicyModelType`` or its registered name; explicit ``stop`` /
-        ``no_stop_trim`` override it (or stand in for it)."""
+        ``no_stop_trim`` override it (or stand in for it). ``prefill_min_shared``: samples of one
+        call that must share an unseen prefix before it is prefilled first (module docstring;
+        0 turns it off)."""
         mt = policy_model_type(model_type) if isinstance(model_type, str) else model_type
         self.client = client
         self.model_type = mt
@@ -59,6 +110,10 @@ class SGLangStepGenerator:
         self.stop_token_ids = tuple(stop_token_ids)
         self.top_p = top_p
         self.logit_bias = dict(logit_bias) if logit_bias else None
+        self.prefill_min_shared = prefill_min_shared
+        # Prefixes of the previous call's children (parent ids + sampled ids): the engine holds
+        # each one's KV but the last token, so their own children need no prefill.
+        self._produced: set[tuple[int, ...]] = set()
         if not self.stop and not self.stop_token_ids:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
 
@@ -82,13 +137,23 @@ class SGLangStepGenerator:
                 plist.append(self._params(r, params, k))
         if not prompts:
             return [[] for _ in requests]
+        warm = prefixes_to_prefill(requests, self._produced, self.prefill_min_shared)
+        prefilled: dict[tuple[int, ...], Sample] = {}
+        if warm:
+            got = await self.client.generate(warm, SamplingParams(max_new_tokens=0, temperature=params.temperature))
+            prefilled = {p: samples[0] for p, samples in zip(warm, got, strict=True)}
         flat = await self.client.generate(prompts, plist)
         out: list[list[SampledStep]] = []
+        produced: set[tuple[int, ...]] = set()
         i = 0
         for r in requests:
-            out.append([to_step(flat[i + k][0]) for k in range(r.n)])
+            steps = [to_step(flat[i + k][0]) for k in range(r.n)]
+            prefix = tuple(r.prefix_ids)
+            produced.update(prefix + s.token_ids for s in steps)
+            out.append(steps)
             i += r.n
-        return out
+        self._produced = produced
+        return fold_prefill(out, requests, prefilled)
 
 
 def to_step(sample: Sample) -> SampledStep:
