@@ -69,7 +69,8 @@ from ets.client.search import (
     security_from_args,
 )
 
-SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost")
+SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost", "early_stop")
+_BOOLS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
 class DatasetError(ValueError):
@@ -137,16 +138,23 @@ class RunSpec:
 
 
 def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
-    """``["lambda_c=1,2", "cluster_distance=0.1,0.3"]`` -> {field: values}; names the bad item."""
+    """``["lambda_c=1,2", "cluster_distance=0.1,0.3"]`` -> {field: values}; names the bad item.
+    ``METHOD:FIELD=...`` sweeps that method instead of ``--sweep-method`` (key ``METHOD:FIELD``);
+    ``early_stop`` takes booleans (0/1, false/true, off/on)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
-        name, sep, raw = item.partition("=")
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        method, colon, name = key.rpartition(":")
         name = name.strip()
         if not sep or not raw.strip():
-            raise ValueError(f"--sweep {item!r}: expected FIELD=v1,v2,...")
+            raise ValueError(f"--sweep {item!r}: expected [METHOD:]FIELD=v1,v2,...")
+        if colon and not method.strip():
+            raise ValueError(f"--sweep {item!r}: empty method before ':'")
         if name not in SWEEPABLE:
             raise ValueError(f"--sweep {item!r}: field {name!r} is not sweepable; one of {list(SWEEPABLE)}")
-        if name in grid:
+        key = f"{method.strip()}:{name}" if colon else name
+        if key in grid:
             raise ValueError(f"--sweep {item!r}: field {name!r} given twice")
         values: list[Any] = []
         for v in raw.split(","):
@@ -156,24 +164,66 @@ def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
             if name == "node_cost":
                 values.append(v)
                 continue
+            if name == "early_stop":
+                if v.lower() not in _BOOLS:
+                    raise ValueError(f"--sweep {item!r}: early_stop value {v!r} is not a boolean (0/1, false/true)")
+                values.append(_BOOLS[v.lower()])
+                continue
             try:
                 values.append(float(v))
             except ValueError:
                 raise ValueError(f"--sweep {item!r}: {name} value {v!r} is not a number") from None
-        grid[name] = values
+        grid[key] = values
     return grid
 
 
-def plan_runs(methods: Sequence[str], widths: Sequence[int], sweep: dict[str, list[Any]] | None = None,
-              sweep_widths: Sequence[int] | None = None, sweep_method: str = "ets") -> list[RunSpec]:
-    """Every method at every width, then the sweep grid's points (Cartesian product) for
-    ``sweep_method`` at ``sweep_widths`` (default: ``widths``); duplicates dropped, order kept."""
-    runs: list[RunSpec] = [RunSpec(m, w) for w in widths for m in methods]
-    if sweep:
-        names = sorted(sweep)
-        for w in (sweep_widths or widths):
-            for values in itertools.product(*(sweep[n] for n in names)):
-                runs.append(RunSpec(sweep_method, w, tuple(zip(names, values, strict=True))))
+def parse_methods(value: str) -> list[tuple[str, int | None]]:
+    """``"ets,rebase,beam@16"`` -> [(method, only this width or None)]; names the bad item."""
+    out: list[tuple[str, int | None]] = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        method, at, width = item.partition("@")
+        if not method.strip():
+            raise ValueError(f"--methods {item!r}: empty method")
+        if not at:
+            out.append((method.strip(), None))
+            continue
+        try:
+            out.append((method.strip(), int(width)))
+        except ValueError:
+            raise ValueError(f"--methods {item!r}: width {width!r} is not an integer") from None
+    return out
+
+
+def plan_runs(methods: Sequence[str | tuple[str, int | None]], widths: Sequence[int],
+              sweep: dict[str, list[Any]] | None = None, sweep_widths: Sequence[int] | None = None,
+              sweep_method: str = "ets", defaults: dict[str, Any] | None = None) -> list[RunSpec]:
+    """Every method at every width (a ``(method, width)`` pair: at that width only), then each
+    method's sweep grid (Cartesian product of its fields; plain fields belong to ``sweep_method``,
+    ``METHOD:FIELD`` to METHOD) at ``sweep_widths`` (default: ``widths``). An override equal to
+    ``defaults`` (the base configuration) is dropped, so ``lambda_c=1`` under a default of 1 is
+    plain ``ets``; duplicates dropped, order kept."""
+    runs: list[RunSpec] = []
+    for w in widths:
+        for m in methods:
+            name, only = (m, None) if isinstance(m, str) else m
+            if only is None or only == w:
+                runs.append(RunSpec(name, w))
+    runs += [RunSpec(name, only) for m in methods if not isinstance(m, str)
+             for name, only in [m] if only is not None and only not in widths]
+    grids: dict[str, dict[str, list[Any]]] = {}
+    for key, values in (sweep or {}).items():
+        method, _, name = key.rpartition(":")
+        grids.setdefault(method or sweep_method, {})[name] = values
+    defaults = defaults or {}
+    for w in (sweep_widths or widths):
+        for method, grid in grids.items():
+            names = sorted(grid)
+            for values in itertools.product(*(grid[n] for n in names)):
+                overrides = tuple((n, v) for n, v in zip(names, values, strict=True)
+                                  if not (n in defaults and defaults[n] == v))
+                runs.append(RunSpec(method, w, overrides))
     unique: dict[RunSpec, None] = {}
     for r in runs:
         unique.setdefault(r, None)
@@ -321,10 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets eval", description="evaluate methods and widths over a JSONL dataset")
     parser.add_argument("dataset", help="JSONL file with problem/answer fields")
     parser.add_argument("--addr", default=os.environ.get("ETS_SEARCH_ADDR", DEFAULT_ADDR))
-    parser.add_argument("--methods", default="ets,rebase", help="comma-separated methods")
+    parser.add_argument("--methods", default="ets,rebase",
+                        help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16)")
     parser.add_argument("--widths", default="16", help="comma-separated widths")
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
-                        help=f"ETS setting values to sweep (repeatable; grid product); fields: {', '.join(SWEEPABLE)}")
+                        help="setting values to sweep (repeatable; grid product per method); METHOD:FIELD=... "
+                             f"sweeps METHOD instead of --sweep-method; fields: {', '.join(SWEEPABLE)}")
     parser.add_argument("--sweep-widths", default=None, help="widths of the sweep (default: --widths)")
     parser.add_argument("--sweep-method", default="ets", help="method the sweep applies to")
     parser.add_argument("--limit", type=int, default=None, help="first N problems only")
@@ -364,7 +416,11 @@ def main(argv: Sequence[str]) -> None:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     try:
-        methods, widths = _csv(args.methods, str), _csv(args.widths, int)
+        methods = parse_methods(args.methods)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        widths = _csv(args.widths, int)
         sweep_widths = _csv(args.sweep_widths, int) if args.sweep_widths else None
     except ValueError:
         parser.error("--widths and --sweep-widths must be comma-separated integers")
@@ -393,7 +449,9 @@ def main(argv: Sequence[str]) -> None:
             local_config = local_base_config(args)
         except ValueError as err:  # ConfigError names the field
             parser.error(str(err))
-    runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method)
+    # In-process, the base configuration is known: a sweep value equal to it is the plain run.
+    defaults = asdict(local_config) if local_config is not None else None
+    runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method, defaults)
     base = config_from_args(args)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
     out = Path(args.out)
@@ -406,7 +464,7 @@ def main(argv: Sequence[str]) -> None:
         jsonl.write_text("")
     meta = {
         "command": "ets eval " + " ".join(argv),
-        "dataset": str(args.dataset), "addr": args.addr, "methods": methods, "widths": widths,
+        "dataset": str(args.dataset), "addr": args.addr, "methods": args.methods, "widths": widths,
         "sweep": sweep, "sweep_widths": sweep_widths or widths, "problems": len(problems), "seed": seed,
         "concurrency": args.concurrency,
         "config_overrides": json.loads(json.dumps({k[4:]: v for k, v in vars(args).items()

@@ -80,6 +80,8 @@ class ProblemResult:
     samples_drawn: int = 0
     tree: str = ""     # digest of the finished trajectories (ets.evaluation.store.tree_digest)
     literal_n: int = 0  # finished candidates whose answer is a literal "N" (the copied instruction)
+    stopped_early: bool = False  # the exact early stop ended it (config.early_stop: vote decided)
+    width_left: int = 0          # width it left unspent then
     resolved_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +92,7 @@ class ProblemResult:
 # The search statistics a ProblemResult copies; the gRPC ``SearchStats`` and the core's have them all.
 STAT_FIELDS = ("total_kv_tokens", "peak_kv_tokens", "generated_tokens", "prompt_tokens", "cached_prompt_tokens",
                "model_calls", "selections", "depth_reached", "solver_fallbacks",
-               "selection_seconds", "policy_seconds", "reward_seconds")
+               "selection_seconds", "policy_seconds", "reward_seconds", "stopped_early", "width_left")
 
 
 def answers_match(predicted: str, reference: str) -> bool:
