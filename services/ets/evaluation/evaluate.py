@@ -46,12 +46,13 @@ from ets.evaluation.local import LocalUpstreams, run_local
 from ets.evaluation.store import SampleStore
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
-from ets.evaluation.stats import goal_line, paired_comparisons
+from ets.evaluation.stats import early_stop_comparisons, goal_line, paired_comparisons
 from ets.evaluation.report import (
     ProblemResult,
     grade,
     fmt_value,
     compare_to_rebase,
+    early_stop_markdown,
     format_table,
     markdown_table,
     paired_markdown,
@@ -210,8 +211,9 @@ def plan_runs(methods: Sequence[str | tuple[str, int | None]], widths: Sequence[
             name, only = (m, None) if isinstance(m, str) else m
             if only is None or only == w:
                 runs.append(RunSpec(name, w))
-    runs += [RunSpec(name, only) for m in methods if not isinstance(m, str)
-             for name, only in [m] if only is not None and only not in widths]
+    for m in methods:  # METHOD@W with W outside ``widths``: still run, at W
+        if not isinstance(m, str) and m[1] is not None and m[1] not in widths:
+            runs.append(RunSpec(m[0], m[1]))
     grids: dict[str, dict[str, list[Any]]] = {}
     for key, values in (sweep or {}).items():
         method, _, name = key.rpartition(":")
@@ -220,8 +222,8 @@ def plan_runs(methods: Sequence[str | tuple[str, int | None]], widths: Sequence[
     for w in (sweep_widths or widths):
         for method, grid in grids.items():
             names = sorted(grid)
-            for values in itertools.product(*(grid[n] for n in names)):
-                overrides = tuple((n, v) for n, v in zip(names, values, strict=True)
+            for point in itertools.product(*(grid[n] for n in names)):
+                overrides = tuple((n, v) for n, v in zip(names, point, strict=True)
                                   if not (n in defaults and defaults[n] == v))
                 runs.append(RunSpec(method, w, overrides))
     unique: dict[RunSpec, None] = {}
@@ -351,6 +353,7 @@ def build_report(meta: dict[str, Any], results: Sequence[ProblemResult]) -> dict
     paired = paired_comparisons(results)
     return {**meta, "summary": [asdict(s) for s in summaries],
             "paired_vs_rebase": paired, "goal": goal_line(paired),
+            "early_stop": early_stop_comparisons(results),
             "samples": {"requested": sum(r.samples_requested for r in results),
                         "drawn": sum(r.samples_drawn for r in results)},
             "ets_vs_rebase": compare_to_rebase(summaries, results),
@@ -555,6 +558,8 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
     print(format_table(summaries))
     paired = report["paired_vs_rebase"]
     table = markdown_table(summaries) + "\n\n" + paired_markdown(paired)
+    if report["early_stop"]:
+        table += "\n\n" + early_stop_markdown(report["early_stop"])
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     for c in paired:
@@ -564,6 +569,11 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
                   f"REBASE/ETS KV total {c['kv_ratio_total']:.2f}x "
                   f"({lo:.2f}-{hi:.2f}), accuracy {100 * c['accuracy_difference']:+.1f} points "
                   f"(McNemar p {c['mcnemar_p']:.2f}): {c['verdict']}")
+    for e in report["early_stop"]:
+        g = e["generated_tokens"]
+        print(f"width {e['width']} {e['label']} (n={e['problems']}): stopped early {e['stopped']}, same answer "
+              f"{e['same_answer_where_stopped']}/{e['stopped']}, generated tokens saved {g['saved']:.0f} "
+              f"({100 * g['saved_share']:.1f}%), samples drawn by the early runs {e['drawn_by_early']}")
     goal = report["goal"]
     print(f"goal line: paper's 1.8x {'met' if goal['paper_met'] else 'not met'}, "
           f"ours 2x {'met' if goal['ours_met'] else 'not met'}")
