@@ -167,14 +167,15 @@ def test_early_stop_comparison_pairs_each_setting_with_its_full_search() -> None
     rs = [_es("ets[lambda_c=5]", "a", "1", 100), _es("ets[lambda_c=5]", "b", "2", 100),
           _es("ets[early_stop=True,lambda_c=5]", "a", "1", 60, stopped=True),
           _es("ets[early_stop=True,lambda_c=5]", "b", "3", 50, stopped=True, drawn=2),
+          _es("ets[lambda_c=5]", "c", "4", 100), _es("ets[early_stop=True,lambda_c=5]", "c", "4.0", 100, stopped=True),
           _es("rebase", "a", "1", 200), _es("rebase[early_stop=True]", "a", "1", 200)]
     rows = {r["label"]: r for r in stats.early_stop_comparisons(rs)}
     assert set(rows) == {"ets[early_stop=True,lambda_c=5]", "rebase[early_stop=True]"}
     ets = rows["ets[early_stop=True,lambda_c=5]"]
-    assert ets["full_label"] == "ets[lambda_c=5]" and ets["problems"] == 2 and ets["stopped"] == 2
-    # The guarantee is checked per problem: b's answer differs, so it is listed.
-    assert ets["same_answer_where_stopped"] == 1 and ets["mismatches"] == [{"id": "b", "early": "3", "full": "2"}]
-    assert ets["generated_tokens"] == {"early": 110, "full": 200, "saved": 90, "saved_share": 0.45}
+    assert ets["full_label"] == "ets[lambda_c=5]" and ets["problems"] == 3 and ets["stopped"] == 3
+    # The guarantee is checked per problem: b's answer differs, so it is listed; c's "4.0" is "4".
+    assert ets["same_answer_where_stopped"] == 2 and ets["mismatches"] == [{"id": "b", "early": "3", "full": "2"}]
+    assert ets["generated_tokens"] == {"early": 210, "full": 300, "saved": 90, "saved_share": 0.3}
     assert ets["drawn_by_early"] == 2 and ets["width_left_mean"] == 4.0
     assert rows["rebase[early_stop=True]"]["stopped"] == 0
     assert rows["rebase[early_stop=True]"]["generated_tokens"]["saved"] == 0

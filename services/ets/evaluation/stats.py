@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ets.evaluation.report import ProblemResult, wilson_interval
+from ets.evaluation.report import ProblemResult, answers_match, wilson_interval
 
 GOAL_PAPER = 1.8
 GOAL_OURS = 2.0
@@ -208,8 +208,10 @@ def early_stop_comparisons(results: Sequence[ProblemResult]) -> list[dict[str, A
         b = {r.id: r for r in full if not r.error}
         ids = [i for i in b if i in a]
         stopped = [i for i in ids if a[i].stopped_early]
+        # The guarantee is the answer group, not its text (a later member of the group may word it
+        # differently), so equal means mathematically equivalent.
         mismatches = [{"id": i, "early": a[i].answer, "full": b[i].answer} for i in stopped
-                      if a[i].answer != b[i].answer]
+                      if a[i].answer != b[i].answer and not answers_match(a[i].answer, b[i].answer)]
 
         out.append({
             "width": width, "label": label, "full_label": full[0].label, "method": rs[0].method,
