@@ -151,8 +151,28 @@ def test_parse_sweep_and_plan_runs() -> None:
     assert len(ev.plan_runs(["ets", "ets"], [4], {"lambda_s": [0.0]})) == 2
 
 
+def test_sweeps_per_method_early_stop_and_widths_per_method() -> None:
+    grid = ev.parse_sweep(["lambda_c=1,5", "early_stop=off,on", "rebase:early_stop=0,1"])
+    assert grid == {"lambda_c": [1.0, 5.0], "early_stop": [False, True], "rebase:early_stop": [False, True]}
+    methods = ev.parse_methods("ets,rebase,beam@16")
+    assert methods == [("ets", None), ("rebase", None), ("beam", 16)]
+    # Overrides equal to the base configuration are dropped: lambda_c=1 / early_stop=False is plain
+    # "ets", so the grid adds three ETS rows and one REBASE row per width, not duplicates.
+    runs = ev.plan_runs(methods, [8, 16], grid, [16], defaults={"lambda_c": 1.0, "early_stop": False})
+    assert [(r.label, r.width) for r in runs] == [
+        ("ets", 8), ("rebase", 8), ("ets", 16), ("rebase", 16), ("beam", 16),
+        ("ets[lambda_c=5]", 16), ("ets[early_stop=True]", 16), ("ets[early_stop=True,lambda_c=5]", 16),
+        ("rebase[early_stop=True]", 16)]
+    # A METHOD@W outside --widths still runs at W.
+    assert [(r.label, r.width) for r in ev.plan_runs([("best_of_n", 32)], [8])] == [("best_of_n", 32)]
+    with pytest.raises(ValueError, match="width 'x' is not an integer"):
+        ev.parse_methods("beam@x")
+
+
 @pytest.mark.parametrize("item, message", [
-    ("lambda_c", "expected FIELD=v1,v2"),
+    ("lambda_c", r"expected \[METHOD:\]FIELD=v1,v2"),
+    (":lambda_c=1", "empty method"),
+    ("early_stop=1,maybe", "early_stop value 'maybe' is not a boolean"),
     ("width=4,8", "field 'width' is not sweepable"),
     ("lambda_c=1,x", "lambda_c value 'x' is not a number"),
 ])

@@ -149,3 +149,41 @@ def test_paired_comparison_goal_line() -> None:
     assert "accuracy -40.0 points" in by["ets[lambda_c=5]"]["verdict"]
     goal = stats.goal_line(list(by.values()))
     assert goal["ours_met"] and goal["ours"] == [(16, "ets")]
+
+
+def _es(label: str, pid: str, answer: str, tokens: int, *, stopped: bool = False, drawn: int = 0) -> ProblemResult:
+    method, _, rest = label.partition("[")
+    overrides: dict[str, object] = {}
+    for part in rest.rstrip("]").split(",") if rest else []:
+        k, v = part.split("=")
+        overrides[k] = True if v == "True" else float(v)
+    return ProblemResult(id=pid, label=label, method=method, width=16, reference="1", answer=answer,
+                         correct=answer == "1", total_kv_tokens=tokens * 2, peak_kv_tokens=tokens,
+                         generated_tokens=tokens, samples_requested=tokens // 10, samples_drawn=drawn,
+                         overrides=overrides, stopped_early=stopped, width_left=4 if stopped else 0)
+
+
+def test_early_stop_comparison_pairs_each_setting_with_its_full_search() -> None:
+    rs = [_es("ets[lambda_c=5]", "a", "1", 100), _es("ets[lambda_c=5]", "b", "2", 100),
+          _es("ets[early_stop=True,lambda_c=5]", "a", "1", 60, stopped=True),
+          _es("ets[early_stop=True,lambda_c=5]", "b", "3", 50, stopped=True, drawn=2),
+          _es("ets[lambda_c=5]", "c", "4", 100), _es("ets[early_stop=True,lambda_c=5]", "c", "4.0", 100, stopped=True),
+          _es("rebase", "a", "1", 200), _es("rebase[early_stop=True]", "a", "1", 200)]
+    rows = {r["label"]: r for r in stats.early_stop_comparisons(rs)}
+    assert set(rows) == {"ets[early_stop=True,lambda_c=5]", "rebase[early_stop=True]"}
+    ets = rows["ets[early_stop=True,lambda_c=5]"]
+    assert ets["full_label"] == "ets[lambda_c=5]" and ets["problems"] == 3 and ets["stopped"] == 3
+    # The guarantee is checked per problem: b's answer differs, so it is listed; c's "4.0" is "4".
+    assert ets["same_answer_where_stopped"] == 2 and ets["mismatches"] == [{"id": "b", "early": "3", "full": "2"}]
+    assert ets["generated_tokens"] == {"early": 210, "full": 300, "saved": 90, "saved_share": 0.3}
+    assert ets["drawn_by_early"] == 2 and ets["width_left_mean"] == 4.0
+    assert rows["rebase[early_stop=True]"]["stopped"] == 0
+    assert rows["rebase[early_stop=True]"]["generated_tokens"]["saved"] == 0
+    # The paired KV table compares an early-stopped ETS with the early-stopped REBASE.
+    by = {c["label"]: c for c in stats.paired_comparisons(rs)}
+    assert by["ets[lambda_c=5]"]["reference"] == "rebase"
+    assert by["ets[early_stop=True,lambda_c=5]"]["problems"] == 1  # the early-stopped REBASE ran "a" only
+    rs.append(_es("rebase[early_stop=True]", "b", "2", 200))
+    by = {c["label"]: c for c in stats.paired_comparisons(rs)}
+    assert by["ets[early_stop=True,lambda_c=5]"]["reference"] == "rebase[early_stop=True]"
+    assert by["ets[early_stop=True,lambda_c=5]"]["problems"] == 2

@@ -1,6 +1,7 @@
-"""Generate one- and two-step arithmetic word problems with computed answers (seeded).
+"""Generate arithmetic word problems with computed answers (seeded): one- and two-step, or chains.
 
     python bench/data/make_arith.py --seed 0 --count 100 --out bench/data/arith_easy.jsonl
+    python bench/data/make_arith.py --kind chain --seed 1 --count 100 --out bench/data/arith_chain.jsonl
 
 A synthetic set for a policy too weak for GSM8K: every problem is an instance of a fixed
 template (a name, an item, small random integers) whose answer is computed by the template's
@@ -8,6 +9,10 @@ own arithmetic, so every answer is exact and every line reproducible from the se
 problems take one operation (add, subtract, multiply, divide exactly), half two (a multiply or
 divide, then an add or subtract). Each line: ``id``, ``problem``, ``answer``, ``solution``
 (GSM8K-style equations), ``steps``.
+
+``--kind chain`` (``arith_chain.jsonl``): harder but still small-number problems, each a chain of
+two or three operations on one quantity told as a story (start, then each event changes it),
+alternating two- and three-operation chains; every intermediate stays a positive integer.
 """
 from __future__ import annotations
 
@@ -110,6 +115,52 @@ ONE_STEP: tuple[Template, ...] = (add, subtract, multiply, divide)
 TWO_STEP: tuple[Template, ...] = (multiply_add, multiply_subtract, price_change, divide_add)
 
 
+# ---- chains: one quantity changed by 2-3 events -----------------------------------------------
+
+def _event(rng: random.Random, value: int, name: str, item: str) -> tuple[str, str, int]:
+    """One event applied to ``value``: (sentence, equation, new value); intermediates stay positive."""
+    kinds = ["gain", "lose", "double"] + (["halve"] if value % 2 == 0 and value >= 4 else [])
+    kind = rng.choice(kinds if value <= 40 else ["lose", "gain"] + (["halve"] if value % 2 == 0 else []))
+    if kind == "gain":
+        b = rng.randint(2, 20)
+        return f"Then {name} gets {b} more {item}.", f"{value} + {b} = {value + b}", value + b
+    if kind == "lose":
+        b = rng.randint(2, value - 1) if value > 3 else 1
+        return f"Then {name} gives away {b} {item}.", f"{value} - {b} = {value - b}", value - b
+    if kind == "double":
+        return f"Then the number of {item} doubles.", f"{value} * 2 = {value * 2}", value * 2
+    return f"Then {name} gives away half of the {item}.", f"{value} / 2 = {value // 2}", value // 2
+
+
+def chain(rng: random.Random, operations: int) -> Item:
+    """A start (a count, or groups of a size: one more operation), then events until ``operations``."""
+    name, item = _who(rng)
+    if rng.random() < 0.5:
+        box = rng.choice(CONTAINERS)
+        a, b = rng.randint(2, 6), rng.randint(2, 9)
+        value, text, eqs = a * b, [f"{name} has {a} {box} with {b} {item} in each."], [f"{a} * {b} = {a * b}"]
+    else:
+        value = rng.randint(5, 40)
+        text, eqs = [f"{name} has {value} {item}."], []
+    while len(eqs) < operations:
+        sentence, eq, value = _event(rng, value, name, item)
+        text.append(sentence)
+        eqs.append(eq)
+    text.append(f"How many {item} does {name} have now?")
+    return Item(" ".join(text), value, "\n".join(eqs), operations)
+
+
+def generate_chain(seed: int, count: int) -> list[dict[str, object]]:
+    """``count`` chain problems, alternating two and three operations, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    rows: list[dict[str, object]] = []
+    for i in range(count):
+        item = chain(rng, 2 if i % 2 == 0 else 3)
+        rows.append({"id": f"chain-{seed}-{i}", "problem": item.problem, "answer": str(item.answer),
+                     "solution": item.solution, "steps": item.steps})
+    return rows
+
+
 def generate(seed: int, count: int) -> list[dict[str, object]]:
     """``count`` problems, alternating one- and two-step, deterministic in ``seed``."""
     rng = random.Random(seed)
@@ -124,13 +175,17 @@ def generate(seed: int, count: int) -> list[dict[str, object]]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", choices=("easy", "chain"), default="easy",
+                   help="easy: one- and two-step templates (arith_easy); chain: 2-3 operation chains")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=100)
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("arith_easy.jsonl"))
+    p.add_argument("--out", type=Path, default=None, help="default: arith_easy.jsonl / arith_chain.jsonl here")
     args = p.parse_args(argv)
     if args.count < 1:
         p.error("--count must be at least 1")
-    rows = generate(args.seed, args.count)
+    rows = generate_chain(args.seed, args.count) if args.kind == "chain" else generate(args.seed, args.count)
+    if args.out is None:
+        args.out = Path(__file__).with_name("arith_chain.jsonl" if args.kind == "chain" else "arith_easy.jsonl")
     with open(args.out, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -46,12 +46,13 @@ from ets.evaluation.local import LocalUpstreams, run_local
 from ets.evaluation.store import SampleStore
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
-from ets.evaluation.stats import goal_line, paired_comparisons
+from ets.evaluation.stats import early_stop_comparisons, goal_line, paired_comparisons
 from ets.evaluation.report import (
     ProblemResult,
     grade,
     fmt_value,
     compare_to_rebase,
+    early_stop_markdown,
     format_table,
     markdown_table,
     paired_markdown,
@@ -69,7 +70,8 @@ from ets.client.search import (
     security_from_args,
 )
 
-SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost")
+SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost", "early_stop")
+_BOOLS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
 class DatasetError(ValueError):
@@ -137,16 +139,23 @@ class RunSpec:
 
 
 def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
-    """``["lambda_c=1,2", "cluster_distance=0.1,0.3"]`` -> {field: values}; names the bad item."""
+    """``["lambda_c=1,2", "cluster_distance=0.1,0.3"]`` -> {field: values}; names the bad item.
+    ``METHOD:FIELD=...`` sweeps that method instead of ``--sweep-method`` (key ``METHOD:FIELD``);
+    ``early_stop`` takes booleans (0/1, false/true, off/on)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
-        name, sep, raw = item.partition("=")
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        method, colon, name = key.rpartition(":")
         name = name.strip()
         if not sep or not raw.strip():
-            raise ValueError(f"--sweep {item!r}: expected FIELD=v1,v2,...")
+            raise ValueError(f"--sweep {item!r}: expected [METHOD:]FIELD=v1,v2,...")
+        if colon and not method.strip():
+            raise ValueError(f"--sweep {item!r}: empty method before ':'")
         if name not in SWEEPABLE:
             raise ValueError(f"--sweep {item!r}: field {name!r} is not sweepable; one of {list(SWEEPABLE)}")
-        if name in grid:
+        key = f"{method.strip()}:{name}" if colon else name
+        if key in grid:
             raise ValueError(f"--sweep {item!r}: field {name!r} given twice")
         values: list[Any] = []
         for v in raw.split(","):
@@ -156,24 +165,67 @@ def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
             if name == "node_cost":
                 values.append(v)
                 continue
+            if name == "early_stop":
+                if v.lower() not in _BOOLS:
+                    raise ValueError(f"--sweep {item!r}: early_stop value {v!r} is not a boolean (0/1, false/true)")
+                values.append(_BOOLS[v.lower()])
+                continue
             try:
                 values.append(float(v))
             except ValueError:
                 raise ValueError(f"--sweep {item!r}: {name} value {v!r} is not a number") from None
-        grid[name] = values
+        grid[key] = values
     return grid
 
 
-def plan_runs(methods: Sequence[str], widths: Sequence[int], sweep: dict[str, list[Any]] | None = None,
-              sweep_widths: Sequence[int] | None = None, sweep_method: str = "ets") -> list[RunSpec]:
-    """Every method at every width, then the sweep grid's points (Cartesian product) for
-    ``sweep_method`` at ``sweep_widths`` (default: ``widths``); duplicates dropped, order kept."""
-    runs: list[RunSpec] = [RunSpec(m, w) for w in widths for m in methods]
-    if sweep:
-        names = sorted(sweep)
-        for w in (sweep_widths or widths):
-            for values in itertools.product(*(sweep[n] for n in names)):
-                runs.append(RunSpec(sweep_method, w, tuple(zip(names, values, strict=True))))
+def parse_methods(value: str) -> list[tuple[str, int | None]]:
+    """``"ets,rebase,beam@16"`` -> [(method, only this width or None)]; names the bad item."""
+    out: list[tuple[str, int | None]] = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        method, at, width = item.partition("@")
+        if not method.strip():
+            raise ValueError(f"--methods {item!r}: empty method")
+        if not at:
+            out.append((method.strip(), None))
+            continue
+        try:
+            out.append((method.strip(), int(width)))
+        except ValueError:
+            raise ValueError(f"--methods {item!r}: width {width!r} is not an integer") from None
+    return out
+
+
+def plan_runs(methods: Sequence[str | tuple[str, int | None]], widths: Sequence[int],
+              sweep: dict[str, list[Any]] | None = None, sweep_widths: Sequence[int] | None = None,
+              sweep_method: str = "ets", defaults: dict[str, Any] | None = None) -> list[RunSpec]:
+    """Every method at every width (a ``(method, width)`` pair: at that width only), then each
+    method's sweep grid (Cartesian product of its fields; plain fields belong to ``sweep_method``,
+    ``METHOD:FIELD`` to METHOD) at ``sweep_widths`` (default: ``widths``). An override equal to
+    ``defaults`` (the base configuration) is dropped, so ``lambda_c=1`` under a default of 1 is
+    plain ``ets``; duplicates dropped, order kept."""
+    runs: list[RunSpec] = []
+    for w in widths:
+        for m in methods:
+            name, only = (m, None) if isinstance(m, str) else m
+            if only is None or only == w:
+                runs.append(RunSpec(name, w))
+    for m in methods:  # METHOD@W with W outside ``widths``: still run, at W
+        if not isinstance(m, str) and m[1] is not None and m[1] not in widths:
+            runs.append(RunSpec(m[0], m[1]))
+    grids: dict[str, dict[str, list[Any]]] = {}
+    for key, values in (sweep or {}).items():
+        method, _, name = key.rpartition(":")
+        grids.setdefault(method or sweep_method, {})[name] = values
+    defaults = defaults or {}
+    for w in (sweep_widths or widths):
+        for method, grid in grids.items():
+            names = sorted(grid)
+            for point in itertools.product(*(grid[n] for n in names)):
+                overrides = tuple((n, v) for n, v in zip(names, point, strict=True)
+                                  if not (n in defaults and defaults[n] == v))
+                runs.append(RunSpec(method, w, overrides))
     unique: dict[RunSpec, None] = {}
     for r in runs:
         unique.setdefault(r, None)
@@ -301,6 +353,7 @@ def build_report(meta: dict[str, Any], results: Sequence[ProblemResult]) -> dict
     paired = paired_comparisons(results)
     return {**meta, "summary": [asdict(s) for s in summaries],
             "paired_vs_rebase": paired, "goal": goal_line(paired),
+            "early_stop": early_stop_comparisons(results),
             "samples": {"requested": sum(r.samples_requested for r in results),
                         "drawn": sum(r.samples_drawn for r in results)},
             "ets_vs_rebase": compare_to_rebase(summaries, results),
@@ -321,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets eval", description="evaluate methods and widths over a JSONL dataset")
     parser.add_argument("dataset", help="JSONL file with problem/answer fields")
     parser.add_argument("--addr", default=os.environ.get("ETS_SEARCH_ADDR", DEFAULT_ADDR))
-    parser.add_argument("--methods", default="ets,rebase", help="comma-separated methods")
+    parser.add_argument("--methods", default="ets,rebase",
+                        help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16)")
     parser.add_argument("--widths", default="16", help="comma-separated widths")
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
-                        help=f"ETS setting values to sweep (repeatable; grid product); fields: {', '.join(SWEEPABLE)}")
+                        help="setting values to sweep (repeatable; grid product per method); METHOD:FIELD=... "
+                             f"sweeps METHOD instead of --sweep-method; fields: {', '.join(SWEEPABLE)}")
     parser.add_argument("--sweep-widths", default=None, help="widths of the sweep (default: --widths)")
     parser.add_argument("--sweep-method", default="ets", help="method the sweep applies to")
     parser.add_argument("--limit", type=int, default=None, help="first N problems only")
@@ -364,7 +419,11 @@ def main(argv: Sequence[str]) -> None:
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     try:
-        methods, widths = _csv(args.methods, str), _csv(args.widths, int)
+        methods = parse_methods(args.methods)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        widths = _csv(args.widths, int)
         sweep_widths = _csv(args.sweep_widths, int) if args.sweep_widths else None
     except ValueError:
         parser.error("--widths and --sweep-widths must be comma-separated integers")
@@ -393,7 +452,9 @@ def main(argv: Sequence[str]) -> None:
             local_config = local_base_config(args)
         except ValueError as err:  # ConfigError names the field
             parser.error(str(err))
-    runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method)
+    # In-process, the base configuration is known: a sweep value equal to it is the plain run.
+    defaults = asdict(local_config) if local_config is not None else None
+    runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method, defaults)
     base = config_from_args(args)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
     out = Path(args.out)
@@ -406,7 +467,7 @@ def main(argv: Sequence[str]) -> None:
         jsonl.write_text("")
     meta = {
         "command": "ets eval " + " ".join(argv),
-        "dataset": str(args.dataset), "addr": args.addr, "methods": methods, "widths": widths,
+        "dataset": str(args.dataset), "addr": args.addr, "methods": args.methods, "widths": widths,
         "sweep": sweep, "sweep_widths": sweep_widths or widths, "problems": len(problems), "seed": seed,
         "concurrency": args.concurrency,
         "config_overrides": json.loads(json.dumps({k[4:]: v for k, v in vars(args).items()
@@ -497,6 +558,8 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
     print(format_table(summaries))
     paired = report["paired_vs_rebase"]
     table = markdown_table(summaries) + "\n\n" + paired_markdown(paired)
+    if report["early_stop"]:
+        table += "\n\n" + early_stop_markdown(report["early_stop"])
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     for c in paired:
@@ -506,6 +569,11 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
                   f"REBASE/ETS KV total {c['kv_ratio_total']:.2f}x "
                   f"({lo:.2f}-{hi:.2f}), accuracy {100 * c['accuracy_difference']:+.1f} points "
                   f"(McNemar p {c['mcnemar_p']:.2f}): {c['verdict']}")
+    for e in report["early_stop"]:
+        g = e["generated_tokens"]
+        print(f"width {e['width']} {e['label']} (n={e['problems']}): stopped early {e['stopped']}, same answer "
+              f"{e['same_answer_where_stopped']}/{e['stopped']}, generated tokens saved {g['saved']:.0f} "
+              f"({100 * g['saved_share']:.1f}%), samples drawn by the early runs {e['drawn_by_early']}")
     goal = report["goal"]
     print(f"goal line: paper's 1.8x {'met' if goal['paper_met'] else 'not met'}, "
           f"ours 2x {'met' if goal['ours_met'] else 'not met'}")

@@ -80,6 +80,8 @@ class ProblemResult:
     samples_drawn: int = 0
     tree: str = ""     # digest of the finished trajectories (ets.evaluation.store.tree_digest)
     literal_n: int = 0  # finished candidates whose answer is a literal "N" (the copied instruction)
+    stopped_early: bool = False  # the exact early stop ended it (config.early_stop: vote decided)
+    width_left: int = 0          # width it left unspent then
     resolved_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +92,7 @@ class ProblemResult:
 # The search statistics a ProblemResult copies; the gRPC ``SearchStats`` and the core's have them all.
 STAT_FIELDS = ("total_kv_tokens", "peak_kv_tokens", "generated_tokens", "prompt_tokens", "cached_prompt_tokens",
                "model_calls", "selections", "depth_reached", "solver_fallbacks",
-               "selection_seconds", "policy_seconds", "reward_seconds")
+               "selection_seconds", "policy_seconds", "reward_seconds", "stopped_early", "width_left")
 
 
 def answers_match(predicted: str, reference: str) -> bool:
@@ -343,13 +345,35 @@ def paired_markdown(comparisons: Sequence[dict[str, Any]]) -> str:
         if not c.get("problems"):
             continue
         d = c["discordant"]
+        name = c["label"] if c.get("reference", "rebase") == "rebase" else f"{c['label']} vs {c['reference']}"
         lines.append(
-            f"| {c['label']} | {c['width']} | {c['problems']} | {ci(c['kv_ratio_total'], c['kv_ratio_total_ci'])} "
+            f"| {name} | {c['width']} | {c['problems']} | {ci(c['kv_ratio_total'], c['kv_ratio_total_ci'])} "
             f"| {ci(c['kv_ratio_peak'], c['kv_ratio_peak_ci'])} | {acc(c['accuracy'], c['accuracy_ci'])} "
             f"| {acc(c['reference_accuracy'], c['reference_accuracy_ci'])} "
             f"| {100 * c['accuracy_difference']:+.1f} ({100 * c['accuracy_difference_ci'][0]:+.0f} to "
             f"{100 * c['accuracy_difference_ci'][1]:+.0f}) | {d['only_this']}/{d['only_reference']} "
             f"| {c['mcnemar_p']:.2f} | {c['identical_trees']}/{c['problems']} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+def early_stop_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The early-stop table: per early-stopped configuration and width against its full search."""
+    lines = [
+        "| configuration | width | n | stopped early | width left (mean) | same answer where stopped "
+        "| generated tokens saved | logical KV saved | samples requested saved | drawn by early runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pct(d: dict[str, float]) -> str:
+        return f"{d['saved']:.0f} of {d['full']:.0f} ({100 * d['saved_share']:.1f}%)"
+
+    for r in rows:
+        if not r.get("problems"):
+            continue
+        lines.append(
+            f"| {r['label']} | {r['width']} | {r['problems']} | {r['stopped']} | {r['width_left_mean']:.1f} "
+            f"| {r['same_answer_where_stopped']}/{r['stopped']} | {pct(r['generated_tokens'])} "
+            f"| {pct(r['total_kv_tokens'])} | {pct(r['samples_requested'])} | {r['drawn_by_early']} |")
     return "\n".join(lines)
 
 

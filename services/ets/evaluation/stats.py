@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ets.evaluation.report import ProblemResult, wilson_interval
+from ets.evaluation.report import ProblemResult, answers_match, wilson_interval
 
 GOAL_PAPER = 1.8
 GOAL_OURS = 2.0
@@ -132,19 +132,27 @@ def verdict(c: dict[str, Any]) -> str:
     return "not met: " + "; ".join(reasons)
 
 
+def _reference_label(reference: str, overrides: dict[str, Any]) -> str:
+    """The reference run a configuration is compared with: ``reference`` with the same early-stop
+    setting (an early-stopped ETS against an early-stopped REBASE, so the KV ratio is ETS's own)."""
+    return f"{reference}[early_stop=True]" if overrides.get("early_stop") is True else reference
+
+
 def paired_comparisons(results: Sequence[ProblemResult], reference: str = REFERENCE) -> list[dict[str, Any]]:
-    """Every configuration against ``reference`` at the same width (paired by problem), sorted by
-    width then label. Only ETS rows carry the goal line (other methods: ``goal_paper`` False)."""
+    """Every configuration against ``reference`` (with the same ``early_stop``) at the same width,
+    paired by problem, sorted by width then label. Only ETS rows carry the goal line (other
+    methods: ``goal_paper`` False)."""
     groups: dict[tuple[str, int], list[ProblemResult]] = {}
     for r in results:
         groups.setdefault((r.label, r.width), []).append(r)
     out = []
     for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ref = groups.get((reference, width))
-        if label == reference or ref is None:
+        ref_label = _reference_label(reference, dict(rs[0].overrides))
+        ref = groups.get((ref_label, width))
+        if label == ref_label or rs[0].method == reference or ref is None:
             continue
-        row = {"width": width, "label": label, "method": rs[0].method, "overrides": dict(rs[0].overrides),
-               **compare(rs, ref)}
+        row = {"width": width, "label": label, "reference": ref_label, "method": rs[0].method,
+               "overrides": dict(rs[0].overrides), **compare(rs, ref)}
         if row["method"] != "ets" and row.get("problems"):
             row["goal_paper"] = row["goal_ours"] = False
             row["verdict"] = "reference method (no goal)"
@@ -166,3 +174,53 @@ def goal_line(comparisons: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "paper_met": any(c["goal_paper"] for c in ets),
         "ours_met": any(c["goal_ours"] for c in ets),
     }
+
+
+def _saved(early: Sequence[ProblemResult], full: Sequence[ProblemResult], name: str) -> dict[str, float]:
+    """``name`` summed over the early-stopped runs and their full ones, and the share saved."""
+    e = sum(getattr(r, name) for r in early)
+    f = sum(getattr(r, name) for r in full)
+    return {"early": e, "full": f, "saved": f - e, "saved_share": (f - e) / f if f else 0.0}
+
+
+def early_stop_comparisons(results: Sequence[ProblemResult]) -> list[dict[str, Any]]:
+    """Each early-stopped configuration (``early_stop=True`` among its overrides) against the same
+    configuration without it, per width, paired by problem: how many searches stopped early, whether
+    every one of those chose the full search's answer (the guarantee; mismatches listed), and what
+    it saved: generated tokens, logical KV and samples requested (sums and share of the full runs').
+    ``drawn_by_early`` counts the samples the early-stopped runs had to draw from the policy (their
+    trees are prefixes of the full ones, so with the full run in the same store this is about 0)."""
+    groups: dict[tuple[str, int], list[ProblemResult]] = {}
+    for r in results:
+        groups.setdefault((r.label, r.width), []).append(r)
+    out = []
+    for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        overrides = dict(rs[0].overrides)
+        if overrides.get("early_stop") is not True:
+            continue
+        full_overrides = {k: v for k, v in overrides.items() if k != "early_stop"}
+        full = next((g for (lab, w), g in groups.items() if w == width and g[0].method == rs[0].method
+                     and {k: v for k, v in g[0].overrides.items() if k != "early_stop"} == full_overrides
+                     and g[0].overrides.get("early_stop") is not True), None)
+        if full is None:
+            continue
+        a = {r.id: r for r in rs if not r.error}
+        b = {r.id: r for r in full if not r.error}
+        ids = [i for i in b if i in a]
+        stopped = [i for i in ids if a[i].stopped_early]
+        # The guarantee is the answer group, not its text (a later member of the group may word it
+        # differently), so equal means mathematically equivalent.
+        mismatches = [{"id": i, "early": a[i].answer, "full": b[i].answer} for i in stopped
+                      if a[i].answer != b[i].answer and not answers_match(a[i].answer, b[i].answer)]
+
+        out.append({
+            "width": width, "label": label, "full_label": full[0].label, "method": rs[0].method,
+            "problems": len(ids), "stopped": len(stopped),
+            "width_left_mean": (sum(a[i].width_left for i in stopped) / len(stopped)) if stopped else 0.0,
+            "same_answer_where_stopped": len(stopped) - len(mismatches), "mismatches": mismatches,
+            "same_correctness": sum(1 for i in ids if a[i].correct == b[i].correct),
+            **{name: _saved([a[i] for i in ids], [b[i] for i in ids], name)
+               for name in ("generated_tokens", "total_kv_tokens", "samples_requested")},
+            "drawn_by_early": sum(a[i].samples_drawn for i in ids),
+        })
+    return out
