@@ -3,8 +3,8 @@
     python bench/omp_threads.py [--model smollm2-135m-instruct] [--rounds 5] [--out bench/results/omp_threads.json]
 
 Starts two policy engines of the same model with the project's CPU recipe (``ets.engine.launcher``),
-one with ``OMP_NUM_THREADS=1`` and one with ``OMP_NUM_THREADS=<cores>`` (what PyTorch uses when
-the variable is unset), and sends both the same requests, alternating which goes first each round,
+one with ``OMP_NUM_THREADS=1`` and one with the variable unset (the default: PyTorch then uses
+one thread per core), and sends both the same requests, alternating which goes first each round,
 one engine busy at a time (the idle one sleeps: ``--sleep-on-idle``). Two workloads per round,
 each timed end to end: ``batch``: one ``/generate`` of 8 prompts (one shared 200-token prefix,
 distinct suffixes) x 48 new tokens, as a search depth sends them; ``single``: one prompt x 48
@@ -33,18 +33,24 @@ def post(url: str, payload: dict[str, Any], timeout: float = 600.0) -> Any:
         return json.loads(resp.read())
 
 
-def workloads(vocab_hi: int = 5000) -> dict[str, dict[str, Any]]:
-    prefix = [(17 * i + 3) % vocab_hi + 100 for i in range(200)]
-    batch = [prefix + [(31 * k + j) % vocab_hi + 100 for j in range(8)] for k in range(8)]
-    sp = {"max_new_tokens": 48, "temperature": 0.7, "ignore_eos": True}
+def workloads(prefix_tokens: int = 200, new_tokens: int = 48, batch_size: int = 8,
+              vocab_hi: int = 5000) -> dict[str, dict[str, Any]]:
+    """``batch``: ``batch_size`` prompts sharing a ``prefix_tokens`` prefix (distinct 8-token
+    suffixes) x ``new_tokens``; ``single``: one prompt (60% of the prefix) x ``new_tokens``."""
+    prefix = [(17 * i + 3) % vocab_hi + 100 for i in range(prefix_tokens)]
+    batch = [prefix + [(31 * k + j) % vocab_hi + 100 for j in range(8)] for k in range(batch_size)]
+    sp = {"max_new_tokens": new_tokens, "temperature": 0.7, "ignore_eos": True}
     return {"batch": {"input_ids": batch, "sampling_params": sp},
-            "single": {"input_ids": [prefix[:120]], "sampling_params": sp}}
+            "single": {"input_ids": [prefix[: max(1, prefix_tokens * 3 // 5)]], "sampling_params": sp}}
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged model (ets models list)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prefix-tokens", type=int, default=200)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="bench/results/omp_threads.json")
     args = p.parse_args(argv)
 
@@ -54,7 +60,8 @@ def main(argv: list[str]) -> int:
 
     model = prepare_model(packaged_model(args.model), None, log=True)
     cores = os.cpu_count() or 1
-    variants = {"omp1": "1", f"omp{cores}": str(cores)}
+    # None: the variable removed from the engine's environment (the default being measured).
+    variants: dict[str, str | None] = {"omp1": "1", "default": None}
     work = Path(tempfile.mkdtemp(prefix="ets-omp-"))
     procs: dict[str, ServerProcess] = {}
     urls: dict[str, str] = {}
@@ -63,14 +70,17 @@ def main(argv: list[str]) -> int:
             port = free_port("127.0.0.1")
             cmd = build_command(LaunchConfig(model_path=str(model), host="127.0.0.1", port=port, device="cpu",
                                              random_seed=0))
-            cmd.env["OMP_NUM_THREADS"] = threads
+            if threads is None:
+                cmd.env.pop("OMP_NUM_THREADS", None)
+            else:
+                cmd.env["OMP_NUM_THREADS"] = threads
             procs[name] = ServerProcess.start(cmd, url=f"http://127.0.0.1:{port}", log_path=work / f"{name}.log",
                                               name=name)
             urls[name] = f"http://127.0.0.1:{port}"
         for proc in procs.values():
             proc.wait_healthy(timeout=300)
         loads = {"before": [round(x, 2) for x in os.getloadavg()]}
-        work_items = workloads()
+        work_items = workloads(args.prefix_tokens, args.new_tokens, args.batch_size)
         for name in urls:  # warm-up, not timed
             post(urls[name] + "/generate", work_items["batch"])
         times: dict[str, dict[str, list[float]]] = {w: {n: [] for n in urls} for w in work_items}
@@ -97,10 +107,12 @@ def main(argv: list[str]) -> int:
                       f"median_ratio_{many}_over_{one}": statistics.median(ratios),
                       "ratio_min": min(ratios), "ratio_max": max(ratios)}
     report = {"command": "python bench/omp_threads.py " + " ".join(argv), "model": args.model, "cores": cores,
-              "rounds": args.rounds, "load_average": loads, "times_s": times, "summary": summary}
+              "rounds": args.rounds,
+              "workload": {"prefix_tokens": args.prefix_tokens, "new_tokens": args.new_tokens,
+                           "batch_size": args.batch_size}, "load_average": loads, "times_s": times, "summary": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"| workload | OMP_NUM_THREADS=1 median s | OMP_NUM_THREADS={cores} median s | paired ratio (min-max) |")
+    print("| workload | OMP_NUM_THREADS=1 median s | unset (default) median s | paired ratio default/1 (min-max) |")
     print("|---|---:|---:|---|")
     for w, s in summary.items():
         r = s[f"median_ratio_{many}_over_{one}"]
