@@ -1,6 +1,6 @@
 """The sample store and the paired statistics of ``ets eval --store`` (pure tier: an in-process
 deterministic source stands behind the store's seams, as the search core's tests do). The
-real-stack tests (identical root children, exact rerun, resume) are not written yet."""
+real-stack tests (identical root children, exact rerun, resume) are in tests/test_eval_store_stack.py."""
 from __future__ import annotations
 
 import asyncio
