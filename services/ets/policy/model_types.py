@@ -34,10 +34,7 @@ LLAMA_INSTRUCT_SYSTEM_PROMPT = (
 # (long, LaTeX) is too much for a 135M model (3/4, 0 right, longer text). A short instruction after
 # the question, naming the exact closing sentence, under the model's own default system prompt:
 # 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see docs/demo.md.
-# No placeholder letter in it: with 'End your reply with "The answer is N."' the 135M model copied
-# the "N" literally in about 13% of searches (docs/evaluation.md, earlier runs).
-SMOLLM2_INSTRUCTION = ('Solve it step by step. End your reply with the sentence "The answer is" '
-                       'followed by the final number.')
+SMOLLM2_INSTRUCTION = 'Solve it step by step. End your reply with "The answer is N." where N is the final number.'
 
 DEFAULT_ANSWER_MARKERS: tuple[str, ...] = (
     "The answer is",
