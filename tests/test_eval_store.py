@@ -156,7 +156,7 @@ def _es(label: str, pid: str, answer: str, tokens: int, *, stopped: bool = False
     overrides: dict[str, object] = {}
     for part in rest.rstrip("]").split(",") if rest else []:
         k, v = part.split("=")
-        overrides[k] = True if v == "True" else float(v)
+        overrides[k] = v == "True" if v in ("True", "False") else float(v)
     return ProblemResult(id=pid, label=label, method=method, width=16, reference="1", answer=answer,
                          correct=answer == "1", total_kv_tokens=tokens * 2, peak_kv_tokens=tokens,
                          generated_tokens=tokens, samples_requested=tokens // 10, samples_drawn=drawn,
@@ -187,3 +187,15 @@ def test_early_stop_comparison_pairs_each_setting_with_its_full_search() -> None
     by = {c["label"]: c for c in stats.paired_comparisons(rs)}
     assert by["ets[early_stop=True,lambda_c=5]"]["reference"] == "rebase[early_stop=True]"
     assert by["ets[early_stop=True,lambda_c=5]"]["problems"] == 2
+
+
+def test_an_explicit_early_stop_off_is_the_full_search() -> None:
+    # Through the service (no base configuration to drop defaults against) the sweep keeps
+    # early_stop=False in the label: it is still the full run the early-stopped one pairs with.
+    rs = [_es("ets[early_stop=False]", "a", "1", 100), _es("ets[early_stop=True]", "a", "1", 60, stopped=True),
+          _es("rebase[early_stop=False]", "a", "1", 200)]
+    [row] = stats.early_stop_comparisons(rs)
+    assert row["full_label"] == "ets[early_stop=False]" and row["generated_tokens"]["saved"] == 40
+    by = {c["label"]: c for c in stats.paired_comparisons(rs)}
+    assert by["ets[early_stop=False]"]["reference"] == "rebase[early_stop=False]"
+    assert "ets[early_stop=True]" not in by  # no early-stopped REBASE to pair it with

@@ -132,26 +132,42 @@ def verdict(c: dict[str, Any]) -> str:
     return "not met: " + "; ".join(reasons)
 
 
-def _reference_label(reference: str, overrides: dict[str, Any]) -> str:
-    """The reference run a configuration is compared with: ``reference`` with the same early-stop
-    setting (an early-stopped ETS against an early-stopped REBASE, so the KV ratio is ETS's own)."""
-    return f"{reference}[early_stop=True]" if overrides.get("early_stop") is True else reference
-
-
-def paired_comparisons(results: Sequence[ProblemResult], reference: str = REFERENCE) -> list[dict[str, Any]]:
-    """Every configuration against ``reference`` (with the same ``early_stop``) at the same width,
-    paired by problem, sorted by width then label. Only ETS rows carry the goal line (other
-    methods: ``goal_paper`` False)."""
+def _by_configuration(results: Sequence[ProblemResult]) -> dict[tuple[str, int], list[ProblemResult]]:
+    """Results grouped by configuration (label) and width, in the reports' order: width, then label."""
     groups: dict[tuple[str, int], list[ProblemResult]] = {}
     for r in results:
         groups.setdefault((r.label, r.width), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def _stop_on(overrides: dict[str, Any]) -> bool:
+    return overrides.get("early_stop") is True
+
+
+def _find(groups: dict[tuple[str, int], list[ProblemResult]], method: str, width: int,
+          overrides: dict[str, Any]) -> list[ProblemResult] | None:
+    """The group of ``method`` at ``width`` run with ``overrides`` (an explicit ``early_stop``
+    False is the default, the same run as none)."""
+    def same(o: dict[str, Any]) -> bool:
+        return {k: v for k, v in o.items() if not (k == "early_stop" and v is False)} == overrides
+    return next((g for (_, w), g in groups.items()
+                 if w == width and g[0].method == method and same(dict(g[0].overrides))), None)
+
+
+def paired_comparisons(results: Sequence[ProblemResult], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """Every configuration against ``reference`` (with the same ``early_stop``: an early-stopped
+    ETS against an early-stopped REBASE, so the KV ratio is ETS's own) at the same width, paired
+    by problem, sorted by width then label. Only ETS rows carry the goal line (other methods:
+    ``goal_paper`` False)."""
+    groups = _by_configuration(results)
     out = []
-    for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        ref_label = _reference_label(reference, dict(rs[0].overrides))
-        ref = groups.get((ref_label, width))
-        if label == ref_label or rs[0].method == reference or ref is None:
+    for (label, width), rs in groups.items():
+        if rs[0].method == reference:
             continue
-        row = {"width": width, "label": label, "reference": ref_label, "method": rs[0].method,
+        ref = _find(groups, reference, width, {"early_stop": True} if _stop_on(dict(rs[0].overrides)) else {})
+        if ref is None:
+            continue
+        row = {"width": width, "label": label, "reference": ref[0].label, "method": rs[0].method,
                "overrides": dict(rs[0].overrides), **compare(rs, ref)}
         if row["method"] != "ets" and row.get("problems"):
             row["goal_paper"] = row["goal_ours"] = False
@@ -190,18 +206,14 @@ def early_stop_comparisons(results: Sequence[ProblemResult]) -> list[dict[str, A
     it saved: generated tokens, logical KV and samples requested (sums and share of the full runs').
     ``drawn_by_early`` counts the samples the early-stopped runs had to draw from the policy (their
     trees are prefixes of the full ones, so with the full run in the same store this is about 0)."""
-    groups: dict[tuple[str, int], list[ProblemResult]] = {}
-    for r in results:
-        groups.setdefault((r.label, r.width), []).append(r)
+    groups = _by_configuration(results)
     out = []
-    for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, width), rs in groups.items():
         overrides = dict(rs[0].overrides)
-        if overrides.get("early_stop") is not True:
+        if not _stop_on(overrides):
             continue
-        full_overrides = {k: v for k, v in overrides.items() if k != "early_stop"}
-        full = next((g for (lab, w), g in groups.items() if w == width and g[0].method == rs[0].method
-                     and {k: v for k, v in g[0].overrides.items() if k != "early_stop"} == full_overrides
-                     and g[0].overrides.get("early_stop") is not True), None)
+        del overrides["early_stop"]
+        full = _find(groups, rs[0].method, width, overrides)
         if full is None:
             continue
         a = {r.id: r for r in rs if not r.error}
