@@ -45,6 +45,7 @@ from ets.config import SearchConfig
 from ets.evaluation.local import LocalUpstreams, run_local
 from ets.evaluation.store import SampleStore
 from ets.security import ClientSecurity
+from ets.settings import parse_bool
 from ets.security import channel as secure_channel
 from ets.evaluation.stats import early_stop_comparisons, goal_line, paired_comparisons
 from ets.evaluation.report import (
@@ -71,7 +72,6 @@ from ets.client.search import (
 )
 
 SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost", "early_stop")
-_BOOLS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
 class DatasetError(ValueError):
@@ -166,9 +166,11 @@ def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
                 values.append(v)
                 continue
             if name == "early_stop":
-                if v.lower() not in _BOOLS:
-                    raise ValueError(f"--sweep {item!r}: early_stop value {v!r} is not a boolean (0/1, false/true)")
-                values.append(_BOOLS[v.lower()])
+                try:
+                    values.append(parse_bool(v))
+                except ValueError:
+                    raise ValueError(f"--sweep {item!r}: early_stop value {v!r} is not a boolean "
+                                     "(0/1, false/true)") from None
                 continue
             try:
                 values.append(float(v))
@@ -205,15 +207,10 @@ def plan_runs(methods: Sequence[str | tuple[str, int | None]], widths: Sequence[
     ``METHOD:FIELD`` to METHOD) at ``sweep_widths`` (default: ``widths``). An override equal to
     ``defaults`` (the base configuration) is dropped, so ``lambda_c=1`` under a default of 1 is
     plain ``ets``; duplicates dropped, order kept."""
-    runs: list[RunSpec] = []
-    for w in widths:
-        for m in methods:
-            name, only = (m, None) if isinstance(m, str) else m
-            if only is None or only == w:
-                runs.append(RunSpec(name, w))
-    for m in methods:  # METHOD@W with W outside ``widths``: still run, at W
-        if not isinstance(m, str) and m[1] is not None and m[1] not in widths:
-            runs.append(RunSpec(m[0], m[1]))
+    pairs = [(m, None) if isinstance(m, str) else m for m in methods]
+    runs = [RunSpec(name, w) for w in widths for name, only in pairs if only in (None, w)]
+    # METHOD@W with W outside ``widths``: still run, at W.
+    runs += [RunSpec(name, only) for name, only in pairs if only is not None and only not in widths]
     grids: dict[str, dict[str, list[Any]]] = {}
     for key, values in (sweep or {}).items():
         method, _, name = key.rpartition(":")
