@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import http.client
 import os
 import signal
@@ -144,20 +145,19 @@ class ServerProcess:
             argv, run_env = command.argv, command.env
         else:
             argv, run_env = list(command), dict(os.environ if env is None else env)
-        if log_path is None:  # the caller's stdout/stderr (a container's log, rotated by its runtime)
-            popen = subprocess.Popen(die_with_parent_argv(argv) if die_with_parent else argv, env=run_env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-            return cls(popen, url, None, name)
-        log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: {' '.join(argv)}\n".encode())
-            log.flush()
+        path = Path(log_path) if log_path is not None else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # No path: the child writes to the caller's stdout/stderr (a container's log, rotated by its runtime).
+        with open(path, "ab") if path is not None else contextlib.nullcontext() as log:
+            if log is not None:
+                log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} start {name}: {' '.join(argv)}\n".encode())
+                log.flush()
             popen = subprocess.Popen(
                 die_with_parent_argv(argv) if die_with_parent else argv, env=run_env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT if log is not None else None, start_new_session=True,
             )
-        return cls(popen, url, log_path, name)
+        return cls(popen, url, path, name)
 
     @classmethod
     def launch(cls, config: LaunchConfig, *, log_path: str | Path | None, name: str = "sglang",

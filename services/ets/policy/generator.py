@@ -35,7 +35,7 @@ to the first sample of that prefix, so sums over samples still equal the engine'
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable, Mapping, Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
 from ets.policy.model_types import PolicyModelType, policy_model_type
@@ -48,7 +48,7 @@ _FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "lengt
 PREFILL_MIN_SHARED = 2
 
 
-def prefixes_to_prefill(requests: Sequence[ExpandRequest], produced: Iterable[tuple[int, ...]],
+def prefixes_to_prefill(requests: Sequence[ExpandRequest], produced: AbstractSet[tuple[int, ...]],
                         min_shared: int = PREFILL_MIN_SHARED) -> list[tuple[int, ...]]:
     """The prefixes of ``requests`` to send prefill-only before their batch, in first-seen order:
     each one that ``min_shared`` or more samples of the call share (summed over requests with the
@@ -57,13 +57,13 @@ def prefixes_to_prefill(requests: Sequence[ExpandRequest], produced: Iterable[tu
     ``min_shared`` < 1 turns prefilling off."""
     if min_shared < 1:
         return []
-    known = produced if isinstance(produced, (set, frozenset)) else set(produced)
     shared: dict[tuple[int, ...], int] = {}
     for r in requests:
         if r.n > 0:
             key = tuple(r.prefix_ids)
             shared[key] = shared.get(key, 0) + r.n
-    return [k for k, n in shared.items() if n >= min_shared and k not in known and len(k) > 1]
+    # A one-token prefix has nothing to cache: the engine computes a prompt's last token anyway.
+    return [k for k, n in shared.items() if n >= min_shared and k not in produced and len(k) > 1]
 
 
 def fold_prefill(out: list[list[SampledStep]], requests: Sequence[ExpandRequest],
