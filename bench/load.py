@@ -119,6 +119,16 @@ def delta(after: Mapping[str, float], before: Mapping[str, float]) -> dict[str, 
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
+# Derived gauge: every KV slot not free (held by running requests, or cached and evictable).
+KV_HELD = "kv_held_tokens"
+
+
+def with_kv_held(samples: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+    """The samples with ``KV_HELD`` (used + evictable) added where both gauges were read."""
+    used, evictable = "sglang:kv_used_tokens", "sglang:kv_evictable_tokens"
+    return [dict(s, **({KV_HELD: s[used] + s[evictable]} if used in s and evictable in s else {})) for s in samples]
+
+
 def gauge_summary(samples: Sequence[Mapping[str, float]], name: str) -> dict[str, float | None]:
     """Mean and max of gauge ``name`` over the samples that carry it."""
     xs = [s[name] for s in samples if name in s]
@@ -166,8 +176,7 @@ def summarise_level(outcomes: Sequence[Outcome], duration_s: float, engine_befor
     pool = engine_after.get("sglang:max_total_num_tokens") or None
     used = gauge_summary(engine_samples, "sglang:kv_used_tokens")
     evictable = gauge_summary(engine_samples, "sglang:kv_evictable_tokens")
-    held = [s["sglang:kv_used_tokens"] + s["sglang:kv_evictable_tokens"] for s in engine_samples
-            if "sglang:kv_used_tokens" in s and "sglang:kv_evictable_tokens" in s]
+    held = gauge_summary(with_kv_held(engine_samples), KV_HELD)
     qcount = svc.get("ets_search_queue_wait_seconds_count", 0.0)
     ecount = eng.get("sglang:queue_time_seconds_count", 0.0)
     return {
@@ -187,7 +196,7 @@ def summarise_level(outcomes: Sequence[Outcome], duration_s: float, engine_befor
         "queued_reqs": gauge_summary(engine_samples, "sglang:num_queue_reqs"),
         "kv_pool_tokens": pool,
         "kv_used_tokens": used, "kv_evictable_tokens": evictable,
-        "kv_held_max_tokens": max(held) if held else None,
+        "kv_held_max_tokens": held["max"],
         "kv_used_max_share": (used["max"] / pool) if pool and used["max"] is not None else None,
         "evicted_tokens": eng.get("sglang:evicted_tokens_total", 0.0),
         "retracted_requests": eng.get("sglang:num_retracted_requests_total", 0.0),

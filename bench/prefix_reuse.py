@@ -121,16 +121,12 @@ def occupancy(samples: Sequence[Mapping[str, float]]) -> dict[str, float | None]
     """Peak and mean of the engine's KV pool over one search's gauge samples: ``used`` (slots held
     by running requests), ``held`` (used + evictable: every slot not free, the radix cache
     included) and ``token_usage`` (SGLang's own used / pool ratio)."""
-    series = {
-        "used": [s["sglang:kv_used_tokens"] for s in samples if "sglang:kv_used_tokens" in s],
-        "held": [s["sglang:kv_used_tokens"] + s["sglang:kv_evictable_tokens"] for s in samples
-                 if "sglang:kv_used_tokens" in s and "sglang:kv_evictable_tokens" in s],
-        "token_usage": [s["sglang:token_usage"] for s in samples if "sglang:token_usage" in s],
-    }
+    samples = load_bench.with_kv_held(samples)
     out: dict[str, float | None] = {}
-    for name, xs in series.items():
-        out[f"{name}_peak"] = max(xs) if xs else None
-        out[f"{name}_mean"] = statistics.fmean(xs) if xs else None
+    for key, gauge in (("used", "sglang:kv_used_tokens"), ("held", load_bench.KV_HELD),
+                       ("token_usage", "sglang:token_usage")):
+        summary = load_bench.gauge_summary(samples, gauge)
+        out[f"{key}_peak"], out[f"{key}_mean"] = summary["max"], summary["mean"]
     return out
 
 
