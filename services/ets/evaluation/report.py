@@ -146,13 +146,18 @@ def _mean(xs: Sequence[float]) -> float:
     return statistics.fmean(xs) if xs else 0.0
 
 
-def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
-    """One Summary per (label, width), sorted by width, then label."""
+def by_configuration(results: Sequence[ProblemResult]) -> dict[tuple[str, int], list[ProblemResult]]:
+    """Results grouped by configuration (label) and width, in the reports' order: width, then label."""
     groups: dict[tuple[str, int], list[ProblemResult]] = {}
     for r in results:
         groups.setdefault((r.label, r.width), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def summarise(results: Sequence[ProblemResult]) -> list[Summary]:
+    """One Summary per (label, width), sorted by width, then label."""
     out = []
-    for (label, width), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, width), rs in by_configuration(results).items():
         ok = [r for r in rs if not r.error]
         prompt = sum(r.prompt_tokens for r in ok)
         wall = sum(r.wall_seconds for r in ok)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ets.evaluation.report import ProblemResult, answers_match, wilson_interval
+from ets.evaluation.report import ProblemResult, answers_match, by_configuration, wilson_interval
 
 GOAL_PAPER = 1.8
 GOAL_OURS = 2.0
@@ -132,14 +132,6 @@ def verdict(c: dict[str, Any]) -> str:
     return "not met: " + "; ".join(reasons)
 
 
-def _by_configuration(results: Sequence[ProblemResult]) -> dict[tuple[str, int], list[ProblemResult]]:
-    """Results grouped by configuration (label) and width, in the reports' order: width, then label."""
-    groups: dict[tuple[str, int], list[ProblemResult]] = {}
-    for r in results:
-        groups.setdefault((r.label, r.width), []).append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])))
-
-
 def _stop_on(overrides: dict[str, Any]) -> bool:
     return overrides.get("early_stop") is True
 
@@ -159,7 +151,7 @@ def paired_comparisons(results: Sequence[ProblemResult], reference: str = REFERE
     ETS against an early-stopped REBASE, so the KV ratio is ETS's own) at the same width, paired
     by problem, sorted by width then label. Only ETS rows carry the goal line (other methods:
     ``goal_paper`` False)."""
-    groups = _by_configuration(results)
+    groups = by_configuration(results)
     out = []
     for (label, width), rs in groups.items():
         if rs[0].method == reference:
@@ -206,7 +198,7 @@ def early_stop_comparisons(results: Sequence[ProblemResult]) -> list[dict[str, A
     it saved: generated tokens, logical KV and samples requested (sums and share of the full runs').
     ``drawn_by_early`` counts the samples the early-stopped runs had to draw from the policy (their
     trees are prefixes of the full ones, so with the full run in the same store this is about 0)."""
-    groups = _by_configuration(results)
+    groups = by_configuration(results)
     out = []
     for (label, width), rs in groups.items():
         overrides = dict(rs[0].overrides)
