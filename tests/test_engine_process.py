@@ -63,15 +63,16 @@ def test_deadline_when_never_healthy(tmp_path: Path) -> None:
 
 def _forking_leader(tmp_path: Path, name: str, then: str, *, child_ignores_sigterm: bool = False
                     ) -> tuple[ServerProcess, int]:
-    """A leader that forks one sleeping child, prints its pid, then runs ``then``: (leader, child pid)."""
+    """A leader that forks one sleeping child (which prints its pid), then runs ``then``: (leader, child pid)."""
     script = (
         "import os, signal, sys, time\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         + ("    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if child_ignores_sigterm else "")
-        + "    time.sleep(600)\n"
+        # the child announces itself once set up, so that no test runs before its SIGTERM is ignored
+        + "    print('child', os.getpid(), flush=True)\n"
+        "    time.sleep(600)\n"
         "    os._exit(0)\n"
-        "print('child', pid, flush=True)\n"
         f"{then}\n"
     )
     log = tmp_path / f"{name}.log"
@@ -211,9 +212,11 @@ def test_stop_reaches_a_descendant_that_left_the_group(tmp_path: Path) -> None:
         "if pid == 0:\n"
         "    os.setsid()\n"
         "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        # announced only once it has left the group and ignores SIGTERM (the parent printing the pid
+        # right after fork raced the child's setsid: CI saw the grandchild still in the group)
+        "    print('grandchild', os.getpid(), flush=True)\n"
         "    time.sleep(600)\n"
         "    os._exit(0)\n"
-        "print('grandchild', pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
