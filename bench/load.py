@@ -356,12 +356,23 @@ async def run(args: argparse.Namespace, addr: str, policy_url: str | None, servi
 
     from ets.api.v1 import search_pb2, search_pb2_grpc
 
-    # Warm-up (a fresh CPU engine's first calls are slow): not measured.
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = search_pb2_grpc.SearchServiceStub(channel)
-        await stub.Search(search_pb2.SearchRequest(problem=problems[0].problem, summary_only=True,
-                                                   config=search_pb2.SearchConfig(method="rebase", **base)),
-                          timeout=args.timeout)
+    # Warm-up (a fresh CPU engine's first calls are slow): not measured. It has its own deadline
+    # and retries what a starting stack answers (UNAVAILABLE, DEADLINE_EXCEEDED), so one slow
+    # first call does not end the run before any level.
+    retryable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    for attempt in range(1, args.warmup_tries + 1):
+        try:
+            async with grpc.aio.insecure_channel(addr) as channel:
+                stub = search_pb2_grpc.SearchServiceStub(channel)
+                await stub.Search(search_pb2.SearchRequest(
+                    problem=problems[0].problem, summary_only=True,
+                    config=search_pb2.SearchConfig(method="rebase", **base)), timeout=args.warmup_timeout)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in retryable or attempt == args.warmup_tries:
+                raise
+            print(f"load: warm-up try {attempt} failed ({exc.code().name}); retrying", file=sys.stderr, flush=True)
+            await asyncio.sleep(5.0)
     for c in [int(x) for x in args.concurrency.split(",")]:
         for level in levels:
             if policy_url:
@@ -433,6 +444,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--duration", type=float, default=45.0, help="seconds each level starts new searches")
     p.add_argument("--sample-s", type=float, default=0.5, help="engine gauge sampling interval")
     p.add_argument("--timeout", type=float, default=900.0, help="per-search deadline (s)")
+    p.add_argument("--warmup-timeout", type=float, default=300.0, help="the unmeasured warm-up search's deadline (s)")
+    p.add_argument("--warmup-tries", type=int, default=3, help="warm-up attempts on UNAVAILABLE / DEADLINE_EXCEEDED")
     p.add_argument("--out", default="bench/results/load.json")
     p.add_argument("--plot", default=None, help="write latency/throughput against C to this PNG")
     p.add_argument("--markdown-only", action="store_true", help="print the table and plot of --out; run nothing")
