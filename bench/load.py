@@ -421,6 +421,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     fig.suptitle(f"closed-loop load, width {s['width']}, {s['problems']} problems, "
                  f"pool {s.get('policy_max_total_tokens') or 'default'} tokens (2-core CPU, SmolLM2-135M)", fontsize=9)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
