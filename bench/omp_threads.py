@@ -30,7 +30,9 @@ def post(url: str, payload: dict[str, Any], timeout: float = 600.0) -> Any:
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        body = resp.read()
+    # /generate answers JSON; SGLang's /flush_cache answers a plain-text sentence.
+    return json.loads(body) if resp.headers.get_content_type() == "application/json" else body.decode()
 
 
 def workloads(prefix_tokens: int = 200, new_tokens: int = 48, batch_size: int = 8,
