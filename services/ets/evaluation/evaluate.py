@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import grpc
 
@@ -367,6 +367,18 @@ def _csv(value: str, kind: type) -> list[Any]:
     return [kind(v.strip()) for v in value.split(",") if v.strip()]
 
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def _parsed(parser: argparse.ArgumentParser, parse: Callable[[_In], _Out], value: _In) -> _Out:
+    """``parse(value)``; its ValueError (which names the flag or field) exits as a usage error."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets eval", description="evaluate methods and widths over a JSONL dataset")
     parser.add_argument("dataset", help="JSONL file with problem/answer fields")
@@ -415,10 +427,7 @@ def main(argv: Sequence[str]) -> None:
     security = security_from_args(parser, args)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
-    try:
-        methods = parse_methods(args.methods)
-    except ValueError as err:
-        parser.error(str(err))
+    methods = _parsed(parser, parse_methods, args.methods)
     try:
         widths = _csv(args.widths, int)
         sweep_widths = _csv(args.sweep_widths, int) if args.sweep_widths else None
@@ -426,10 +435,7 @@ def main(argv: Sequence[str]) -> None:
         parser.error("--widths and --sweep-widths must be comma-separated integers")
     if not methods or not widths:
         parser.error("--methods and --widths must each name at least one value")
-    try:
-        sweep = parse_sweep(args.sweep)
-    except ValueError as err:
-        parser.error(str(err))
+    sweep = _parsed(parser, parse_sweep, args.sweep)
     try:
         problems = load_dataset(args.dataset, args.limit)
     except (OSError, DatasetError) as err:
@@ -445,10 +451,7 @@ def main(argv: Sequence[str]) -> None:
         if not args.policy_url or not args.reward_addr:
             parser.error("--store runs in-process: it needs --policy-url and --reward-addr "
                          "(or $ETS_POLICY_URL and $ETS_REWARD_ADDR)")
-        try:
-            local_config = local_base_config(args)
-        except ValueError as err:  # ConfigError names the field
-            parser.error(str(err))
+        local_config = _parsed(parser, local_base_config, args)  # ConfigError names the field
     # In-process, the base configuration is known: a sweep value equal to it is the plain run.
     defaults = asdict(local_config) if local_config is not None else None
     runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method, defaults)
