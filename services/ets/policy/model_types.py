@@ -105,6 +105,15 @@ class PolicyModelType:
         return any(m.lower() in low for m in self.answer_markers)
 
 
+def _paragraph_chat(name: str, *, system_prompt: str | None = None,
+                    instruction: str | None = None) -> PolicyModelType:
+    """An instruct model behind its chat template that writes one paragraph per step: the blank
+    line ends a step and is kept, so a child's prefix continues where the model expects."""
+    return PolicyModelType(name=name, stop=("\n\n",), step_tag="\n\n", no_stop_trim=True,
+                           answer_markers=DEFAULT_ANSWER_MARKERS, chat=True, system_prompt=system_prompt,
+                           instruction=instruction)
+
+
 POLICY_MODEL_TYPES: dict[str, PolicyModelType] = {
     # Mistral / Llemma math-shepherd style: plain "question\n" root, steps end with " ки".
     "math-shepherd": PolicyModelType(
@@ -116,27 +125,11 @@ POLICY_MODEL_TYPES: dict[str, PolicyModelType] = {
         chat=False,
     ),
     # Llama-3.x-Instruct style: chat template with the search-and-learn system prompt, "\n\n" steps.
-    "llama-instruct": PolicyModelType(
-        name="llama-instruct",
-        stop=("\n\n",),
-        step_tag="\n\n",
-        no_stop_trim=True,
-        answer_markers=DEFAULT_ANSWER_MARKERS,
-        chat=True,
-        system_prompt=LLAMA_INSTRUCT_SYSTEM_PROMPT,
-    ),
+    "llama-instruct": _paragraph_chat("llama-instruct", system_prompt=LLAMA_INSTRUCT_SYSTEM_PROMPT),
     # SmolLM2-Instruct: ChatML through the tokenizer's own template (its default system turn; end
     # token <|im_end|>, the model's eos), "\n\n" between steps like llama-instruct (the model
     # writes one paragraph per step), and a short answer-line instruction after the question.
-    "smollm2-instruct": PolicyModelType(
-        name="smollm2-instruct",
-        stop=("\n\n",),
-        step_tag="\n\n",
-        no_stop_trim=True,
-        answer_markers=DEFAULT_ANSWER_MARKERS,
-        chat=True,
-        instruction=SMOLLM2_INSTRUCTION,
-    ),
+    "smollm2-instruct": _paragraph_chat("smollm2-instruct", instruction=SMOLLM2_INSTRUCTION),
 }
 
 
