@@ -69,10 +69,33 @@ def bearer_ok(header: str | None, token: str) -> bool:
     return hmac.compare_digest(header[len(_SCHEME):].strip().encode(), token.encode())
 
 
+class _FileSettings:
+    """What server and client security share: settings named ``env_prefix`` + suffix in errors,
+    a certificate that needs its key, and the bearer-token file."""
+
+    env_prefix: str
+    token_file: str
+
+    def _name(self, suffix: str) -> str:
+        return f"{self.env_prefix}{suffix}"
+
+    def _check_pair(self, cert: tuple[str, str], key: tuple[str, str], message: str) -> None:
+        """(setting suffix, path) of a certificate and its key: one without the other fails
+        naming the missing one's setting."""
+        (cert_suffix, cert_file), (key_suffix, key_file) = cert, key
+        if bool(cert_file) != bool(key_file):
+            raise FieldError(self._name(key_suffix if cert_file else cert_suffix), message)
+
+    def token(self) -> str | None:
+        """The bearer token (None: no auth): what a server checks with ``bearer_ok`` on every
+        non-health call, and what a client sends."""
+        return read_token(self.token_file, self._name("AUTH_TOKEN_FILE")) if self.token_file else None
+
+
 # ---- servers -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ServerSecurity:
+class ServerSecurity(_FileSettings):
     """A server's TLS and token settings (paths; "" = off) and the env vars naming them (errors)."""
 
     cert_file: str = ""
@@ -81,14 +104,10 @@ class ServerSecurity:
     token_file: str = ""
     env_prefix: str = "ETS_SEARCH_"
 
-    def _name(self, suffix: str) -> str:
-        return f"{self.env_prefix}{suffix}"
-
     def check(self) -> None:
         """Raise ``FieldError`` naming the env var for a half-configured or unreadable setup."""
-        if bool(self.cert_file) != bool(self.key_file):
-            missing = "TLS_KEY_FILE" if self.cert_file else "TLS_CERT_FILE"
-            raise FieldError(self._name(missing), "TLS needs both a certificate and its key")
+        self._check_pair(("TLS_CERT_FILE", self.cert_file), ("TLS_KEY_FILE", self.key_file),
+                         "TLS needs both a certificate and its key")
         if self.client_ca_file and not self.cert_file:
             raise FieldError(self._name("TLS_CLIENT_CA_FILE"),
                              f"client certificates need server TLS ({self._name('TLS_CERT_FILE')})")
@@ -119,10 +138,6 @@ class ServerSecurity:
             ctx.load_verify_locations(cafile=self.client_ca_file)
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
-
-    def token(self) -> str | None:
-        """The bearer token every non-health call must carry (None: no auth); check with ``bearer_ok``."""
-        return read_token(self.token_file, self._name("AUTH_TOKEN_FILE")) if self.token_file else None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self.token_file:
@@ -187,7 +202,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 # ---- clients -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ClientSecurity:
+class ClientSecurity(_FileSettings):
     """A client's view: CA to trust ("" = plaintext unless a client cert is set), its own
     certificate/key for mTLS, the token file, and the env vars naming them (for errors)."""
 
@@ -201,13 +216,9 @@ class ClientSecurity:
     def tls(self) -> bool:
         return bool(self.ca_file or self.cert_file)
 
-    def _name(self, suffix: str) -> str:
-        return f"{self.env_prefix}{suffix}"
-
     def check(self) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            missing = "TLS_CLIENT_KEY_FILE" if self.cert_file else "TLS_CLIENT_CERT_FILE"
-            raise FieldError(self._name(missing), "a client certificate needs both the certificate and its key")
+        self._check_pair(("TLS_CLIENT_CERT_FILE", self.cert_file), ("TLS_CLIENT_KEY_FILE", self.key_file),
+                         "a client certificate needs both the certificate and its key")
         _check_readable(self.env_prefix, (("TLS_CA_FILE", self.ca_file), ("TLS_CLIENT_CERT_FILE", self.cert_file),
                                           ("TLS_CLIENT_KEY_FILE", self.key_file)), self.token_file)
 
@@ -218,9 +229,6 @@ class ClientSecurity:
         key = _read(self.key_file, self._name("TLS_CLIENT_KEY_FILE")) if self.key_file else None
         cert = _read(self.cert_file, self._name("TLS_CLIENT_CERT_FILE")) if self.cert_file else None
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-
-    def token(self) -> str | None:
-        return read_token(self.token_file, self._name("AUTH_TOKEN_FILE")) if self.token_file else None
 
 
 class _WithToken:
