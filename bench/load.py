@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from stack import flush_policy_cache  # the sibling benchmark's, shared
+from stack import add_search_size_flags, flush_policy_cache  # the sibling benchmark's, shared
 
 # SGLang's series this benchmark reads (srt/observability/metrics_collector.py). Counters keep
 # their ``_total`` sample name; every series carries a ``model_name`` label (summed over here).
@@ -438,10 +438,7 @@ def main(argv: list[str]) -> int:
                    help="comma list; overrides after a colon, ';'-separated: ets:lambda_c=5")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--data", default="bench/data/arith_easy.jsonl")
-    p.add_argument("--problems", type=int, default=8)
-    p.add_argument("--step-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=224)
-    p.add_argument("--max-depth", type=int, default=5)
+    add_search_size_flags(p, problems=8, step_tokens=32, max_tokens=224, max_depth=5)
     p.add_argument("--duration", type=float, default=45.0, help="seconds each level starts new searches")
     p.add_argument("--sample-s", type=float, default=0.5, help="engine gauge sampling interval")
     p.add_argument("--timeout", type=float, default=900.0, help="per-search deadline (s)")

@@ -47,6 +47,7 @@ from typing import Any, Mapping, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load as load_bench  # the sibling benchmark: metrics helpers
+from stack import add_search_size_flags  # the sibling benchmarks' search-size flags
 from ets.config import SearchConfig
 from ets.policy.client import PolicyClient
 from ets.policy.generator import PREFILL_MIN_SHARED, SGLangStepGenerator, tokenize_root
@@ -347,11 +348,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--methods", default="ets,rebase,beam,dvts")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--data", default="bench/data/arith_easy.jsonl")
-    p.add_argument("--problems", type=int, default=3)
+    add_search_size_flags(p, problems=3, step_tokens=64, max_tokens=320, max_depth=6)
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--step-tokens", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=320)
-    p.add_argument("--max-depth", type=int, default=6)
     p.add_argument("--policy-model-type", default="smollm2-instruct")
     p.add_argument("--prm-type", default="arithmetic")
     p.add_argument("--prefill-min-shared", type=int, default=PREFILL_MIN_SHARED,

@@ -154,14 +154,21 @@ def markdown(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) ->
     return "\n".join(lines)
 
 
+def add_search_size_flags(p: argparse.ArgumentParser, *, problems: int, step_tokens: int, max_tokens: int,
+                          max_depth: int) -> None:
+    """How many problems and how long each search may run: the flags every stack benchmark
+    (this one, load.py, prefix_reuse.py) takes, with its own defaults."""
+    p.add_argument("--problems", type=int, default=problems)
+    p.add_argument("--step-tokens", type=int, default=step_tokens)
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--max-depth", type=int, default=max_depth)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="16,64")
     p.add_argument("--methods", default="ets,rebase,beam,best_of_n")
-    p.add_argument("--problems", type=int, default=3)
-    p.add_argument("--step-tokens", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=160)
-    p.add_argument("--max-depth", type=int, default=8)
+    add_search_size_flags(p, problems=3, step_tokens=16, max_tokens=160, max_depth=8)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--out", default="bench/results/stack.json")
     p.add_argument("--addr", default=None, help="use a running search service instead of starting the stack")
