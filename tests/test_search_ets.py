@@ -89,6 +89,15 @@ def test_solver_objective_equals_exhaustive_enumeration(seed: int, lambda_c: flo
         assert sel.objective == pytest.approx(best, abs=1e-9)
 
 
+def _forked(scores: list[float], node_tokens: tuple[int, int, int], candidate_tokens: tuple[int, int, int],
+            step_texts: tuple[str, str, str], embeddings: np.ndarray | None = None) -> Frontier:
+    """The tree of the hand-worked cases below: root 0 -> node 1 -> candidates 0 and 1, root ->
+    node 2 -> candidate 2; ``node_tokens`` are the tokens of nodes 0, 1, 2."""
+    return Frontier(scores=np.array(scores), ancestors=((0, 1), (0, 1), (0, 2)),
+                    node_tokens=dict(enumerate(node_tokens)), candidate_tokens=candidate_tokens,
+                    step_texts=step_texts, embeddings=embeddings)
+
+
 def _select(f: Frontier, width: int, **kw: Any) -> Selection:
     args: dict[str, Any] = dict(softmax_temperature=T, lambda_c=1.0, lambda_s=1.5, cluster_distance=0.05,
                 node_cost="uniform", time_limit_s=10.0)
@@ -168,13 +177,8 @@ def test_uniform_cost_can_trade_few_long_nodes_for_more_short_ones() -> None:
     At lambda_c 1.8 (kappa .3): {c}: .36 - .6 = -.24 beats {a, b}: .64 - .9 = -.26, {a}: -.28.
     (The root, retained by every set, costs one more kappa: objectives -.36 and -.54.)
     Fewer nodes (3 -> 2 besides the root), but KV tokens 13 -> 210."""
-    f = Frontier(
-        scores=np.array([0.79, 0.79, 0.8]),
-        ancestors=((0, 1), (0, 1), (0, 2)),
-        node_tokens={0: 10, 1: 1, 2: 100},
-        candidate_tokens=(1, 1, 100),
-        step_texts=("a", "b", "c"),
-    )
+    f = _forked([0.79, 0.79, 0.8], node_tokens=(10, 1, 100), candidate_tokens=(1, 1, 100),
+                step_texts=("a", "b", "c"))
     assert rebase_allocation(f.scores, 25, T).tolist() == [8, 8, 9]
     low = _select(f, 25, lambda_c=1.5, lambda_s=0.0)
     high = _select(f, 25, lambda_c=1.8, lambda_s=0.0)
@@ -246,14 +250,8 @@ def test_clustering_and_when_coverage_is_skipped() -> None:
 def test_coverage_keeps_a_distinct_low_scorer() -> None:
     """A heavily weighted coverage term keeps a lone candidate of its own cluster even though
     REBASE would give it nothing; with lambda_s = 0 it is pruned."""
-    f = Frontier(
-        scores=np.array([0.9, 0.89, 0.1]),
-        ancestors=((0, 1), (0, 1), (0, 2)),
-        node_tokens={0: 10, 1: 5, 2: 5},
-        candidate_tokens=(5, 5, 5),
-        step_texts=("x = 1", "x = 1", "y = 2"),
-        embeddings=np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-    )
+    f = _forked([0.9, 0.89, 0.1], node_tokens=(10, 5, 5), candidate_tokens=(5, 5, 5),
+                step_texts=("x = 1", "x = 1", "y = 2"), embeddings=np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
     assert rebase_allocation(f.scores, 4, T)[2] == 0
     keep = _select(f, 4, lambda_c=1.0, lambda_s=0.0).keep
     assert keep is not None and keep[2] is False
