@@ -53,27 +53,32 @@ class UpstreamUnavailable(Exception):
         self.detail = detail
 
 
-class UpstreamRejected(Exception):
-    """An upstream refused the request itself (e.g. a PRM type the reward server does not serve,
-    a prompt beyond the policy's context): the request's fault, INVALID_ARGUMENT."""
+class _UpstreamAnswered(Exception):
+    """An upstream answered a call with an error: which upstream, its detail, and the status the
+    search ends with (the client message is the exception's text, scrubbed)."""
 
-    def __init__(self, upstream: str, detail: str, status: Status = Status.INVALID_ARGUMENT) -> None:
-        super().__init__(f"{upstream} server rejected the request: {detail}")
+    def __init__(self, message: str, upstream: str, detail: str, status: Status) -> None:
+        super().__init__(message)
         self.upstream = upstream
         self.detail = detail
         self.status = status
 
 
-class UpstreamFailed(Exception):
+class UpstreamRejected(_UpstreamAnswered):
+    """An upstream refused the request itself (e.g. a PRM type the reward server does not serve,
+    a prompt beyond the policy's context): the request's fault, INVALID_ARGUMENT."""
+
+    def __init__(self, upstream: str, detail: str, status: Status = Status.INVALID_ARGUMENT) -> None:
+        super().__init__(f"{upstream} server rejected the request: {detail}", upstream, detail, status)
+
+
+class UpstreamFailed(_UpstreamAnswered):
     """An upstream answered with an error that is neither "down" nor "your request": it keeps its
     class (INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), so clients retry only what is
     retryable instead of re-running a search that fails the same way (UNAVAILABLE is retried)."""
 
     def __init__(self, upstream: str, detail: str, status: Status = Status.INTERNAL) -> None:
-        super().__init__(f"{upstream} server failed: {detail}")
-        self.upstream = upstream
-        self.detail = detail
-        self.status = status
+        super().__init__(f"{upstream} server failed: {detail}", upstream, detail, status)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def status_for(exc: BaseException) -> Failure:
     if isinstance(exc, UpstreamUnavailable):
         # The address stays in the logs; clients learn which upstream, not where it lives.
         return Failure(Status.UNAVAILABLE, scrub(f"{exc.upstream} server unavailable: {exc.detail}"))
-    if isinstance(exc, (UpstreamFailed, UpstreamRejected)):
+    if isinstance(exc, _UpstreamAnswered):
         return Failure(exc.status, scrub(str(exc)))
     if isinstance(exc, TimeoutError):
         return Failure(Status.DEADLINE_EXCEEDED, str(exc) or "search did not finish before the deadline")
