@@ -37,54 +37,49 @@ class Item:
     steps: int
 
 
-Template = Callable[[random.Random], Item]
+# (rng, name, item) -> Item: every template tells of a name and an item, drawn by the caller.
+Template = Callable[[random.Random, str, str], Item]
 
 
 def _who(rng: random.Random) -> tuple[str, str]:
     return rng.choice(NAMES), rng.choice(ITEMS)
 
 
-def add(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def add(rng: random.Random, name: str, item: str) -> Item:
     a, b = rng.randint(3, 60), rng.randint(2, 40)
     return Item(f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
                 a + b, f"{a} + {b} = {a + b}", 1)
 
 
-def subtract(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def subtract(rng: random.Random, name: str, item: str) -> Item:
     a = rng.randint(20, 90)
     b = rng.randint(2, a - 1)
     return Item(f"{name} had {a} {item} and gave away {b}. How many {item} does {name} have left?",
                 a - b, f"{a} - {b} = {a - b}", 1)
 
 
-def multiply(rng: random.Random) -> Item:
-    _, item = _who(rng)
+def multiply(rng: random.Random, name: str, item: str) -> Item:
     box = rng.choice(CONTAINERS)
     a, b = rng.randint(2, 12), rng.randint(2, 12)
     return Item(f"There are {a} {box} with {b} {item} in each. How many {item} are there in total?",
                 a * b, f"{a} * {b} = {a * b}", 1)
 
 
-def divide(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def divide(rng: random.Random, name: str, item: str) -> Item:
     per, groups = rng.randint(2, 12), rng.randint(2, 9)
     total = per * groups
     return Item(f"{name} shares {total} {item} equally among {groups} friends. How many {item} does each friend get?",
                 per, f"{total} / {groups} = {per}", 1)
 
 
-def multiply_add(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def multiply_add(rng: random.Random, name: str, item: str) -> Item:
     box = rng.choice(CONTAINERS)
     a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
     return Item(f"{name} has {a} {box} of {b} {item} and {c} loose {item}. How many {item} does {name} have?",
                 a * b + c, f"{a} * {b} = {a * b}\n{a * b} + {c} = {a * b + c}", 2)
 
 
-def multiply_subtract(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def multiply_subtract(rng: random.Random, name: str, item: str) -> Item:
     box = rng.choice(CONTAINERS)
     a, b = rng.randint(2, 9), rng.randint(3, 12)
     c = rng.randint(1, a * b - 1)
@@ -93,8 +88,7 @@ def multiply_subtract(rng: random.Random) -> Item:
                 a * b - c, f"{a} * {b} = {a * b}\n{a * b} - {c} = {a * b - c}", 2)
 
 
-def price_change(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def price_change(rng: random.Random, name: str, item: str) -> Item:
     price, n, paid_extra = rng.randint(2, 9), rng.randint(2, 8), rng.randint(1, 10)
     cost = price * n
     return Item(f"{name} buys {n} {item} at {price} dollars each and pays with {cost + paid_extra} dollars. "
@@ -102,8 +96,7 @@ def price_change(rng: random.Random) -> Item:
                 paid_extra, f"{n} * {price} = {cost}\n{cost + paid_extra} - {cost} = {paid_extra}", 2)
 
 
-def divide_add(rng: random.Random) -> Item:
-    name, item = _who(rng)
+def divide_add(rng: random.Random, name: str, item: str) -> Item:
     per, groups, extra = rng.randint(2, 10), rng.randint(2, 6), rng.randint(1, 15)
     total = per * groups
     return Item(f"{name} splits {total} {item} equally into {groups} piles, then adds {extra} {item} to one pile. "
@@ -167,7 +160,7 @@ def generate(seed: int, count: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for i in range(count):
         template = rng.choice(ONE_STEP if i % 2 == 0 else TWO_STEP)
-        item = template(rng)
+        item = template(rng, *_who(rng))
         rows.append({"id": f"arith-{seed}-{i}", "problem": item.problem, "answer": str(item.answer),
                      "solution": item.solution, "steps": item.steps})
     return rows
