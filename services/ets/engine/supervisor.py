@@ -108,6 +108,10 @@ class EngineSupervisor:
             log_path=self.log_dir / f"{self.name.lower()}-sglang-{self.launch.port}.log" if self.log_dir else None,
             name=f"{self.name.lower()}-sglang", port_setting=self.port_setting,
         )
+        # Said before the wait: a first start may take minutes (weights download), and an operator
+        # reading this process's log must see what it waits for and where that engine logs.
+        log.info("%s SGLang server starting (pid %d, %s, %s); waiting up to %.0fs for /health", self.name,
+                 self.process.pid, self.url, self.process.log_where, self.start_timeout_s)
         try:
             await self.process.wait_healthy_async(timeout=self.start_timeout_s)
         except BaseException:

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,7 +88,22 @@ def wait_grpc_serving(proc: ServerProcess, address: str, timeout: float) -> None
         if reason is None:
             return
         time.sleep(0.3)
-    raise ServerStartError(f"{proc.name} not SERVING at {address} after {timeout:.0f}s: {reason}", proc.log_tail())
+    raise ServerStartError(f"{proc.name} not SERVING at {address} after {timeout:.0f}s: {reason}",
+                           proc.log_tail() + _engine_log_tails(proc))
+
+
+def _engine_log_tails(proc: ServerProcess, lines: int = 40) -> str:
+    """The tails of the SGLang engines ``proc`` started beside its own log (the reward server's
+    PRM engine, ``*-sglang-PORT.log``): a reward server that is not SERVING is almost always
+    waiting for that engine, whose log is not in the reward server's own."""
+    if proc.log_path is None:
+        return ""
+    parts = []
+    for path in sorted(proc.log_path.parent.glob("*-sglang-*.log")):
+        with open(path, "rb") as f:
+            tail = b"".join(deque(f, maxlen=lines)).decode("utf-8", errors="replace")
+        parts.append(f"\n--- {path.name} (last {lines} lines) ---\n{tail}")
+    return "".join(parts)
 
 
 @dataclass
