@@ -2,8 +2,9 @@
 or attached SGLang server) and ``rules`` (model-free types such as ``arithmetic``). All take
 adapter-encoded trajectories and return per-step scores.
 
-Owns the ``PrmBackend`` protocol, ``ScoreOutcome``, ``BackendUnavailable`` and the readout
-arithmetic shared by both paths (so the two differ only in how they obtain logits).
+Owns the ``PrmBackend`` protocol, ``ScoreOutcome``, ``BackendUnavailable``, ``ModelBackend`` (the
+tokenizer, adapter and input limit both model backends load alike) and the readout arithmetic
+shared by both paths (so the two differ only in how they obtain logits).
 """
 from __future__ import annotations
 
@@ -98,6 +99,23 @@ def load_tokenizer(model_path: str, prm_type: str, options: PrmOptions | None) -
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     adapter = make_adapter(prm_type, tokenizer, options)
     return tokenizer, adapter, int(getattr(tokenizer, "model_max_length", 4096) or 4096)
+
+
+class ModelBackend:
+    """What both model backends (``sglang``, ``transformers``) share: the tokenizer, adapter and
+    input limit of ``load_tokenizer``, the model and PRM type they serve, and the limit lowered to
+    the model's ``max_position_embeddings``."""
+
+    def __init__(self, model_path: str, prm_type: str, options: PrmOptions | None) -> None:
+        self.tokenizer, self.adapter, self.max_tokens = load_tokenizer(model_path, prm_type, options)
+        self.model_path = model_path
+        self.prm_type = prm_type
+
+    def _limit_to_model(self, config: Any) -> None:
+        """Lower ``max_tokens`` to what the model's config (``AutoConfig``) says it can take, if it says."""
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit:
+            self.max_tokens = min(self.max_tokens, int(limit))
 
 
 def sigmoid(x: float) -> float:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from ets.engine.supervisor import EngineSupervisor
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions, make_adapter
-from ets.reward.backends import ScoreOutcome, load_tokenizer, pair_score, sigmoid
+from ets.reward.backends import ModelBackend, ScoreOutcome, pair_score, sigmoid
 
 SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
@@ -64,7 +64,7 @@ def load_head_mean(model_path: str) -> tuple[list[float], float]:
     return weight.to(torch.float32).mean(dim=0).tolist(), mean_bias
 
 
-class SglangBackend:
+class SglangBackend(ModelBackend):
     name = "sglang"
 
     def __init__(self, model_path: str, prm_type: str, supervisor: EngineSupervisor, *,
@@ -78,9 +78,7 @@ class SglangBackend:
                 )
             make_adapter(prm_type, None)  # raises the unknown-type error naming ETS_PRM_TYPE
         # The tokenizer is loaded here even when attaching by ETS_PRM_URL: scoring sends token ids.
-        self.tokenizer, self.adapter, self.max_tokens = load_tokenizer(model_path, prm_type, options)
-        self.model_path = model_path
-        self.prm_type = prm_type
+        super().__init__(model_path, prm_type, options)
         self.supervisor = supervisor
         self.request_timeout_s = request_timeout_s
         # False = logprob_start_len 0 (every call recomputes the whole prompt): the naive way,
@@ -89,9 +87,7 @@ class SglangBackend:
         try:
             from transformers import AutoConfig
 
-            limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-            if limit:
-                self.max_tokens = min(self.max_tokens, int(limit))
+            self._limit_to_model(AutoConfig.from_pretrained(model_path))
         except (OSError, ValueError):
             pass
         self._head_mean: Any = None

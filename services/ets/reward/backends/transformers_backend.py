@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 from ets.reward.adapters import EncodedTrajectory, PrmOptions
-from ets.reward.backends import InProcessHealth, ScoreOutcome, load_tokenizer
+from ets.reward.backends import InProcessHealth, ModelBackend, ScoreOutcome
 from ets.reward.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -20,16 +20,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
-class TransformersBackend(InProcessHealth):
+class TransformersBackend(ModelBackend, InProcessHealth):
     name = "transformers"
 
     def __init__(self, model_path: str, prm_type: str, *, options: PrmOptions | None = None,
                  device: str = "cpu", dtype: str = "auto", max_batch_items: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  on_batch: Callable[[int], None] | None = None) -> None:
-        self.tokenizer, self.adapter, self.max_tokens = load_tokenizer(model_path, prm_type, options)
-        self.model_path = model_path
-        self.prm_type = prm_type
+        super().__init__(model_path, prm_type, options)
         self.device = device
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
@@ -61,9 +59,7 @@ class TransformersBackend(InProcessHealth):
 
             model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit:
-            self.max_tokens = min(self.max_tokens, int(limit))
+        self._limit_to_model(config)
 
     async def start(self) -> None:
         import asyncio
