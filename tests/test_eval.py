@@ -241,6 +241,16 @@ def test_compare_to_rebase_pairs_problems_and_judges_the_goal() -> None:
     assert rep.compare_to_rebase(rep.summarise([result("ets", 8, "0", True, 5)])) == []
 
 
+
+def test_zero_against_zero_is_not_within_rebases_interval() -> None:
+    rs = [result("rebase", 16, str(i), False, 2000) for i in range(5)]
+    rs += [result("ets", 16, str(i), False, 500) for i in range(5)]
+    summaries = rep.summarise(rs)
+    (c,) = rep.compare_to_rebase(summaries, rs)
+    assert c["kv_reduction_total"] == pytest.approx(4.0)
+    assert not c["accuracy_within_rebase_ci"] and not c["goal_met"]
+    assert "(not measured: neither right on any problem): goal not met" in rep.markdown_table(summaries, [c])
+
 def test_tables_show_every_configuration() -> None:
     rs = [result("rebase", 8, "0", True, 1000), result("ets[cluster_distance=0.3]", 8, "0", True, 400)]
     summaries = rep.summarise(rs)

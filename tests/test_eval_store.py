@@ -151,6 +151,20 @@ def test_paired_comparison_goal_line() -> None:
     assert goal["ours_met"] and goal["ours"] == [(16, "ets")]
 
 
+
+def test_no_right_answer_on_either_side_meets_no_goal() -> None:
+    """0% against 0% is not "REBASE's accuracy reached": accuracy was not measured, whatever the KV."""
+    rs = [_r("rebase", str(i), False, 3000) for i in range(4)]
+    rs += [_r("ets[lambda_c=5]", str(i), False, 1000) for i in range(4)]   # 3x less KV, nobody right
+    rs += [_r("ets", str(i), i == 0, 1000) for i in range(4)]               # one right answer: measured
+    by = {c["label"]: c for c in stats.paired_comparisons(rs)}
+    none_right = by["ets[lambda_c=5]"]
+    assert not none_right["accuracy_measured"] and not none_right["accuracy_holds"]
+    assert not none_right["goal_paper"] and not none_right["goal_ours"]
+    assert "accuracy not measured (no right answer on either side in 4 problems)" in none_right["verdict"]
+    assert by["ets"]["accuracy_measured"] and by["ets"]["accuracy_holds"] and by["ets"]["goal_ours"]
+    assert stats.goal_line([none_right])["paper_met"] is False
+
 def _es(label: str, pid: str, answer: str, tokens: int, *, stopped: bool = False, drawn: int = 0) -> ProblemResult:
     method, _, rest = label.partition("[")
     overrides: dict[str, object] = {}

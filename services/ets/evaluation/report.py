@@ -207,7 +207,8 @@ def compare_to_rebase(summaries: Sequence[Summary], results: Sequence[ProblemRes
                     ets_peak = statistics.fmean(mine[i].peak_kv_tokens for i in both)
                     rebase_peak = statistics.fmean(theirs[i].peak_kv_tokens for i in both)
             reduction = rebase_kv / ets_kv if ets_kv else 0.0
-            matches = s.accuracy >= rebase.accuracy_ci_low
+            # Both at 0%: "within REBASE's interval" would hold vacuously; accuracy was not measured.
+            matches = s.accuracy >= rebase.accuracy_ci_low and (s.accuracy > 0 or rebase.accuracy > 0)
             out.append({
                 "width": width, "label": s.label,
                 "kv_reduction_total": reduction,
@@ -258,11 +259,14 @@ def markdown_table(summaries: Sequence[Summary], comparisons: Sequence[dict[str,
         lines.append("")
         for c in comparisons:
             verdict = "goal met" if c["goal_met"] else "goal not met"
-            within = "within or above" if c["accuracy_within_rebase_ci"] else "below"
+            # Not within at an equal accuracy: both at 0%.
+            within = ("within or above REBASE's interval" if c["accuracy_within_rebase_ci"]
+                      else "not measured: neither right on any problem" if c["accuracy_delta"] == 0
+                      else "below REBASE's interval")
             lines.append(
                 f"- width {c['width']}, {c['label']}: REBASE/ETS KV total {c['kv_reduction_total']:.2f}x, "
                 f"peak {c['kv_reduction_peak']:.2f}x; accuracy {100 * c['accuracy_delta']:+.1f} points "
-                f"({within} REBASE's interval): {verdict} (>= {KV_REDUCTION_GOAL}x at REBASE's accuracy)")
+                f"({within}): {verdict} (>= {KV_REDUCTION_GOAL}x at REBASE's accuracy)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ paired bootstrap interval), and the goal line: at which (width, lambda_c) ETS re
 accuracy with REBASE/ETS KV >= ``GOAL_PAPER`` (1.8x) or ``GOAL_OURS`` (2x).
 
 "Reaches REBASE's accuracy" is read as: the paired difference's 95% interval reaches 0 or above
-(ETS not shown worse) and the mean difference is at least ``-ACCURACY_MARGIN`` (2 points).
+(ETS not shown worse) and the mean difference is at least ``-ACCURACY_MARGIN`` (2 points). It needs
+a right answer on either side: where neither answered any problem right, accuracy was not
+measured (0% = 0% says nothing about holding it), and no goal is met.
 The KV goal is judged on the geometric mean; its interval's low end is reported beside it.
 Bootstraps use a fixed seed, so a report rebuilt from the same results is identical.
 """
@@ -107,7 +109,9 @@ def compare(mine: Sequence[ProblemResult], theirs: Sequence[ProblemResult]) -> d
                          "kv_peak": a[i].peak_kv_tokens, "reference_kv_peak": b[i].peak_kv_tokens,
                          "correct": a[i].correct, "reference_correct": b[i].correct} for i in ids],
     })
-    holds = dhi >= 0 and diff >= -ACCURACY_MARGIN
+    measured = any(x) or any(y)
+    holds = measured and dhi >= 0 and diff >= -ACCURACY_MARGIN
+    out["accuracy_measured"] = measured
     out["accuracy_holds"] = bool(holds)
     out["goal_paper"] = bool(holds and gm >= GOAL_PAPER)
     out["goal_ours"] = bool(holds and gm >= GOAL_OURS)
@@ -125,7 +129,9 @@ def verdict(c: dict[str, Any]) -> str:
     reasons = []
     if kv < GOAL_PAPER:
         reasons.append(f"KV ratio {kv:.2f}x < {GOAL_PAPER}x")
-    if not c["accuracy_holds"]:
+    if not c.get("accuracy_measured", True):
+        reasons.append(f"accuracy not measured (no right answer on either side in {c['problems']} problems)")
+    elif not c["accuracy_holds"]:
         reasons.append(f"accuracy {100 * c['accuracy_difference']:+.1f} points "
                        f"(interval {100 * c['accuracy_difference_ci'][0]:+.0f} to "
                        f"{100 * c['accuracy_difference_ci'][1]:+.0f})")
