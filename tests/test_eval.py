@@ -314,6 +314,23 @@ def test_report_only_merges_per_search_files(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "none.jsonl: no such file" in missing.stderr
 
 
+
+def test_report_only_keeps_the_problems_of_the_data_set_and_limit(tmp_path: Path) -> None:
+    """A cut-off run's last problem has only some configurations: ``--limit`` leaves it out."""
+    data = write(tmp_path / "d.jsonl", [{"id": "a", "problem": "p", "answer": "8"},
+                                        {"id": "b", "problem": "q", "answer": "9"}])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(asdict(r)) + "\n" for r in (
+        result("rebase", 8, "a", True, 400), result("ets", 8, "a", True, 200), result("rebase", 8, "b", False, 900))))
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "ets.cli", "eval", str(data), "--limit", "1", "--report-only",
+                           str(rows), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "1 of 3 results are of problems outside" in done.stderr and "--limit 1" in done.stderr
+    report = json.loads(out.read_text())
+    assert report["problems"] == 1
+    assert {(s["label"], s["problems"]) for s in report["summary"]} == {("rebase", 1), ("ets", 1)}
+
 def test_request_ids_use_only_characters_the_service_accepts() -> None:
     spec = ev.RunSpec("ets", 8, (("cluster_distance", 0.3), ("lambda_c", 2.0)))
     rid = ev.request_id(spec, ev.Problem("gsm8k test/7", "p", "1"))

@@ -442,7 +442,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"ets eval: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.report_only:
-        report_only(args, argv)
+        report_only(args, argv, problems)
         return
     if args.unpaired and not args.store:
         parser.error("--unpaired needs --store (the service path is unpaired already)")
@@ -530,8 +530,10 @@ def run_store(args: argparse.Namespace, problems: Sequence[Problem], runs: Seque
     return {**before, "samples_at_end": store.sample_count, **asdict(c)}
 
 
-def report_only(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    """``--report-only``: the report, table and plot of per-search files already written."""
+def report_only(args: argparse.Namespace, argv: Sequence[str], problems: Sequence[Problem]) -> None:
+    """``--report-only``: the report, table and plot of per-search files already written, over the
+    data set's ``problems`` (``--limit`` applies: a cut-off run is reported over the problems every
+    configuration finished)."""
     collected: list[ProblemResult] = []
     for name in args.report_only:
         path = Path(name)
@@ -539,6 +541,13 @@ def report_only(args: argparse.Namespace, argv: Sequence[str]) -> None:
             print(f"ets eval: --report-only {name}: no such file", file=sys.stderr)
             raise SystemExit(2)
         collected += read_jsonl(path)
+    wanted = {p.id for p in problems}
+    kept = [r for r in collected if r.id in wanted]
+    if len(kept) < len(collected):
+        print(f"ets eval: --report-only: {len(collected) - len(kept)} of {len(collected)} results are of problems "
+              f"outside {args.dataset}{'' if args.limit is None else f' --limit {args.limit}'}; left out",
+              file=sys.stderr)
+    collected = kept
     if not collected:
         print(f"ets eval: --report-only: no results in {', '.join(args.report_only)}", file=sys.stderr)
         raise SystemExit(2)
