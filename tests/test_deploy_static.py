@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -392,8 +393,10 @@ def test_compose_tls_healthcheck_against_a_real_tls_server(service: str, port: i
         await server.start()
         try:
             cmd = command if ca is None else command.replace(str(tls / "ca.pem"), str(ca))
+            # In the image the environment with ``ets`` is first on PATH; here it is this interpreter's.
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
             proc = await asyncio.create_subprocess_exec("sh", "-c", cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                        stderr=asyncio.subprocess.DEVNULL)
+                                                        stderr=asyncio.subprocess.DEVNULL, env=env)
             return await asyncio.wait_for(proc.wait(), 60)
         finally:
             await server.stop(0)
