@@ -58,6 +58,16 @@ DEFAULT_STOP_TIMEOUT_S = 20.0
 PID_FILE_ENV = "ETS_PID_FILE"
 
 
+def file_tail(path: Path, lines: int = 60) -> str:
+    """The last ``lines`` lines of a log file (a note in its place when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            tail = deque(f, maxlen=lines)
+    except OSError as exc:
+        return f"<log {path} unreadable: {exc}>"
+    return b"".join(tail).decode("utf-8", errors="replace")
+
+
 class ServerStartError(RuntimeError):
     """The server died or did not become healthy in time; carries the log tail."""
 
@@ -188,12 +198,7 @@ class ServerProcess:
     def log_tail(self, lines: int = 60) -> str:
         if self.log_path is None:
             return "<the server logs to this process's stdout>"
-        try:
-            with open(self.log_path, "rb") as f:
-                tail = deque(f, maxlen=lines)
-        except OSError as exc:
-            return f"<log {self.log_path} unreadable: {exc}>"
-        return b"".join(tail).decode("utf-8", errors="replace")
+        return file_tail(self.log_path, lines)
 
     def _port(self) -> int | None:
         return urllib.parse.urlsplit(self.url).port

@@ -26,14 +26,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ets.config import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port
+from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, file_tail, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
@@ -98,12 +97,8 @@ def _engine_log_tails(proc: ServerProcess, lines: int = 40) -> str:
     waiting for that engine, whose log is not in the reward server's own."""
     if proc.log_path is None:
         return ""
-    parts = []
-    for path in sorted(proc.log_path.parent.glob("*-sglang-*.log")):
-        with open(path, "rb") as f:
-            tail = b"".join(deque(f, maxlen=lines)).decode("utf-8", errors="replace")
-        parts.append(f"\n--- {path.name} (last {lines} lines) ---\n{tail}")
-    return "".join(parts)
+    return "".join(f"\n--- {path.name} (last {lines} lines) ---\n{file_tail(path, lines)}"
+                   for path in sorted(proc.log_path.parent.glob("*-sglang-*.log")))
 
 
 @dataclass
