@@ -151,7 +151,6 @@ def test_paired_comparison_goal_line() -> None:
     assert goal["ours_met"] and goal["ours"] == [(16, "ets")]
 
 
-
 def test_no_right_answer_on_either_side_meets_no_goal() -> None:
     """0% against 0% is not "REBASE's accuracy reached": accuracy was not measured, whatever the KV."""
     rs = [_r("rebase", str(i), False, 3000) for i in range(4)]
@@ -164,6 +163,7 @@ def test_no_right_answer_on_either_side_meets_no_goal() -> None:
     assert "accuracy not measured (no right answer on either side in 4 problems)" in none_right["verdict"]
     assert by["ets"]["accuracy_measured"] and by["ets"]["accuracy_holds"] and by["ets"]["goal_ours"]
     assert stats.goal_line([none_right])["paper_met"] is False
+
 
 def _es(label: str, pid: str, answer: str, tokens: int, *, stopped: bool = False, drawn: int = 0) -> ProblemResult:
     method, _, rest = label.partition("[")

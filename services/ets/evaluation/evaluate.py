@@ -532,8 +532,8 @@ def run_store(args: argparse.Namespace, problems: Sequence[Problem], runs: Seque
 
 def report_only(args: argparse.Namespace, argv: Sequence[str], problems: Sequence[Problem]) -> None:
     """``--report-only``: the report, table and plot of per-search files already written, over the
-    data set's ``problems`` (``--limit`` applies: a cut-off run is reported over the problems every
-    configuration finished)."""
+    data set's ``problems``: ``--limit`` applies, so a cut-off run can be reported over its first
+    problems only (which configurations finished each one is not checked)."""
     collected: list[ProblemResult] = []
     for name in args.report_only:
         path = Path(name)

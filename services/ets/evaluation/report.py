@@ -27,6 +27,12 @@ def fmt_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def accuracy_measured(*correct: int) -> bool:
+    """Whether two configurations' accuracies can be compared: some right answer on either side.
+    0% against 0% says nothing about one holding the other's accuracy."""
+    return any(c > 0 for c in correct)
+
+
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (sound at 0/n and n/n, unlike the normal
     approximation); (0, 1) when there are no trials."""
@@ -207,13 +213,14 @@ def compare_to_rebase(summaries: Sequence[Summary], results: Sequence[ProblemRes
                     ets_peak = statistics.fmean(mine[i].peak_kv_tokens for i in both)
                     rebase_peak = statistics.fmean(theirs[i].peak_kv_tokens for i in both)
             reduction = rebase_kv / ets_kv if ets_kv else 0.0
-            # Both at 0%: "within REBASE's interval" would hold vacuously; accuracy was not measured.
-            matches = s.accuracy >= rebase.accuracy_ci_low and (s.accuracy > 0 or rebase.accuracy > 0)
+            measured = accuracy_measured(s.correct, rebase.correct)
+            matches = measured and s.accuracy >= rebase.accuracy_ci_low
             out.append({
                 "width": width, "label": s.label,
                 "kv_reduction_total": reduction,
                 "kv_reduction_peak": rebase_peak / ets_peak if ets_peak else 0.0,
                 "accuracy_delta": s.accuracy - rebase.accuracy,
+                "accuracy_measured": measured,
                 "accuracy_within_rebase_ci": matches,
                 "goal_met": bool(matches and reduction >= KV_REDUCTION_GOAL),
             })
@@ -259,9 +266,8 @@ def markdown_table(summaries: Sequence[Summary], comparisons: Sequence[dict[str,
         lines.append("")
         for c in comparisons:
             verdict = "goal met" if c["goal_met"] else "goal not met"
-            # Not within at an equal accuracy: both at 0%.
-            within = ("within or above REBASE's interval" if c["accuracy_within_rebase_ci"]
-                      else "not measured: neither right on any problem" if c["accuracy_delta"] == 0
+            within = ("not measured: neither right on any problem" if not c["accuracy_measured"]
+                      else "within or above REBASE's interval" if c["accuracy_within_rebase_ci"]
                       else "below REBASE's interval")
             lines.append(
                 f"- width {c['width']}, {c['label']}: REBASE/ETS KV total {c['kv_reduction_total']:.2f}x, "

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ets.evaluation.report import ProblemResult, answers_match, by_configuration, wilson_interval
+from ets.evaluation.report import (ProblemResult, accuracy_measured, answers_match, by_configuration,
+                                  wilson_interval)
 
 GOAL_PAPER = 1.8
 GOAL_OURS = 2.0
@@ -109,7 +110,7 @@ def compare(mine: Sequence[ProblemResult], theirs: Sequence[ProblemResult]) -> d
                          "kv_peak": a[i].peak_kv_tokens, "reference_kv_peak": b[i].peak_kv_tokens,
                          "correct": a[i].correct, "reference_correct": b[i].correct} for i in ids],
     })
-    measured = any(x) or any(y)
+    measured = accuracy_measured(sum(x), sum(y))
     holds = measured and dhi >= 0 and diff >= -ACCURACY_MARGIN
     out["accuracy_measured"] = measured
     out["accuracy_holds"] = bool(holds)
@@ -129,7 +130,7 @@ def verdict(c: dict[str, Any]) -> str:
     reasons = []
     if kv < GOAL_PAPER:
         reasons.append(f"KV ratio {kv:.2f}x < {GOAL_PAPER}x")
-    if not c.get("accuracy_measured", True):
+    if not c["accuracy_measured"]:
         reasons.append(f"accuracy not measured (no right answer on either side in {c['problems']} problems)")
     elif not c["accuracy_holds"]:
         reasons.append(f"accuracy {100 * c['accuracy_difference']:+.1f} points "
