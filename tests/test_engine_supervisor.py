@@ -23,6 +23,7 @@ from ets.engine.launcher import LaunchConfig
 from ets.engine.process import free_port
 from ets.engine.procfs import descendants, still_running
 from ets.engine.supervisor import EngineSupervisor, EngineUnavailable
+from ets.retry import Backoff
 
 from tools import HealthOk
 
@@ -72,7 +73,8 @@ async def test_squatted_port_is_refused_with_growing_backoff_and_crash_loops_do_
                           device="cpu", served_name="prm")
     restarts: list[float] = []
     sup = EngineSupervisor(launch=launch, name="PRM", port_setting="ETS_PRM_PORT", log_dir=tmp_path,
-                           start_timeout_s=START_TIMEOUT_S, poll_s=0.2, backoff_initial_s=BACKOFF_S,
+                           start_timeout_s=START_TIMEOUT_S, poll_s=0.2,
+                           restart_backoff=Backoff(initial_backoff_s=BACKOFF_S, max_backoff_s=60.0, jitter=False),
                            stable_after_s=3600.0, on_restart=lambda: restarts.append(time.monotonic()))
     squatter: http.server.ThreadingHTTPServer | None = None
     try:

@@ -17,9 +17,9 @@ from ets.policy.client import (
     PolicyClient,
     PolicyRequestError,
     PolicyUnavailable,
-    RetryPolicy,
     SamplingParams,
 )
+from ets.retry import RetryPolicy
 
 TAG = "ки"  # a single added token in the tiny policy tokenizer (math-shepherd step tag)
 

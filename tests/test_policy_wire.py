@@ -1,5 +1,5 @@
 """Policy client wire format without a server: sampling-parameter JSON (SGLang rejects unknown
-keys), finish-reason parsing as observed from SGLang 0.5.23, error-body parsing, retry backoff."""
+keys), finish-reason parsing as observed from SGLang 0.5.23, error-body parsing."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,6 @@ import pytest
 from ets.policy.client import (
     PolicyRequestError,
     PolicyServerError,
-    RetryPolicy,
     SamplingParams,
     _error_message,
     parse_sample,
@@ -76,9 +75,3 @@ def test_error_bodies() -> None:
     assert _error_message('{"error": {"message": "Failed to compile regex"}}') == "Failed to compile regex"
     assert _error_message('{"detail": [{"msg": "bad"}]}') == "[{'msg': 'bad'}]"
     assert _error_message("plain text") == "plain text"
-
-
-def test_backoff_is_capped_and_grows() -> None:
-    r = RetryPolicy(max_retries=5, initial_backoff_s=0.1, max_backoff_s=1.0)
-    assert all(0.05 <= r.backoff(0) <= 0.1 for _ in range(50))
-    assert all(0.5 <= r.backoff(10) <= 1.0 for _ in range(50))

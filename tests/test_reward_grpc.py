@@ -24,6 +24,7 @@ from ets.engine.process import free_port
 from ets.healthcheck import check
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
 from ets.search.interfaces import ScoredTrajectory
+from ets.retry import RetryPolicy
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 MAX_BATCH = 16
@@ -152,7 +153,7 @@ async def test_health_reflection_and_metrics(server: ThreadedRewardServer) -> No
 
 async def test_client_raises_reward_unavailable_after_bounded_retries() -> None:
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    client = RewardClient(address, attempts=3, backoff_initial_s=0.05, timeout_s=5)
+    client = RewardClient(address, retry=RetryPolicy(max_retries=2, initial_backoff_s=0.05), timeout_s=5)
     try:
         with pytest.raises(RewardUnavailable) as err:
             await client.score_last_steps([ScoredTrajectory("q", ["s"])])
@@ -162,7 +163,7 @@ async def test_client_raises_reward_unavailable_after_bounded_retries() -> None:
 
 
 async def test_client_does_not_retry_invalid_argument(server: ThreadedRewardServer) -> None:
-    async with RewardClient(server.address, attempts=5) as client:
+    async with RewardClient(server.address, retry=RetryPolicy(max_retries=4)) as client:
         with pytest.raises(RewardError) as err:
             await client.score([ScoredTrajectory("", ["s"])])
     assert not isinstance(err.value, RewardUnavailable)

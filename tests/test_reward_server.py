@@ -23,6 +23,7 @@ from ets.healthcheck import check
 from ets.reward.backends.sglang_backend import HIDDEN_STATES_FLAG
 from ets.reward.client import RewardClient
 from ets.search.interfaces import ScoredTrajectory
+from ets.retry import RetryPolicy
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 pytestmark = pytest.mark.sglang
@@ -126,7 +127,7 @@ async def test_attached_prm_unreachable_is_unavailable_server_stays_up(
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len((await stub.Embed(reward_pb2.EmbedRequest(texts=["a b"]), timeout=30)).embeddings) == 1
         assert (await stub.Info(reward_pb2.InfoRequest(), timeout=10)).prm_backend == "sglang"
-    async with RewardClient(server.address, attempts=2, backoff_initial_s=0.05) as client:
+    async with RewardClient(server.address, retry=RetryPolicy(max_retries=1, initial_backoff_s=0.05)) as client:
         from ets.reward.client import RewardUnavailable
 
         with pytest.raises(RewardUnavailable):

@@ -32,6 +32,7 @@ from ets.service.server import SearchServer, ServiceSettings
 from ets.service.settings import settings_from_args
 from ets.testing.inprocess import PROBLEM, SCORES, SCRIPT, serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
+from ets.retry import RetryPolicy
 
 from reward_fixtures import ThreadedRewardServer, reward_config
 from tools import free_port
@@ -226,14 +227,14 @@ async def test_reward_server_over_mtls_with_the_token(secure_reward: ThreadedRew
     async with RewardClient(addr, security=pki.client()) as client:
         assert (await client.info()).prm_type == "arithmetic"
         assert await client.score([("What is 1 + 2?", ["1 + 2 = 3"])]) == [[pytest.approx(SCORE_RIGHT)]]
-    async with RewardClient(addr, security=pki.client(token="wrong"), attempts=3) as client:
+    async with RewardClient(addr, security=pki.client(token="wrong"), retry=RetryPolicy(max_retries=2)) as client:
         with pytest.raises(RewardError) as info:
             await client.info()
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED  # not retried as if the server were down
     async with channel(addr, pki.client(token=None)) as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    async with RewardClient(addr, security=pki.client(cert=False), attempts=1) as client:
+    async with RewardClient(addr, security=pki.client(cert=False), retry=RetryPolicy(max_retries=0)) as client:
         with pytest.raises(RewardError) as refused:
             await client.info()
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE

@@ -6,10 +6,10 @@ dies with its supervisor (parent-death signal), a port already in use is refused
 (``PortInUseError`` naming the setting, so an orphaned engine answering ``/health`` there is never
 taken for the new one), and health only counts from the process that was started.
 
-Restart policy: after a crash the engine is respawned after ``backoff`` seconds, which doubles on
-every respawn up to ``backoff_max_s`` and only falls back to ``backoff_initial_s`` once an engine
-has served for ``stable_after_s``: a spawn that comes up and dies again at once is a crash loop,
-not a fresh failure.
+Restart policy: after a crash the engine is respawned on the ``restart_backoff`` schedule
+(``ets.retry.Backoff``: 1 s doubling up to 60 s by default), which advances on every respawn and
+only starts over once an engine has served for ``stable_after_s``: a spawn that comes up and dies
+again at once is a crash loop, not a fresh failure.
 """
 from __future__ import annotations
 
@@ -24,9 +24,13 @@ import aiohttp
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerProcess, local_url
 from ets.engine.procfs import PortInUseError, check_port_free
+from ets.retry import Backoff
 from ets.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+# A crash loop must not respawn at full pace; no jitter: one supervisor, nothing to desynchronise.
+RESTART_BACKOFF = Backoff(initial_backoff_s=1.0, max_backoff_s=60.0, jitter=False)
 
 
 class EngineUnavailable(RuntimeError):
@@ -42,8 +46,8 @@ class EngineSupervisor:
     def __init__(self, *, url: str | None = None, launch: LaunchConfig | None = None, name: str = "engine",
                  port_setting: str = "port", url_setting: str = "url",
                  log_dir: str | Path = "/tmp/ets-engine-logs", start_timeout_s: float = 600.0,
-                 poll_s: float = 0.5, health_every_s: float = 5.0, backoff_initial_s: float = 1.0,
-                 backoff_max_s: float = 60.0, stable_after_s: float = 60.0,
+                 poll_s: float = 0.5, health_every_s: float = 5.0, restart_backoff: Backoff = RESTART_BACKOFF,
+                 stable_after_s: float = 60.0,
                  on_restart: Callable[[], None] | None = None) -> None:
         if (url is None) == (launch is None):
             raise ValueError("EngineSupervisor needs exactly one of url (attach) or launch (spawn)")
@@ -57,8 +61,7 @@ class EngineSupervisor:
         self.start_timeout_s = start_timeout_s
         self.poll_s = poll_s
         self.health_every_s = health_every_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.restart_backoff = restart_backoff
         self.stable_after_s = stable_after_s
         self.on_restart = on_restart
         self.process: ServerProcess | None = None  # when spawned
@@ -159,21 +162,22 @@ class EngineSupervisor:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         next_health = loop.time() + self.health_every_s
-        backoff = self.backoff_initial_s
+        respawns = 0  # since the engine last served for stable_after_s
         while not self._closed:
             await asyncio.sleep(self.poll_s)
             if self.spawned and (self.process is None or not self.process.is_alive()):
                 self.mark(False)
                 served = None if self._healthy_since is None else loop.time() - self._healthy_since
                 if served is not None and served >= self.stable_after_s:
-                    backoff = self.backoff_initial_s  # it had been serving: a fresh failure
+                    respawns = 0  # it had been serving: a fresh failure
                 self._healthy_since = None
                 code = None if self.process is None else self.process.returncode
+                backoff = self.restart_backoff.backoff(respawns)
                 log.error("%s SGLang server exited (code %s); restarting in %.1fs", self.name, code, backoff)
                 await self._restart(backoff)
                 # Grows on every respawn, whether it came up or not: an engine that comes up and
                 # dies again at once must not be respawned at the initial pace forever.
-                backoff = min(backoff * 2, self.backoff_max_s)
+                respawns += 1
                 continue
             # Down: probe at the poll rate so recovery is seen quickly; up: every health_every_s.
             if not self._up or loop.time() >= next_health:

@@ -13,7 +13,7 @@ Owns the wire format and its failure modes, nothing about search:
   ``cached_tokens``);
 - errors: 4xx -> ``PolicyRequestError`` carrying the server's message; connection failures and
   502 / 503 / 504 (starting, overloaded, behind a restarting proxy) are retried with capped
-  exponential backoff, then ``PolicyUnavailable``; other 5xx -> ``PolicyServerError`` at once; a
+  exponential backoff (``ets.retry``), then ``PolicyUnavailable``; other 5xx -> ``PolicyServerError`` at once; a
   request timeout raises ``PolicyUnavailable`` at once (the server may still be working on it).
 
 Inputs are checked before they are sent: an out-of-vocabulary token id crashes SGLang 0.5.23's
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Self, Sequence
 
 import aiohttp
+
+from ets.retry import RetryPolicy
 
 Finish = Literal["stop", "eos", "length"]
 
@@ -143,20 +144,6 @@ class Sample:
     cached_tokens: int
     e2e_latency_s: float | None = None
     meta: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with capped exponential backoff and jitter (connection errors, 502-504)."""
-
-    max_retries: int = 3
-    initial_backoff_s: float = 0.2
-    max_backoff_s: float = 3.0
-    multiplier: float = 2.0
-
-    def backoff(self, attempt: int) -> float:
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt)
-        return base * (0.5 + random.random() / 2)
 
 
 def parse_sample(obj: Mapping[str, Any], stop_token_ids: Sequence[int] = ()) -> Sample:
@@ -270,7 +257,7 @@ class PolicyClient:
         """One call with bounded retries; returns (status, body) for non-retried statuses.
         ``engine``: send it to ``engine_url`` (calls a router does not proxy)."""
         url = (self.engine_url if engine else self.base_url) + path
-        attempts = (self.retry.max_retries if retries is None else retries) + 1
+        attempts = self.retry.attempts if retries is None else retries + 1
         last: str = ""
         # Always per request: a shared session may carry no timeout of its own.
         req_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout.total, sock_connect=self.timeout.sock_connect)

@@ -1,6 +1,6 @@
 """``RewardClient``: the async gRPC client of the reward server, and the search's ``StepScorer``.
 
-Owns deadlines, bounded retries with exponential backoff on UNAVAILABLE (the PRM restarting, the
+Owns deadlines, bounded retries (``ets.retry``) on UNAVAILABLE (the PRM restarting, the
 server rolling), splitting large batches into the server's ``max_batch_size``, and the typed
 ``RewardUnavailable`` raised when retries run out. Other gRPC errors surface as ``RewardError``
 with the server's message (INVALID_ARGUMENT names the field). No torch here: the search image
@@ -9,13 +9,13 @@ imports this module.
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any, Sequence
 
 import grpc
 import numpy as np
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
+from ets.retry import RetryPolicy
 from ets.search.interfaces import ScoredTrajectory
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
@@ -38,22 +38,19 @@ class RewardUnavailable(RewardError):
 # full queue (RESOURCE_EXHAUSTED) or INTERNAL would fail the same way again at once: not retried
 # here, passed on with their class (the search service keeps it).
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# Five tries, waiting up to 0.25, 0.5, 1 and 2 s between them (jittered down to half).
+DEFAULT_RETRY = RetryPolicy(max_retries=4, initial_backoff_s=0.25, max_backoff_s=4.0)
 
 
 class RewardClient:
     """Async client; use as ``async with RewardClient(addr) as c`` or call ``close()``."""
 
-    def __init__(self, address: str, *, timeout_s: float = 60.0, attempts: int = 5,
-                 backoff_initial_s: float = 0.25, backoff_max_s: float = 4.0,
+    def __init__(self, address: str, *, timeout_s: float = 60.0, retry: RetryPolicy = DEFAULT_RETRY,
                  max_batch_size: int | None = None, channel: grpc.aio.Channel | None = None,
                  security: ClientSecurity | None = None) -> None:
-        if attempts < 1:
-            raise ValueError("attempts: must be >= 1")
         self.address = address
         self.timeout_s = timeout_s
-        self.attempts = attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self.retry = retry
         self._max_batch_size = max_batch_size
         self._dim: int | None = None
         # ``security``: TLS / client certificate / bearer token (``ets.security``; default plaintext).
@@ -74,21 +71,18 @@ class RewardClient:
 
     async def _call(self, method: str, request: Any) -> Any:
         rpc = getattr(self._stub, method)
-        delay = self.backoff_initial_s
         last: grpc.aio.AioRpcError | None = None
-        for attempt in range(self.attempts):
+        for attempt in range(self.retry.attempts):
             try:
                 return await rpc(request, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _RETRYABLE:
                     raise RewardError(err.code(), err.details() or "") from None
                 last = err
-            if attempt + 1 < self.attempts:
-                # Full jitter keeps many searches from retrying in lockstep.
-                await asyncio.sleep(random.uniform(0.5, 1.0) * delay)
-                delay = min(delay * 2, self.backoff_max_s)
+            if attempt + 1 < self.retry.attempts:
+                await asyncio.sleep(self.retry.backoff(attempt))
         assert last is not None
-        raise RewardUnavailable(last.code(), f"{self.address} {method} after {self.attempts} attempts: "
+        raise RewardUnavailable(last.code(), f"{self.address} {method} after {self.retry.attempts} attempts: "
                                 f"{last.details()}") from None
 
     async def info(self) -> reward_pb2.InfoResponse:
