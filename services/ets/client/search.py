@@ -65,7 +65,7 @@ _SECURITY_FLAGS = (
 )
 
 
-def add_security_flags(parser: argparse.ArgumentParser) -> None:
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("transport security (default: plaintext, no token)")
     for flag, env, field, text in _SECURITY_FLAGS:
         group.add_argument(flag, dest=f"sec_{field}", default=os.environ.get(env, ""), metavar="FILE",
@@ -90,12 +90,21 @@ _TYPES: dict[int, Callable[[str], Any]] = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per proto SearchConfig field (default None = server default)."""
     group = parser.add_argument_group("search config (unset = server default)")
     for field in search_pb2.SearchConfig.DESCRIPTOR.fields:
         group.add_argument("--" + field.name.replace("_", "-"), dest=f"cfg_{field.name}",
                            type=_TYPES[field.type], default=None, metavar=field.name.upper())
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every caller of a search service takes (``ets search``, ``ets eval``): where it is
+    (``--addr``), how to reach it (transport security) and the search config, one flag per field."""
+    parser.add_argument("--addr", default=os.environ.get("ETS_SEARCH_ADDR", DEFAULT_ADDR),
+                        help=f"search service host:port (ETS_SEARCH_ADDR, default {DEFAULT_ADDR})")
+    _add_security_flags(parser)
+    _add_config_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> search_pb2.SearchConfig:
@@ -217,8 +226,7 @@ async def run_search(addr: str, request: search_pb2.SearchRequest, *, timeout: f
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets search", description="run one search and print the result")
     parser.add_argument("problem", nargs="?", help="the problem text ('-' or omitted: read stdin)")
-    parser.add_argument("--addr", default=os.environ.get("ETS_SEARCH_ADDR", DEFAULT_ADDR),
-                        help=f"search service host:port (ETS_SEARCH_ADDR, default {DEFAULT_ADDR})")
+    add_service_flags(parser)
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     parser.add_argument("--stream", action="store_true", help="use SearchStream and print progress per depth")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
@@ -227,8 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidates", type=int, default=10, help="candidates to list (text output)")
     parser.add_argument("--summary-only", action="store_true",
                         help="ask for the answer, best trajectory and stats only (no candidate list)")
-    add_security_flags(parser)
-    add_config_flags(parser)
     return parser
 
 

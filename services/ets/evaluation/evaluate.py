@@ -63,9 +63,7 @@ from ets.evaluation.report import (
     summarise,
 )
 from ets.client.search import (
-    DEFAULT_ADDR,
-    add_config_flags,
-    add_security_flags,
+    add_service_flags,
     channel_options,
     config_from_args,
     security_from_args,
@@ -382,7 +380,7 @@ def _parsed(parser: argparse.ArgumentParser, parse: Callable[[_In], _Out], value
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets eval", description="evaluate methods and widths over a JSONL dataset")
     parser.add_argument("dataset", help="JSONL file with problem/answer fields")
-    parser.add_argument("--addr", default=os.environ.get("ETS_SEARCH_ADDR", DEFAULT_ADDR))
+    add_service_flags(parser)
     parser.add_argument("--methods", default="ets,rebase",
                         help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16)")
     parser.add_argument("--widths", default="16", help="comma-separated widths")
@@ -416,8 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="SGLang policy server (default $ETS_POLICY_URL)")
     local.add_argument("--reward-addr", default=os.environ.get("ETS_REWARD_ADDR", ""),
                        help="reward server host:port (default $ETS_REWARD_ADDR)")
-    add_security_flags(parser)
-    add_config_flags(parser)
     return parser
 
 
