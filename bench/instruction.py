@@ -104,7 +104,7 @@ def summarise(rows: Sequence[dict[str, Any]], wordings: Sequence[str],
 
 def table(summary: dict[str, Any], base: str) -> str:
     lines = ["| wording | samples | answer line | usable answer | placeholder copied | right | "
-             f"paired vs {base}: answer line, right | mean tokens |", "|---|---|---|---|---|---|---|---|"]
+             f"paired vs {base} (pts): answer line, usable, right | mean tokens |", "|---|---|---|---|---|---|---|---|"]
 
     def pct(cell: dict[str, Any]) -> str:
         return f"{100 * cell['rate']:.0f}% ({100 * cell['ci95'][0]:.0f}-{100 * cell['ci95'][1]:.0f})"
@@ -114,7 +114,7 @@ def table(summary: dict[str, Any], base: str) -> str:
         return "" if d is None else f"{100 * d['mean']:+.0f} ({100 * d['ci95'][0]:+.0f} to {100 * d['ci95'][1]:+.0f})"
 
     for name, e in summary.items():
-        paired = "" if name == base else f"{diff(e['answer_line'])}, {diff(e['right'])} pts"
+        paired = "" if name == base else ", ".join(diff(e[k]) for k in ("answer_line", "usable", "right"))
         lines.append(f"| {name} | {e['samples']} | {pct(e['answer_line'])} | {pct(e['usable'])} | "
                      f"{pct(e['placeholder'])} | {pct(e['right'])} | {paired} | {e['mean_tokens']:.0f} |")
     return "\n".join(lines)
@@ -142,6 +142,7 @@ def sample(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any,
         rows = [row[ids["input_ids"].shape[1]:] for row in drawn]
         lengths = [int((row != tok.eos_token_id).sum()) for row in rows]
         out.append(([str(tok.decode(row, skip_special_tokens=True)) for row in rows], lengths))
+        print(f"  {problem['id']}", file=sys.stderr, flush=True)
     return out
 
 
