@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -121,7 +122,10 @@ def test_model_types() -> None:
     assert sm.instruction is not None
     messages = sm.root_messages("Tom has 3 {apples}?")
     assert messages == [{"role": "user", "content": "Tom has 3 {apples}?\n" + sm.instruction}]
-    assert "The answer is N." in sm.instruction and sm.has_answer("So he has 8 apples.\nThe answer is 8.")
+    # No placeholder letter for the model to copy (bench/instruction.py measured it copied).
+    assert '"The answer is" followed by the final number' in sm.instruction
+    assert re.search(r"\b[A-Z]\b", sm.instruction) is None
+    assert sm.has_answer("So he has 8 apples.\nThe answer is 8.")
     with pytest.raises(ConfigError):
         policy_model_type("nope")
     assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")

@@ -34,7 +34,11 @@ LLAMA_INSTRUCT_SYSTEM_PROMPT = (
 # (long, LaTeX) is too much for a 135M model (3/4, 0 right, longer text). A short instruction after
 # the question, naming the exact closing sentence, under the model's own default system prompt:
 # 4/4 extracted (a system-prompt version of it: 3/4). Measured on SGLang CPU; see docs/demo.md.
-SMOLLM2_INSTRUCTION = 'Solve it step by step. End your reply with "The answer is N." where N is the final number.'
+# No placeholder letter to copy: 'End your reply with "The answer is N." where N is ...' had the
+# model answer a literal "N" in 5% of sampled solutions; this wording gives a usable (numeric)
+# answer in 82% against 71% (paired, 24 problems x 8 samples; bench/instruction.py).
+SMOLLM2_INSTRUCTION = ('Solve it step by step. End your reply with the sentence "The answer is" '
+                       'followed by the final number.')
 
 DEFAULT_ANSWER_MARKERS: tuple[str, ...] = (
     "The answer is",
