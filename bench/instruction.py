@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prm_signal import draw_transformers  # the sibling benchmark's seeded in-process sampler
+
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = (REPO / "bench" / "data" / "arith_easy.jsonl", REPO / "bench" / "data" / "gsm8k_easy.jsonl")
 
@@ -120,31 +124,7 @@ def table(summary: dict[str, Any], base: str) -> str:
     return "\n".join(lines)
 
 
-# ---- sampling ----------------------------------------------------------------------------------
-
-def sample(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
-           max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[str], list[int]]]:
-    """Per problem: ``samples`` solutions and their token counts, seeded per problem."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out: list[tuple[list[str], list[int]]] = []
-    for i, problem in enumerate(problems):
-        text = tok.apply_chat_template(model_type.root_messages(problem["problem"]), tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok([text] * samples, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(seed + i)
-        with torch.inference_mode():
-            drawn = model.generate(**ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
-        rows = [row[ids["input_ids"].shape[1]:] for row in drawn]
-        lengths = [int((row != tok.eos_token_id).sum()) for row in rows]
-        out.append(([str(tok.decode(row, skip_special_tokens=True)) for row in rows], lengths))
-        print(f"  {problem['id']}", file=sys.stderr, flush=True)
-    return out
-
+# ---- the run -----------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +168,8 @@ def main() -> None:
     for name in names:
         model_type = dataclasses.replace(base_type, instruction=WORDINGS[name])
         started = time.perf_counter()
-        drawn = sample(model, problems, model_type, args.samples, args.max_new_tokens, args.temperature, args.seed)
+        drawn = draw_transformers(model, problems, model_type, args.samples, args.max_new_tokens,
+                                  args.temperature, args.seed)
         timings[name] = time.perf_counter() - started
         for problem, (texts, lengths) in zip(problems, drawn, strict=True):
             for k, (text, n_tokens) in enumerate(zip(texts, lengths, strict=True)):

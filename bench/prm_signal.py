@@ -165,16 +165,17 @@ async def sample_solutions(policy_url: str, problems: Sequence[dict[str, Any]], 
         return list(await asyncio.gather(*(one(p) for p in problems)))
 
 
-def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
-                                  max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
-    """The same draws in process (transformers ``generate``, the prepared bf16 weights the engine
-    serves), seeded per problem so a rerun draws the same solutions."""
+def draw_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
+                      max_new_tokens: int, temperature: float, seed: int) -> list[tuple[list[str], list[int]]]:
+    """Per problem, ``samples`` whole solutions and their generated token counts, drawn in process
+    (transformers ``generate``, the prepared bf16 weights the engine serves) and seeded per problem,
+    so a rerun draws the same solutions. Rooted as the search roots them (the type's chat messages)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out: list[list[str]] = []
+    out: list[tuple[list[str], list[int]]] = []
     for i, problem in enumerate(problems):
         text = tok.apply_chat_template(model_type.root_messages(problem["problem"]), tokenize=False,
                                        add_generation_prompt=True)
@@ -183,9 +184,19 @@ def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, 
         with torch.inference_mode():
             drawn = model.generate(**ids, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                    max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
-        out.append([str(tok.decode(row[ids["input_ids"].shape[1]:], skip_special_tokens=True)) for row in drawn])
+        rows = [row[ids["input_ids"].shape[1]:] for row in drawn]
+        # generate pads finished rows with the end token: what is not padding was generated.
+        lengths = [int((row != tok.eos_token_id).sum()) for row in rows]
+        out.append(([str(tok.decode(row, skip_special_tokens=True)) for row in rows], lengths))
         print(f"  sampled {problem['id']}", file=sys.stderr, flush=True)
     return out
+
+
+def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
+                                  max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
+    """``draw_transformers``' solutions, without their token counts."""
+    return [texts for texts, _ in draw_transformers(model_dir, problems, model_type, samples, max_new_tokens,
+                                                    temperature, seed)]
 
 
 async def score_with_backend(backend: Any, samples: list[dict[str, Any]], name: str, chunk: int = 16) -> float:
