@@ -8,12 +8,13 @@ whole solutions (temperature 0.7, top-k/top-p off, ``--max-new-tokens``: the CPU
 exactly as the search roots them (the ``smollm2-instruct`` type's chat messages with only the
 instruction swapped). Problems: the first ``--problems`` / 2 of the seeded arithmetic set and of the
 GSM8K-easy subset. Draws run in process (transformers ``generate``, the bf16 weights the engine
-serves), seeded per (problem, sample batch) and the same seed under every wording, so a rerun draws
-the same text; SGLang's CPU engine ignores per-request seeds.
+serves), seeded per problem with the same seed under every wording, so a rerun draws the same
+text; SGLang's CPU engine ignores per-request seeds.
 
 Per wording, over every sample: the share with an answer line (``has_answer``: the type's markers),
 with a usable answer (``extract_answer`` holds a digit), with the placeholder copied (the answer is
-a bare letter such as the instruction's "N"), and right (``equivalent`` to the reference). Samples
+a bare letter such as the instruction's "N"), and right (a usable answer ``equivalent`` to the
+reference). Samples
 of one problem are not independent, so each rate's 95% interval comes from a seeded bootstrap over
 problems, and each wording is compared with the first (``--wordings``' baseline) paired by
 problem: the mean per-problem difference with its bootstrap interval.
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prm_signal import draw_transformers  # the sibling benchmark's seeded in-process sampler
+from ets.search.answers import equivalent, extract_answer
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = (REPO / "bench" / "data" / "arith_easy.jsonl", REPO / "bench" / "data" / "gsm8k_easy.jsonl")
@@ -55,8 +57,6 @@ _DIGIT = re.compile(r"\d")
 
 def classify(text: str, reference: str, model_type: Any) -> dict[str, bool]:
     """One sampled solution's labels: answer line, usable (numeric) answer, placeholder, right."""
-    from ets.search.answers import equivalent, extract_answer
-
     answer = extract_answer(text)
     usable = bool(_DIGIT.search(answer))
     return {

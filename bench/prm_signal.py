@@ -192,13 +192,6 @@ def draw_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model
     return out
 
 
-def sample_solutions_transformers(model_dir: Path, problems: Sequence[dict[str, Any]], model_type: Any, samples: int,
-                                  max_new_tokens: int, temperature: float, seed: int) -> list[list[str]]:
-    """``draw_transformers``' solutions, without their token counts."""
-    return [texts for texts, _ in draw_transformers(model_dir, problems, model_type, samples, max_new_tokens,
-                                                    temperature, seed)]
-
-
 async def score_with_backend(backend: Any, samples: list[dict[str, Any]], name: str, chunk: int = 16) -> float:
     """Every step score of every sample from a started model backend; returns the seconds taken."""
     started = time.perf_counter()
@@ -283,8 +276,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.sampler == "transformers":
-        texts = sample_solutions_transformers(model, problems, model_type, args.samples, args.max_new_tokens,
-                                              args.temperature, args.seed)
+        texts = [solutions for solutions, _ in draw_transformers(model, problems, model_type, args.samples,
+                                                                  args.max_new_tokens, args.temperature, args.seed)]
     else:
         texts = await _sample_on_engine(args, model, problems, model_type)
     timings["sampling_s"] = time.perf_counter() - started
