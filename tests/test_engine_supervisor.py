@@ -6,6 +6,7 @@ the backoff."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
 import logging
 import os
@@ -22,8 +23,7 @@ import pytest
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import free_port
 from ets.engine.procfs import descendants, still_running
-from ets.engine.supervisor import EngineSupervisor, EngineUnavailable
-from ets.retry import Backoff
+from ets.engine.supervisor import RESTART_BACKOFF, EngineSupervisor, EngineUnavailable
 
 from tools import HealthOk
 
@@ -74,7 +74,7 @@ async def test_squatted_port_is_refused_with_growing_backoff_and_crash_loops_do_
     restarts: list[float] = []
     sup = EngineSupervisor(launch=launch, name="PRM", port_setting="ETS_PRM_PORT", log_dir=tmp_path,
                            start_timeout_s=START_TIMEOUT_S, poll_s=0.2,
-                           restart_backoff=Backoff(initial_backoff_s=BACKOFF_S, max_backoff_s=60.0, jitter=False),
+                           restart_backoff=dataclasses.replace(RESTART_BACKOFF, initial_backoff_s=BACKOFF_S),
                            stable_after_s=3600.0, on_restart=lambda: restarts.append(time.monotonic()))
     squatter: http.server.ThreadingHTTPServer | None = None
     try:

@@ -22,9 +22,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
 from ets.engine.process import free_port
 from ets.healthcheck import check
+from ets.retry import RetryPolicy
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
 from ets.search.interfaces import ScoredTrajectory
-from ets.retry import RetryPolicy
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 MAX_BATCH = 16

@@ -20,10 +20,10 @@ import pytest
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
 from ets.engine.process import ServerProcess, free_port
 from ets.healthcheck import check
+from ets.retry import RetryPolicy
 from ets.reward.backends.sglang_backend import HIDDEN_STATES_FLAG
 from ets.reward.client import RewardClient
 from ets.search.interfaces import ScoredTrajectory
-from ets.retry import RetryPolicy
 from reward_fixtures import ThreadedRewardServer, reward_config
 
 pytestmark = pytest.mark.sglang

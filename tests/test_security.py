@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.errors import FieldError
 from ets.policy.client import PolicyClient, PolicyRequestError
+from ets.retry import RetryPolicy
 from ets.reward.client import RewardClient, RewardError
 from ets.reward.rules import SCORE_RIGHT
 from ets.security import ClientSecurity, ServerSecurity, bearer_ok, channel
@@ -32,7 +33,6 @@ from ets.service.server import SearchServer, ServiceSettings
 from ets.service.settings import settings_from_args
 from ets.testing.inprocess import PROBLEM, SCORES, SCRIPT, serving
 from ets.testing.upstreams import ScriptedPolicy, ScriptedUpstreams, TableScorer
-from ets.retry import RetryPolicy
 
 from reward_fixtures import ThreadedRewardServer, reward_config
 from tools import free_port

@@ -39,6 +39,8 @@ Finish = Literal["stop", "eos", "length"]
 
 # Statuses worth retrying: the server is starting, overloaded or behind a restarting proxy.
 _RETRY_STATUSES = frozenset({502, 503, 504})
+# Four tries, waiting up to 0.2, 0.4 and 0.8 s between them (jittered down to half; capped at 3 s).
+DEFAULT_RETRY = RetryPolicy(max_retries=3, initial_backoff_s=0.2, max_backoff_s=3.0)
 
 
 class PolicyError(Exception):
@@ -220,7 +222,7 @@ class PolicyClient:
         # Where calls go that only an engine answers (tokenization, model info): the server itself.
         self.engine_url = self.base_url
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self.vocab_size = vocab_size
         self._max_connections = max_connections
         # A caller-owned session (shared connection pool) is used as is and never closed here.
