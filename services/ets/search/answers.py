@@ -128,12 +128,35 @@ def normalise(answer: str) -> str:
     return re.sub(r"\s+", "", answer)
 
 
+# A number in a stated base: "52_8", "4210_{5}" (MATH's base answers).
+_BASED = re.compile(r"\s*\$?([0-9A-Za-z]+)_\{?(\d+)\}?\$?\s*")
+# A column vector: \begin{pmatrix} a \\ b \end{pmatrix} (also bmatrix), one entry per row.
+_COLUMN = re.compile(r"\\begin\{([pb])matrix\}((?:(?!\\end|&).)*)\\end\{\1matrix\}", re.DOTALL)
+
+
+def _column_as_tuple(answer: str) -> str:
+    """Column vectors written as tuples: "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}" -> "(1, 2)" (a
+    reader calls them the same vector; math-verify parses a matrix and a tuple as different
+    types). Matrices with columns (&) stay as they are."""
+    return _COLUMN.sub(lambda m: "(" + ", ".join(e.strip() for e in m.group(2).split("\\\\")) + ")", answer)
+
+
+def _bases_differ(a: str, b: str) -> bool:
+    """Both answers name a base and the bases differ: "52_8" vs "52_9" (math-verify drops the
+    subscript, which would call them equal)."""
+    ma, mb = _BASED.fullmatch(a), _BASED.fullmatch(b)
+    return bool(ma and mb and int(ma.group(2)) != int(mb.group(2)))
+
+
 def equivalent(a: str, b: str) -> bool:
-    """Whether two extracted answers are mathematically equal (math-verify, either direction)."""
+    """Whether two extracted answers are mathematically equal (math-verify, either direction;
+    column vectors compared as tuples, numbers in different stated bases never equal)."""
     if normalise(a) == normalise(b):
         return True
-    if not a or not b:
+    if not a or not b or _bases_differ(a, b):
         return False
+    if "matrix}" in a or "matrix}" in b:
+        a, b = _column_as_tuple(a), _column_as_tuple(b)
     from math_verify import verify
 
     timeout = _timeout()
