@@ -43,7 +43,9 @@ import grpc
 from ets.api.v1 import search_pb2, search_pb2_grpc
 from ets.config import SearchConfig
 from ets.evaluation.local import LocalUpstreams, run_local
+from ets.evaluation.preset import Preset, available as available_presets, load_preset
 from ets.evaluation.store import SampleStore
+from ets.evaluation.throughput import as_row, markdown as throughput_markdown, measure, summarise as throughput_summary
 from ets.security import ClientSecurity
 from ets.settings import parse_bool
 from ets.security import channel as secure_channel
@@ -56,6 +58,8 @@ from ets.evaluation.report import (
     early_stop_markdown,
     format_table,
     markdown_table,
+    extraction_markdown,
+    extraction_rows,
     paired_markdown,
     plot,
     plot_kv_ratio,
@@ -69,6 +73,7 @@ from ets.client.search import (
     security_from_args,
 )
 
+OUT_DEFAULT = "eval-results.json"
 SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", "node_cost", "early_stop")
 
 
@@ -267,7 +272,8 @@ async def run_one(stub: search_pb2_grpc.SearchServiceStub, problem: Problem, spe
     if response is None:
         result.error = "stream ended without a result"
         return result
-    await asyncio.to_thread(grade, result, response.answer, [c.answer for c in response.candidates], response.stats)
+    await asyncio.to_thread(grade, result, response.answer, [c.answer for c in response.candidates], response.stats,
+                            [(c.text, c.aggregate_score) for c in response.candidates], response.config.voting)
     result.wall_seconds = response.stats.wall_seconds
     result.resolved_config = json_format.MessageToDict(response.config, preserving_proto_field_name=True)
     return result
@@ -348,11 +354,109 @@ def build_report(meta: dict[str, Any], results: Sequence[ProblemResult]) -> dict
     paired = paired_comparisons(results)
     return {**meta, "summary": [asdict(s) for s in summaries],
             "paired_vs_rebase": paired, "goal": goal_line(paired),
+            "paired_vs_best_of_n": paired_comparisons(results, reference="best_of_n"),
+            "extraction": extraction_rows(results),
             "early_stop": early_stop_comparisons(results),
             "samples": {"requested": sum(r.samples_requested for r in results),
                         "drawn": sum(r.samples_drawn for r in results)},
             "ets_vs_rebase": compare_to_rebase(summaries, results),
             "results": [asdict(r) for r in results]}
+
+
+# ---- presets: the settings, the plan, the estimate, the throughput phase -------------------------
+
+def apply_preset(args: argparse.Namespace) -> Preset:
+    """Fill what the command line left unset from ``args.preset``: data set, methods, widths, seed,
+    concurrency, every config field the preset sets (a flag given explicitly wins), and the paired
+    store, per-search lines, report, table and plots in ``--out-dir``, resumed when they exist."""
+    preset = load_preset(args.preset)
+    args.dataset = args.dataset or preset.dataset
+    args.methods = args.methods or ",".join(preset.methods)
+    args.widths = args.widths or ",".join(str(w) for w in preset.widths)
+    if args.concurrency is None:
+        args.concurrency = preset.concurrency
+    for name, value in {**preset.config, "seed": preset.seed}.items():
+        if getattr(args, f"cfg_{name}", None) is None:
+            setattr(args, f"cfg_{name}", value)
+    out_dir = Path(args.out_dir or f"eval-{preset.name}")
+    defaults = {"store": "store.jsonl", "jsonl": "searches.jsonl", "markdown": "report.md",
+                "plot": "accuracy_kv.png", "ratio_plot": "kv_ratio.png"}
+    for name, file in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, str(out_dir / file))
+    if args.out == OUT_DEFAULT:
+        args.out = str(out_dir / "report.json")
+    args.resume = True  # a preset run picks up where an interrupted one stopped
+    return preset
+
+
+def plan_text(problems: Sequence[Problem], runs: Sequence[RunSpec], done: int, config: SearchConfig,
+              concurrency: int) -> str:
+    """What the evaluation will do, before it starts: searches per width and method, and the
+    sampled-token ceiling from the budgets (each of a search's ``width`` candidates generates at
+    most ``max_tokens``, root included, so width x max_tokens bounds a search)."""
+    per_width: dict[int, list[str]] = {}
+    for r in runs:
+        per_width.setdefault(r.width, []).append(r.label)
+    total = len(problems) * len(runs)
+    ceiling = sum(len(problems) * r.width * config.max_tokens for r in runs)
+    lines = [f"plan: {len(problems)} problems x {len(runs)} configurations = {total} searches "
+             f"({done} already done, {total - done} to run, {concurrency} at a time)"]
+    for width, labels in sorted(per_width.items()):
+        lines.append(f"  width {width}: {', '.join(labels)}; at most {width * config.max_tokens:,} sampled tokens "
+                     f"per search ({width} x max_tokens {config.max_tokens})")
+    lines.append(f"  sampled tokens at most {ceiling:,} in all (searches end earlier when their candidates answer; "
+                 "paired, the methods of a problem share samples, so the policy draws fewer)")
+    lines.append("  time: estimated once the first problem's searches have finished; the bar shows an ETA")
+    return "\n".join(lines)
+
+
+def estimate_text(elapsed: float, finished: int, todo: int) -> str:
+    """The time estimate from the first searches (every configuration of the first problem)."""
+    rest = todo - finished
+    eta = elapsed / finished * rest if finished else 0.0
+    return (f"estimate: the first {finished} searches took {elapsed:.0f} s; the remaining {rest} at that pace: "
+            f"about {eta / 3600:.1f} h ({eta:.0f} s)")
+
+
+def run_throughput(args: argparse.Namespace, preset: Preset, problems: Sequence[Problem],
+                   base: search_pb2.SearchConfig, security: ClientSecurity, out_dir: Path) -> dict[str, Any]:
+    """The preset's throughput phase through the search service at ``--addr``: levels appended to
+    ``throughput.jsonl`` in ``out_dir`` as they finish, finished levels not run again."""
+    assert preset.throughput is not None
+    t = preset.throughput
+    widths = _csv(args.throughput_widths, int) if args.throughput_widths else list(t.widths)
+    concurrency = args.throughput_concurrency or t.concurrency
+    searches = args.throughput_searches or t.searches
+    path = out_dir / "throughput.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    done = [d for d in done if d["width"] in widths and d["method"] in t.methods and d["round"] < t.rounds
+            and d["concurrency"] == concurrency]
+    print(f"throughput: {', '.join(t.methods)} at widths {widths}, {t.rounds} rounds x {searches} searches, "
+          f"{concurrency} clients, through {args.addr} ({len(done)} levels already done)", file=sys.stderr)
+    seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
+
+    def level_done(level: Any) -> None:
+        row = as_row(level)
+        done.append(row)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"  width {level.width} {level.method} round {level.round}: {level.searches} searches "
+              f"({level.errors} failed) in {level.seconds:.0f} s", file=sys.stderr)
+
+    async def go() -> None:
+        async with secure_channel(args.addr, security, options=channel_options(3)) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+
+            async def one(index: int, method: str, width: int) -> ProblemResult:
+                spec = RunSpec(method, width, preset.lambda_s_overrides(width) if method == "ets" else ())
+                return await run_one(stub, problems[index], spec, seed + index, base, args.timeout)
+
+            await measure(one, len(problems), t.methods, widths, concurrency=concurrency, searches=searches,
+                          rounds=t.rounds, done=done, on_level=level_done)
+
+    asyncio.run(go())
+    return {"addr": args.addr, "problems": len(problems), "levels": done, "summary": throughput_summary(done)}
 
 
 def local_base_config(args: argparse.Namespace) -> SearchConfig:
@@ -379,20 +483,35 @@ def _parsed(parser: argparse.ArgumentParser, parse: Callable[[_In], _Out], value
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ets eval", description="evaluate methods and widths over a JSONL dataset")
-    parser.add_argument("dataset", help="JSONL file with problem/answer fields")
+    parser.add_argument("dataset", nargs="?", default=None,
+                        help="JSONL file with problem/answer fields (default with --preset: the preset's)")
     add_service_flags(parser)
-    parser.add_argument("--methods", default="ets,rebase",
-                        help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16)")
-    parser.add_argument("--widths", default="16", help="comma-separated widths")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="run a named preset (a versioned file of settings; flags given explicitly override it): "
+                             f"{', '.join(available_presets())}. Paired (--store) in --out-dir, resumed when "
+                             "re-run, then the throughput phase against --addr")
+    parser.add_argument("--out-dir", default=None,
+                        help="with --preset: where the store, per-search lines, report, table and plots go "
+                             "(default eval-PRESET)")
+    parser.add_argument("--no-throughput", action="store_true", help="with --preset: skip the throughput phase")
+    parser.add_argument("--throughput-searches", type=int, default=None,
+                        help="with --preset: searches per method and round of the throughput phase")
+    parser.add_argument("--throughput-concurrency", type=int, default=None,
+                        help="with --preset: clients of the throughput phase")
+    parser.add_argument("--throughput-widths", default=None, help="with --preset: widths of the throughput phase")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16) "
+                             "(default ets,rebase)")
+    parser.add_argument("--widths", default=None, help="comma-separated widths (default 16)")
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
                         help="setting values to sweep (repeatable; grid product per method); METHOD:FIELD=... "
                              f"sweeps METHOD instead of --sweep-method; fields: {', '.join(SWEEPABLE)}")
     parser.add_argument("--sweep-widths", default=None, help="widths of the sweep (default: --widths)")
     parser.add_argument("--sweep-method", default="ets", help="method the sweep applies to")
     parser.add_argument("--limit", type=int, default=None, help="first N problems only")
-    parser.add_argument("--concurrency", type=int, default=2, help="searches in flight")
+    parser.add_argument("--concurrency", type=int, default=None, help="searches in flight (default 2)")
     parser.add_argument("--timeout", type=float, default=900.0, help="deadline per search (s)")
-    parser.add_argument("--out", default="eval-results.json", help="results JSON path (rewritten as results land)")
+    parser.add_argument("--out", default=OUT_DEFAULT, help="results JSON path (rewritten as results land)")
     parser.add_argument("--jsonl", default=None, help="per-search lines, appended as they land (default: OUT.jsonl)")
     parser.add_argument("--resume", action="store_true", help="skip searches already in --jsonl")
     parser.add_argument("--report-only", action="append", default=[], metavar="JSONL",
@@ -421,6 +540,12 @@ def main(argv: Sequence[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(list(argv))
     security = security_from_args(parser, args)
+    preset = _parsed(parser, apply_preset, args) if args.preset else None
+    if args.dataset is None:
+        parser.error("the dataset is required (or a --preset that names one)")
+    args.methods = args.methods or "ets,rebase"
+    args.widths = args.widths or "16"
+    args.concurrency = 2 if args.concurrency is None else args.concurrency
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
     methods = _parsed(parser, parse_methods, args.methods)
@@ -451,6 +576,9 @@ def main(argv: Sequence[str]) -> None:
     # In-process, the base configuration is known: a sweep value equal to it is the plain run.
     defaults = asdict(local_config) if local_config is not None else None
     runs = plan_runs(methods, widths, sweep, sweep_widths, args.sweep_method, defaults)
+    if preset is not None:  # the preset's lambda_s per width (none: the config's width preset is the same)
+        runs = [RunSpec(r.method, r.width, r.overrides or preset.lambda_s_overrides(r.width)) if r.method == "ets"
+                else r for r in runs]
     base = config_from_args(args)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
     out = Path(args.out)
@@ -470,14 +598,24 @@ def main(argv: Sequence[str]) -> None:
                                                     if k.startswith("cfg_") and v is not None})),
         "mode": ("unpaired (store)" if args.unpaired else "paired (store)") if args.store else "service (unpaired)",
     }
+    if preset is not None:
+        meta["preset"] = preset.as_dict()
     if args.store:
         assert local_config is not None
         meta["store"] = {"path": str(args.store), "policy_url": args.policy_url, "reward_addr": args.reward_addr}
         meta["search_defaults"] = json.loads(json.dumps(asdict(local_config)))
     collected = list(previous)
     started = time.perf_counter()
+    todo = len(wanted) - len({r.key for r in previous})
+    print(plan_text(problems, runs, len(wanted) - todo, local_config or SearchConfig(), args.concurrency),
+          file=sys.stderr)
+    landed = 0
 
     def land(result: ProblemResult) -> None:
+        nonlocal landed
+        landed += 1
+        if landed == min(len(runs), todo):  # the first problem's configurations: a time estimate
+            print(estimate_text(time.perf_counter() - started, landed, todo), file=sys.stderr)
         collected.append(result)
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(asdict(result)) + "\n")
@@ -491,7 +629,10 @@ def main(argv: Sequence[str]) -> None:
         asyncio.run(evaluate(args.addr, problems, runs, base, seed=seed, concurrency=args.concurrency,
                              timeout=args.timeout, progress=not args.no_progress,
                              done={r.key for r in previous}, on_result=land, security=security))
-    report = build_report({**meta, "wall_seconds": time.perf_counter() - started, "complete": True}, collected)
+    meta["wall_seconds"] = time.perf_counter() - started
+    if preset is not None and preset.throughput is not None and not args.no_throughput:
+        meta["throughput"] = run_throughput(args, preset, problems, base, security, out.parent)
+    report = build_report({**meta, "complete": True}, collected)
     out.write_text(json.dumps(report, indent=2))
     finish(args, report, collected, jsonl)
 
@@ -563,8 +704,19 @@ def finish(args: argparse.Namespace, report: dict[str, Any], collected: Sequence
     print(format_table(summaries))
     paired = report["paired_vs_rebase"]
     table = markdown_table(summaries) + "\n\n" + paired_markdown(paired)
+    if any(c.get("problems") for c in report.get("paired_vs_best_of_n", ())):
+        table += ("\n\nAgainst best-of-N (weighted majority), paired:\n\n"
+                  + paired_markdown(report["paired_vs_best_of_n"]))
     if report["early_stop"]:
         table += "\n\n" + early_stop_markdown(report["early_stop"])
+    if report.get("extraction"):
+        extraction = extraction_markdown(report["extraction"])
+        table += "\n\nNumeric problems, strict against flexible extraction:\n\n" + extraction
+        print(extraction)
+    if report.get("throughput", {}).get("summary"):
+        t = report["throughput"]
+        table += (f"\n\nThroughput through the search service at the same settings ({t['addr']}, "
+                  f"{t['problems']} problems cycled):\n\n" + throughput_markdown(t["summary"]))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     for c in paired:

@@ -140,7 +140,9 @@ async def run_local(problem: "Problem", spec: "RunSpec", base: SearchConfig, see
         return result
     trajectories = done.result.trajectories
     choice = await asyncio.to_thread(select_answer, trajectories, config.voting, config.aggregation)
-    await asyncio.to_thread(grade, result, choice.answer, choice.answers, done.result.stats)
+    await asyncio.to_thread(grade, result, choice.answer, choice.answers, done.result.stats,
+                            [(t.text, s) for t, s in zip(trajectories, choice.aggregate_scores, strict=True)],
+                            config.voting)
     result.solver_time_limits = done.result.stats.solver_time_limits
     result.wall_seconds = done.wall_seconds
     result.frontier, result.kept = done.frontier, done.kept

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -89,6 +90,12 @@ class ProblemResult:
     stopped_early: bool = False  # the exact early stop ended it (config.early_stop: vote decided)
     width_left: int = 0          # width it left unspent then
     resolved_config: dict[str, Any] = field(default_factory=dict)
+    # Numeric references (GSM8K, the arithmetic sets): the vote over the same candidates with the
+    # flexible extraction (the last number of each text, lm-evaluation-harness's GSM8K reading);
+    # ``answer`` / ``correct`` are the strict one (the answer marker).
+    numeric: bool = False
+    flexible_answer: str = ""
+    flexible_correct: bool = False
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -106,11 +113,28 @@ def answers_match(predicted: str, reference: str) -> bool:
     return bool(predicted.strip()) and bool(answers.equivalent(predicted, reference))
 
 
-def grade(result: ProblemResult, answer: str, candidate_answers: Sequence[str], stats: Any) -> ProblemResult:
+_NUMERIC = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def is_numeric(reference: str) -> bool:
+    """A reference that is a plain number ("72", "-3.5", "1,000"): strict and flexible extraction
+    are both reported for it."""
+    return bool(_NUMERIC.fullmatch(reference.strip()))
+
+
+def grade(result: ProblemResult, answer: str, candidate_answers: Sequence[str], stats: Any,
+          candidates: Sequence[tuple[str, float]] = (), voting: str = "weighted_majority") -> ProblemResult:
     """``result`` with the chosen answer, whether it (or any finished candidate: the oracle) is
-    right, and ``stats``' ``STAT_FIELDS``. Runs math-verify: call it off the event loop."""
+    right, and ``stats``' ``STAT_FIELDS``; for a numeric reference, also the flexible vote over
+    ``candidates`` (each finished candidate's text and aggregated score). Runs math-verify: call it
+    off the event loop."""
     result.answer = answer
     result.correct = answers_match(answer, result.reference)
+    result.numeric = is_numeric(result.reference)
+    if result.numeric and candidates:
+        flexible = [answers.extract_final_number(text) for text, _ in candidates]
+        result.flexible_answer = answers.choose(flexible, [score for _, score in candidates], voting)
+        result.flexible_correct = answers_match(result.flexible_answer, result.reference)
     result.oracle = result.correct or any(
         answers_match(a, result.reference) for a in dict.fromkeys(a for a in candidate_answers if a.strip()))
     for name in STAT_FIELDS:
@@ -410,3 +434,42 @@ def read_jsonl(path: Path) -> list[ProblemResult]:
         except (json.JSONDecodeError, TypeError):
             continue
     return out
+
+
+def extraction_rows(results: Sequence[ProblemResult]) -> list[dict[str, Any]]:
+    """Strict against flexible extraction per configuration, over its numeric problems (none: []):
+    accuracy of each with its Wilson interval, how often each found an answer, and the searches
+    only one of them got right (the paired difference; ``ets.evaluation.stats`` adds its test)."""
+    out = []
+    for (label, width), rs in by_configuration(results).items():
+        num = [r for r in rs if r.numeric]
+        if not num:
+            continue
+        strict, flexible = sum(r.correct for r in num), sum(r.flexible_correct for r in num)
+        out.append({
+            "label": label, "width": width, "problems": len(num),
+            "strict_correct": strict, "strict_ci": list(wilson_interval(strict, len(num))),
+            "flexible_correct": flexible, "flexible_ci": list(wilson_interval(flexible, len(num))),
+            "strict_answered": sum(bool(r.answer) for r in num),
+            "flexible_answered": sum(bool(r.flexible_answer) for r in num),
+            "only_strict": sum(1 for r in num if r.correct and not r.flexible_correct),
+            "only_flexible": sum(1 for r in num if r.flexible_correct and not r.correct),
+        })
+    return out
+
+
+def extraction_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The strict-vs-flexible table (numeric problems)."""
+    lines = ["| configuration | width | n | strict (answer marker) | flexible (last number) | answered strict "
+             "/ flexible | right only strict / only flexible |",
+             "|---|---:|---:|---|---|---:|---:|"]
+
+    def acc(k: int, n: int, ci: Sequence[float]) -> str:
+        return f"{k}/{n} {_pct(k / n)} ({100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)"
+
+    for r in rows:
+        n = r["problems"]
+        lines.append(f"| {r['label']} | {r['width']} | {n} | {acc(r['strict_correct'], n, r['strict_ci'])} "
+                     f"| {acc(r['flexible_correct'], n, r['flexible_ci'])} | {r['strict_answered']} / "
+                     f"{r['flexible_answered']} | {r['only_strict']} / {r['only_flexible']} |")
+    return "\n".join(lines)

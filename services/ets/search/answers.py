@@ -89,6 +89,22 @@ def extract_answer(text: str) -> str:
     return equation.group(1) if equation else rest
 
 
+# lm-evaluation-harness's GSM8K "flexible-extract": the last number-like run of the text.
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def extract_final_number(text: str) -> str:
+    """The last number in a trajectory's text ("" when it has none), as lm-evaluation-harness's
+    GSM8K flexible extraction reads it: the last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``, without
+    ``$``, thousands commas and a closing period (its ``regexes_to_ignore``)."""
+    found = ""
+    for m in _FLEXIBLE.finditer(text):
+        value = m.group(0).replace("$", "").replace(",", "").rstrip(".")
+        if any(ch.isdigit() for ch in value):
+            found = value
+    return found
+
+
 def aggregate(scores: Sequence[float], how: str = "last") -> float:
     """Aggregate a trajectory's step scores: last (default), min, mean or prod (0.0 if empty)."""
     if not scores:
@@ -274,6 +290,18 @@ def select_answer(
     ranking = tuple(AnswerVote(answers[g[0]], len(g), key[0], key[1]) for key, g in ranked)
     best = best_in(ranked[0][1])
     return AnswerChoice(answers[best], best, scores, answers, ranking)
+
+
+def choose(answers: Sequence[str], scores: Sequence[float], voting: str = "weighted_majority",
+           group: Grouping = group_answers) -> str:
+    """The answer ``select_answer``'s vote picks from already extracted ``answers`` and aggregated
+    ``scores`` (one per trajectory): for voting over another extraction of the same candidates
+    (``ets eval``'s flexible extraction). "" when none answered."""
+    groups = group(answers)
+    if not groups:
+        return ""
+    winner = max(_tally(scores, groups, voting), key=lambda kv: kv[0])[1]
+    return answers[max(winner, key=lambda i: (scores[i], -i))]
 
 
 def _most_gained(key: _Key, remaining: int, voting: str) -> _Key:

