@@ -10,7 +10,10 @@ the store, and its ``tree`` digest must equal the recorded one), then, on the sa
 candidates, votes three ways:
 
 - *recorded*: the answer and grade the run wrote (the extraction of its day);
-- *strict*: ``extract_answer`` as it is now (the answer marker, ``\\boxed{}``, ``####``);
+- *strict before*: ``extract_answer`` without its number-then-words rule (the extraction before
+  issue 27: "8 apples left" stayed as written, and math-verify read it as a product of letters);
+- *strict*: ``extract_answer`` as it is now (the answer marker, ``\\boxed{}``, ``####``; a number
+  followed by words only is the number);
 - *flexible*: ``extract_final_number`` (the last number of the text, lm-evaluation-harness's
   GSM8K "flexible-extract").
 
@@ -152,6 +155,26 @@ def paired(x: Sequence[bool], y: Sequence[bool]) -> dict[str, Any]:
             "mcnemar_p": mcnemar_exact(only_x, only_y)}
 
 
+def extract_before(text: str) -> str:
+    """``extract_answer`` without the number-then-words rule (what it was before issue 27)."""
+    rule = answers._NUMBER_THEN_WORDS
+    answers._NUMBER_THEN_WORDS = re.compile(r"(?!)")  # matches nothing
+    try:
+        return answers.extract_answer(text)
+    finally:
+        answers._NUMBER_THEN_WORDS = rule
+
+
+def comparisons(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def col(name: str) -> list[bool]:
+        return [bool(x[name]) for x in rows]
+
+    return {"strict_before_vs_recorded": paired(col("strict_before"), col("recorded")),
+            "strict_vs_strict_before": paired(col("strict"), col("strict_before")),
+            "flexible_vs_strict": paired(col("flexible"), col("strict")),
+            "flexible_vs_strict_before": paired(col("flexible"), col("strict_before"))}
+
+
 def main(argv: list[str]) -> int:
     # Searches of one store share most candidates: compare each pair of answers once.
     answers.equivalent = functools.lru_cache(maxsize=None)(answers.equivalent)
@@ -177,27 +200,30 @@ def main(argv: list[str]) -> int:
         store = load_store(Path(args.results) / f"{name}.store.jsonl.gz")
         replayed = asyncio.run(replay(rows, questions, store, tokenizer, args.model))
         run_rows = []
-        for r in replayed:
+        for i, r in enumerate(replayed, 1):
             ref = r.row["reference"]
+            before = vote(r, extract_before)
             strict = vote(r, answers.extract_answer)
             flexible = vote(r, answers.extract_final_number)
-            run_rows.append({"recorded": bool(r.row["correct"]), "strict": answers_match(strict, ref),
-                             "flexible": answers_match(flexible, ref)})
+            run_rows.append({"run": name, "id": r.row["id"], "label": r.row["label"], "width": r.row["width"],
+                             "recorded_answer": r.row["answer"], "recorded": bool(r.row["correct"]),
+                             "strict_before_answer": before, "strict_before": answers_match(before, ref),
+                             "strict_answer": strict, "strict": answers_match(strict, ref),
+                             "flexible_answer": flexible, "flexible": answers_match(flexible, ref)})
             for text in r.texts:
-                a = answers.extract_answer(text)
+                a, b = answers.extract_answer(text), extract_before(text)
                 candidates["finished"] += 1
                 candidates["no answer (strict)"] += not a
+                candidates["not a number (strict before)"] += bool(b) and not is_number(b)
                 candidates["not a number (strict)"] += bool(a) and not is_number(a)
+                candidates["changed by the fix"] += a != b
                 candidates["no number (flexible)"] += not answers.extract_final_number(text)
-                if a and not is_number(a):
-                    not_number_examples[a] += 1
+                if b and not is_number(b):
+                    not_number_examples[b] += 1
+            print(f"  voted {i}/{len(replayed)} ({name})", file=sys.stderr)
         per_search += run_rows
-        report["runs"][name] = {
-            "searches": len(run_rows), "replayed_trees_equal": len(run_rows),
-            "strict_vs_recorded": paired([x["strict"] for x in run_rows], [x["recorded"] for x in run_rows]),
-            "flexible_vs_recorded": paired([x["flexible"] for x in run_rows], [x["recorded"] for x in run_rows]),
-            "flexible_vs_strict": paired([x["flexible"] for x in run_rows], [x["strict"] for x in run_rows]),
-        }
+        report["runs"][name] = {"searches": len(run_rows), "replayed_trees_equal": len(run_rows),
+                                **comparisons(run_rows)}
     recorded: Counter[str] = Counter()
     for name, _ in RECORDED_ONLY + RUNS:
         for line in (Path(args.results) / f"{name}.jsonl").read_text().splitlines():
@@ -209,14 +235,11 @@ def main(argv: list[str]) -> int:
     report["finished_candidates"] = dict(candidates)
     report["not_a_number_examples"] = not_number_examples.most_common(40)
     report["recorded_answers"] = dict(recorded)
-    report["all"] = {
-        "strict_vs_recorded": paired([x["strict"] for x in per_search], [x["recorded"] for x in per_search]),
-        "flexible_vs_recorded": paired([x["flexible"] for x in per_search], [x["recorded"] for x in per_search]),
-        "flexible_vs_strict": paired([x["flexible"] for x in per_search], [x["strict"] for x in per_search]),
-    }
+    report["all"] = comparisons(per_search)
+    report["per_search"] = per_search
     report["seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("runs",)}, indent=1, default=float)[:6000])
+    print(json.dumps({k: v for k, v in report.items() if k not in ("per_search",)}, indent=1, default=float)[:8000])
     return 0
 
 

@@ -30,7 +30,17 @@ def traj(text: str, *scores: float) -> Trajectory:
         ("The answer is 16 - 3 - 4 = 9.", "9"),
         ("The answer is x = 3 + 5.", "x = 3 + 5"),
         ("The answer is 3. After breaking this down, Tom has 3 apples left", "3"),
-        ("The answer is 3.5 apples.", "3.5 apples"),
+        # A number, then words only: the number (a reader's answer; math-verify alone reads
+        # "3 apples, and the solution is 5" as 5 and "8 apples left" as a product of letters).
+        ("The answer is 3.5 apples.", "3.5"),
+        ("The answer is 8 apples left.", "8"),
+        ("The answer is 3 apples, and the solution is 5", "3"),
+        ("The answer is $18.00 per hour.", "18.00"),
+        ("The answer is 3 and 5.", "3 and 5"),
+        ("The answer is 4 pi.", "4 pi"),
+        (r"The answer is 2 \sqrt{3} units.", r"2 \sqrt{3} units"),
+        ("The answer is 12 cm^2.", "12 cm^2"),
+        ("The answer is the final answer.", "the final answer"),
         # GSM8K's own closing line, when no marker sentence is there.
         ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
         ("#### 5\nThe answer is 7.", "7"),

@@ -40,6 +40,11 @@ _TRAILING = re.compile(r"(?:\s*(?:I hope it is correct\.?|ки))+\s*$", re.IGNOR
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 # GSM8K's own closing line: "#### 72".
 _HASHES = re.compile(r"####\s*")
+# "8 apples left", "3 apples, and the solution is 5": a number, then words (units, a clause) and
+# nothing mathematical -> the number. Not "3 and 5" (two answers), "4 pi", "2 \\sqrt{3}", "3 x + 2".
+_NUMBER_THEN_WORDS = re.compile(r"^\$?(-?\d[\d,]*(?:\.\d+)?)\s*,?\s+"
+                                r"(?!(?:and|or|pi|sqrt|times|over|plus|minus|divided)\b)"
+                                r"([A-Za-z]{2,}\b[^\\^_{}=+*/<>|]*)$")
 # "3 + 5 = 8" after a marker (small models restate the sum): numbers and operators only on the
 # left, one number on the right -> the right. "x = 3" (a variable) stays as written.
 _NUMERIC_EQUATION = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)$")
@@ -67,7 +72,8 @@ def extract_answer(text: str) -> str:
     The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
     "The answer is" marker (else after GSM8K's "####"), up to the end of its line, without a
     closing period, ``$`` signs or a trailing step tag, and only its first sentence; a purely
-    numeric equation there ("3 + 5 = 8") gives its result.
+    numeric equation there ("3 + 5 = 8") gives its result, and a number followed by words only
+    ("8 apples left", "3 apples, and the solution is 5") gives the number.
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -86,7 +92,10 @@ def extract_answer(text: str) -> str:
     rest = _SENTENCE_END.split(rest, maxsplit=1)[0]
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
     equation = _NUMERIC_EQUATION.match(rest)
-    return equation.group(1) if equation else rest
+    if equation:
+        return equation.group(1)
+    worded = _NUMBER_THEN_WORDS.match(rest)
+    return worded.group(1) if worded else rest
 
 
 # lm-evaluation-harness's GSM8K "flexible-extract": the last number-like run of the text.
