@@ -52,7 +52,7 @@ def _eval(stack: Stack, out: Path, limit: int) -> subprocess.CompletedProcess[st
          "--limit", str(limit), "--widths", str(WIDTH), "--concurrency", "3", "--no-progress",
          "--policy-url", stack.policy_url, "--reward-addr", stack.reward_addr, "--addr", stack.search_addr,
          "--policy-model-type", "smollm2-instruct", "--prm-type", "arithmetic",
-         "--max-step-tokens", "48", "--max-tokens", "176", "--max-depth", "4", "--timeout", "900",
+         "--max-step-tokens", "48", "--max-tokens", "288", "--max-depth", "4", "--timeout", "900",
          "--throughput-widths", str(WIDTH), "--throughput-searches", "2", "--throughput-concurrency", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=2000)
 
@@ -70,7 +70,7 @@ def test_the_preset_runs_end_to_end_resumes_and_pairs_the_methods(real_stack: St
     first = _eval(real_stack, out, limit=1)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "plan: 1 problems x 3 configurations = 3 searches (0 already done, 3 to run, 3 at a time)" in first.stderr
-    assert f"width {WIDTH}: rebase, ets, best_of_n; at most {WIDTH * 176} sampled tokens per search" in first.stderr
+    assert f"width {WIDTH}: rebase, ets, best_of_n; at most {WIDTH * 288} sampled tokens per search" in first.stderr
     assert "estimate: the first 3 searches took" in first.stderr
     searches = _lines(out / "searches.jsonl")
     samples_after_first = _store_samples(out / "store.jsonl")
@@ -98,7 +98,7 @@ def test_the_preset_runs_end_to_end_resumes_and_pairs_the_methods(real_stack: St
         c = r["resolved_config"]
         assert (c["temperature"], c["softmax_temperature"], c["lambda_c"], c["voting"]) == \
             (1.0, 0.2, 1.0, "weighted_majority")
-        assert (c["policy_model_type"], c["prm_type"], c["max_tokens"]) == ("smollm2-instruct", "arithmetic", 176)
+        assert (c["policy_model_type"], c["prm_type"], c["max_tokens"]) == ("smollm2-instruct", "arithmetic", 288)
 
     # One report: per width and method, what the reproduction table shows.
     summary = {s["label"]: s for s in report["summary"]}
