@@ -155,14 +155,23 @@ def paired(x: Sequence[bool], y: Sequence[bool]) -> dict[str, Any]:
             "mcnemar_p": mcnemar_exact(only_x, only_y)}
 
 
+# The extraction before issue 27: a numeric equation only when nothing follows its result, and
+# none of the number-then-words, number-then-aside and quote rules (git show 0eea8aa:services/ets/search/answers.py).
+_EQUATION_BEFORE = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)$")
+_NEVER = re.compile(r"(?!)")
+
+
 def extract_before(text: str) -> str:
-    """``extract_answer`` without the number-then-words rule (what it was before issue 27)."""
-    rule = answers._NUMBER_THEN_WORDS
-    answers._NUMBER_THEN_WORDS = re.compile(r"(?!)")  # matches nothing
+    """``extract_answer`` as it was before issue 27 (its new rules switched off)."""
+    rules = ("_NUMERIC_EQUATION", "_NUMBER_THEN_WORDS", "_NUMBER_THEN_ASIDE", "_QUOTED")
+    saved = {name: getattr(answers, name) for name in rules}
+    for name, before in zip(rules, (_EQUATION_BEFORE, _NEVER, _NEVER, _NEVER), strict=True):
+        setattr(answers, name, before)
     try:
         return answers.extract_answer(text)
     finally:
-        answers._NUMBER_THEN_WORDS = rule
+        for name, rule in saved.items():
+            setattr(answers, name, rule)
 
 
 def comparisons(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -41,6 +41,10 @@ def traj(text: str, *scores: float) -> Trajectory:
         (r"The answer is 2 \sqrt{3} units.", r"2 \sqrt{3} units"),
         ("The answer is 12 cm^2.", "12 cm^2"),
         ("The answer is the final answer.", "the final answer"),
+        ("The answer is 11 + 5 = 16 pencils.", "16"),
+        ("The answer is 4 (because 4 is 4 x 4).", "4"),
+        ('The answer is "11".', "11"),
+        ("The answer is N = 4.", "N = 4"),
         # GSM8K's own closing line, when no marker sentence is there.
         ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),
         ("#### 5\nThe answer is 7.", "7"),

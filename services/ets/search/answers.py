@@ -47,7 +47,12 @@ _NUMBER_THEN_WORDS = re.compile(r"^\$?(-?\d[\d,]*(?:\.\d+)?)\s*,?\s+"
                                 r"([A-Za-z]{2,}\b[^\\^_{}=+*/<>|]*)$")
 # "3 + 5 = 8" after a marker (small models restate the sum): numbers and operators only on the
 # left, one number on the right -> the right. "x = 3" (a variable) stays as written.
-_NUMERIC_EQUATION = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)$")
+# Words may follow the result ("11 + 5 = 16 pencils": 16, what the model states).
+_NUMERIC_EQUATION = re.compile(r"^[\d\s.,+\-*/×÷()]+=\s*(-?[\d.,]*\d)(?:\s+[A-Za-z][A-Za-z\s]*)?$")
+# A quoted answer: '"11"' (the instruction quotes "The answer is", and the model quotes back).
+_QUOTED = re.compile(r'^"([^"]+)"$')
+# "4 (because 4 is 4 x 4)", "5 (the final number of cookies)": a number, then only a parenthetical.
+_NUMBER_THEN_ASIDE = re.compile(r"^\$?(-?\d[\d,]*(?:\.\d+)?)\s+\([^()]*\)$")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -72,8 +77,9 @@ def extract_answer(text: str) -> str:
     The last ``\\boxed{}`` wins; otherwise the text after the last "The final answer is" /
     "The answer is" marker (else after GSM8K's "####"), up to the end of its line, without a
     closing period, ``$`` signs or a trailing step tag, and only its first sentence; a purely
-    numeric equation there ("3 + 5 = 8") gives its result, and a number followed by words only
-    ("8 apples left", "3 apples, and the solution is 5") gives the number.
+    numeric equation there ("3 + 5 = 8", "3 + 5 = 8 apples") gives its result, a number followed
+    by words only ("8 apples left", "3 apples, and the solution is 5") or by a parenthetical
+    ("4 (because ...)") gives the number, and quotes around the answer go.
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -91,11 +97,14 @@ def extract_answer(text: str) -> str:
     # Only the first sentence: "The answer is 3. After that, Tom ..." answers 3.
     rest = _SENTENCE_END.split(rest, maxsplit=1)[0]
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
-    equation = _NUMERIC_EQUATION.match(rest)
-    if equation:
-        return equation.group(1)
-    worded = _NUMBER_THEN_WORDS.match(rest)
-    return worded.group(1) if worded else rest
+    quoted = _QUOTED.match(rest)
+    if quoted:
+        rest = quoted.group(1).strip()
+    for rule in (_NUMERIC_EQUATION, _NUMBER_THEN_WORDS, _NUMBER_THEN_ASIDE):
+        found = rule.match(rest)
+        if found:
+            return found.group(1)
+    return rest
 
 
 # lm-evaluation-harness's GSM8K "flexible-extract": the last number-like run of the text.
