@@ -428,11 +428,12 @@ def run_throughput(args: argparse.Namespace, preset: Preset, problems: Sequence[
     widths = _csv(args.throughput_widths, int) if args.throughput_widths else list(t.widths)
     concurrency = args.throughput_concurrency or t.concurrency
     searches = args.throughput_searches or t.searches
+    rounds = args.throughput_rounds or t.rounds
     path = out_dir / "throughput.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    done = [d for d in done if d["width"] in widths and d["method"] in t.methods and d["round"] < t.rounds
+    done = [d for d in done if d["width"] in widths and d["method"] in t.methods and d["round"] < rounds
             and d["concurrency"] == concurrency]
-    print(f"throughput: {', '.join(t.methods)} at widths {widths}, {t.rounds} rounds x {searches} searches, "
+    print(f"throughput: {', '.join(t.methods)} at widths {widths}, {rounds} rounds x {searches} searches, "
           f"{concurrency} clients, through {args.addr} ({len(done)} levels already done)", file=sys.stderr)
     seed = int(args.cfg_seed) if args.cfg_seed is not None else 0
 
@@ -453,7 +454,7 @@ def run_throughput(args: argparse.Namespace, preset: Preset, problems: Sequence[
                 return await run_one(stub, problems[index], spec, seed + index, base, args.timeout)
 
             await measure(one, len(problems), t.methods, widths, concurrency=concurrency, searches=searches,
-                          rounds=t.rounds, done=done, on_level=level_done)
+                          rounds=rounds, done=done, on_level=level_done)
 
     asyncio.run(go())
     return {"addr": args.addr, "problems": len(problems), "levels": done, "summary": throughput_summary(done)}
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throughput-concurrency", type=int, default=None,
                         help="with --preset: clients of the throughput phase")
     parser.add_argument("--throughput-widths", default=None, help="with --preset: widths of the throughput phase")
+    parser.add_argument("--throughput-rounds", type=int, default=None,
+                        help="with --preset: rounds of the throughput phase (each runs every method once)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods; METHOD@W runs that one at width W only (e.g. beam@16) "
                              "(default ets,rebase)")
