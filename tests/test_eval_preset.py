@@ -32,7 +32,7 @@ def test_the_math500_preset_holds_the_reference_settings() -> None:
     # The config's width presets are the same values: every ETS run is plain "ets" (one label).
     assert all(p.lambda_s_overrides(w) == () for w in p.widths)
     assert SearchConfig(**p.config, width=64).resolved().lambda_s == 1.4
-    assert p.throughput is not None and p.throughput.methods == ("ets", "rebase")
+    assert p.throughput is not None and p.throughput.methods == ("rebase", "ets")  # ratios: ETS over REBASE
     assert (Path(__file__).resolve().parents[1] / p.dataset).is_file()
 
 
