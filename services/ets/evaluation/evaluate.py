@@ -370,7 +370,10 @@ def apply_preset(args: argparse.Namespace) -> Preset:
     concurrency, every config field the preset sets (a flag given explicitly wins), and the paired
     store, per-search lines, report, table and plots in ``--out-dir``, resumed when they exist."""
     preset = load_preset(args.preset)
-    args.dataset = args.dataset or preset.dataset
+    if args.dataset is None:
+        # Relative to the working directory, else to the checkout the package runs from (editable).
+        checkout = Path(__file__).resolve().parents[3] / preset.dataset
+        args.dataset = preset.dataset if Path(preset.dataset).exists() or not checkout.exists() else str(checkout)
     args.methods = args.methods or ",".join(preset.methods)
     args.widths = args.widths or ",".join(str(w) for w in preset.widths)
     if args.concurrency is None:
