@@ -128,7 +128,8 @@ def test_model_types() -> None:
     assert sm.has_answer("So he has 8 apples.\nThe answer is 8.")
     with pytest.raises(ConfigError):
         policy_model_type("nope")
-    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
+    assert PRM_TYPES == ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic",
+                         "grounded-arithmetic")
     # One list: the reward server validates against the same object.
     from ets.reward import adapters, server
 

@@ -30,9 +30,10 @@ VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
 NODE_COSTS: tuple[str, ...] = ("uniform", "tokens")
 # Every PRM type the reward server serves (formats: ets.reward.adapters; rules: ets.reward.rules).
 # The one list: the reward server and its adapters import it from here.
-PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
+PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic",
+                               "grounded-arithmetic")
 # Types scored by rules on the text, without a model (served by the reward server's ``rules`` backend).
-MODEL_FREE_PRM_TYPES: tuple[str, ...] = ("arithmetic",)
+MODEL_FREE_PRM_TYPES: tuple[str, ...] = ("arithmetic", "grounded-arithmetic")
 
 # Upper bound on width accepted from a request; a guard against runaway requests, not a limit of
 # the algorithm (the selection benchmark runs width 1024).
