@@ -12,8 +12,8 @@ operand came from. An operand is *grounded* when its value is
 - a number of the problem text (digits, ``$1,200``, ``80%`` as 80 and 0.8, number words up to
   ninety, and the implied factors of ``half``, ``twice``/``double``, ``triple``, ``quarter``,
   ``dozen``, ``percent``, and the unit conversions of hours/minutes, days, weeks and years), or
-- a result of an earlier grounded, true equation of the same trajectory (chains ``2 * 3 = 6 + 4 =
-  10`` ground ``6`` from the side before it), so a multi-step computation stays grounded.
+- a result of an earlier grounded, true equation of the same trajectory (any of its sides' values),
+  so a multi-step computation stays grounded.
 
 Equations are found as ``arithmetic`` finds them (``rules.find_equations``) after unit words
 between a number and an operator are dropped ("54 apples / 9 friends = 6" reads as ``54 / 9 = 6``);
@@ -104,7 +104,8 @@ class Given:
 
 def given_numbers(question: str) -> Given:
     """The numbers the problem text gives (``80%`` gives 80 and 4/5) and the factors its words imply."""
-    text = normalize(question)
+    # "80%" is the number 80 here (normalize would also write a 100 into the text).
+    text = normalize(_PERCENT_NUMBER.sub(r"\1", question))
     digits = [Fraction(m.group()) for m in _NUMBER.finditer(text)]
     numbers = set(digits)
     words: list[Fraction] = []
