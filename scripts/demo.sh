@@ -10,8 +10,9 @@
 # the reward server (the rule-based grounded-arithmetic PRM by default, no model; a model PRM type
 # runs on its own SGLang CPU server via the sglang backend; plus the MiniLM embedder) and the
 # search service, runs one real Search through `ets search` (streaming the per-depth progress),
-# prints the result and the service's cache/throughput counters, and stops everything it started. Cleanup is by PID: the orchestrator stops each process group (and the
-# reward server's PRM engine, a grandchild in a group of its own) on exit; every process dies with
+# prints the result and the service's cache/throughput counters, and stops everything it started.
+# Cleanup is by PID: the orchestrator stops each process group (and the reward server's PRM
+# engine, a grandchild in a group of its own) on exit; every process dies with
 # its parent (a parent-death signal), and this script's EXIT trap kills every group recorded in
 # WORK/pids (the PRM engine's too), even if the orchestrator was killed.
 #
