@@ -231,12 +231,18 @@ def distinct_per_frontier(frontier: dict[int, list[tuple[str, ...]]], score: Cal
 
 # ---- loading sources -----------------------------------------------------------------------------------
 def read_problems(datasets: str) -> dict[str, dict[str, Any]]:
+    """Problems by id from comma-separated JSONL files; ``FILE[a:b]`` keeps lines a..b-1 only."""
     rows: dict[str, dict[str, Any]] = {}
-    for path in datasets.split(","):
-        for line in (REPO / path if not path.startswith('/') else Path(path)).read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["id"]] = row
+    for spec in datasets.split(","):
+        path, lo, hi = spec, None, None
+        if spec.endswith("]") and "[" in spec:
+            path, window = spec[:-1].split("[", 1)
+            lo_s, hi_s = window.split(":", 1)
+            lo, hi = int(lo_s) if lo_s else None, int(hi_s) if hi_s else None
+        lines = [line for line in (REPO / path).read_text().splitlines() if line.strip()]
+        for line in lines[lo:hi]:
+            row = json.loads(line)
+            rows[row["id"]] = row
     return rows
 
 
@@ -385,7 +391,8 @@ def markdown(results: dict[str, Any], widths: Sequence[int]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", nargs=3, action="append", metavar=("NAME", "STORE", "DATASETS"),
-                   help="a sample store and its dataset(s), comma-separated (default: the committed stores)")
+                   help="a sample store and its dataset(s), comma-separated, FILE[a:b] for lines a..b-1 "
+                        "(default: the committed stores)")
     p.add_argument("--solutions", nargs=3, action="append", metavar=("NAME", "JSON", "DATASETS"),
                    help="whole sampled solutions (default: bench/results/instruction.json)")
     p.add_argument("--prm-types", default=",".join(MODEL_FREE_PRM_TYPES))

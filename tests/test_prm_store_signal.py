@@ -116,3 +116,8 @@ def test_subset_vote_and_distinct_frontier() -> None:
     frontier: dict[int, list[tuple[str, ...]]] = {1: [("a",), ("b",), ("c",)], 2: [("a", "b")]}
     assert sig.distinct_per_frontier(frontier, lambda steps: float(len(steps[-1]) > 0 and steps[-1] != "c")) \
         == [(1, 3, 2)]
+
+
+def test_read_problems_slices() -> None:
+    ids = list(sig.read_problems("bench/data/arith_easy.jsonl[12:24],bench/data/arith_chain.jsonl[:2]"))
+    assert ids == [f"arith-0-{i}" for i in range(12, 24)] + ["chain-1-0", "chain-1-1"]
