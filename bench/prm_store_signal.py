@@ -394,7 +394,7 @@ def main() -> None:
                    help="a sample store and its dataset(s), comma-separated, FILE[a:b] for lines a..b-1 "
                         "(default: the committed stores)")
     p.add_argument("--solutions", nargs=3, action="append", metavar=("NAME", "JSON", "DATASETS"),
-                   help="whole sampled solutions (default: bench/results/instruction.json)")
+                   help="whole sampled solutions (default, with no --store: bench/results/instruction.json)")
     p.add_argument("--prm-types", default=",".join(MODEL_FREE_PRM_TYPES))
     p.add_argument("--widths", default="16,64", help="subset sizes re-voted")
     p.add_argument("--draws", type=int, default=200, help="random subsets per problem and width")
@@ -416,8 +416,10 @@ def main() -> None:
     unknown = [t for t in prm_types if t not in MODEL_FREE_PRM_TYPES]
     if unknown:
         raise SystemExit(f"--prm-types: {unknown} are not rule-based (choose from {list(MODEL_FREE_PRM_TYPES)})")
-    stores = a.store if a.store is not None else [list(s) for s in DEFAULT_STORES]
-    solutions = a.solutions if a.solutions is not None else [list(s) for s in DEFAULT_SOLUTIONS]
+    # The defaults only when neither kind is named.
+    named = a.store is not None or a.solutions is not None
+    stores = a.store or ([] if named else [list(s) for s in DEFAULT_STORES])
+    solutions = a.solutions or ([] if named else [list(s) for s in DEFAULT_SOLUTIONS])
     tokenizer = None
     model_path = a.model_path
     if stores:
