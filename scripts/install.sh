@@ -174,6 +174,7 @@ PYEOF
   rm -f "$LOG.check"
 }
 
+check_env=(); [ "$ENGINE" = cpu ] && check_env=(SGLANG_USE_CPU_ENGINE=1)
 if [ "$STAGE" != project ]; then
 if [ $needs_sglang = 1 ]; then
   if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
@@ -197,7 +198,6 @@ if [ $needs_sglang = 1 ]; then
 fi
 # Build-time import check: everything the servers import, from this environment (CPU: SGLang's
 # CPU engine switch; image: the base's own packages, which the constraints kept).
-check_env=(); [ "$ENGINE" = cpu ] && check_env=(SGLANG_USE_CPU_ENGINE=1)
 step "import check ($imports)" env "${check_env[@]}" "$PY" -c "import importlib, sys
 for name in sys.argv[1].split(','):
     importlib.import_module(name)" "$imports"
@@ -215,7 +215,10 @@ if [ $EDITABLE = 1 ]; then
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
   "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
-  step "the project imports" "$PY" -c "import ets.cli"
+  # Every module the profile's container runs (ets.entrypoints): the CLI loads commands lazily and
+  # the servers load model code lazily, so `import ets.cli` alone would pass a stub that refuses
+  # the base image's protobuf (a reward server that then restarts forever).
+  step "the project imports (ets.entrypoints $PROFILE)" env "${check_env[@]}" "$PY" -m ets.entrypoints "$PROFILE"
   # Bytecode now: the images' root filesystem is read-only, so whatever is not compiled at build
   # time is compiled again on every start (pip compiles what it installs; this covers the rest).
   "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >>"$LOG" 2>&1 \

@@ -10,8 +10,11 @@ Dockerfile.reward are built on it in GPU mode, and in the containers:
 - every module the servers import (sglang.launch_server, torch, sgl_kernel, transformers,
   sentence_transformers, sentencepiece, sglang_router, ets) resolves to the base's environment,
   and `ets`/`python` are that environment's (the launcher execs sys.executable -m sglang...);
-- no package of the base changed version (torch, transformers, numpy...; prometheus-client is
-  0.25.0 in the stand-in, 0.26.0 in our pins: the base's stays), and there is one torch only;
+- no package of the base changed version (torch, transformers, numpy...; the stand-in holds the
+  LOWEST versions SGLang 0.5.23 allows of what we import from it, deploy/ci/standin-lowest.txt:
+  grpcio 1.81.1, protobuf 6.33.5, prometheus-client 0.20.0 against our 1.85.1 / 7.36.2 / 0.26.0;
+  the base's stay), and there is one torch only; the build itself imported every module each
+  container runs (ets.entrypoints) on them, so stubs that refuse the base's protobuf fail the build;
 - bytecode is compiled at build time (the root filesystem is read-only at run time);
 - the reward server starts (transformers backend, tiny math-shepherd PRM, the packaged
   embedder) and answers health, and a tokenizer.model-only PRM tokenizer loads.
@@ -31,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from ets.entrypoints import CONTAINER_MODULES
 from test_deploy_containers import podman
 from tools import tool
 
@@ -90,8 +94,8 @@ ENGINE = "sglang,sglang.launch_server,sglang.srt.entrypoints.http_server,torch,s
 
 
 @pytest.mark.parametrize("name, modules", [
-    ("policy", ENGINE + ",sglang_router,ets.cli,ets.engine.launcher"),
-    ("reward", ENGINE + ",sentence_transformers,sentencepiece,google.protobuf,ets.cli,ets.reward.server"),
+    ("policy", ENGINE + ",sglang_router," + ",".join(CONTAINER_MODULES["policy"])),
+    ("reward", ENGINE + ",google.protobuf," + ",".join(CONTAINER_MODULES["reward"])),
 ])
 def test_imports_resolve_to_the_base_environment(images: dict[str, str], name: str, modules: str) -> None:
     found = probe(images[name], modules)
@@ -116,7 +120,8 @@ def test_launcher_execs_the_base_sglang(images: dict[str, str]) -> None:
 
 def test_no_base_package_replaced_and_one_torch(images: dict[str, str]) -> None:
     base = packages(STANDIN)
-    assert base["prometheus-client"] == "0.25.0"  # the stand-in's, not requirements/search.txt's 0.26.0
+    # The stand-in's lowest versions, not requirements/search.txt's.
+    assert (base["grpcio"], base["protobuf"], base["prometheus-client"]) == ("1.81.1", "6.33.5", "0.20.0")
     for name, image in images.items():
         got = packages(image)
         changed = {p: (v, got.get(p)) for p, v in base.items() if p not in ("pip", "setuptools", "wheel")
