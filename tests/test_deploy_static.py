@@ -577,7 +577,7 @@ def _preflight(tmp_path: Path, rows: str, **env: str) -> subprocess.CompletedPro
     smi = tmp_path / "nvidia-smi"
     smi.write_text(f"#!/bin/sh\ncat <<'ROWS'\n{rows}\nROWS\n")
     smi.chmod(0o755)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETS_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETS_") and k != "COMPOSE_FILE"}
     path = f"{tmp_path}:{os.environ['PATH']}"
     return run([str(ROOT / "scripts/gpu-preflight.sh")], env=dict(clean, PATH=path, **env))
 
@@ -586,14 +586,18 @@ def test_gpu_preflight_checks_driver_capability_and_pinned_gpus(tmp_path: Path) 
     """Finding 10: CUDA 13 needs driver R580+ and compute capability 7.5+ (no Volta)."""
     good = "0, NVIDIA H200, 580.95.05, 9.0, 143771\n1, NVIDIA L40S, 580.95.05, 8.9, 46068"
     res = _preflight(tmp_path, good)
-    assert res.returncode == 0 and res.stdout.count("PASS") == 4, res.stdout
+    # Two GPUs, two pins, the profile, each engine's KV pool (tests/test_gpu_memory.py: the memory).
+    assert res.returncode == 0 and res.stdout.count("PASS") == 7, res.stdout
     res = _preflight(tmp_path, "0, NVIDIA A100, 570.133.20, 8.0, 81920\n1, Tesla V100, 580.95.05, 7.0, 32768")
     assert res.returncode == 1
     assert "FAIL GPU 0 (NVIDIA A100): driver 570.133.20 < R580" in res.stdout, res.stdout
     assert "FAIL GPU 1 (Tesla V100): compute capability 7.0 < 7.5" in res.stdout, res.stdout
     res = _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771")
     assert res.returncode == 1 and "FAIL ETS_REWARD_GPU=1: no such GPU" in res.stdout, res.stdout
-    assert _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771", ETS_REWARD_GPU="0").returncode == 0
+    # Both engines on one GPU only with the one-GPU profile (issue 24; tests/test_gpu_memory.py).
+    assert _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771", ETS_REWARD_GPU="0").returncode == 1
+    assert _preflight(tmp_path, "0, NVIDIA H200, 580.95.05, 9.0, 143771", ETS_REWARD_GPU="0",
+                      COMPOSE_FILE="docker-compose.yml:docker-compose.one-gpu.yml").returncode == 0
 
 
 def test_predownload_fetches_the_models_compose_uses() -> None:
