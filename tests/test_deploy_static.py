@@ -22,7 +22,9 @@ from tools import tool
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = ["Dockerfile.policy", "Dockerfile.reward", "Dockerfile.search"]
+DOCKERFILES = ["Dockerfile.policy", "Dockerfile.reward", "Dockerfile.search", "Dockerfile.router"]
+# On a slim Python base (no SGLang image, no model cache).
+SLIM = ("Dockerfile.search", "Dockerfile.router")
 DASHBOARD = ROOT / "deploy/grafana/dashboards/ets.json"
 # Metric names in PromQL: ours and SGLang's (labels and functions never carry these prefixes).
 METRIC_RE = re.compile(r"\b(ets_[a-z0-9_]+|sglang:[a-z0-9_]+)")
@@ -68,7 +70,7 @@ def test_dockerfile_rules(dockerfile: str) -> None:
     # The real default base, pinned by tag (never :latest); CI overrides it with --build-arg.
     default = base.split("=", 1)[1]
     assert ":" in default and not default.endswith(":latest"), default
-    if dockerfile != "Dockerfile.search":
+    if dockerfile not in SLIM:
         assert default == "lmsysorg/sglang:v0.5.23"
         assert any(a.startswith("VARIANT=gpu") for a in args)
     froms = [rest for word, rest in ins if word == "FROM"]
@@ -86,10 +88,24 @@ def test_dockerfile_rules(dockerfile: str) -> None:
     assert "-perm /6000" in last_run and "chmod a-s" in last_run, last_run
     envs = " ".join(rest for word, rest in ins if word in {"ENV", "ARG"})
     assert not re.search(r"(TOKEN|PASSWORD|SECRET|API_KEY)\s*=", envs), "no secrets in images"
-    if dockerfile != "Dockerfile.search":
+    if dockerfile not in SLIM:
         assert "HF_HOME=/models/hf" in envs  # mounted model cache, no weights in the image
         assert not any(word == "RUN" and re.search(r"snapshot_download|from_pretrained|huggingface-cli", rest)
                        for word, rest in ins)
+
+
+def test_router_image_is_slim_and_multistage() -> None:
+    """Issue 24, finding 7: the scale-out router runs sglang-router alone, not the CUDA policy image."""
+    ins = _instructions("Dockerfile.router")
+    assert sum(1 for word, _ in ins if word == "FROM") == 2
+    assert any(word == "COPY" and "--from=build" in rest for word, rest in ins)
+    runs = " ".join(rest for word, rest in ins if word == "RUN")
+    assert "--profile router" in runs and "torch" not in runs and "sglang==" not in runs
+    reqs = [line.split("==")[0] for line in (ROOT / "requirements/router.txt").read_text().splitlines()
+            if line and not line.startswith(("#", "-"))]
+    assert reqs == ["sglang-router"], reqs
+    entry = next(rest for word, rest in ins if word == "ENTRYPOINT")
+    assert "sglang_router.launch_router" in entry
 
 
 def test_search_image_is_multistage_without_torch() -> None:
@@ -527,7 +543,7 @@ def _deployment_env_names() -> set[str]:
         for service in _services(setup).values():
             env = service.get("environment") or {}
             names |= set(env) if isinstance(env, dict) else {e.split("=", 1)[0] for e in env}
-    for overlay in ("gpu", "cpu", "scale-out", "gpu-tls"):
+    for overlay in ("gpu", "gpu-operators", "cpu", "scale-out", "gpu-tls"):
         out = run([tool("kubectl"), "kustomize", str(ROOT / "k8s/overlays" / overlay)]).stdout
         for doc in yaml.safe_load_all(out):
             if doc and doc["kind"] == "ConfigMap":
