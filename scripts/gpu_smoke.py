@@ -19,6 +19,10 @@ Checks, each printed as ``PASS|FAIL|NOT RUN <check> (<seconds> s): <detail>``:
   scores near 0.5): the backend in bf16 on the device must equal the float64 readout of its own
   hidden states to 1e-4 (fp32 scoring; bf16-rounded logits are off by more, printed), and a
   padded batch must score as each trajectory alone (1e-2 in bf16, 1e-4 in float32);
+- token-ids: a tiny PRM whose vocabulary holds "▁+" / "▁-" / "▁ки" at the released
+  math-shepherd-mistral-7b-prm's ids (648 / 387 / 12902), in a folder named like it: the adapter
+  reads those ids, the score positions hold the tag, and the scores on the device are the
+  readout of rows 648 / 387;
 - reward-server: ``ets reward-serve``'s server in process on the device (transformers backend,
   the tiny PRM and embedder) over gRPC on loopback: health SERVING, Score, Embed, Info, and the
   Prometheus metrics counting them;
@@ -396,6 +400,92 @@ def check_numerics(work: Path, device: str) -> str:
             f"spread {spread:.3f}")
 
 
+# peiyi9979/math-shepherd-mistral-7b-prm's ids (the ETS reference's rebase.py: logits_require_id).
+REFERENCE_IDS = {"\u2581+": 648, "\u2581-": 387, "\u2581\u043a\u0438": 12902}
+
+
+def make_reference_id_prm(work: Path) -> Path:
+    """A tiny Llama PRM whose sentencepiece-style vocabulary holds "▁+" / "▁-" / "▁ки" at the
+    released model's ids (as tests/test_reward_token_ids.py builds it), in a folder named like
+    the released model, so the adapter holds it to those ids; its "+"/"-" rows at a 7B's scale."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = work / "math-shepherd-mistral-7b-prm"
+    if (out / "config.json").exists():
+        return out
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "\n": 13, "+": 489, "-": 12, "\u043a\u0438": 1300}
+    words = {w for text in [QUESTION, *(s for t in TRAJECTORIES for s in t)] for w in text.split()}
+    next_id = 100
+    for word in sorted(words):
+        for form in (word, "\u2581" + word):
+            if form not in vocab and form not in REFERENCE_IDS:
+                vocab[form] = next_id
+                next_id += 1
+    vocab.update(REFERENCE_IDS)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=13_000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    hidden = 64
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        common = torch.randn(hidden, generator=g) / hidden ** 0.5 * SCALE
+        model.lm_head.weight[[648, 387]] = common + torch.randn((2, hidden), generator=g) / hidden ** 0.5 * 0.3
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def check_token_ids(work: Path, device: str) -> str:
+    import torch
+
+    from ets.reward.adapters import known_token_ids
+    from ets.reward.backends.transformers_backend import TransformersBackend
+
+    path = make_reference_id_prm(work)
+    if known_token_ids("math-shepherd", str(path)) is None:
+        raise AssertionError(f"{path} is not taken for the released model")
+
+    async def run() -> str:
+        backend = TransformersBackend(str(path), "math-shepherd", device=device, dtype="bfloat16")
+        await backend.start()
+        try:
+            adapter: Any = backend.adapter
+            if (adapter.plus_id, adapter.minus_id, adapter.tag_id) != (648, 387, 12902):
+                raise AssertionError(f"ids {(adapter.plus_id, adapter.minus_id, adapter.tag_id)}")
+            encoded = [adapter.encode(QUESTION, steps) for steps in TRAJECTORIES]
+            tags = {enc.input_ids[p] for enc in encoded for p in enc.score_positions}
+            if tags != {12902}:
+                raise AssertionError(f"score positions hold {tags}, not the tag 12902")
+            got = (await backend.score(encoded, last_step_only=False)).scores
+            w = backend.model.get_output_embeddings().weight[[648, 387]].double()
+            worst = 0.0
+            for enc, scores in zip(encoded, got, strict=True):
+                ids = torch.tensor([list(enc.last_step_prompt())], device=device)
+                with torch.inference_mode():
+                    h = backend.model.base_model(input_ids=ids).last_hidden_state[0][list(enc.score_positions)]
+                logits = h.double() @ w.T
+                ref = torch.sigmoid(logits[:, 0] - logits[:, 1]).tolist()
+                worst = max(worst, *(abs(a - b) for a, b in zip(scores, ref, strict=True)))
+            if worst > 1e-2:  # batched bf16 hidden states vs one at a time
+                raise AssertionError(f"scores off the readout of rows 648/387 by {worst:.4f}")
+            return (f"adapter reads 648/387 at tag 12902 (the released model's), {sum(map(len, got))} scores "
+                    f"on {device} within {worst:.1e} of rows 648/387's readout")
+        finally:
+            await backend.close()
+
+    return asyncio.run(run())
+
+
 def check_reward_server(work: Path, device: str) -> str:
     import urllib.request
 
@@ -574,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         check("embedder", lambda: check_embedder(work, args.device))
         check("search", lambda: check_search(work, args.device))
         check("numerics", lambda: check_numerics(work, args.device))
+        check("token-ids", lambda: check_token_ids(work, args.device))
         check("reward-server", lambda: check_reward_server(work, args.device))
         if args.device == "cuda":
             check("kv-sizing", lambda: check_kv_sizing(work, args.device))

@@ -17,8 +17,8 @@ def test_gpu_smoke_passes_on_cpu(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    for check in ("device", "models", "prm-bf16", "embedder", "search", "numerics", "reward-server"):
+    for check in ("device", "models", "prm-bf16", "embedder", "search", "numerics", "token-ids", "reward-server"):
         assert any(line.startswith(f"PASS {check} ") for line in lines), (check, res.stdout)
     assert "NOT RUN kv-sizing: needs the CUDA card" in res.stdout
     assert "NOT RUN sglang-prm" in res.stdout
-    assert "7 passed, 0 failed, 2 not run" in res.stdout
+    assert "8 passed, 0 failed, 2 not run" in res.stdout
