@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
     )
     unknown = [m for m in (args.policy_model, args.prm_model) if m not in KNOWN_MODELS]
     if unknown:
-        print(f"WARN memory: no shape known for {', '.join(unknown)}; sized as Mistral-7B "
+        print(f"WARN no shape known for {', '.join(unknown)}; sized as Mistral-7B "
               f"(known: {', '.join(KNOWN_MODELS)})")
     policy = KNOWN_MODELS.get(args.policy_model, MISTRAL_7B)
     prm = KNOWN_MODELS.get(args.prm_model, MISTRAL_7B)
