@@ -550,8 +550,10 @@ if max_tokens:
     tokens = min(tokens, max_tokens)
 if tokens > 0:
     held.append(torch.empty(tokens * cell, dtype=torch.uint8, device="cuda"))
-json.dump({"total": total, "before": before, "after": after, "budget": budget, "tokens": tokens,
-           "free_after_pool": torch.cuda.mem_get_info()[0]}, open(out, "w"))
+with open(out + ".tmp", "w") as f:
+    json.dump({"total": total, "before": before, "after": after, "budget": budget, "tokens": tokens,
+               "free_after_pool": torch.cuda.mem_get_info()[0]}, f)
+os.replace(out + ".tmp", out)  # whole, or not there yet
 while not os.path.exists(release):
     time.sleep(0.2)
 """
@@ -586,7 +588,6 @@ def check_kv_sizing(work: Path, device: str) -> str:
                     if time.monotonic() > deadline:
                         raise AssertionError(f"{name} did not size its pool in 120 s")
                     time.sleep(0.2)
-                time.sleep(0.2)
                 found.append(dict(json.loads(out.read_text()), name=name))
         finally:
             release.touch()
