@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import pulp
 
-from ets.config import preset_lambda_s
+from ets.search.config import preset_lambda_s
 from ets.search.ets import Program, Solved, build_instance, build_program, cluster_labels, select_ets, solve_highs
 from ets.search.rebase import rebase_allocation, select_rebase
 from ets.testing.frontiers import grown_frontier

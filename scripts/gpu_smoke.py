@@ -195,6 +195,13 @@ class TinyPolicy:
         self.model = model.to(device).eval()
         self.stop_id = self.tok.convert_tokens_to_ids(stop)
 
+    def read_step(self, text: str) -> Any:
+        from ets.policy.model_types import policy_model_type
+        from ets.search.interfaces import StepReading
+
+        mt = policy_model_type("math-shepherd")
+        return StepReading(mt.plain_step(text), mt.has_answer(text))
+
     async def expand(self, requests: Any, params: Any) -> list[list[Any]]:
         from ets.search.interfaces import SampledStep
 
@@ -234,7 +241,8 @@ class Scorer:
 
 
 def check_search(work: Path, device: str) -> str:
-    from ets.config import SearchConfig, policy_model_type
+    from ets.search.config import SearchConfig
+    from ets.policy.model_types import policy_model_type
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.embedder import Embedder
     from ets.search.interfaces import Root

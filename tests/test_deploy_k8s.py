@@ -208,11 +208,11 @@ def test_cpu_overlay_has_no_gpu_and_prepares_its_models() -> None:
 
 
 def test_configmap_search_defaults_are_a_valid_search_config(overlay: tuple[str, list[dict[str, Any]]]) -> None:
-    from ets.config import SearchConfig
+    from ets.config import search_defaults_from_env
 
     name, docs = overlay
     data = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ets-config"))["data"]
-    SearchConfig.from_env(environ=data).validate()
+    search_defaults_from_env(environ=data)
     # The hashed ConfigMap name is the one every Deployment reads.
     for deploy in by_kind(docs, "Deployment").values():
         for c in containers(deploy):

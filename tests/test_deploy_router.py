@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import aiohttp
 import pytest
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.engine.process import ServerProcess, free_port
 from ets.policy.client import PolicyClient, PolicyRequestError, Sample, SamplingParams
 from ets.policy.routed import RoutedPolicyClient

@@ -14,7 +14,7 @@ import pytest
 from ets.evaluation import stats
 from ets.evaluation.report import ProblemResult
 from ets.evaluation.store import SampleStore, StoreGenerator, StoreScorer
-from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
+from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams, StepReading
 
 
 class Counter:
@@ -32,6 +32,9 @@ class Counter:
                 got.append(SampledStep((self.drawn,), f"s{self.drawn}", "step"))
             out.append(got)
         return out
+
+    def read_step(self, text: str) -> StepReading:
+        return StepReading(text, ends_solution=False)
 
     async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
         self.drawn += len(trajectories)

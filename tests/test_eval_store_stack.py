@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import pytest
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.evaluation.evaluate import Problem, RunSpec, evaluate_local
 from ets.evaluation.local import LocalUpstreams
 from ets.evaluation.report import STAT_FIELDS, ProblemResult

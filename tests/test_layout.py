@@ -56,6 +56,20 @@ def test_search_core_does_no_io() -> None:
         assert not bad, (module, bad)
 
 
+def test_search_core_loads_no_edge_in_a_fresh_interpreter() -> None:
+    """Transitively: importing the loop, the registry and the config, in a fresh interpreter, loads
+    no module of the policy, the reward server, the service, the evaluation, the settings loader or
+    the edge config (a folder loop through any of them would show up here, not only direct imports)."""
+    edges = ("ets.policy", "ets.reward", "ets.service", "ets.settings", "ets.config", "ets.evaluation",
+             "ets.engine", "ets.client")
+    code = ("import sys, ets.search.loop, ets.search.selection, ets.search.config, ets.search.answers; "
+            "print('\\n'.join(sorted(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "ets.search.loop" in loaded
+    bad = [m for m in loaded if m in edges or m.startswith(tuple(e + "." for e in edges))]
+    assert not bad, bad
+
+
 def test_servers_do_not_import_the_tools_at_the_edge() -> None:
     """The client and the evaluation use the servers' API, never the other way round."""
     for module, path in _sources().items():

@@ -7,10 +7,12 @@ import re
 import pytest
 
 from ets.api.v1 import search_pb2
-from ets.config import MAX_WIDTH, PRM_TYPES, ConfigError, SearchConfig, preset_lambda_s
+from ets.config import search_defaults_from_env
+from ets.reward.prm_types import PRM_TYPES
+from ets.search.config import MAX_WIDTH, ConfigError, SearchConfig, preset_lambda_s
 from ets.errors import SettingError
 from ets.policy.model_types import POLICY_MODEL_TYPES, policy_model_type
-from ets.search.selection import validate
+from ets.config import validate
 
 
 def test_defaults_are_the_papers() -> None:
@@ -91,13 +93,13 @@ def test_replace_ignores_unset_and_rejects_unknown() -> None:
 def test_from_env() -> None:
     env = {"ETS_SEARCH_WIDTH": "256", "ETS_SEARCH_METHOD": "rebase", "ETS_SEARCH_LAMBDA_C": "5",
            "ETS_SEARCH_SEED": "", "OTHER": "x"}
-    c = SearchConfig.from_env(environ=env)
+    c = search_defaults_from_env(environ=env)
     assert (c.width, c.method, c.lambda_c, c.seed, c.effective_lambda_s) == (256, "rebase", 5.0, None, 1.45)
     with pytest.raises(SettingError) as info:
-        SearchConfig.from_env(environ={"ETS_SEARCH_WIDTH": "wide"})
+        search_defaults_from_env(environ={"ETS_SEARCH_WIDTH": "wide"})
     assert info.value.field == "ETS_SEARCH_WIDTH"  # errors name the variable to fix
     with pytest.raises(SettingError) as info:
-        SearchConfig.from_env(environ={"X_MAX_TOKENS": "10"}, prefix="X_")
+        search_defaults_from_env(environ={"X_MAX_TOKENS": "10"}, prefix="X_")
     assert info.value.field == "X_MAX_STEP_TOKENS"  # 256 > 10
 
 

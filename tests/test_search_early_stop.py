@@ -17,9 +17,10 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import pytest
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.answers import group_by_string, select_answer, vote_decided
-from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
+from ets.policy.model_types import policy_model_type
+from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams, StepReading
 from ets.search.loop import Root, Trajectory, run_search
 from ets.testing.upstreams import EARLY_STOP_SCRIPT, PROMPT, ScriptedPolicy, TableScorer
 
@@ -183,6 +184,10 @@ class HashTree:
                 row.append(SampledStep((tid, 2, 2), text, "step", prompt_tokens=len(r.prefix_ids)))
             out.append(row)
         return out
+
+    def read_step(self, text: str) -> StepReading:
+        mt = policy_model_type("math-shepherd")  # its steps end with " ки"
+        return StepReading(mt.plain_step(text), mt.has_answer(text))
 
     async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
         return [(self._h(tuple(t.steps)) % 5) / 4 for t in trajectories]

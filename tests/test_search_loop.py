@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 
-from ets.config import ConfigError, SearchConfig
+from ets.search.config import ConfigError, SearchConfig
 from ets.search.interfaces import ExpandRequest, SampledStep, ScoredTrajectory, StepParams
 from ets.search.loop import DepthReport, Root, derive_seed, run_search
 from ets.testing.upstreams import PROMPT, STEP_BASE, ScriptedPolicy, TableScorer

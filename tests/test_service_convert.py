@@ -6,8 +6,10 @@ import dataclasses
 import pytest
 
 from ets.api.v1 import search_pb2
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
+from ets.search.loop import DepthReport, SearchResult, SearchStats
 from ets.service import convert, request
+from ets.service.runner import ServedSearch
 
 
 def _resolve(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:
@@ -65,3 +67,33 @@ def test_resolved_config_round_trips() -> None:
     assert msg.beam_keep == 8
     back = _resolve(msg, SearchConfig())
     assert back == dataclasses.replace(config.resolved())
+
+
+def test_every_message_the_core_fills_matches_its_dataclass() -> None:
+    """Statistics, depth progress, candidates, votes and the config: the proto and the core's
+    dataclass name the same fields (the import guard's check, shown to catch a new statistic)."""
+    assert all(convert.contract_drift(m, c) == "" for m, c in convert.CONTRACTS)
+    assert {m.DESCRIPTOR.name for m, _ in convert.CONTRACTS} == {
+        "SearchConfig", "SearchStats", "DepthProgress", "Candidate", "AnswerVote"}
+
+    @dataclasses.dataclass
+    class GrownStats(SearchStats):
+        new_counter: int = 0
+
+    drift = convert.contract_drift(search_pb2.SearchStats, GrownStats)
+    assert "only in the core ['new_counter']" in drift
+
+
+def test_statistics_reach_the_proto_field_by_field() -> None:
+    stats = SearchStats(total_kv_tokens=7, solver_time_limits=2, token_budget_hit=True, stopped_early=True,
+                        width_left=3, wall_seconds=1.0)
+    result = SearchResult(trajectories=[], stats=stats, config=SearchConfig())
+    served = ServedSearch(config=SearchConfig(), result=result, answer="", candidates=[], best_index=None,
+                          wall_seconds=2.5)
+    out = convert.response_to_proto(served, "r").stats
+    assert (out.total_kv_tokens, out.solver_time_limits, out.token_budget_hit, out.stopped_early, out.width_left) \
+        == (7, 2, True, True, 3)
+    assert out.wall_seconds == 2.5  # the service's wall time, root and vote included
+    progress = DepthReport(depth=1, frontier_size=4, kept_candidates=2, kv_tokens=90, remaining_width=3,
+                           finished=1, elapsed_seconds=0.5, generated_tokens=40)
+    assert convert.progress_to_proto(progress).generated_tokens == 40

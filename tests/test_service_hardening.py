@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from ets.api.v1 import search_pb2
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.policy.client import PolicyServerError, PolicyUnavailable
 from ets.reward.client import RewardClient, RewardError, RewardUnavailable
 from ets.reward.server import Overloaded, RewardService
@@ -96,6 +96,8 @@ async def test_generated_token_budget_stops_the_search_with_a_result() -> None:
         assert response.stats.depth_reached == 1 and response.stats.generated_tokens == 10
         assert {c.finish_reason for c in response.candidates} == {"max_tokens"}
         assert s.sample("ets_search_token_budget_hits_total") == 1
+        # A gRPC client can tell that the operator's budget cut its search (as an OpenAI client can).
+        assert response.stats.token_budget_hit is True
 
 
 async def test_search_duration_is_capped_whatever_the_client_deadline() -> None:

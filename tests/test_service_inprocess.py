@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2
-from ets.config import ConfigError
+from ets.search.config import ConfigError
 from ets.service.admission import QueueFull
 from ets.service.request import RequestError
 from ets.service.status import Status, UpstreamRejected, UpstreamUnavailable, status_for

@@ -209,6 +209,9 @@ async def test_system_message_and_new_token_budget(svc: OpenAIHarness) -> None:
     ({"n": 2}, "n", "a search returns one answer"),
     ({"model": "gpt-4o"}, "model", "unknown model 'gpt-4o'"),
     ({"temperature": 0.5, "extra_body": {"ets": {"temperature": 0.7}}}, "ets.temperature", "conflicts"),
+    # OpenAI's documented range (its API refuses 9 too): not sampled at 9.
+    ({"temperature": 9}, "temperature", "must be at most 2 (OpenAI's range), got 9"),
+    ({"temperature": -0.5}, "temperature", "must be at least 0"),
     ({"max_tokens": 8, "extra_body": {"ets": {"max_tokens": 100}}}, "max_tokens", "not both"),
     ({"messages": [{"role": "system", "content": "x"}]}, "messages", "needs a user message"),
     # Refused by the search core once the root is known: the budget is below the prompt.

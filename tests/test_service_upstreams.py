@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from ets.config import ConfigError
+from ets.search.config import ConfigError
 from ets.policy.client import PolicyRequestError, PolicyServerError, PolicyUnavailable
 from ets.reward.client import RewardError, RewardUnavailable
 from ets.service.metrics import SearchMetrics

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
+from ets.config import search_defaults_from_env
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import start_server
 from ets.service.server import SearchServer, ServiceSettings
@@ -197,7 +197,7 @@ async def test_policy_killed_mid_search(search_stack: Stack, tiny_model_factory:
                           device="cpu", random_seed=0)
     policy = await asyncio.to_thread(start_server, launch, log_path=tmp_path / "victim-1.log", name="victim",
                                      timeout=240)
-    defaults = SearchConfig.from_env(environ=SMALL_SEARCH_ENV)
+    defaults = search_defaults_from_env(environ=SMALL_SEARCH_ENV)
     server = SearchServer(ServiceSettings(host="127.0.0.1", port=0, metrics_port=None, openai_port=None,
                                           policy_url=policy.url,
                                           reward_addr=search_stack.reward_addr, grace_s=5), defaults)

@@ -41,7 +41,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 import grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
+from ets.config import search_defaults_from_env
+from ets.search.config import SearchConfig
 from ets.evaluation.local import LocalUpstreams, run_local
 from ets.evaluation.store import SampleStore
 from ets.security import ClientSecurity
@@ -358,7 +359,7 @@ def build_report(meta: dict[str, Any], results: Sequence[ProblemResult]) -> dict
 def local_base_config(args: argparse.Namespace) -> SearchConfig:
     """``--store``'s search defaults: ETS_SEARCH_* as ``ets serve`` reads them, then the config flags."""
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return SearchConfig.from_env().replace(**overrides)
+    return search_defaults_from_env().replace(**overrides)
 
 
 def _csv(value: str, kind: type) -> list[Any]:

@@ -19,11 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.evaluation.report import ProblemResult, grade
 from ets.evaluation.store import Counts, SampleStore, StoreGenerator, StoreScorer, tree_digest
 from ets.policy.client import PolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
+from ets.policy.model_types import policy_model_type
 from ets.policy.routed import make_policy_client
 from ets.reward.client import RewardClient
 from ets.search.answers import select_answer
@@ -65,14 +66,14 @@ class LocalUpstreams:
                 "prm": f"{reward.prm_type}|{reward.prm_backend}|{reward.prm_model}",
                 "embedder": str(reward.embedder_model),
             }
-        mt = config.model_type
+        mt = policy_model_type(config.policy_model_type)
         return {**self._identity,
                 "policy": f"{self._identity['policy']}|{mt.name}|stop={list(mt.stop)}|trim={mt.no_stop_trim}"}
 
     async def root(self, question: str, config: SearchConfig) -> Root:
         key = (question, config.policy_model_type)
         if key not in self._roots:
-            self._roots[key] = await tokenize_root(self.policy(), question, config.model_type)
+            self._roots[key] = await tokenize_root(self.policy(), question, config.policy_model_type)
         return self._roots[key]
 
     async def close(self) -> None:
@@ -109,7 +110,7 @@ async def search_local(question: str, config: SearchConfig, upstreams: LocalUpst
     ids = await upstreams.identities(config)
     root = await upstreams.root(question, config)
     identity = ids["policy"] + (f"|unpaired={scope}" if scope else "")
-    generator = StoreGenerator(store, SGLangStepGenerator(upstreams.policy(), config.model_type), identity)
+    generator = StoreGenerator(store, SGLangStepGenerator(upstreams.policy(), config.policy_model_type), identity)
     scorer = StoreScorer(store, upstreams.reward(), ids["prm"], ids["embedder"])
     frontier = kept = 0
 

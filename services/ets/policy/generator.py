@@ -39,7 +39,7 @@ from typing import AbstractSet, Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
 from ets.policy.model_types import PolicyModelType, policy_model_type
-from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
+from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams, StepReading
 
 _FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "length"}
 
@@ -116,6 +116,15 @@ class SGLangStepGenerator:
         self._produced: set[tuple[int, ...]] = set()
         if not self.stop and not self.stop_token_ids:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
+
+    def read_step(self, text: str) -> StepReading:
+        """The step as the search reads it, by the policy model type: without its delimiter, and
+        whether it holds a final-answer marker. Without a model type (explicit ``stop=`` only) a
+        step is its stripped text and never ends the solution by itself (only eos or the budget)."""
+        if self.model_type is None:
+            return StepReading(plain_text=text.strip(), ends_solution=False)
+        return StepReading(plain_text=self.model_type.plain_step(text),
+                           ends_solution=self.model_type.has_answer(text))
 
     def _params(self, request: ExpandRequest, params: StepParams, k: int) -> SamplingParams:
         max_new = request.max_new_tokens if request.max_new_tokens is not None else params.max_new_tokens

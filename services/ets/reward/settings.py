@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ets import settings
-from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.engine.launcher import DEVICES, LaunchConfig
 from ets.errors import FieldError, SettingError
 from ets.reward.adapters import PrmOptions

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig, ValidConfig
+from ets.search.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig, ValidConfig
 from ets.errors import FieldError
-from ets.search.selection import validate
+from ets.config import validate
 
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).

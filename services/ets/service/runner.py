@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
-from ets.config import SearchConfig, ValidConfig
+from ets.search.config import SearchConfig, ValidConfig
 from ets.search.answers import AnswerVote, Grouping, group_answers, select_answer
 from ets.search.interfaces import Root, StepGenerator, StepScorer
 from ets.search.loop import DepthReport, SearchResult, run_search

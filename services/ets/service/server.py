@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ets import security
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.answers import Grouping
 from ets.search.loop import DepthReport
 from ets.service import convert

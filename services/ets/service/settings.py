@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ets import settings
-from ets.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH, SEARCH_ENV_PREFIX, SearchConfig, ValidConfig
+from ets.config import SEARCH_ENV_PREFIX, search_defaults_from_env, validate
+from ets.search.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH, SearchConfig, ValidConfig
 from ets.errors import FieldError, SettingError
 from ets.security import ClientSecurity, ServerSecurity, read_token
 from ets.service.admission import (
@@ -34,7 +35,6 @@ from ets.service.admission import (
 from ets.service.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from ets.service.metrics import METRICS_PORT_ENV
 from ets.service.request import Limits
-from ets.search.selection import validate
 
 DEFAULT_PORT = 50051
 DEFAULT_OPENAI_PORT = 8000
@@ -199,7 +199,7 @@ def search_defaults(service: ServiceSettings, env: Mapping[str, str] | None = No
     method registry, this server's caps: defaults beyond them would refuse every request that
     relies on them); ``SettingError`` naming the variable."""
     limits = service.limits()
-    return SearchConfig.from_env(environ=env, check=lambda config: limits.check(validate(config)))
+    return search_defaults_from_env(environ=env, check=lambda config: limits.check(validate(config)))
 
 
 # One prefix, two sets of names: a service setting must not be a search default's name too.

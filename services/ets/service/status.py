@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from ets.config import ConfigError
+from ets.search.config import ConfigError
 from ets.errors import FieldError
 from ets.service.admission import QueueFull
 

@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets import security
-from ets.config import ConfigError, SearchConfig
+from ets.search.config import ConfigError, SearchConfig
 from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.policy.routed import make_policy_client
@@ -40,6 +40,7 @@ from ets.search.interfaces import (
     ScoredTrajectory,
     StepGenerator,
     StepParams,
+    StepReading,
     StepScorer,
 )
 from ets.service.metrics import SearchMetrics
@@ -167,6 +168,9 @@ class InstrumentedGenerator:
         with self._up.policy_call("generate"):
             return await self._inner.expand(requests, params)
 
+    def read_step(self, text: str) -> StepReading:
+        return self._inner.read_step(text)
+
 
 class InstrumentedScorer:
     """``StepScorer`` over the shared ``RewardClient``; when the request named a PRM type, the reward
@@ -258,7 +262,7 @@ class LiveUpstreams:
         """Format the root for the policy model type and tokenize it on the policy server (its
         own tokenizer and chat template, so the ids are what the engine caches)."""
         with self.policy_call("tokenize"):
-            return await tokenize_root(self.policy_client(), question, config.model_type, system_prompt)
+            return await tokenize_root(self.policy_client(), question, config.policy_model_type, system_prompt)
 
     async def model_name(self) -> str:
         """The policy server's model name (its ``--served-model-name``), asked once and remembered."""
@@ -274,7 +278,7 @@ class LiveUpstreams:
         return self._model_names
 
     def generator(self, config: SearchConfig) -> StepGenerator:
-        return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.model_type), self)
+        return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.policy_model_type), self)
 
     def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer:
         return InstrumentedScorer(self.reward_client(), self, expect_prm_type)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ets.config import MODEL_FREE_PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, file_tail, free_port
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
