@@ -9,7 +9,7 @@ from ets.api.v1 import search_pb2
 from ets.search.config import SearchConfig
 from ets.search.loop import DepthReport, SearchResult, SearchStats
 from ets.service import convert, request
-from ets.service.runner import ServedSearch
+from ets.search.pipeline import ServedSearch
 
 
 def _resolve(message: search_pb2.SearchConfig, defaults: SearchConfig) -> SearchConfig:

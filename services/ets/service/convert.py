@@ -22,7 +22,7 @@ from ets.search.answers import AnswerVote
 from ets.search.config import SearchConfig
 from ets.search.loop import DepthReport, SearchStats
 from ets.service.request import RequestError
-from ets.service.runner import ServedCandidate, ServedSearch
+from ets.search.pipeline import ServedCandidate, ServedSearch
 
 __all__ = ["CONTRACTS", "RequestError", "config_overrides", "config_to_proto", "progress_to_proto",
            "response_to_proto"]

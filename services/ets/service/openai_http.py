@@ -54,7 +54,8 @@ from ets.service.openai_response import (
     PromptTokensDetails, Usage,
 )
 from ets.service.request import RequestError
-from ets.service.runner import SearchCall, SearchEvents, SearchFailed, SearchRunner, ServedSearch
+from ets.search.pipeline import ServedSearch
+from ets.service.runner import SearchCall, SearchEvents, SearchFailed, SearchRunner
 from ets.service.status import Status, status_for
 
 log = logging.getLogger("ets.service.openai")

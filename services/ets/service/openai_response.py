@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ets.search.answers import AnswerVote
 from ets.search.config import SearchConfig
 from ets.search.loop import DepthReport, SearchStats
-from ets.service.runner import ServedCandidate
+from ets.search.pipeline import ServedCandidate
 
 
 class _Response(BaseModel):

@@ -35,7 +35,8 @@ from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.openai_http import OpenAIFrontDoor
 from ets.service.readiness import Readiness
-from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
+from ets.search.pipeline import ServedSearch
+from ets.service.runner import SearchCall, SearchFailed, SearchRunner, Upstreams
 from ets.service.status import Status
 from ets.service.settings import ServiceSettings
 from ets.service.upstreams import LiveUpstreams

@@ -264,10 +264,6 @@ class LiveUpstreams:
         with self.policy_call("tokenize"):
             return await tokenize_root(self.policy_client(), question, config.policy_model_type, system_prompt)
 
-    async def model_name(self) -> str:
-        """The policy server's model name (its ``--served-model-name``), asked once and remembered."""
-        return (await self.model_names())[0]
-
     async def model_names(self) -> tuple[str, ...]:
         """Every name a request may give the policy: the served name first, then its model path."""
         if self._model_names is None:

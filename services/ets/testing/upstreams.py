@@ -197,9 +197,6 @@ class ScriptedUpstreams:
         self.system_prompts.append(system_prompt)
         return Root(question, PROMPT)
 
-    async def model_name(self) -> str:
-        return self.policy_model
-
     async def model_names(self) -> tuple[str, ...]:
         return (self.policy_model, f"/models/{self.policy_model}")  # as SGLang: served name, then path
 
