@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import pytest
 
 from ets.search.config import SearchConfig
-from ets.evaluation.evaluate import Problem, RunSpec, evaluate_local
+from ets.evaluation.evaluate import evaluate_local
+from ets.evaluation.spec import Problem, RunSpec
 from ets.evaluation.local import LocalUpstreams
 from ets.evaluation.report import STAT_FIELDS, ProblemResult
 from ets.evaluation.store import SampleStore

@@ -22,10 +22,11 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Callable, TypeVar
 
 from ets.config import validate
 from ets.evaluation.report import ProblemResult, grade
+from ets.evaluation.spec import Problem, RunSpec
 from ets.evaluation.store import Counts, SampleStore, StoreGenerator, StoreScorer, tree_digest
 from ets.policy.client import PolicyClient
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
@@ -37,30 +38,6 @@ from ets.search.interfaces import Root
 from ets.search.loop import DepthReport
 from ets.search.pipeline import ServedSearch, run_pipeline
 from ets.service.grouping import EquivalenceWorker
-
-
-class ProblemLike(Protocol):
-    """A dataset problem as ``run_local`` reads it (``ets.evaluation.evaluate.Problem``)."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def problem(self) -> str: ...
-    @property
-    def answer(self) -> str: ...
-
-
-class RunLike(Protocol):
-    """A configuration as ``run_local`` reads it (``ets.evaluation.evaluate.RunSpec``)."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def overrides(self) -> tuple[tuple[str, Any], ...]: ...
-    @property
-    def label(self) -> str: ...
 
 
 @dataclass
@@ -192,7 +169,7 @@ async def search_local(question: str, config: ValidConfig, upstreams: LocalUpstr
     return LocalSearch(served, sources.counts(), frontier, kept, time.perf_counter() - started)
 
 
-async def run_local(problem: ProblemLike, spec: RunLike, base: SearchConfig, seed: int, upstreams: LocalUpstreams,
+async def run_local(problem: Problem, spec: RunSpec, base: SearchConfig, seed: int, upstreams: LocalUpstreams,
                     store: SampleStore, *, paired: bool = True) -> ProblemResult:
     """One configuration on one problem, as a ``ProblemResult`` with the store's requested/drawn
     counts and the tree's digest."""
