@@ -229,7 +229,12 @@ async def test_upstream_failures_reach_the_client_with_their_class(svc: Harness,
     assert (await _code(svc.stub.Search(request(), timeout=10))) == code
 
 
-async def test_fail_fast_while_an_upstream_is_known_down(svc: Harness) -> None:
+async def test_fail_fast_while_an_upstream_is_known_down() -> None:
+    async with harness(fail_fast=True) as svc:
+        await _fail_fast_refuses(svc)
+
+
+async def _fail_fast_refuses(svc: Harness) -> None:
     assert await svc.server.wait_ready(5)
     svc.upstreams.probe_result = {"policy": None, "reward": "UNAVAILABLE: connection refused"}
     svc.server.readiness.reprobe()
@@ -308,12 +313,13 @@ async def test_reward_server_queue_is_bounded_by_items() -> None:
     assert service.admission.queued_cost == 0
 
 
-async def test_fail_fast_is_a_setting() -> None:
-    async with harness(fail_fast=False) as s:
+async def test_fail_fast_is_off_by_default() -> None:
+    # Off by default: a search waits for an upstream within its deadline (ets.retry) instead.
+    async with harness() as s:
         s.upstreams.probe_result = {"policy": None, "reward": "UNAVAILABLE: probe timed out"}
         await s.server.readiness.probe_once()
         assert not s.server.readiness.ready
-        # The probe failed but the scorer answers: with fail-fast off the search runs.
+        # The probe failed but the scorer answers: with fail-fast off (the default) the search runs.
         assert (await s.stub.Search(request(), timeout=10)).answer == "3"
 
 

@@ -4,15 +4,17 @@ engine under the reward server, MiniLM embedder, ``ets serve`` with 8 slots and 
 started again, then 64 more while the policy server is killed and started again, then 8 more
 once both are back.
 
-Asserted: every search ends with OK or a clean status (RESOURCE_EXHAUSTED naming the queue
-setting, UNAVAILABLE naming the killed upstream, DEADLINE_EXCEEDED) and none outlives its
-deadline; the killed server's processes are all gone (the reward server's PRM engine and its
-workers included) before it is started again on the same ports; the search service is SERVING
-again after each restart; afterwards nothing is in flight or queued and its threads, open files
-and memory are back near their level after the warm-up search; after the stack stops, none of its
-processes is left.
+Asserted: every admitted search ends OK (its calls retry the killed server until the restarted one
+answers, within the search's deadline: ets.retry), the others RESOURCE_EXHAUSTED naming the queue
+setting, and none outlives its deadline; the killed server's processes are all gone (the reward
+server's PRM engine and its workers included) before it is started again on the same ports; the
+search service is SERVING again after each restart; afterwards nothing is in flight or queued and
+its threads, open files and memory are back near their level after the warm-up search; after the
+stack stops, none of its processes is left.
 
-Measured on the shared 2-core development machine (load average 9-17 from other work), 7 min 47 s
+Measured before issue 26 (the clients then retried 3-4 times and the service failed fast, so
+the killed upstream cost searches; the fault benchmark, bench/faults.py, measures it since):
+on the shared 2-core development machine (load average 9-17 from other work), 7 min 47 s
 wall (most of it SGLang CPU engines loading: two at the start, one per restart); two runs, the
 same counts (the second, with the search service failing fast while an upstream is down, shown):
 - reward killed after 8 OK: 8 OK, 24 RESOURCE_EXHAUSTED (64 - 8 slots - 32 queued), 32 UNAVAILABLE
@@ -196,9 +198,10 @@ def test_sixty_four_searches_while_reward_then_policy_are_killed_and_restarted(
             step["statuses"] = counts
             step["slowest_s"] = round(max(o.seconds for o in results), 1)
             record[f"{victim}_killed"] = step
-            # The queue bound held, searches ran before the kill, and the kill was felt by searches.
+            # The queue bound held, searches ran before the kill, and none was lost to it: their
+            # calls retried until the restarted server answered, within their deadline (ets.retry).
             assert counts.get("RESOURCE_EXHAUSTED", 0) == SEARCHES - SLOTS - QUEUE, counts
-            assert counts.get("OK", 0) >= KILL_AFTER_OK and counts.get("UNAVAILABLE", 0) >= 1, counts
+            assert counts.get("OK", 0) == SEARCHES - counts.get("RESOURCE_EXHAUSTED", 0), counts
 
         after_restarts = _wave(stack.search_addr, SLOTS, [])
         assert [o.code for o in after_restarts] == [grpc.StatusCode.OK] * SLOTS, after_restarts

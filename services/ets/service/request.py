@@ -10,6 +10,7 @@ for the HTTP body).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -39,6 +40,8 @@ class Limits:
     solver_time_limit_s: float
     generated_tokens: int
     search_s: float
+    # How long one upstream call of a search may keep retrying (ets.retry; the deadline bounds it too).
+    retry_s: float = math.inf
     settings: Mapping[str, str] = field(default_factory=dict)
 
     def setting(self, cap: str) -> str:

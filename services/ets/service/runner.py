@@ -2,7 +2,7 @@
 
 Owns the path of one search from a transport-neutral ``SearchCall`` to a ``ServedSearch``:
 request checks and the operator's caps (``ets.service.request``: the request is checked once,
-here, and carried on as a ``ValidConfig``), failing fast while an upstream is known down,
+here, and carried on as a ``ValidConfig``), failing fast while an upstream is known down (opt-in),
 admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the deadline (the
 client's, capped by the server's; over queueing and running), the search itself (root, generator
 and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections in a thread pool
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from ets.admission import Admission
+from ets.retry import retry_window
 from ets.search.answers import Grouping, group_answers
 from ets.search.config import SearchConfig, ValidConfig
 from ets.search.interfaces import Root
@@ -98,9 +99,10 @@ class SearchRunner:
 
     ``grouping``: the answer-equivalence function (the server passes a bounded worker process,
     ``ets.service.grouping``); ``on_upstream_failure``: called when a search found an upstream
-    down (the readiness monitor re-probes); ``upstreams_down``: the upstreams the readiness
-    monitor knows are down (upstream -> why), so searches fail fast instead of after every
-    retry; ``limits``: the operator's caps; ``selection_workers``: threads that run selections
+    down (the readiness monitor re-probes); ``upstreams_down`` (fail-fast, off by default): the
+    upstreams the readiness monitor knows are down (upstream -> why; down means no replica
+    answers), so new searches are refused at once instead of waiting for one within their
+    deadline; ``limits``: the operator's caps; ``selection_workers``: threads that run selections
     off the event loop (0: one per core)."""
 
     def __init__(self, upstreams: Upstreams, defaults: SearchConfig, admission: Admission, metrics: SearchMetrics,
@@ -166,8 +168,11 @@ class SearchRunner:
                 config = resolve_config(call.overrides, self.defaults, self.limits)
                 method = config.method
                 self._fail_fast()
-                async with asyncio.timeout_at(deadline):
-                    served = await self._admitted(problem, config, call, on_depth, on_start)
+                # Upstream calls retry a lost replica or a restarting server until the deadline
+                # would pass (or the operator's ETS_UPSTREAM_RETRY_S), not a fixed count (ets.retry).
+                with retry_window(time.monotonic() + timeout_s, self.limits.retry_s):
+                    async with asyncio.timeout_at(deadline):
+                        served = await self._admitted(problem, config, call, on_depth, on_start)
             except TimeoutError:
                 limit = (f", the server's limit {self.limits.setting('search_s')}={self.limits.search_s:g}s"
                          if capped else "")

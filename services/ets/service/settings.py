@@ -113,10 +113,14 @@ class ServiceSettings:
         help="largest response sent; a larger result drops candidates' texts (answer, best and stats kept)")
     selection_workers: int = settings.setting(
         0, env="ETS_SELECTION_WORKERS", ge=0, help="threads running selections off the event loop (0 = cores)")
+    upstream_retry_s: float = settings.setting(
+        900.0, env="ETS_UPSTREAM_RETRY_S", ge=0,
+        help="longest one policy or reward call of a search keeps retrying a lost replica or a restarting "
+        "server (never past the search's deadline); 0 = no retries")
     fail_fast: bool = settings.setting(
-        True, env="ETS_SEARCH_FAIL_FAST",
-        help="refuse searches at once (UNAVAILABLE naming the upstream) while an upstream's last health "
-        "probe failed, instead of after the clients' retries")
+        False, env="ETS_SEARCH_FAIL_FAST",
+        help="refuse new searches at once (UNAVAILABLE naming the upstream) while no replica of an upstream "
+        "answered its last health probe, instead of letting them wait for it within their deadline")
     # -- transport ---------------------------------------------------------------------------------
     reflection: bool = settings.setting(True, env="ETS_SEARCH_REFLECTION",
                                         help="gRPC server reflection (off in production manifests)")
@@ -147,7 +151,7 @@ class ServiceSettings:
         """The operator's caps as the runner applies them, each named by its variable in errors."""
         fields = {"width": "limit_width", "max_tokens": "limit_max_tokens", "max_depth": "limit_max_depth",
                   "solver_time_limit_s": "max_solver_time_limit_s", "generated_tokens": "limit_generated_tokens",
-                  "search_s": "limit_search_s"}
+                  "search_s": "limit_search_s", "retry_s": "upstream_retry_s"}
         env = {s.name: s.env_names()[0] for s in settings.settings_of(ServiceSettings)}
         return Limits(**{cap: getattr(self, name) for cap, name in fields.items()},
                       settings={cap: env[name] for cap, name in fields.items()})

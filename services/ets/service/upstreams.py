@@ -247,14 +247,18 @@ class LiveUpstreams:
     def policy_client(self) -> PolicyClient:
         """The shared policy client (one connection pool for all searches)."""
         if self._policy_client is None:
+            retries = self._metrics.upstream_retries
             self._policy_client = make_policy_client(self.policy_address, session=self._http(),
                                                      engine_url=self.policy_engine_url,
-                                                     api_key=self._policy_api_key)
+                                                     api_key=self._policy_api_key,
+                                                     on_retry=lambda r: retries.labels("policy", r).inc())
         return self._policy_client
 
     def reward_client(self) -> RewardClient:
         if self._reward_client is None:
-            self._reward_client = RewardClient(self.reward_address, channel=self._channel())
+            retries = self._metrics.upstream_retries
+            self._reward_client = RewardClient(self.reward_address, channel=self._channel(),
+                                               on_retry=lambda r: retries.labels("reward", r).inc())
         return self._reward_client
 
     # -- what a search uses ---------------------------------------------------------------------------
