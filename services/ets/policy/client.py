@@ -281,7 +281,7 @@ class PolicyClient:
                 async with session.request(method, url, json=payload, timeout=req_timeout,
                                            headers=self._headers) as resp:
                     body = await resp.text()
-                    if resp.status in _RETRY_STATUSES and idempotent:
+                    if idempotent and self._refused(resp.status, body):
                         last = f"HTTP {resp.status}: {_error_message(body)}"
                         kind = f"http_{resp.status}"
                     else:
@@ -303,6 +303,10 @@ class PolicyClient:
             if self.on_retry is not None:
                 self.on_retry(kind)
             await asyncio.sleep(wait)
+
+    def _refused(self, status: int, body: str) -> bool:
+        """Whether an answer says the call was not served (worth another try): 502 / 503 / 504."""
+        return status in _RETRY_STATUSES
 
     async def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
         return decoded(path, *await self._request(method, path, payload, **kw))

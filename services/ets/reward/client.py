@@ -9,6 +9,7 @@ retries run out. Other gRPC errors surface as ``RewardError`` with the server's 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,6 +43,25 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # Five tries, waiting up to 0.25, 0.5, 1 and 2 s between them (jittered down to half).
 DEFAULT_RETRY = RetryPolicy(max_retries=4, initial_backoff_s=0.25, max_backoff_s=4.0)
 
+# Several reward replicas through gRPC's own client-side load balancing, not a balancer of ours:
+# the target resolves to every replica (``dns:///reward-headless:50052``: a headless Service's pod
+# addresses; ``ipv4:10.0.0.5:50052,10.0.0.6:50052``: a fixed list), ``round_robin`` spreads calls
+# over the connected ones, and client-side health checking (the standard health service, which a
+# reward server sets NOT_SERVING while its PRM is down and at the start of a graceful shutdown)
+# takes a replica out before its connections drop. A single ``host:port`` is one replica, as before.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+})
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Re-resolve DNS soon after a replica goes away (gRPC's default waits 30 s between resolutions),
+    # so replacement pods are found while searches still retry.
+    ("grpc.dns_min_time_between_resolutions_ms", 2000),
+)
+
 
 class RewardClient:
     """Async client; use as ``async with RewardClient(addr) as c`` or call ``close()``."""
@@ -57,10 +77,7 @@ class RewardClient:
         self._max_batch_size = max_batch_size
         self._dim: int | None = None
         # ``security``: TLS / client certificate / bearer token (``ets.security``; default plaintext).
-        self._channel = channel or secure_channel(address, security, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
+        self._channel = channel or secure_channel(address, security, options=CHANNEL_OPTIONS)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
     async def __aenter__(self) -> "RewardClient":

@@ -81,7 +81,10 @@ class ServiceSettings:
     policy_engine_url: str | None = settings.setting(
         None, env="ETS_POLICY_ENGINE_URL", parse=_http_url,
         help="when --policy-url is an sglang-router: one policy engine, for tokenization")
-    reward_addr: str = settings.setting("reward:50052", env="ETS_REWARD_ADDR", help="reward server HOST:PORT")
+    reward_addr: str = settings.setting(
+        "reward:50052", env="ETS_REWARD_ADDR",
+        help="the reward server(s): HOST:PORT, or a gRPC target over several replicas, balanced round_robin "
+        "with health checking (dns:///reward-headless:50052, ipv4:10.0.0.5:50052,10.0.0.6:50052)")
     grace_s: float = settings.setting(DEFAULT_GRACE_S, env="ETS_SEARCH_GRACE_S", flag="--grace", ge=0,
                                       help="seconds in-flight searches may finish after SIGTERM")
     max_concurrent: int = settings.setting(DEFAULT_MAX_CONCURRENT, env=MAX_CONCURRENT_ENV, ge=1,

@@ -31,7 +31,7 @@ from ets.search.config import ConfigError, SearchConfig
 from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.policy.routed import make_policy_client
-from ets.reward.client import RewardClient, RewardError, RewardUnavailable
+from ets.reward.client import CHANNEL_OPTIONS, RewardClient, RewardError, RewardUnavailable
 from ets.security import ClientSecurity
 from ets.search.interfaces import (
     ExpandRequest,
@@ -239,9 +239,9 @@ class LiveUpstreams:
 
     def _channel(self) -> grpc.aio.Channel:
         if self._reward_channel is None:
-            self._reward_channel = security.channel(
-                self.reward_address, self._reward_security,
-                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+            # Every replica the address resolves to, round_robin with health checking (CHANNEL_OPTIONS).
+            self._reward_channel = security.channel(self.reward_address, self._reward_security,
+                                                    options=CHANNEL_OPTIONS)
         return self._reward_channel
 
     def policy_client(self) -> PolicyClient:
