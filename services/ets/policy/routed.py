@@ -2,7 +2,7 @@
 
 The router (PyPI sglang-router 0.3.2, crate ``smg``) is not a transparent proxy of the engine's
 native API, so ``RoutedPolicyClient`` overrides three things of ``PolicyClient``'s shared
-wire/retry/parse path (tests/test_deploy_router.py shows each point on real processes):
+wire/retry/parse path (tests/deployment/test_router.py shows each point on real processes):
 - it has no ``/tokenize`` / ``/detokenize`` / ``/model_info`` (404): those go to ``engine_url``, one
   engine reached directly (any replica: tokenization is stateless);
 - its ``/generate`` takes one ``sampling_params`` object, not a per-prompt list (422), and drops
