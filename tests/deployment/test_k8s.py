@@ -24,25 +24,13 @@ import pytest
 from tools import tool
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["gpu", "cpu", "scale-out", "gpu-tls"]
+from deploy_helpers import OVERLAYS, ROOT, by_kind, env_of, kustomize
 
-
-
-
-def kustomize(path: Path) -> list[dict[str, Any]]:
-    res = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return [d for d in yaml.safe_load_all(res.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
     return request.param, kustomize(ROOT / "k8s/overlays" / request.param)
-
-
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
 def validate_strict(docs: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -329,10 +317,6 @@ def test_scale_out_router_uses_real_sglang_router_flags() -> None:
 
 
 # --- probes, shutdown, read-only roots, network, autoscaling ------------------------
-
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-
 
 def test_probes_started_ready_alive() -> None:
     """started = the server listens; ready = its upstreams answer; alive = the process answers.

@@ -1,5 +1,6 @@
 """Helpers the deployment tests share: the Grafana dashboard's metric names, the series a /metrics
-page exports, and podman with the environment scripts/containers.sh sets up."""
+page exports, podman with the environment scripts/containers.sh sets up, and the Kubernetes
+overlays rendered by ``kubectl kustomize``."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,18 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/ets.json"
 # Metric names in PromQL: ours and SGLang's (labels and functions never carry these prefixes).
 METRIC_RE = re.compile(r"\b(ets_[a-z0-9_]+|sglang:[a-z0-9_]+)")
 CONTAINERS = ROOT / "scripts/containers.sh"
+OVERLAYS = ["gpu", "cpu", "scale-out", "gpu-tls"]
 
 
 def dashboard_metric_names() -> dict[str, set[str]]:
@@ -58,3 +65,17 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     if check:
         assert res.returncode == 0, f"podman {' '.join(args)}: {res.stderr[-2000:]}"
     return res
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    res = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}

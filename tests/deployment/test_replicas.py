@@ -1,5 +1,5 @@
 """Kubernetes manifests for replicas and graceful drain (issue 26), on every overlay as rendered by
-``kubectl kustomize`` (schema validation of the same documents: tests/test_deploy_k8s.py):
+``kubectl kustomize`` (schema validation of the same documents: tests/deployment/test_k8s.py):
 
 - the search service reaches the reward replicas through gRPC's client-side balancing: its
   ``ETS_REWARD_ADDR`` is a ``dns:///`` target naming a headless Service over the reward pods;
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from test_deploy_k8s import OVERLAYS, ROOT, by_kind, env_of, kustomize
+from deploy_helpers import OVERLAYS, ROOT, by_kind, env_of, kustomize
 
 # The search service's reward call timeout (ets.reward.client.RewardClient's timeout_s): the longest reward call.
 LONGEST_REWARD_CALL_S = 60.0
