@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and run the project's CPU images with podman on a machine with no Docker engine and no
-# registry (CI, dev machines). Used by tests/test_deploy_containers.py and by hand.
+# registry (CI, dev machines). Used by tests/deployment/test_containers.py and by hand.
 #
 #   scripts/containers.sh env                 # print the exports that point podman at our config
 #   scripts/containers.sh base                # debootstrapped Debian bookworm + python3 base image

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the Python gRPC stubs in services/ets/api/v1 from proto/ (committed;
-# tests/test_deploy_base_range.py checks they are what this script makes). The generator is
+# tests/deployment/test_base_range.py checks they are what this script makes). The generator is
 # requirements/proto.txt's grpcio-tools, the oldest runtime the GPU images accept, installed into a
 # cached venv of its own (not the project's: its protobuf is older than requirements/search.txt's).
 set -euo pipefail

@@ -252,6 +252,13 @@ class TinyPolicy:
         self.model = model.to(device).eval()
         self.stop_id = self.tok.convert_tokens_to_ids(stop)
 
+    def read_step(self, text: str) -> Any:
+        from ets.policy.model_types import policy_model_type
+        from ets.search.interfaces import StepReading
+
+        mt = policy_model_type("math-shepherd")
+        return StepReading(mt.plain_step(text), mt.has_answer(text))
+
     async def expand(self, requests: Any, params: Any) -> list[list[Any]]:
         from ets.search.interfaces import SampledStep
 
@@ -291,7 +298,8 @@ class Scorer:
 
 
 def check_search(work: Path, device: str) -> str:
-    from ets.config import SearchConfig, policy_model_type
+    from ets.search.config import SearchConfig
+    from ets.policy.model_types import policy_model_type
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.embedder import Embedder
     from ets.search.interfaces import Root
@@ -328,7 +336,7 @@ SCALE = 24.0  # the common part of the "+"/"-" rows: logits of ~16-32, as a 7B P
 
 def make_scaled_prm(work: Path) -> Path:
     """The tiny PRM with its "+"/"-" head rows at a 7B PRM's logit scale (a large shared part,
-    a small difference: scores near 0.5, spread), as tests/test_reward_fp32.py makes it."""
+    a small difference: scores near 0.5, spread), as tests/reward/test_fp32.py makes it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -406,7 +414,7 @@ REFERENCE_IDS = {"\u2581+": 648, "\u2581-": 387, "\u2581\u043a\u0438": 12902}
 
 def make_reference_id_prm(work: Path) -> Path:
     """A tiny Llama PRM whose sentencepiece-style vocabulary holds "▁+" / "▁-" / "▁ки" at the
-    released model's ids (as tests/test_reward_token_ids.py builds it), in a folder named like
+    released model's ids (as tests/reward/test_token_ids.py builds it), in a folder named like
     the released model, so the adapter holds it to those ids; its "+"/"-" rows at a 7B's scale."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -4,7 +4,7 @@
 model, so ``import ets.cli`` proves little: a stub that refuses the base image's protobuf, or a
 backend that needs a newer transformers, would only fail when the container starts (and restarts
 forever). ``scripts/install.sh`` imports every module of its profile here at build time
-(``python -m ets.entrypoints PROFILE...``), and tests/test_deploy_base_range.py imports them on the
+(``python -m ets.entrypoints PROFILE...``), and tests/deployment/test_base_range.py imports them on the
 lowest package versions the SGLang base image may hold.
 """
 from __future__ import annotations

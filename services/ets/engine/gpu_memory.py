@@ -98,7 +98,7 @@ class Profile:
 
 # docker-compose.yml (two GPUs: SGLang's pools sized by fraction) and docker-compose.one-gpu.yml
 # (one GPU: pools capped in tokens so that either start order fits; ~21.5 and ~17.5 GiB with
-# the default Mistral-7B models, 128 KiB per token). tests/test_gpu_memory.py checks the compose
+# the default Mistral-7B models, 128 KiB per token). tests/deployment/test_gpu_memory.py checks the compose
 # files carry these numbers.
 PROFILES: dict[str, Profile] = {
     "two-gpu": Profile(policy_fraction=0.85, prm_fraction=0.7),
