@@ -21,7 +21,7 @@ from ets.engine.launcher import LaunchConfig
 from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port
 from ets.engine.procfs import PortInUseError
 
-from tools import HealthOk
+from tools import HealthOk, read_pid
 
 
 def _alive(pid: int) -> bool:
@@ -77,7 +77,7 @@ def _forking_leader(tmp_path: Path, name: str, then: str, *, child_ignores_sigte
     )
     log = tmp_path / f"{name}.log"
     proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1", log_path=log, name=name)
-    return proc, _read_pid(proc, log, "child ")
+    return proc, read_pid(log, "child ")
 
 
 def test_stop_kills_the_whole_group_including_children_that_ignore_sigterm(tmp_path: Path) -> None:
@@ -167,16 +167,6 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return not _alive(pid)
 
 
-def _read_pid(proc: ServerProcess | subprocess.Popen[bytes], log: Path, prefix: str, timeout: float = 20) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines() if log.exists() else []:
-            if line.startswith(prefix):
-                return int(line.split()[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no {prefix!r} line in {log}:\n{log.read_text() if log.exists() else ''}")
-
-
 def test_child_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
     # A supervisor process (like the reward server) starts a child in a session of its own; the
     # supervisor is then SIGKILLed, which no cleanup code survives: the parent-death signal must.
@@ -192,7 +182,7 @@ def test_child_dies_with_its_parent_even_on_sigkill(tmp_path: Path) -> None:
     with open(log, "wb") as out:
         parent = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
     try:
-        child = _read_pid(parent, log, "child ")
+        child = read_pid(log, "child ")
         assert _alive(child) and os.getpgid(child) != os.getpgid(parent.pid)  # not reachable by group
         parent.kill()
         parent.wait()
@@ -221,7 +211,7 @@ def test_stop_reaches_a_descendant_that_left_the_group(tmp_path: Path) -> None:
     )
     proc = ServerProcess.start([sys.executable, "-c", script], url="http://127.0.0.1:1",
                                log_path=tmp_path / "leader.log", name="leader")
-    grandchild = _read_pid(proc, tmp_path / "leader.log", "grandchild ")
+    grandchild = read_pid(tmp_path / "leader.log", "grandchild ")
     assert _alive(grandchild) and os.getpgid(grandchild) != proc.pgid
     assert proc.stop(timeout=1.0) == -signal.SIGTERM
     assert _wait_gone(grandchild, 5), "stop() left the leader's grandchild (own session) running"

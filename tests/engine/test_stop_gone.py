@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from ets.engine.process import ServerProcess
 from ets.testing.stack import Stack, StackConfig
+from tools import read_pid
 
 
 def _group_exists(pgid: int) -> bool:
@@ -24,16 +24,6 @@ def _group_exists(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def _read_pid(log: Path, prefix: str, timeout: float = 20) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines() if log.exists() else []:
-            if line.startswith(prefix):
-                return int(line.split()[1])
-        time.sleep(0.05)
-    raise AssertionError(f"no {prefix!r} line in {log}:\n{log.read_text() if log.exists() else ''}")
 
 
 def _start(tmp_path: Path, name: str, script: str) -> ServerProcess:
@@ -89,21 +79,21 @@ OWN_SESSION_ENGINE = (
 
 def test_stop_returns_only_when_a_worker_left_unreaped_is_gone(tmp_path: Path) -> None:
     proc = _start(tmp_path, "reaped", LEADER_KILLS_WORKER)
-    _read_pid(tmp_path / "reaped.log", "worker ")
+    read_pid(tmp_path / "reaped.log", "worker ")
     assert proc.stop(timeout=10) == 0
     assert not _group_exists(proc.pgid), "stop() returned while the group still held a (zombie) worker"
 
 
 def test_stop_returns_only_when_a_sigkilled_worker_is_gone(tmp_path: Path) -> None:
     proc = _start(tmp_path, "stuck", STUCK_WORKER)
-    _read_pid(tmp_path / "stuck.log", "worker ")
+    read_pid(tmp_path / "stuck.log", "worker ")
     assert proc.stop(timeout=0.5) == -signal.SIGTERM
     assert not _group_exists(proc.pgid), "stop() returned before the SIGKILLed group was gone"
 
 
 def test_stop_returns_only_when_a_descendant_in_its_own_session_is_gone(tmp_path: Path) -> None:
     proc = _start(tmp_path, "leader", OWN_SESSION_ENGINE)
-    engine = _read_pid(tmp_path / "leader.log", "engine ")
+    engine = read_pid(tmp_path / "leader.log", "engine ")
     assert os.getpgid(engine) == engine != proc.pgid
     assert proc.stop(timeout=0.5) == -signal.SIGTERM
     assert not _group_exists(proc.pgid)
@@ -115,8 +105,8 @@ def test_stack_stop_leaves_no_recorded_group(tmp_path: Path) -> None:
     stack = Stack(StackConfig(work_dir=tmp_path))
     stack.launch("policy", lambda: _start(tmp_path, "policy", LEADER_KILLS_WORKER))
     stack.launch("reward", lambda: _start(tmp_path, "reward", OWN_SESSION_ENGINE))
-    _read_pid(tmp_path / "policy.log", "worker ")
-    engine = _read_pid(tmp_path / "reward.log", "engine ")
+    read_pid(tmp_path / "policy.log", "worker ")
+    engine = read_pid(tmp_path / "reward.log", "engine ")
     stack.stop()
     groups = [int(line.split()[1]) for line in stack.pid_file.read_text().splitlines()]
     assert len(groups) == 2

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ets.api.v1 import search_pb2
 from ets.engine.process import free_port
 
-__all__ = ["BIN", "free_port", "http_get", "metric", "small", "tool", "wait_http"]
+__all__ = ["BIN", "free_port", "http_get", "metric", "read_pid", "small", "tool", "wait_http"]
 
 BIN = Path(sys.executable).parent
 
@@ -85,3 +85,14 @@ def metric(text: str, name: str, **labels: str) -> float:
         if got == want:
             return float(m.group(4))
     return 0.0
+
+
+def read_pid(log: Path, prefix: str, timeout: float = 20) -> int:
+    """The pid a test's child process printed to ``log`` on a line ``<prefix><pid>`` (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines() if log.exists() else []:
+            if line.startswith(prefix):
+                return int(line.split()[1])
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix!r} line in {log}:\n{log.read_text() if log.exists() else ''}")
