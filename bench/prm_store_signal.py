@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from prm_signal import auroc, bootstrap_interval  # noqa: E402
 
-from ets.config import MODEL_FREE_PRM_TYPES  # noqa: E402
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES  # noqa: E402
 from ets.policy.model_types import PolicyModelType  # noqa: E402
 
 # The answer-line instructions the committed stores were drawn under: the current one, and the

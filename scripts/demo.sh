@@ -44,6 +44,7 @@ KEEP_WORK=0
 if [ -n "${ETS_DEMO_WORK:-}" ]; then WORK=$ETS_DEMO_WORK; KEEP_WORK=1; mkdir -p "$WORK"; else WORK=$(mktemp -d -t ets-demo.XXXXXX); fi
 rm -f "$WORK/pids"
 ORCH=""
+DONE=""
 cleanup() {
   rc=$?
   trap - EXIT INT TERM
@@ -54,13 +55,25 @@ cleanup() {
   fi
   # Last resort: every process group recorded (the orchestrator's children and the reward
   # server's PRM engine; normally already gone).
+  # The orchestrator's stop returns only once every group is gone, so after a clean run this
+  # finds nothing; a group found here is a defect and fails the demo.
+  leftover=0
   if [ -f "$WORK/pids" ]; then
     while read -r name pgid; do
       if kill -0 -- "-$pgid" 2>/dev/null; then
-        echo "demo: stopping leftover $name (process group $pgid)"
+        echo "demo: stopping leftover $name (process group $pgid)" >&2
+        leftover=1
         kill -TERM -- "-$pgid" 2>/dev/null || true; sleep 2; kill -KILL -- "-$pgid" 2>/dev/null || true
       fi
     done < "$WORK/pids"
+  fi
+  if [ $rc -eq 0 ] && [ -n "$DONE" ]; then
+    if [ $leftover = 0 ]; then
+      echo "demo: done; every process the demo started is stopped"
+    else
+      echo "demo: the stack's stop left process groups behind (above)" >&2
+      rc=1
+    fi
   fi
   if [ $rc -ne 0 ]; then
     echo "demo: FAILED (exit $rc); logs in $WORK/logs" >&2
@@ -93,5 +106,5 @@ ORCH=$!
 rc=0
 wait "$ORCH" || rc=$?
 ORCH=""
-[ $rc = 0 ] && echo "demo: done; every process the demo started is stopped"
+DONE=1  # the EXIT trap says "done" once it has checked that no group is left
 exit $rc

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 from ets import settings
-from ets.config import PRM_TYPES
+from ets.reward.prm_types import PRM_TYPES
 from ets.errors import FieldError
 
 Readout = Literal["pair", "mean_logit", "class_head"]

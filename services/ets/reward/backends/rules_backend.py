@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Sequence
 
-from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmAdapter
 from ets.reward.backends import InProcessHealth, ScoreOutcome
 from ets.reward import grounded, rules
