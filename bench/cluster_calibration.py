@@ -121,7 +121,7 @@ async def _embed_all(embedder: Any, steps: Sequence[Sequence[str]]) -> list[np.n
 
 
 def main(argv: list[str]) -> int:
-    from ets.config import SearchConfig
+    from ets.search.config import SearchConfig
 
     defaults = SearchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

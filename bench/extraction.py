@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT / "services"))
 
 import numpy as np  # noqa: E402
 
-from ets.config import SearchConfig  # noqa: E402
+from ets.policy.model_types import PolicyModelType, policy_model_type  # noqa: E402
+from ets.search.config import SearchConfig  # noqa: E402
+from ets.search.interfaces import StepReading  # noqa: E402
 from ets.evaluation.evaluate import load_dataset  # noqa: E402
 from ets.evaluation.report import answers_match  # noqa: E402
 from ets.evaluation.stats import mcnemar_exact, paired_difference_ci  # noqa: E402
@@ -69,7 +71,15 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 class Refuse:
-    """The inner generator and scorer of a replay: asked for anything, the store lacked it."""
+    """The inner generator and scorer of a replay: asked for anything, the store lacked it. Steps
+    read as the search's policy model type reads them (``model_type``)."""
+
+    def __init__(self, model_type: PolicyModelType | None = None) -> None:
+        self.model_type = model_type
+
+    def read_step(self, text: str) -> StepReading:
+        assert self.model_type is not None, "a replayed generator needs its policy model type"
+        return StepReading(self.model_type.plain_step(text), self.model_type.has_answer(text))
 
     async def expand(self, requests: Any, params: Any) -> Any:
         raise LookupError("the store has no such sample")
@@ -110,7 +120,7 @@ async def replay(rows: Sequence[dict[str, Any]], questions: dict[str, str], stor
     keys = {k for k, _ in store.samples}
     for row in rows:
         config = SearchConfig(**row["resolved_config"]).validate()
-        mt = config.model_type
+        mt = policy_model_type(config.policy_model_type)
         identity = f"{model_path}|{mt.name}|stop={list(mt.stop)}|trim={mt.no_stop_trim}"
         question = questions[row["id"]]
         if question not in roots:
@@ -124,7 +134,7 @@ async def replay(rows: Sequence[dict[str, Any]], questions: dict[str, str], stor
                     break
             else:
                 raise LookupError(f"{row['id']}: no root of the known instructions is in the store")
-        generator = StoreGenerator(store, Refuse(), identity)
+        generator = StoreGenerator(store, Refuse(mt), identity)
         scorer = StoreScorer(store, Refuse(), PRM, EMBEDDER)
         result = await run_search(roots[question], config, generator, scorer)
         if tree_digest(result.trajectories) != row["tree"]:

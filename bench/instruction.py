@@ -7,7 +7,8 @@ whole solutions (temperature 0.7, top-k/top-p off, ``--max-new-tokens``: the CPU
 ``ETS_SEARCH_MAX_TOKENS`` less the ~70-token chat root) for each problem under each wording, rooted
 exactly as the search roots them (the ``smollm2-instruct`` type's chat messages with only the
 instruction swapped). Problems: the first ``--problems`` / 2 of the seeded arithmetic set and of the
-GSM8K-easy subset. Draws run in process (transformers ``generate``, the bf16 weights the engine
+GSM8K-easy subset (``--data FILE``: the first ``--problems`` of FILE instead). Draws run in process
+(transformers ``generate``, the bf16 weights the engine
 serves), seeded per problem with the same seed under every wording, so a rerun draws the same
 text; SGLang's CPU engine ignores per-request seeds.
 
@@ -129,6 +130,7 @@ def table(summary: dict[str, Any], base: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", type=int, default=24, help="problems in all, half from each dataset")
+    p.add_argument("--data", type=Path, help="draw for the first --problems of this JSONL instead of the two sets")
     p.add_argument("--samples", type=int, default=8, help="solutions per problem and wording")
     p.add_argument("--max-new-tokens", type=int, default=250)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -159,7 +161,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     half = args.problems // 2
-    problems = [json.loads(line) for data, n in zip(DATASETS, (args.problems - half, half), strict=True)
+    sources = ((args.data, args.problems),) if args.data else zip(DATASETS, (args.problems - half, half), strict=True)
+    problems = [json.loads(line) for data, n in sources
                 for line in data.read_text().splitlines()[:n] if line.strip()]
     base_type = policy_model_type("smollm2-instruct")
     model = prepare_model(DEFAULT_POLICY_MODEL)

@@ -26,7 +26,7 @@ before each (C, method) level. Per level it reports:
 
 Writes JSON (``--out``, rewritten after every level, so a cut-off run keeps what it measured),
 prints a Markdown table, and with ``--plot`` draws latency and throughput against C.
-The parsing and percentile helpers are pure and tested (tests/test_bench_load.py).
+The parsing and percentile helpers are pure and tested (tests/benchmarks/test_load.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ bracket, a numerator off by one). Each is written as the policy's closing line, 
 (``extract_answer``) and compared with the gold (``answers_match``: what ``ets eval`` grades by).
 
 A disagreement is a rewriting judged unequal or a near miss judged equal. ``KNOWN`` lists every
-disagreement the current grading makes with the reason; tests/test_math500_grading.py fails when
+disagreement the current grading makes with the reason; tests/search/test_math500_grading.py fails when
 the measured set differs from it (a fix removes an entry, a regression adds one).
 """
 from __future__ import annotations
@@ -230,7 +230,7 @@ def disagreements(judged: list[Case]) -> dict[tuple[str, str, str], Case]:
 
 
 # Every disagreement of the current grading, (id, kind, closing) -> why. Kept equal to the
-# measurement by tests/test_math500_grading.py.
+# measurement by tests/search/test_math500_grading.py.
 KNOWN: dict[tuple[str, str, str], str] = {
     ("test/geometry/473.json", "last_number_off_by_one", "final_boxed"):
         "'864 \\mbox{ inches}^3' for '864 \\mbox{ inches}^2': the number changed is the unit's power; "

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load as load_bench  # the sibling benchmark: metrics helpers
 from stack import add_search_size_flags  # the sibling benchmarks' search-size flags
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.policy.client import PolicyClient
 from ets.policy.generator import PREFILL_MIN_SHARED, SGLangStepGenerator, tokenize_root
 from ets.search.loop import run_search
@@ -170,8 +170,8 @@ async def one_search(policy_url: str, reward: Any, problem: Any, method: str, ar
 
 async def _one_search(policy_url: str, reward: Any, rec: RecordingClient, problem: Any, method: str,
                       args: argparse.Namespace, config: SearchConfig) -> dict[str, Any]:
-    root = await tokenize_root(rec, problem.problem, config.model_type)
-    generator = SGLangStepGenerator(rec, config.model_type, prefill_min_shared=args.prefill_min_shared)
+    root = await tokenize_root(rec, problem.problem, config.policy_model_type)
+    generator = SGLangStepGenerator(rec, config.policy_model_type, prefill_min_shared=args.prefill_min_shared)
     samples: list[dict[str, float]] = []
     done = asyncio.Event()
     t0 = time.perf_counter()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build and run the project's CPU images with podman on a machine with no Docker engine and no
-# registry (CI, dev machines). Used by tests/test_deploy_containers.py and by hand.
+# registry (CI, dev machines). Used by tests/deployment/test_containers.py and by hand.
 #
 #   scripts/containers.sh env                 # print the exports that point podman at our config
 #   scripts/containers.sh base                # debootstrapped Debian bookworm + python3 base image
-#   scripts/containers.sh build [policy|reward|search ...]   # CPU variants (default: all three)
+#   scripts/containers.sh build [policy|reward|search|router ...]   # CPU variants (default: the first three)
 #   scripts/containers.sh standin             # stand-in of the official SGLang image's layout
 #   scripts/containers.sh build-gpu [policy|reward ...]      # GPU variants (--engine image) on it
 #   scripts/containers.sh compose ARGS...     # podman-compose with the CPU override file

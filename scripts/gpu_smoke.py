@@ -15,10 +15,33 @@ Checks, each printed as ``PASS|FAIL|NOT RUN <check> (<seconds> s): <detail>``:
 - embedder: the reward server's Embedder on the device: unit norms, identical texts -> cosine 1;
 - search: ETS (and REBASE) searches over a tiny transformers policy on the device, scored by
   the backend and the embedder above;
+- numerics (issue 24): the tiny PRM's "+"/"-" head reshaped to a 7B PRM's logit scale (16-32,
+  scores near 0.5): the backend in bf16 on the device must equal the float64 readout of its own
+  hidden states to 1e-4 (fp32 scoring; bf16-rounded logits are off by more, printed), and a
+  padded batch must score as each trajectory alone (1e-2 in bf16, 1e-4 in float32);
+- token-ids: a tiny PRM whose vocabulary holds "▁+" / "▁-" / "▁ки" at the released
+  math-shepherd-mistral-7b-prm's ids (648 / 387 / 12902), in a folder named like it: the adapter
+  reads those ids, the score positions hold the tag, and the scores on the device are the
+  readout of rows 648 / 387;
+- reward-server: ``ets reward-serve``'s server in process on the device (transformers backend,
+  the tiny PRM and embedder) over gRPC on loopback: health SERVING, Score, Embed, Info, and the
+  Prometheus metrics counting them;
+- kv-sizing (issue 24, finding 2): SGLang 0.5.23's KV rule on the real card, without SGLang:
+  each "engine" is a process of its own (its own CUDA context) that measures free memory,
+  allocates the weights of a Mistral-7B, sizes its pool by SGLang's formula
+  (ets.engine.gpu_memory) from what it measured and allocates it; the two-GPU profile (one
+  engine alone) and the one-GPU profile in both start orders must all get their pool, and the
+  measured CUDA context is printed against the estimate;
 - sglang-prm (--sglang; finding 6): an SGLang PRM engine on the device scores with
   max_new_tokens 0 + token_ids_logprob (ets.reward.backends.sglang_backend), against the
   transformers backend. SGLang cannot be carried to the lent machines: run it in the reward
   image on a GPU host (docs/deployment.md). Without --sglang it prints NOT RUN, never PASS.
+
+Wheels: a lent machine has torch, transformers, sentence-transformers, grpcio and
+prometheus-client but not aiohttp, highspy, math-verify, grpcio-health-checking,
+grpcio-reflection or protobuf, and no internet. ``gpu-smoke.sh --prepare-wheels DIR`` downloads
+them here (CPython 3.10-3.12, manylinux x86_64, requirements/search.txt's pins); ``--wheels DIR``
+installs the ones the machine lacks into the work folder, first on the path.
 
 Exit status 0 only if every check that ran passed. Finishes in a few minutes (the models are
 tiny); --device cpu runs the same checks on the CPU (everything but CUDA itself).
@@ -65,6 +88,40 @@ def check(name: str, fn: Callable[[], str]) -> bool:
 def not_run(name: str, why: str) -> None:
     print(f"NOT RUN {name}: {why}", flush=True)
     results.append((name, "NOT RUN"))
+
+
+# What the checks import beyond torch, transformers, sentence-transformers, grpcio and
+# prometheus-client (module -> distribution, at requirements/search.txt's pins), then their
+# dependencies that such a machine may lack too (gpu-smoke.sh --prepare-wheels downloads the same).
+CARRIED = {"aiohttp": "aiohttp", "highspy": "highspy", "math_verify": "math-verify",
+           "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
+           "google.protobuf": "protobuf", "threadpoolctl": "threadpoolctl",
+           "aiohappyeyeballs": "aiohappyeyeballs", "aiosignal": "aiosignal", "attr": "attrs",
+           "frozenlist": "frozenlist", "multidict": "multidict", "propcache": "propcache", "yarl": "yarl",
+           "idna": "idna", "typing_extensions": "typing-extensions", "latex2sympy2_extended": "latex2sympy2-extended",
+           "antlr4": "antlr4-python3-runtime"}
+
+
+def install_wheels(wheels: Path, site: Path) -> str:
+    """pip-install, offline from ``wheels``, the carried distributions whose module is missing
+    here, into ``site`` (put first on sys.path); the machine's own packages stay as they are."""
+    import importlib.util
+
+    missing = []
+    for module, dist in CARRIED.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(dist)
+    if missing:
+        # --no-deps: each missing one is named (numpy, grpcio, sympy are the machine's own).
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links",
+                        str(wheels), "--target", str(site), *missing], check=True, capture_output=True, timeout=600)
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+    return f"installed {missing or 'nothing'} from {wheels}"
 
 
 def check_device(device: str) -> str:
@@ -195,6 +252,13 @@ class TinyPolicy:
         self.model = model.to(device).eval()
         self.stop_id = self.tok.convert_tokens_to_ids(stop)
 
+    def read_step(self, text: str) -> Any:
+        from ets.policy.model_types import policy_model_type
+        from ets.search.interfaces import StepReading
+
+        mt = policy_model_type("math-shepherd")
+        return StepReading(mt.plain_step(text), mt.has_answer(text))
+
     async def expand(self, requests: Any, params: Any) -> list[list[Any]]:
         from ets.search.interfaces import SampledStep
 
@@ -234,7 +298,8 @@ class Scorer:
 
 
 def check_search(work: Path, device: str) -> str:
-    from ets.config import SearchConfig, policy_model_type
+    from ets.search.config import SearchConfig
+    from ets.policy.model_types import policy_model_type
     from ets.reward.backends.transformers_backend import TransformersBackend
     from ets.reward.embedder import Embedder
     from ets.search.interfaces import Root
@@ -264,6 +329,301 @@ def check_search(work: Path, device: str) -> str:
         return "; ".join(parts) + f" (policy, PRM and embedder on {device})"
 
     return asyncio.run(run())
+
+
+SCALE = 24.0  # the common part of the "+"/"-" rows: logits of ~16-32, as a 7B PRM's
+
+
+def make_scaled_prm(work: Path) -> Path:
+    """The tiny PRM with its "+"/"-" head rows at a 7B PRM's logit scale (a large shared part,
+    a small difference: scores near 0.5, spread), as tests/reward/test_fp32.py makes it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = work / "tiny-prm-scaled"
+    if (out / "config.json").exists():
+        return out
+    model: Any = AutoModelForCausalLM.from_pretrained(work / "tiny-prm", dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    tok = AutoTokenizer.from_pretrained(work / "tiny-prm")
+    ids = [tok.convert_tokens_to_ids(t) for t in ("+", "-")]
+    g = torch.Generator().manual_seed(7)
+    hidden = head.weight.shape[1]
+    with torch.no_grad():
+        common = torch.randn(hidden, generator=g) / hidden ** 0.5 * SCALE
+        head.weight[ids] = common + torch.randn((2, hidden), generator=g) / hidden ** 0.5 * 0.3
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def check_numerics(work: Path, device: str) -> str:
+    import torch
+
+    from ets.reward.backends.transformers_backend import TransformersBackend
+
+    path = make_scaled_prm(work)
+
+    async def run(dtype: str) -> tuple[float, float, float, list[float]]:
+        backend = TransformersBackend(str(path), "math-shepherd", device=device, dtype=dtype)
+        await backend.start()
+        try:
+            encoded = [backend.adapter.encode(QUESTION, steps) for steps in TRAJECTORIES]
+            batched = (await backend.score(encoded, last_step_only=False)).scores
+            worst_exact = worst_rounded = worst_batch = 0.0
+            scores: list[float] = []
+            model, adapter = backend.model, backend.adapter
+            w = model.get_output_embeddings().weight[[adapter.plus_id, adapter.minus_id]]
+            for enc, in_batch in zip(encoded, batched, strict=True):
+                alone = (await backend.score([enc], last_step_only=False)).scores[0]
+                ids = torch.tensor([list(enc.last_step_prompt())], device=device)
+                with torch.inference_mode():
+                    h = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+                h = h[list(enc.score_positions)]
+                exact = (h.double() @ w.double().T).cpu()
+                rounded = (h.float() @ w.float().T).to(torch.bfloat16).double().cpu()
+                ref = torch.sigmoid(exact[:, 0] - exact[:, 1]).tolist()
+                bf16 = torch.sigmoid(rounded[:, 0] - rounded[:, 1]).tolist()
+                worst_exact = max(worst_exact, *(abs(a - b) for a, b in zip(alone, ref, strict=True)))
+                worst_rounded = max(worst_rounded, *(abs(a - b) for a, b in zip(bf16, ref, strict=True)))
+                worst_batch = max(worst_batch, *(abs(a - b) for a, b in zip(alone, in_batch, strict=True)))
+                scores += alone
+            return worst_exact, worst_rounded, worst_batch, scores
+        finally:
+            await backend.close()
+
+    exact16, rounded16, batch16, scores = asyncio.run(run("bfloat16"))
+    exact32, _, batch32, _ = asyncio.run(run("float32"))
+    spread = max(scores) - min(scores)
+    if exact16 > 1e-4 or exact32 > 1e-4:
+        raise AssertionError(f"scores off the float64 readout: bf16 model {exact16:.2e}, fp32 {exact32:.2e}")
+    if batch16 > 1e-2 or batch32 > 1e-4:
+        raise AssertionError(f"padded batch vs one at a time: bf16 {batch16:.2e}, fp32 {batch32:.2e}")
+    if spread < 0.01:
+        raise AssertionError(f"no score spread ({spread:.4f}): the reshaped head did not take")
+    return (f"bf16 model: fp32 scoring off the float64 readout by {exact16:.1e} (bf16-rounded logits: "
+            f"{rounded16:.3f}); padded batch vs alone {batch16:.1e} (bf16), {batch32:.1e} (fp32); "
+            f"spread {spread:.3f}")
+
+
+# peiyi9979/math-shepherd-mistral-7b-prm's ids (the ETS reference's rebase.py: logits_require_id).
+REFERENCE_IDS = {"\u2581+": 648, "\u2581-": 387, "\u2581\u043a\u0438": 12902}
+
+
+def make_reference_id_prm(work: Path) -> Path:
+    """A tiny Llama PRM whose sentencepiece-style vocabulary holds "▁+" / "▁-" / "▁ки" at the
+    released model's ids (as tests/reward/test_token_ids.py builds it), in a folder named like
+    the released model, so the adapter holds it to those ids; its "+"/"-" rows at a 7B's scale."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = work / "math-shepherd-mistral-7b-prm"
+    if (out / "config.json").exists():
+        return out
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "\n": 13, "+": 489, "-": 12, "\u043a\u0438": 1300}
+    words = {w for text in [QUESTION, *(s for t in TRAJECTORIES for s in t)] for w in text.split()}
+    next_id = 100
+    for word in sorted(words):
+        for form in (word, "\u2581" + word):
+            if form not in vocab and form not in REFERENCE_IDS:
+                vocab[form] = next_id
+                next_id += 1
+    vocab.update(REFERENCE_IDS)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=13_000, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False))
+    hidden = 64
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        common = torch.randn(hidden, generator=g) / hidden ** 0.5 * SCALE
+        model.lm_head.weight[[648, 387]] = common + torch.randn((2, hidden), generator=g) / hidden ** 0.5 * 0.3
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def check_token_ids(work: Path, device: str) -> str:
+    import torch
+
+    from ets.reward.adapters import known_token_ids
+    from ets.reward.backends.transformers_backend import TransformersBackend
+
+    path = make_reference_id_prm(work)
+    if known_token_ids("math-shepherd", str(path)) is None:
+        raise AssertionError(f"{path} is not taken for the released model")
+
+    async def run() -> str:
+        backend = TransformersBackend(str(path), "math-shepherd", device=device, dtype="bfloat16")
+        await backend.start()
+        try:
+            adapter: Any = backend.adapter
+            if (adapter.plus_id, adapter.minus_id, adapter.tag_id) != (648, 387, 12902):
+                raise AssertionError(f"ids {(adapter.plus_id, adapter.minus_id, adapter.tag_id)}")
+            encoded = [adapter.encode(QUESTION, steps) for steps in TRAJECTORIES]
+            tags = {enc.input_ids[p] for enc in encoded for p in enc.score_positions}
+            if tags != {12902}:
+                raise AssertionError(f"score positions hold {tags}, not the tag 12902")
+            got = (await backend.score(encoded, last_step_only=False)).scores
+            w = backend.model.get_output_embeddings().weight[[648, 387]].double()
+            worst = 0.0
+            for enc, scores in zip(encoded, got, strict=True):
+                ids = torch.tensor([list(enc.last_step_prompt())], device=device)
+                with torch.inference_mode():
+                    h = backend.model.base_model(input_ids=ids).last_hidden_state[0][list(enc.score_positions)]
+                logits = h.double() @ w.T
+                ref = torch.sigmoid(logits[:, 0] - logits[:, 1]).tolist()
+                worst = max(worst, *(abs(a - b) for a, b in zip(scores, ref, strict=True)))
+            if worst > 1e-2:  # batched bf16 hidden states vs one at a time
+                raise AssertionError(f"scores off the readout of rows 648/387 by {worst:.4f}")
+            return (f"adapter reads 648/387 at tag 12902 (the released model's), {sum(map(len, got))} scores "
+                    f"on {device} within {worst:.1e} of rows 648/387's readout")
+        finally:
+            await backend.close()
+
+    return asyncio.run(run())
+
+
+def check_reward_server(work: Path, device: str) -> str:
+    import urllib.request
+
+    import grpc
+
+    from ets.api.v1 import reward_pb2, reward_pb2_grpc
+    from ets.healthcheck import check as health_check
+    from ets.reward.server import RewardServer
+    from ets.reward.settings import RewardServerConfig
+
+    async def run() -> str:
+        config = RewardServerConfig(
+            prm_model=str(make_scaled_prm(work)), prm_type="math-shepherd", prm_backend="transformers",
+            prm_dtype="bfloat16", device=device, host="127.0.0.1", port=0, metrics_port=0,
+            embedder_model=str(work / "tiny-embedder"), max_batch_size=16)
+        server = RewardServer(config)
+        await server.start()
+        try:
+            address = f"127.0.0.1:{server.port}"
+            health = await asyncio.to_thread(health_check, address, "ets.api.v1.RewardService", 10.0)
+            if health != "SERVING":
+                raise AssertionError(f"health {health}")
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = reward_pb2_grpc.RewardServiceStub(channel)
+                reply = await stub.Score(reward_pb2.ScoreRequest(trajectories=[
+                    reward_pb2.Trajectory(question=QUESTION, steps=steps) for steps in TRAJECTORIES]), timeout=120)
+                emb = await stub.Embed(reward_pb2.EmbedRequest(texts=["3 + 5 = 8", "the answer is 9"]), timeout=60)
+                info = await stub.Info(reward_pb2.InfoRequest(), timeout=30)
+            lengths = [len(r.scores) for r in reply.results]
+            if (lengths != [len(t) for t in TRAJECTORIES] or len(emb.embeddings) != 2
+                    or info.prm_backend != "transformers"):
+                raise AssertionError(f"Score {lengths}, Embed {len(emb.embeddings)}, Info {info.prm_backend}")
+            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode())
+            for needle in ('ets_reward_requests_total{code="OK",method="Score"} 1.0',
+                           'ets_reward_requests_total{code="OK",method="Embed"} 1.0', "ets_reward_backend_up 1.0"):
+                if needle not in metrics:
+                    raise AssertionError(f"metrics lack {needle!r}")
+            return (f"gRPC on {device}: health SERVING, Score {lengths} steps, Embed dim {emb.dim}, "
+                    f"Info {info.prm_type}/{info.prm_backend}, metrics count both calls")
+        finally:
+            await server.stop(grace=1.0)
+
+    return asyncio.run(run())
+
+
+# One "engine" of the kv-sizing check, run as a process of its own (its own CUDA context):
+# argv: fraction, max tokens (0: none), weights bytes, cell bytes, a file to write its
+# measurements to, and a file whose existence tells it to exit (it holds its memory until then).
+ENGINE_EMULATION = r"""
+import json, os, sys, time, torch
+fraction, max_tokens, weights, cell = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, release = sys.argv[5], sys.argv[6]
+torch.cuda.init(); torch.empty(1, device="cuda")
+total = torch.cuda.mem_get_info()[1]
+before = torch.cuda.mem_get_info()[0]               # B, after the CUDA context (SGLang's baseline)
+held = [torch.empty(weights, dtype=torch.uint8, device="cuda")]
+after = torch.cuda.mem_get_info()[0]                # A, after the weights
+budget = after - before * (1 - fraction)            # SGLang 0.5.23: rest_memory
+tokens = int(budget // cell) if budget > 0 else 0
+if max_tokens:
+    tokens = min(tokens, max_tokens)
+if tokens > 0:
+    held.append(torch.empty(tokens * cell, dtype=torch.uint8, device="cuda"))
+with open(out + ".tmp", "w") as f:
+    json.dump({"total": total, "before": before, "after": after, "budget": budget, "tokens": tokens,
+               "free_after_pool": torch.cuda.mem_get_info()[0]}, f)
+os.replace(out + ".tmp", out)  # whole, or not there yet
+while not os.path.exists(release):
+    time.sleep(0.2)
+"""
+
+
+def check_kv_sizing(work: Path, device: str) -> str:
+    import json
+    import os
+
+    import torch
+
+    from ets.engine import gpu_memory
+
+    if device != "cuda":
+        raise RuntimeError("needs the CUDA card (run with --device cuda)")
+    free0, total = torch.cuda.mem_get_info()
+    spec = gpu_memory.MISTRAL_7B
+
+    def engines(order: list[tuple[str, float, int | None]]) -> list[dict[str, Any]]:
+        release = work / f"release-{os.getpid()}-{time.monotonic_ns()}"
+        procs, found = [], []
+        try:
+            for i, (name, fraction, cap) in enumerate(order):
+                out = work / f"engine-{name}-{i}.json"
+                out.unlink(missing_ok=True)
+                procs.append(subprocess.Popen([sys.executable, "-c", ENGINE_EMULATION, str(fraction), str(cap or 0),
+                                               str(spec.weights), str(spec.cell), str(out), str(release)]))
+                deadline = time.monotonic() + 120
+                while not out.exists():  # the next one starts once this one holds its pool
+                    if procs[-1].poll() is not None:
+                        raise AssertionError(f"{name} exited {procs[-1].returncode} (out of memory?)")
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{name} did not size its pool in 120 s")
+                    time.sleep(0.2)
+                found.append(dict(json.loads(out.read_text()), name=name))
+        finally:
+            release.touch()
+            for p in procs:
+                p.wait(timeout=60)
+        return found
+
+    profiles = gpu_memory.PROFILES
+    one, two = profiles["one-gpu"], profiles["two-gpu"]
+    parts = []
+    for label, order in (
+        ("two-gpu policy alone", [("policy", two.policy_fraction, two.policy_max_tokens)]),
+        ("two-gpu prm alone", [("prm", two.prm_fraction, two.prm_max_tokens)]),
+        ("one-gpu policy then prm", [("policy", one.policy_fraction, one.policy_max_tokens),
+                                     ("prm", one.prm_fraction, one.prm_max_tokens)]),
+        ("one-gpu prm then policy", [("prm", one.prm_fraction, one.prm_max_tokens),
+                                     ("policy", one.policy_fraction, one.policy_max_tokens)]),
+    ):
+        runs = engines(order)
+        short = [r["name"] for r in runs if r["tokens"] < gpu_memory.MIN_KV_TOKENS]
+        if short:
+            raise AssertionError(f"{label}: {short} got a pool below {gpu_memory.MIN_KV_TOKENS} tokens: {runs}")
+        parts.append(f"{label}: " + ", ".join(f"{r['name']} {r['tokens']} tokens" for r in runs)
+                     + f" ({runs[-1]['free_after_pool'] / gpu_memory.GIB:.1f} GiB left)")
+    context = total - free0
+    return (f"{torch.cuda.get_device_name(0)}, {total / gpu_memory.GIB:.1f} GiB; this process's CUDA context "
+            f"{context / gpu_memory.GIB:.2f} GiB (estimate {gpu_memory.CUDA_CONTEXT / gpu_memory.GIB:.1f}); "
+            + "; ".join(parts))
 
 
 def check_sglang_prm(work: Path, device: str) -> str:
@@ -300,15 +660,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--sglang", action="store_true", help="also start an SGLang PRM engine (finding 6)")
     ap.add_argument("--work", type=Path, help="folder for the tiny models (default: a temporary one)")
+    ap.add_argument("--wheels", type=Path, help="install the carried wheels (--prepare-wheels) this machine lacks")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="ets-gpu-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.wheels:
+        check("wheels", lambda: install_wheels(args.wheels, work / "site"))
     print(f"gpu-smoke: device {args.device}, models in {work}", flush=True)
     if check("device", lambda: check_device(args.device)) and check("models", lambda: check_models(work)):
         check("prm-bf16", lambda: check_prm(work, args.device))
         check("embedder", lambda: check_embedder(work, args.device))
         check("search", lambda: check_search(work, args.device))
+        check("numerics", lambda: check_numerics(work, args.device))
+        check("token-ids", lambda: check_token_ids(work, args.device))
+        check("reward-server", lambda: check_reward_server(work, args.device))
+        if args.device == "cuda":
+            check("kv-sizing", lambda: check_kv_sizing(work, args.device))
+        else:
+            not_run("kv-sizing", "needs the CUDA card")
         if args.sglang:
             check("sglang-prm", lambda: check_sglang_prm(work, args.device))
         else:

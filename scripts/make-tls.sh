@@ -43,7 +43,8 @@ cert() {  # name extra...
 }
 
 cert search "$@"
-cert reward
+# reward-replicas: the name the search service balances over (dns:///reward-replicas:50052).
+cert reward reward-replicas
 for t in search-token reward-token; do
   [ -f "$t" ] || openssl rand -hex 32 > "$t"
 done

@@ -6,8 +6,12 @@ stopped by PID at session end. At most ``MAX_SGLANG_SERVERS`` run at once: start
 stops the least recently requested server (a later request restarts it). When a server fails to
 start, the ``ServerStartError`` carries its log tail; logs stay under the session temp folder.
 
-Other areas register their fixture modules in ``pytest_plugins`` below
-(``tests/<area>_fixtures.py``); ``tests/tiers.py`` marks every test with its tier.
+The test folders mirror the package and the deployment (``search/``, ``policy/``, ``reward/``,
+``service/``, ``engine/``, ``evaluation/``, ``stack/``, ``deployment/``, ``benchmarks/``,
+``package/``), each with its own ``conftest.py`` for what only it uses. What several folders
+share lives in ``tests/support/`` (on the path): fixture modules registered in ``pytest_plugins``
+below (``reward_fixtures``, ``service_fixtures``), helpers (``tools``, ``deploy_helpers``) and
+``tiers``, which marks every test with its tier.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import pytest
 from ets.engine.launcher import LaunchConfig
 from ets.engine.process import ServerProcess, free_port, start_server
 
-# Other areas' fixture modules (tests/<area>_fixtures.py); add yours here.
+# Fixture modules several folders share (tests/support/<area>_fixtures.py); add yours here.
 pytest_plugins: list[str] = ["tiers", "pytester", "service_fixtures", "reward_fixtures"]
 
 # Each CPU SGLang server holds ~2 GB; 5 people share this machine.

@@ -1,5 +1,8 @@
-"""Admission control shared by the search service and the reward server: a bounded number of calls
-run at once, a bounded queue waits, anything beyond both is refused at once.
+"""The admission mechanism both servers use (owned here, once): a bounded number of calls run at
+once, a bounded queue waits, anything beyond both is refused at once. What each server admits,
+its limits' names and defaults, and its refusal are the server's own: the search service's in
+``ets.service.admission`` (searches weighted by width, ``QueueFull``), the reward server's in
+``ets.reward.server`` (calls costed by their items).
 
 Running calls may carry a weight (the search service weighs a search by its width): the running
 ones' weights sum to at most ``max_weight``, so memory is bounded by configuration, not by what

@@ -1,56 +1,29 @@
-"""Search configuration: the one ``SearchConfig`` (paper defaults, validation, per-request and
-environment overrides) and the PRM type names.
+"""The search configuration at the edges: server defaults from the environment and the name checks.
 
-Owns: ``SearchConfig`` (field names equal the proto ``SearchConfig`` fields), ``ValidConfig``
-(a config that passed ``validate()``: what a search carries from the edge to the loop, so it is
-checked once), the PRM type names, and the naming of the search defaults' environment variables
-(``ETS_SEARCH_<FIELD>``, ``env_name``: the one place a config field becomes a variable name).
-Errors are ``ConfigError`` (a field by its config name) and, for a bad environment variable,
-``SettingError`` (``ets.errors``). The policy model types a config names live with the policy
-(``ets.policy.model_types``). Pure: no I/O except reading a given environment mapping in
-``from_env`` (through ``ets.settings``, the one loader).
+The value type itself is pure and lives with the algorithm (``ets.search.config.SearchConfig``).
+What only an edge may know is here:
+
+- the search defaults' environment variables, ``ETS_SEARCH_<FIELD>`` (``env_name``: the one place a
+  config field becomes a variable name; ``search_defaults_from_env`` reads them through
+  ``ets.settings``, the one loader, and names the variable in a ``SettingError``);
+- ``validate``: everything a search's config must pass before it reaches the loop: the field
+  rules (``SearchConfig.validate``), the method registry (``ets.search.selection``), and the names
+  the core carries without knowing them: ``policy_model_type`` against the policy's registry
+  (``ets.policy.model_types``) and ``prm_type`` against the reward server's
+  (``ets.reward.prm_types``). The service's request checks, its defaults and the evaluation use it.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 from ets import settings
 from ets.errors import ConfigError, FieldError, SettingError
-from ets.policy.model_types import POLICY_MODEL_TYPES, PolicyModelType, policy_model_type
+from ets.policy.model_types import POLICY_MODEL_TYPES
+from ets.reward.prm_types import PRM_TYPES
+from ets.search import selection
+from ets.search.config import SearchConfig, ValidConfig
 
-__all__ = ["AGGREGATIONS", "ConfigError", "MAX_DEPTH_LIMIT", "MAX_TOKENS_LIMIT", "MAX_WIDTH", "MODEL_FREE_PRM_TYPES",
-           "NODE_COSTS", "PRM_TYPES", "SEARCH_ENV_PREFIX", "SearchConfig", "ValidConfig", "VOTINGS", "env_name",
-           "preset_lambda_s"]
-
-AGGREGATIONS: tuple[str, ...] = ("last", "min", "mean", "prod")
-VOTINGS: tuple[str, ...] = ("weighted_majority", "majority", "best")
-NODE_COSTS: tuple[str, ...] = ("uniform", "tokens")
-# Every PRM type the reward server serves (formats: ets.reward.adapters; rules: ets.reward.rules).
-# The one list: the reward server and its adapters import it from here.
-PRM_TYPES: tuple[str, ...] = ("math-shepherd", "rlhflow", "llemma", "qwen-prm", "judge", "arithmetic")
-# Types scored by rules on the text, without a model (served by the reward server's ``rules`` backend).
-MODEL_FREE_PRM_TYPES: tuple[str, ...] = ("arithmetic",)
-
-# Upper bound on width accepted from a request; a guard against runaway requests, not a limit of
-# the algorithm (the selection benchmark runs width 1024).
-MAX_WIDTH = 4096
-MAX_DEPTH_LIMIT = 1000
-MAX_TOKENS_LIMIT = 1 << 20
-
-# The paper's width presets and their coverage weight lambda_s (reference hyper-parameters).
-LAMBDA_S_PRESETS: dict[int, float] = {16: 1.5, 64: 1.4, 256: 1.45}
-
-
-def preset_lambda_s(width: int) -> float:
-    """lambda_s of the width preset nearest to ``width`` on a log scale (ties go to the smaller)."""
-    if width <= 0:
-        return LAMBDA_S_PRESETS[16]
-    best = min(LAMBDA_S_PRESETS, key=lambda w: (abs(math.log2(width) - math.log2(w)), w))
-    return LAMBDA_S_PRESETS[best]
-
+__all__ = ["SEARCH_ENV_PREFIX", "env_name", "search_defaults_from_env", "validate"]
 
 # The search defaults' environment variables: ETS_SEARCH_<FIELD> (ETS_SEARCH_WIDTH). The search
 # service's own settings share the prefix (ETS_SEARCH_PORT): one prefix for everything ``ets serve``
@@ -63,213 +36,29 @@ def env_name(field: str, prefix: str = SEARCH_ENV_PREFIX) -> str:
     return prefix + field.removeprefix("config.").upper()
 
 
-# --------------------------------------------------------------------------------------------
-# SearchConfig
-# --------------------------------------------------------------------------------------------
+def validate(config: SearchConfig) -> ValidConfig:
+    """``config`` checked as a search needs it (ConfigError naming the first bad field): its field
+    rules and method (``ets.search.selection.validate``), its policy model type and its PRM type."""
+    valid = selection.validate(config)
+    if valid.policy_model_type not in POLICY_MODEL_TYPES:
+        raise ConfigError("policy_model_type",
+                          f"unknown {valid.policy_model_type!r}; expected one of {list(POLICY_MODEL_TYPES)}")
+    if valid.prm_type not in PRM_TYPES:
+        raise ConfigError("prm_type", f"unknown {valid.prm_type!r}; expected one of {list(PRM_TYPES)}")
+    return valid
 
 
-@dataclass(frozen=True, eq=False)
-class SearchConfig:
-    """Everything one search needs to know; defaults are the paper's (width-16 preset).
-
-    ``lambda_s=None`` means "follow the width preset" (1.5 / 1.4 / 1.45 for 16 / 64 / 256, the
-    nearest preset on a log scale for other widths); ``resolved()`` fills it in.
-    ``seed=None`` leaves sampling unseeded; ``beam_keep=None`` means ceil(sqrt(width)).
-    """
-
-    method: str = "ets"
-    width: int = 16
-    temperature: float = 1.0
-    max_step_tokens: int = 256
-    max_tokens: int = 1024
-    max_depth: int = 25
-    softmax_temperature: float = 0.2
-    lambda_c: float = 1.0
-    lambda_s: float | None = None
-    # Cosine-distance cut of the coverage clustering, for the default embedder (MiniLM). The paper's
-    # 0.05 was set for its math BERT; with MiniLM, 16 sampled SmolLM2 first steps form 15.6 clusters
-    # at 0.05 (the coverage term then rewards every candidate alike) and 10.1 at 0.3
-    # (bench/results/cluster_calibration.json, docs/evaluation.md). With the math BERT: 0.05.
-    cluster_distance: float = 0.3
-    aggregation: str = "last"
-    voting: str = "weighted_majority"
-    seed: int | None = None
-    policy_model_type: str = "math-shepherd"
-    prm_type: str = "math-shepherd"
-    node_cost: str = "uniform"
-    # Wall-clock limit of one ETS integer program; the best incumbent found by then is used.
-    solver_time_limit_s: float = 0.5
-    beam_keep: int | None = None
-    # Exact early stop: stop expanding once the vote over the finished trajectories cannot change
-    # whatever the remaining width adds (ets.search.answers.vote_decided; off: the paper's search).
-    early_stop: bool = False
-
-    # ---- derived values -------------------------------------------------------------------
-    @property
-    def effective_lambda_s(self) -> float:
-        return preset_lambda_s(self.width) if self.lambda_s is None else float(self.lambda_s)
-
-    @property
-    def effective_beam_keep(self) -> int:
-        return self.beam_keep if self.beam_keep is not None else max(1, math.ceil(math.sqrt(self.width)))
-
-    @property
-    def model_type(self) -> PolicyModelType:
-        return policy_model_type(self.policy_model_type)
-
-    def resolved(self) -> "SearchConfig":
-        """A copy with every "follow the default" field made explicit (for echoing back); a
-        ``ValidConfig`` stays one (the preset's lambda_s and ceil(sqrt(width)) are in range)."""
-        return dataclasses.replace(
-            self, lambda_s=self.effective_lambda_s, beam_keep=self.effective_beam_keep
-        )
-
-    # Equal by value whether checked or not: a ValidConfig equals the SearchConfig it was made from.
-    def _values(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SearchConfig)}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SearchConfig):
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._values().values()))
-
-    # ---- overrides ----------------------------------------------------------------------------
-    def replace(self, **overrides: Any) -> "SearchConfig":
-        """A copy with ``overrides`` applied; ``None`` values mean "not set" and are ignored,
-        so a request's unset optional fields keep the server defaults. Unknown names raise
-        ConfigError. The result is a plain, unchecked ``SearchConfig`` (call ``validate()``)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        changes: dict[str, Any] = {}
-        for key, value in overrides.items():
-            if key not in names:
-                raise ConfigError(key, "unknown configuration field")
-            if value is None or (isinstance(value, str) and value == "" and key in _STRING_FIELDS):
-                continue
-            changes[key] = value
-        return SearchConfig(**{**self._values(), **changes})
-
-    @classmethod
-    def from_env(
-        cls, prefix: str = SEARCH_ENV_PREFIX, environ: Mapping[str, str] | None = None,
-        base: "SearchConfig | None" = None, check: "Callable[[SearchConfig], ValidConfig] | None" = None,
-    ) -> "ValidConfig":
-        """Server-wide defaults from ``{prefix}{FIELD}`` variables (e.g. ETS_SEARCH_WIDTH=64), checked
-        by ``check`` (default ``validate``; the service adds the method registry and its caps).
-
-        Empty values are ignored; an unparsable or invalid value raises ``SettingError`` naming
-        the variable (``ETS_SEARCH_WIDTH``), whichever check found it.
-        """
-        overrides = settings.env_values(cls, environ, prefix=prefix, error=SettingError, every_field=True)
-        config = (base or cls()).replace(**overrides)
-        try:
-            return check(config) if check is not None else config.validate()
-        except FieldError as err:
-            raise SettingError(env_name(err.field, prefix), err.message) from None
-
-    # ---- validation ---------------------------------------------------------------------------
-    def validate(self) -> "ValidConfig":
-        """Raise ConfigError(field, message) for the first invalid field; the config as a
-        ``ValidConfig`` if valid (itself when it already is one: checked once).
-
-        ``width`` is capped at ``MAX_WIDTH`` (a guard against runaway requests; the operator's
-        lower cap is ``ETS_LIMIT_WIDTH``).
-        ``method`` must name a registered selection method; the names live with the methods
-        (``ets.search.selection.validate`` checks both)."""
-        if isinstance(self, ValidConfig):
-            return self
-        if not isinstance(self.method, str) or not self.method.strip():
-            raise ConfigError("method", f"must name a selection method, got {self.method!r}")
-        _int("width", self.width)
-        if not 1 <= self.width <= MAX_WIDTH:
-            raise ConfigError("width", f"must be between 1 and {MAX_WIDTH}, got {self.width}")
-        # 0 is greedy decoding (valid for the engine, if pointless for a tree search).
-        _nonneg("temperature", self.temperature)
-        _int("max_step_tokens", self.max_step_tokens)
-        _int("max_tokens", self.max_tokens)
-        if self.max_step_tokens < 1:
-            raise ConfigError("max_step_tokens", f"must be >= 1, got {self.max_step_tokens}")
-        _check_max_tokens(self.max_tokens, self.max_step_tokens)
-        _int("max_depth", self.max_depth)
-        if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
-            raise ConfigError("max_depth", f"must be between 1 and {MAX_DEPTH_LIMIT}, got {self.max_depth}")
-        _positive("softmax_temperature", self.softmax_temperature)
-        _nonneg("lambda_c", self.lambda_c)
-        if self.lambda_s is not None:
-            _nonneg("lambda_s", self.lambda_s)
-        _nonneg("cluster_distance", self.cluster_distance)
-        if self.cluster_distance > 2.0:
-            raise ConfigError("cluster_distance", f"cosine distance is at most 2, got {self.cluster_distance}")
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _choice("voting", self.voting, VOTINGS)
-        if self.seed is not None:
-            _int("seed", self.seed)
-            if not 0 <= self.seed < 2**64:
-                raise ConfigError("seed", f"must be an unsigned 64-bit integer, got {self.seed}")
-        _choice("policy_model_type", self.policy_model_type, tuple(POLICY_MODEL_TYPES))
-        _choice("prm_type", self.prm_type, PRM_TYPES)
-        _choice("node_cost", self.node_cost, NODE_COSTS)
-        _positive("solver_time_limit_s", self.solver_time_limit_s)
-        if self.solver_time_limit_s > 600:
-            raise ConfigError("solver_time_limit_s", f"must be at most 600 s, got {self.solver_time_limit_s}")
-        if self.beam_keep is not None:
-            _int("beam_keep", self.beam_keep)
-            if not 1 <= self.beam_keep <= self.width:
-                raise ConfigError("beam_keep", f"must be between 1 and width ({self.width}), got {self.beam_keep}")
-        if not isinstance(self.early_stop, bool):
-            raise ConfigError("early_stop", f"must be a boolean, got {self.early_stop!r}")
-        return ValidConfig(**self._values())
-
-
-class ValidConfig(SearchConfig):
-    """A ``SearchConfig`` that passed ``validate()``: the type a search carries from the edge (the
-    service's request checks) to the loop, which then does not check it again. Only ``validate()``
-    makes one (``resolved()`` and ``with_max_tokens`` keep one valid); ``replace()`` returns a plain
-    ``SearchConfig``, to be validated again."""
-
-    def with_max_tokens(self, max_tokens: int) -> "ValidConfig":
-        """This config with another ``max_tokens``, checking only the rules that involve it."""
-        _int("max_tokens", max_tokens)
-        _check_max_tokens(max_tokens, self.max_step_tokens)
-        return dataclasses.replace(self, max_tokens=max_tokens)
-
-
-def _check_max_tokens(max_tokens: int, max_step_tokens: int) -> None:
-    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise ConfigError("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
-    if max_step_tokens > max_tokens:
-        raise ConfigError(
-            "max_step_tokens",
-            f"must not exceed max_tokens ({max_tokens}), got {max_step_tokens}",
-        )
-
-
-_STRING_FIELDS = frozenset({"method", "aggregation", "voting", "policy_model_type", "prm_type", "node_cost"})
-
-
-def _choice(name: str, value: object, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ConfigError(name, f"unknown {value!r}; expected one of {list(options)}")
-
-
-def _int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"must be an integer, got {value!r}")
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(name, f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: object) -> None:
-    if _number(name, value) <= 0:
-        raise ConfigError(name, f"must be > 0, got {value!r}")
-
-
-def _nonneg(name: str, value: object) -> None:
-    if _number(name, value) < 0:
-        raise ConfigError(name, f"must be >= 0, got {value!r}")
+def search_defaults_from_env(
+    prefix: str = SEARCH_ENV_PREFIX, environ: Mapping[str, str] | None = None, base: SearchConfig | None = None,
+    check: Callable[[SearchConfig], ValidConfig] = validate,
+) -> ValidConfig:
+    """Server-wide search defaults from ``{prefix}{FIELD}`` variables (e.g. ETS_SEARCH_WIDTH=64) over
+    ``base`` (default: the paper's), checked by ``check`` (default ``validate``; the service adds its
+    caps). Empty values are ignored; an unparsable or invalid value raises ``SettingError`` naming
+    the variable (``ETS_SEARCH_WIDTH``), whichever check found it."""
+    overrides = settings.env_values(SearchConfig, environ, prefix=prefix, error=SettingError, every_field=True)
+    config = (base or SearchConfig()).replace(**overrides)
+    try:
+        return check(config)
+    except FieldError as err:
+        raise SettingError(env_name(err.field, prefix), err.message) from None

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ets import settings
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.engine.launcher import LaunchConfig
 from ets.reward.adapters import PrmOptions
 from ets.reward.settings import RewardServerConfig

@@ -15,6 +15,10 @@ supervisor (``ets.engine.supervisor``, which adds restart-on-crash on top):
 - stdout/stderr go to a log file whose tail is attached to every failure, and readiness is
   ``/health`` (for SGLang a real one-token generation) polled against a deadline that fails fast
   when the process dies;
+- ``stop()`` returns only once nothing of the group (and of the descendants that left it) exists,
+  zombies included: the starting process is the subreaper of what it starts
+  (``PR_SET_CHILD_SUBREAPER``), so the workers a leader leaves behind are reaped here, not left to
+  an init that reaps late or never;
 - with ``ETS_PID_FILE`` set, every start appends ``name pgid`` to that file (inherited by child
   processes, so a reward server records its PRM engine too): a last-resort cleanup such as
   ``scripts/demo.sh``'s can kill every group even after the orchestrator itself was killed.
@@ -33,6 +37,7 @@ import asyncio
 import atexit
 import contextlib
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -45,12 +50,15 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from ets.engine.launcher import LaunchCommand, LaunchConfig, build_command
 from ets.engine.procfs import (
-    check_port_free, describe, descendants, listening_inodes, port_holders, process_table, still_running,
+    ProcInfo, check_port_free, describe, descendants, listening_inodes, port_holders, proc_info, process_table,
+    still_running,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT_S = 180.0
 DEFAULT_STOP_TIMEOUT_S = 20.0
@@ -100,6 +108,84 @@ def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
     if not sys.platform.startswith("linux"):
         return list(argv)
     return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
+# -- reaping what the started servers leave behind ----------------------------------------------
+PR_SET_CHILD_SUBREAPER = 36
+# How long stop() waits, after its SIGKILL, for the last processes to be gone (zombies reaped).
+GONE_TIMEOUT_S = 10.0
+_subreaper = False
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    A server's workers outlive their leader for a moment (SGLang's launch_server SIGKILLs its
+    scheduler and exits without reaping it); orphans then go to init, and an init that reaps late
+    (seconds here) or never (a container whose PID 1 is a plain program) leaves the group
+    existing after stop(). As their subreaper this process reaps them itself (``reap_adopted``)."""
+    global _subreaper
+    if _subreaper or not sys.platform.startswith("linux"):
+        return _subreaper
+    import ctypes
+
+    try:
+        _subreaper = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        _subreaper = False
+    return _subreaper
+
+
+def reap_adopted(pgids: Collection[int]) -> None:
+    """Reap the zombies this process adopted (as subreaper) from the groups ``pgids``.
+
+    Only adopted ones: the leaders this process started itself are its ``Popen`` objects' to reap
+    (a group's leader is never adopted into its own group), so no ``Popen`` loses its exit code."""
+    me = os.getpid()
+    table = process_table() or {}
+    for info in table.values():
+        if info.ppid == me and not info.running and info.pgid in pgids and info.pid not in _started_pids():
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(info.pid, os.WNOHANG)
+
+
+def _started_pids() -> set[int]:
+    with _LIVE_LOCK:
+        return {proc.pid for proc in _LIVE}
+
+
+def _exists(pgids: Collection[int], procs: Sequence[ProcInfo]) -> list[str]:
+    """What is left of the groups ``pgids`` and of ``procs``, zombies included (``kill -0``)."""
+    left = []
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, 0)
+            left.append(f"group {pgid}")
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's reused group id: not ours
+            pass
+    for p in procs:
+        now = proc_info(p.pid)
+        if now is not None and now.start == p.start:
+            left.append(f"pid {p.pid} ({now.state})")
+    return left
+
+
+def wait_gone(pgids: Collection[int], procs: Sequence[ProcInfo] = (), timeout: float = GONE_TIMEOUT_S) -> list[str]:
+    """Wait until no process of the groups ``pgids`` and none of ``procs`` exists, reaping the
+    zombies this process adopted; returns what is still left after ``timeout`` (logged: a zombie
+    whose reaper never reaps is beyond this process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reap_adopted(pgids)
+        left = _exists(pgids, procs)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    if left:
+        log.warning("still present %.0fs after stop: %s", timeout, ", ".join(left))
+    return left
 
 
 _LIVE: set["ServerProcess"] = set()
@@ -155,6 +241,8 @@ class ServerProcess:
             argv, run_env = command.argv, command.env
         else:
             argv, run_env = list(command), dict(os.environ if env is None else env)
+        # Orphaned workers of the server come to this process, which reaps them in stop().
+        become_subreaper()
         path = Path(log_path) if log_path is not None else None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,6 +410,9 @@ class ServerProcess:
                     os.kill(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        # Returned only once nothing is left: a SIGKILLed process takes a moment to die, and the
+        # workers a leader leaves behind are zombies until someone reaps them.
+        wait_gone({self.pgid, *(p.pgid for p in others)}, others)
         with _LIVE_LOCK:
             _LIVE.discard(self)
         return self._popen.returncode

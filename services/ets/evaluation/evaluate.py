@@ -34,16 +34,18 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import grpc
 
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
+from ets.config import search_defaults_from_env
+from ets.search.config import SearchConfig
 from ets.evaluation.local import LocalUpstreams, run_local
 from ets.evaluation.preset import Preset, available as available_presets, load_preset
+from ets.evaluation.spec import Problem, RunSpec
 from ets.evaluation.store import SampleStore
 from ets.evaluation.throughput import as_row, markdown as throughput_markdown, measure, summarise as throughput_summary
 from ets.security import ClientSecurity
@@ -53,7 +55,6 @@ from ets.evaluation.stats import early_stop_comparisons, goal_line, paired_compa
 from ets.evaluation.report import (
     ProblemResult,
     grade,
-    fmt_value,
     compare_to_rebase,
     early_stop_markdown,
     format_table,
@@ -79,13 +80,6 @@ SWEEPABLE = ("lambda_c", "lambda_s", "cluster_distance", "softmax_temperature", 
 
 class DatasetError(ValueError):
     """A dataset line that cannot be used (names the line and the field)."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    problem: str
-    answer: str
 
 
 def load_dataset(path: str | Path, limit: int | None = None) -> list[Problem]:
@@ -124,22 +118,6 @@ def load_dataset(path: str | Path, limit: int | None = None) -> list[Problem]:
 
 
 # ---- what to run ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One configuration to evaluate: a method at a width with SearchConfig overrides."""
-
-    method: str
-    width: int
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        """``ets`` or ``ets[cluster_distance=0.3,lambda_c=2]`` (the width is reported apart)."""
-        if not self.overrides:
-            return self.method
-        return f"{self.method}[{','.join(f'{k}={fmt_value(v)}' for k, v in self.overrides)}]"
-
 
 def parse_sweep(items: Iterable[str]) -> dict[str, list[Any]]:
     """``["lambda_c=1,2", "cluster_distance=0.1,0.3"]`` -> {field: values}; names the bad item.
@@ -466,7 +444,7 @@ def run_throughput(args: argparse.Namespace, preset: Preset, problems: Sequence[
 def local_base_config(args: argparse.Namespace) -> SearchConfig:
     """``--store``'s search defaults: ETS_SEARCH_* as ``ets serve`` reads them, then the config flags."""
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return SearchConfig.from_env().replace(**overrides)
+    return search_defaults_from_env().replace(**overrides)
 
 
 def _csv(value: str, kind: type) -> list[Any]:

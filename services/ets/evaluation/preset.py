@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ets.config import SearchConfig, preset_lambda_s
+from ets.search.config import SearchConfig, preset_lambda_s
 from ets.errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"

@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 
 from ets.search.interfaces import (
-    ExpandRequest, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
+    ExpandRequest, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepReading, StepScorer,
 )
 
 _K = TypeVar("_K")
@@ -310,6 +310,9 @@ class StoreGenerator:
             self._used[key] = start + r.n
             wants.append((key, start, r.n, ExpandRequest(r.prefix_ids, r.n, None, budget)))
         return await self.store.take(wants, params, self.inner, self.counts)
+
+    def read_step(self, text: str) -> StepReading:
+        return self.inner.read_step(text)
 
 
 class StoreScorer:

@@ -12,9 +12,11 @@ Owns the wire format and its failure modes, nothing about search:
 - the engine's own accounting per sample (``prompt_tokens``, ``completion_tokens``,
   ``cached_tokens``);
 - errors: 4xx -> ``PolicyRequestError`` carrying the server's message; connection failures and
-  502 / 503 / 504 (starting, overloaded, behind a restarting proxy) are retried with capped
-  exponential backoff (``ets.retry``), then ``PolicyUnavailable``; other 5xx -> ``PolicyServerError`` at once; a
-  request timeout raises ``PolicyUnavailable`` at once (the server may still be working on it).
+  502 / 503 / 504 (starting, overloaded, behind a restarting proxy) of idempotent calls (every
+  call but ``flush_cache``) are retried with capped exponential backoff (``ets.retry``: within a
+  search until its deadline would pass, else a bounded count), then ``PolicyUnavailable``; other
+  5xx -> ``PolicyServerError`` at once; a request timeout raises ``PolicyUnavailable`` at once
+  (the server may still be working on it).
 
 Inputs are checked before they are sent: an out-of-vocabulary token id crashes SGLang 0.5.23's
 scheduler (IndexError in the embedding, the whole server exits), so ids are range-checked when the
@@ -28,12 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Self, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal, Mapping, Self, Sequence
 
 import aiohttp
 
-from ets.retry import RetryPolicy
+from ets.retry import Retries, RetryPolicy, current_window
 
 Finish = Literal["stop", "eos", "length"]
 
@@ -215,6 +217,7 @@ class PolicyClient:
         max_connections: int = 64,
         session: aiohttp.ClientSession | None = None,
         api_key: str | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = checked_url("base_url", base_url)
         # SGLang's --api-key: sent as a bearer token on every call, so engines can require one.
@@ -224,6 +227,8 @@ class PolicyClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self.retry = retry or DEFAULT_RETRY
         self.vocab_size = vocab_size
+        # Called with the failure's kind ("connect", "disconnect", "http_503", ...) before each retry.
+        self.on_retry = on_retry
         self._max_connections = max_connections
         # A caller-owned session (shared connection pool) is used as is and never closed here.
         self._session: aiohttp.ClientSession | None = session
@@ -255,33 +260,53 @@ class PolicyClient:
     _health_path = "/health"
 
     async def _request(self, method: str, path: str, payload: Any = None, *, timeout: float | None = None,
-                       retries: int | None = None, engine: bool = False) -> tuple[int, str]:
-        """One call with bounded retries; returns (status, body) for non-retried statuses.
-        ``engine``: send it to ``engine_url`` (calls a router does not proxy)."""
+                       retries: int | None = None, engine: bool = False, idempotent: bool = True) -> tuple[int, str]:
+        """One call with retries (``ets.retry``: until the search's ``RetryWindow`` closes, else the
+        client's ``RetryPolicy``); returns (status, body) for statuses not retried.
+
+        Retried: a connection that could not be made (nothing was sent: any call), and for
+        ``idempotent`` calls also a connection lost mid-call and 502 / 503 / 504 (the server or a
+        proxy refused or lost it). A request timeout is not retried (the server may still be
+        working on it). ``retries``: at most this many (0: one try). ``engine``: send it to
+        ``engine_url`` (calls a router does not proxy)."""
         url = (self.engine_url if engine else self.base_url) + path
-        attempts = self.retry.attempts if retries is None else retries + 1
+        policy = self.retry if retries is None else replace(self.retry, max_retries=retries)
+        state = Retries(policy, window=None if retries is not None else current_window())
         last: str = ""
         # Always per request: a shared session may carry no timeout of its own.
         req_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout.total, sock_connect=self.timeout.sock_connect)
-        for attempt in range(attempts):
+        while True:
             try:
                 session = self._get_session()
                 async with session.request(method, url, json=payload, timeout=req_timeout,
                                            headers=self._headers) as resp:
                     body = await resp.text()
-                    if resp.status in _RETRY_STATUSES:
+                    if idempotent and self._refused(resp.status, body):
                         last = f"HTTP {resp.status}: {_error_message(body)}"
+                        kind = f"http_{resp.status}"
                     else:
                         return resp.status, body
             except TimeoutError:
                 raise PolicyUnavailable(
                     f"{method} {url} timed out after {timeout or self.timeout.total}s"
                 ) from None
-            except aiohttp.ClientConnectionError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if attempt + 1 < attempts:
-                await asyncio.sleep(self.retry.backoff(attempt))
-        raise PolicyUnavailable(f"{method} {url} failed after {attempts} attempts: {last}")
+            except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+                last, kind = f"{type(exc).__name__}: {exc}", "connect"
+            except aiohttp.ClientConnectionError as exc:  # lost mid-call: the server may have acted
+                if not idempotent:
+                    raise PolicyUnavailable(f"{method} {url} lost mid-call (not retried): "
+                                            f"{type(exc).__name__}: {exc}") from None
+                last, kind = f"{type(exc).__name__}: {exc}", "disconnect"
+            wait = state.next_wait()
+            if wait is None:
+                raise PolicyUnavailable(f"{method} {url} failed {state.gave_up()}: {last}")
+            if self.on_retry is not None:
+                self.on_retry(kind)
+            await asyncio.sleep(wait)
+
+    def _refused(self, status: int, body: str) -> bool:
+        """Whether an answer says the call was not served (worth another try): 502 / 503 / 504."""
+        return status in _RETRY_STATUSES
 
     async def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
         return decoded(path, *await self._request(method, path, payload, **kw))
@@ -380,7 +405,8 @@ class PolicyClient:
         return status == 200
 
     async def flush_cache(self) -> None:
-        status, body = await self._request("POST", "/flush_cache")
+        # Not idempotent in effect (a retry after a lost answer would flush what was cached since).
+        status, body = await self._request("POST", "/flush_cache", idempotent=False)
         if status >= 400:
             raise PolicyServerError(_error_message(body), status)
 

@@ -1,36 +1,27 @@
 """``SGLangStepGenerator``: the search's ``StepGenerator`` on top of the SGLang policy client.
 
-Owns how one depth's expansions become engine requests: every sample of every node goes out in
-ONE batched ``/generate`` call, each sample as its own prompt (the node's ids repeated) with
-``n = 1``. Why not SGLang's ``n``: (1) a batch must use one ``n`` for all prompts, and ETS gives
-every candidate a different number of children; (2) with ``n > 1`` SGLang first sends one
-prefix-warmup request per prompt and awaits each in turn (sequential round trips per node), and
-that warmup's prefill never appears in any sample's accounting; (3) per-sample seeds
-(``seed + k``) keep seeded samples distinct. Repeated prompts still share their prefix: SGLang's
-lpm scheduler defers in-batch duplicates of an uncached prefix until the first one is cached.
-Each sample is then one engine request, so its ``prompt_tokens`` / ``cached_tokens`` are the
-engine's own numbers and sums over samples equal the engine's counters. Behind sglang-router (a
-client with ``engine_url``) the client sends the same prompts as one concurrent ``/generate``
-each, so the router's cache-aware policy can route each by its own prefix (``ets.policy.client``).
+Owns how one depth's expansions become engine requests, and how a sampled step reads
+(``read_step``: plain text and final answer, by the policy model type). Every sample of every
+node goes out in ONE batched ``/generate`` call, each sample as its own prompt (the node's ids
+repeated) with ``n = 1``, not SGLang's ``n``: a batch must use one ``n`` for all prompts while ETS
+gives every candidate its own child count, ``n > 1`` costs sequential warmup round trips whose
+prefill no sample accounts for, and per-sample seeds (``seed + k``) keep seeded samples distinct.
+So each sample is one engine request, and its ``prompt_tokens`` / ``cached_tokens`` are the
+engine's own numbers (sums over samples equal the engine's counters). Behind sglang-router (a
+client with ``engine_url``) each prompt is its own concurrent ``/generate``, so the router can
+route each by its prefix (``ets.policy.client``).
 
-Stop strings and trimming come from the policy model type (``ets.policy.model_types``). The
-new ids are exactly what the engine cached (stop-string tokens included), so the child's prefix
-is ``parent ids + token_ids``. Caveat (observed on 0.5.23): when a stop string ends inside a
-token, ``text`` stops at the end of the stop string while ``token_ids`` hold the whole token;
-the few characters after the delimiter (whitespace for "\\n\\n" tokenizers; never for math-shepherd's
-single-token "ки") are in the ids, not in any step's text.
+The new ids are exactly what the engine cached (stop-string tokens included), so a child's prefix
+is ``parent ids + token_ids``; when a stop string ends inside a token, the few characters after
+it are in the ids and in no step's text.
 
-Prefill first (issue 15 section 4): the lpm scheduler's in-batch deferral does not save a prompt
-the engine has never seen. Measured on 0.5.23 (docs/benchmarks.md, "Engine prefix reuse"): the 16
-identical root prompts of a width-16 fan-out were prefilled together and 15 of them got no cached
-tokens, the only misses of whole searches. So before a call in which several samples share a
-prefix that this generator did not itself produce in its previous call (the root; any node it
-did not sample, e.g. one replayed from a sample store), it sends that prefix once as a
-prefill-only request (``max_new_tokens`` 0: SGLang's ``is_prefill_only`` skips sampling and caches
-the prompt's KV; SGLang's own ``n > 1`` warmup does the same) and awaits it, so the batch finds it
-cached. A child of a node sampled in the previous call needs none: the engine already holds its
-prefix but the last token. The prefill request's ``prompt_tokens`` / ``cached_tokens`` are added
-to the first sample of that prefix, so sums over samples still equal the engine's counters.
+Prefill first: the engine's in-batch deferral does not save a prompt it has never seen (the
+root's fan-out would prefill it once per sample). Before a call in which several samples share a
+prefix this generator did not produce in its previous call (the root; a node replayed from a
+sample store), it sends that prefix once as a prefill-only request (``max_new_tokens`` 0) and
+awaits it; its accounting is added to the first sample of that prefix. What SGLang 0.5.23 was
+observed to do, and the measurements behind these choices: docs/policy-server.md ("What SGLang
+0.5.23 does") and docs/benchmarks.md ("Engine prefix reuse").
 """
 from __future__ import annotations
 
@@ -39,7 +30,7 @@ from typing import AbstractSet, Mapping, Sequence
 
 from ets.policy.client import PolicyClient, Sample, SamplingParams
 from ets.policy.model_types import PolicyModelType, policy_model_type
-from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams
+from ets.search.interfaces import ExpandRequest, Root, SampledStep, StepFinish, StepParams, StepReading
 
 _FINISH: dict[str, StepFinish] = {"stop": "step", "eos": "eos", "length": "length"}
 
@@ -116,6 +107,15 @@ class SGLangStepGenerator:
         self._produced: set[tuple[int, ...]] = set()
         if not self.stop and not self.stop_token_ids:
             raise ValueError("stop: a step generator needs the step delimiter (model_type or stop=)")
+
+    def read_step(self, text: str) -> StepReading:
+        """The step as the search reads it, by the policy model type: without its delimiter, and
+        whether it holds a final-answer marker. Without a model type (explicit ``stop=`` only) a
+        step is its stripped text and never ends the solution by itself (only eos or the budget)."""
+        if self.model_type is None:
+            return StepReading(plain_text=text.strip(), ends_solution=False)
+        return StepReading(plain_text=self.model_type.plain_step(text),
+                           ends_solution=self.model_type.has_answer(text))
 
     def _params(self, request: ExpandRequest, params: StepParams, k: int) -> SamplingParams:
         max_new = request.max_new_tokens if request.max_new_tokens is not None else params.max_new_tokens

@@ -2,7 +2,7 @@
 
 The router (PyPI sglang-router 0.3.2, crate ``smg``) is not a transparent proxy of the engine's
 native API, so ``RoutedPolicyClient`` overrides three things of ``PolicyClient``'s shared
-wire/retry/parse path (tests/test_deploy_router.py shows each point on real processes):
+wire/retry/parse path (tests/deployment/test_router.py shows each point on real processes):
 - it has no ``/tokenize`` / ``/detokenize`` / ``/model_info`` (404): those go to ``engine_url``, one
   engine reached directly (any replica: tokenization is stateless);
 - its ``/generate`` takes one ``sampling_params`` object, not a per-prompt list (422), and drops
@@ -14,7 +14,14 @@ wire/retry/parse path (tests/test_deploy_router.py shows each point on real proc
   ``/generate`` request (concurrently): each one is then routed by its own prefix, to the worker
   that served its parent;
 - its ``/health`` is the router's liveness (200 with no engine up); ``/readiness`` is 503 until a
-  worker is healthy, so ``health()`` asks that.
+  worker is healthy, so ``health()`` asks that;
+- an engine lost mid-call (or down before its health check notices) comes back as HTTP 500
+  ``call_upstream_request_error``, which is retried here as the lost call it is.
+
+The SGLang model gateway (PyPI ``smg`` 1.13.0, sglang-router's successor) repeats all three
+wire-format findings (no ``/tokenize`` or ``/model_info``: 404; a list of ``sampling_params``: 422;
+``logit_bias`` dropped from the forwarded body), so this client serves behind either; the overlay
+keeps 0.3.2 (docs/deployment.md says why).
 
 ``make_policy_client(url, engine_url=...)`` picks the class.
 """
@@ -33,6 +40,13 @@ class RoutedPolicyClient(PolicyClient):
     (a healthy worker exists). Everything else is ``PolicyClient``'s."""
 
     _health_path = "/readiness"
+
+    def _refused(self, status: int, body: str) -> bool:
+        """Also the router's 500 ``call_upstream_request_error``: its engine was lost mid-call or is
+        down (sglang-router 0.3.2 answers that, not a 502, whether the worker died during the
+        request or before it; measured, docs/deployment.md "Policy replicas"). The call was not
+        served: retried like a lost connection."""
+        return super()._refused(status, body) or (status == 500 and "call_upstream_request_error" in body)
 
     def __init__(self, base_url: str, *, engine_url: str, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)

@@ -4,6 +4,7 @@
 supervised or attached, rules), ``embedder``, ``batching``, ``metrics``, ``settings``, ``server``
 (``ets reward-serve``, admission by items through ``ets.admission``) and ``client``
 (``RewardClient``, the search's ``StepScorer``, on ``ets.search.interfaces``). Must not import
-the search service: the two servers share only the API, the PRM type names of ``ets.config``,
-``ets.admission``, ``ets.security`` and ``ets.engine``.
+the search service: the two servers share only the API, ``ets.admission``, ``ets.security``
+and ``ets.engine``; the PRM type names are the reward server's own (``prm_types``), which the
+search service's edge checks a request against.
 """

@@ -21,7 +21,8 @@ step score is read; the table in docs/reward-server.md), independent of the back
   position. So the solution so far is the conversation before the newest turn, and a child's
   conversation extends its parent's: one forward pass scores every step, and an engine's
   prefix cache holds everything but the newest turn.
-- ``arithmetic`` needs no model and no tokens: ets.reward.rules checks the equations in the text.
+- ``arithmetic`` and ``grounded-arithmetic`` need no model and no tokens: ets.reward.rules and
+  ets.reward.grounded check the equations in the text.
 
 An adapter turns (question, steps) into token ids plus ``score_positions``: the positions p whose
 model output (the logits that predict token p + 1) gives each step's score. Every token id comes
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
 from ets import settings
-from ets.config import PRM_TYPES
+from ets.reward.prm_types import PRM_TYPES
 from ets.errors import FieldError
 
 Readout = Literal["pair", "mean_logit", "class_head"]
@@ -100,6 +101,7 @@ class EncodedTrajectory:
     input_ids: tuple[int, ...]
     score_positions: tuple[int, ...] = field(default_factory=tuple)
     steps: tuple[str, ...] = field(default_factory=tuple)
+    question: str = ""  # rule-based types that read the problem (grounded-arithmetic)
 
     def last_step_prompt(self) -> tuple[int, ...]:
         """The ids up to and including the newest step's score position: the next-token output

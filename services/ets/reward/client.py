@@ -1,21 +1,23 @@
 """``RewardClient``: the async gRPC client of the reward server, and the search's ``StepScorer``.
 
-Owns deadlines, bounded retries (``ets.retry``) on UNAVAILABLE (the PRM restarting, the
-server rolling), splitting large batches into the server's ``max_batch_size``, and the typed
-``RewardUnavailable`` raised when retries run out. Other gRPC errors surface as ``RewardError``
-with the server's message (INVALID_ARGUMENT names the field). No torch here: the search image
-imports this module.
+Owns deadlines, retries (``ets.retry``: within a search until its deadline would pass, else a
+bounded count) on UNAVAILABLE (the PRM restarting, a replica lost or draining), splitting large
+batches into the server's ``max_batch_size``, and the typed ``RewardUnavailable`` raised when
+retries run out. Other gRPC errors surface as ``RewardError`` with the server's message
+(INVALID_ARGUMENT names the field). No torch here: the search image imports this module.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+import json
+import time
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.retry import RetryPolicy
+from ets.retry import Retries, RetryPolicy
 from ets.search.interfaces import ScoredTrajectory
 from ets.security import ClientSecurity
 from ets.security import channel as secure_channel
@@ -37,9 +39,28 @@ class RewardUnavailable(RewardError):
 # Codes worth retrying: the server or its PRM is (re)starting. A deadline hit on a busy server, a
 # full queue (RESOURCE_EXHAUSTED) or INTERNAL would fail the same way again at once: not retried
 # here, passed on with their class (the search service keeps it).
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # Five tries, waiting up to 0.25, 0.5, 1 and 2 s between them (jittered down to half).
 DEFAULT_RETRY = RetryPolicy(max_retries=4, initial_backoff_s=0.25, max_backoff_s=4.0)
+
+# Several reward replicas through gRPC's own client-side load balancing, not a balancer of ours:
+# the target resolves to every replica (``dns:///reward-headless:50052``: a headless Service's pod
+# addresses; ``ipv4:10.0.0.5:50052,10.0.0.6:50052``: a fixed list), ``round_robin`` spreads calls
+# over the connected ones, and client-side health checking (the standard health service, which a
+# reward server sets NOT_SERVING while its PRM is down and at the start of a graceful shutdown)
+# takes a replica out before its connections drop. A single ``host:port`` is one replica, as before.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+})
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Re-resolve DNS soon after a replica goes away (gRPC's default waits 30 s between resolutions),
+    # so replacement pods are found while searches still retry.
+    ("grpc.dns_min_time_between_resolutions_ms", 2000),
+)
 
 
 class RewardClient:
@@ -47,17 +68,16 @@ class RewardClient:
 
     def __init__(self, address: str, *, timeout_s: float = 60.0, retry: RetryPolicy = DEFAULT_RETRY,
                  max_batch_size: int | None = None, channel: grpc.aio.Channel | None = None,
-                 security: ClientSecurity | None = None) -> None:
+                 security: ClientSecurity | None = None, on_retry: Callable[[str], None] | None = None) -> None:
         self.address = address
+        # Called with the status code's name ("unavailable") before each retry.
+        self.on_retry = on_retry
         self.timeout_s = timeout_s
         self.retry = retry
         self._max_batch_size = max_batch_size
         self._dim: int | None = None
         # ``security``: TLS / client certificate / bearer token (``ets.security``; default plaintext).
-        self._channel = channel or secure_channel(address, security, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
+        self._channel = channel or secure_channel(address, security, options=CHANNEL_OPTIONS)
         self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
 
     async def __aenter__(self) -> "RewardClient":
@@ -70,20 +90,29 @@ class RewardClient:
         await self._channel.close()
 
     async def _call(self, method: str, request: Any) -> Any:
+        """One RPC (every reward RPC is idempotent: Score, Embed, Info) with retries of the
+        retryable codes (``ets.retry``: within a search until its deadline would pass, else the
+        client's ``RetryPolicy``). Over a round_robin channel each retry goes to the next ready
+        replica."""
         rpc = getattr(self._stub, method)
-        last: grpc.aio.AioRpcError | None = None
-        for attempt in range(self.retry.attempts):
+        state = Retries(self.retry)
+        while True:
             try:
-                return await rpc(request, timeout=self.timeout_s)
+                timeout = self.timeout_s
+                if state.window is not None:  # never past the search's own deadline
+                    timeout = max(0.1, min(timeout, state.window.deadline - time.monotonic()))
+                return await rpc(request, timeout=timeout)
             except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE:
+                if err.code() not in RETRYABLE:
                     raise RewardError(err.code(), err.details() or "") from None
                 last = err
-            if attempt + 1 < self.retry.attempts:
-                await asyncio.sleep(self.retry.backoff(attempt))
-        assert last is not None
-        raise RewardUnavailable(last.code(), f"{self.address} {method} after {self.retry.attempts} attempts: "
-                                f"{last.details()}") from None
+            wait = state.next_wait()
+            if wait is None:
+                raise RewardUnavailable(last.code(), f"{self.address} {method} {state.gave_up()}: "
+                                        f"{last.details()}") from None
+            if self.on_retry is not None:
+                self.on_retry(last.code().name.lower())
+            await asyncio.sleep(wait)
 
     async def info(self) -> reward_pb2.InfoResponse:
         return await self._call("Info", reward_pb2.InfoRequest())

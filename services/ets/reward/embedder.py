@@ -42,10 +42,12 @@ class Embedder:
     def load(self) -> None:
         from sentence_transformers import SentenceTransformer
 
-        if os.path.isdir(self.model_name):
-            # A local folder never needs the hub; keep sentence-transformers from asking it.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(self.model_name, device=self.device)
+        # A local folder never needs the hub: local_files_only keeps sentence-transformers from
+        # asking it for this load only. Not HF_HUB_OFFLINE in os.environ: the PRM engine, spawned
+        # after this with the reward server's environment, would inherit it and could not
+        # download a PRM given as a hub id (issue 24, finding 3).
+        self.model = SentenceTransformer(self.model_name, device=self.device,
+                                         local_files_only=os.path.isdir(self.model_name))
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
 

@@ -56,7 +56,12 @@ async def _serve(config: RewardServerConfig, ready_file: str | None) -> int:
             stop_wait.cancel()
             return 1
         await stop_wait
-        log.info("signal received: draining for up to %.0fs", config.grace_s)
+        # Readiness off first: NOT_SERVING while still serving, so balanced clients (health-checked
+        # round_robin) move their calls to other replicas before this one stops accepting any.
+        log.info("signal received: NOT_SERVING for %.0fs, then draining for up to %.0fs", config.drain_delay_s,
+                 config.grace_s)
+        await server.health.enter_graceful_shutdown()
+        await asyncio.sleep(config.drain_delay_s)
         return 0
     finally:
         await server.stop()

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ets.admission import Admission
 from ets.api.v1 import reward_pb2, reward_pb2_grpc
-from ets.config import PRM_TYPES
+from ets.reward.prm_types import PRM_TYPES
 from ets.errors import FieldError
 from ets.reward.adapters import AdapterError, EncodedTrajectory
 from ets.reward.backends import BackendUnavailable, PrmBackend

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ets import settings
-from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.engine.launcher import DEVICES, LaunchConfig
 from ets.errors import FieldError, SettingError
 from ets.reward.adapters import PrmOptions
@@ -61,6 +61,11 @@ class RewardServerConfig:
     # Trajectories per Score call and texts per Embed call.
     max_batch_size: int = setting(256, env="ETS_REWARD_MAX_BATCH_SIZE", ge=1, help="trajectories/texts per call")
     grace_s: float = setting(10.0, env="ETS_REWARD_GRACE_S", ge=0, help="SIGTERM grace period for in-flight calls")
+    drain_delay_s: float = setting(
+        3.0, env="ETS_REWARD_DRAIN_DELAY_S", ge=0,
+        help="after SIGTERM, seconds the server reports NOT_SERVING but still serves, so that clients "
+        "balancing with health checks (and Kubernetes endpoints) take it out of rotation before it stops "
+        "accepting calls; then in-flight calls get ETS_REWARD_GRACE_S")
     # Default: the reward server's stdout, i.e. the container log (rotated by the runtime); a file
     # there was appended to forever on the containers' 1 GiB /tmp tmpfs.
     log_dir: str = setting("", env="ETS_REWARD_LOG_DIR",

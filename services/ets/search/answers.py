@@ -221,6 +221,12 @@ def group_answers(answers: Sequence[str]) -> list[list[int]]:
     return groups
 
 
+class FallbackGroups(list[list[int]]):
+    """Groups made by a fallback (string matching, when equivalence could not finish in time or its
+    worker died): a list like any grouping's, so the vote uses it unchanged, and the pipeline can
+    tell and flag it (``ets.search.pipeline``; the bounded worker is ``ets.service.grouping``)."""
+
+
 def group_by_string(answers: Sequence[str]) -> list[list[int]]:
     """Indices grouped by their whitespace-normalised strings (the fallback when equivalence
     cannot finish in time)."""

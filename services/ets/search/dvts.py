@@ -5,6 +5,7 @@ ceil(sqrt(width)) subtrees: child i of the root joins subtree ``subtree_of_root_
 subtree starts with as many units of width as it has first-level children. Within a subtree only
 the best candidate (the best child of its single expanded parent) is kept and it gets the
 subtree's whole remaining width; a terminal node spends one unit of its own subtree's width.
+``SubtreeWidths`` is that bookkeeping as the loop drives it (``ets.search.base.WidthLedger``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ets.search.base import Selection
+from ets.search.base import Selection, Subtrees, WidthLedger
+from ets.search.tree import Node
 
 
 def num_subtrees(width: int) -> int:
@@ -50,3 +52,26 @@ def select_dvts(
     for g, i in best.items():
         counts[i] = max(0, int(remaining.get(g, 0)))
     return Selection(counts=tuple(int(c) for c in counts))
+
+
+class SubtreeWidths(WidthLedger):
+    """DVTS's width per subtree: the root's children are placed in contiguous blocks of
+    ``subtree_widths(width)`` (each node inherits its parent's subtree), and a finished trajectory
+    spends one unit of its own subtree's width."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.widths = subtree_widths(width)
+        self.remaining: dict[int, int] = {}
+
+    def place_root_children(self, children: Sequence[Node]) -> None:
+        for i, child in enumerate(children):
+            child.group = subtree_of_root_child(i, self.width, self.widths)
+        self.remaining = dict(enumerate(self.widths))
+
+    def spend(self, node: Node) -> None:
+        if node.group is not None and node.group in self.remaining:
+            self.remaining[node.group] -= 1
+
+    def view(self, candidates: Sequence[Node]) -> Subtrees:
+        return Subtrees([int(c.group or 0) for c in candidates], dict(self.remaining))

@@ -182,26 +182,18 @@ class _Rows:
         return sp.csc_matrix((self.v, (self.r, self.c)), shape=(len(self.lo), n_cols))
 
 
-# Formulations measured by bench/selection.py: the spec's rows, and the compact one with each of
-# its two structural ideas switched off in turn.
-FORMULATIONS: tuple[str, ...] = (
-    "compact", "naive", "compact-nomerge", "compact-leaflinks", "compact-nodown", "compact-plaincover",
-)
+# The product's formulation ("compact") and the spec's rows ("naive", the reference the tests and
+# bench/selection.py hold it against). The ablation of the compact one's ideas (no merging, leaf
+# links, no down rows, plain covers) was measured once (bench/results/selection.json,
+# docs/benchmarks.md) and is not kept as switches in the product.
+FORMULATIONS: tuple[str, ...] = ("compact", "naive")
 
 
 def build_program(inst: EtsInstance, formulation: str = "compact") -> Program:
     if formulation == "naive":
         return _build_naive(inst)
     if formulation == "compact":
-        return _build_compact(inst, merge=True, edge_links=True, down_rows=True)
-    if formulation == "compact-nomerge":
-        return _build_compact(inst, merge=False, edge_links=True, down_rows=True)
-    if formulation == "compact-leaflinks":
-        return _build_compact(inst, merge=True, edge_links=False, down_rows=True)
-    if formulation == "compact-nodown":
-        return _build_compact(inst, merge=True, edge_links=True, down_rows=False, pure_cover=False)
-    if formulation == "compact-plaincover":
-        return _build_compact(inst, merge=True, edge_links=True, down_rows=True, pure_cover=False)
+        return _build_compact(inst)
     raise ValueError(f"formulation: unknown {formulation!r}")
 
 
@@ -281,9 +273,11 @@ def _cluster_covers(
     return covers
 
 
-def _build_compact(
-    inst: EtsInstance, merge: bool, edge_links: bool, down_rows: bool, pure_cover: bool = True
-) -> Program:
+def _build_compact(inst: EtsInstance) -> Program:
+    """The spec's program with three ideas that keep it small and its LP tight: ancestors with the
+    same leaf set merge into one column (constants and single-leaf ancestors fold away), each
+    variable links only to its children in the tree of variables, and valid "down" rows and
+    subtree covers of the clusters cut off the LP's typical fractional vertices."""
     n = inst.size
     obj_x = inst.outcome - inst.leaf_cost
     constant = 0.0
@@ -299,15 +293,15 @@ def _build_compact(
     var_of_anc: dict[int, int | None] = {}  # ancestor -> group index, None when folded away
     for j, leaves in leaves_of.items():
         cost = inst.ancestor_cost[j]
-        if merge and len(leaves) == n:
+        if len(leaves) == n:
             constant -= cost  # retained by every non-empty keep-set
             var_of_anc[j] = None
             continue
-        if merge and len(leaves) == 1:
+        if len(leaves) == 1:
             obj_x[leaves[0]] -= cost  # retained exactly when that leaf is
             var_of_anc[j] = None
             continue
-        key = tuple(leaves) if merge else (j, -1)  # unmerged: one group per ancestor
+        key = tuple(leaves)
         g = group_of_set.get(key)
         if g is None:
             g = group_of_set[key] = len(group_cost)
@@ -351,33 +345,27 @@ def _build_compact(
             top.add(i)
         else:
             edges.add((prev, i))
-    if edge_links:
-        links = edges
-    else:
-        links = {(n + g, i) for g, leaves in enumerate(group_leaves) for i in leaves}
     rows = _Rows()
-    # y_parent - y_child >= 0 (or y - x_i >= 0), one two-entry row per link.
-    rows.add_pairs(sorted(links), 0.0, math.inf)
-    if down_rows:
-        # Valid for every closure y = max(children) of an integer keep-set, and they cut off the
-        # typical fractional vertex: when sum(x) >= 1 binds, the LP would keep two sibling leaves
-        # at 1/2 each and pay their shared ancestor only half. A kept node needs a kept child
-        # (y_g <= sum of children) and some top-level subtree is kept (sum of tops >= 1).
-        children: dict[int, list[int]] = {}
-        for parent_col, child_col in edges:
-            children.setdefault(parent_col, []).append(child_col)
-        for parent_col in sorted(children):
-            kids = sorted(children[parent_col])
-            rows.add([parent_col] + kids, [1.0] + [-1.0] * len(kids), -math.inf, 0.0, core=False)
-        tops = sorted(top)
-        rows.add(tops, [1.0] * len(tops), 1.0, math.inf, core=False)
+    # y_parent - y_child >= 0 (or y - x_i >= 0), one two-entry row per edge of the variables' tree.
+    rows.add_pairs(sorted(edges), 0.0, math.inf)
+    # Down rows: valid for every closure y = max(children) of an integer keep-set, and they cut off
+    # the typical fractional vertex: when sum(x) >= 1 binds, the LP would keep two sibling leaves
+    # at 1/2 each and pay their shared ancestor only half. A kept node needs a kept child
+    # (y_g <= sum of children) and some top-level subtree is kept (sum of tops >= 1).
+    children: dict[int, list[int]] = {}
+    for parent_col, child_col in edges:
+        children.setdefault(parent_col, []).append(child_col)
+    for parent_col in sorted(children):
+        kids = sorted(children[parent_col])
+        rows.add([parent_col] + kids, [1.0] + [-1.0] * len(kids), -math.inf, 0.0, core=False)
+    tops = sorted(top)
+    rows.add(tops, [1.0] * len(tops), 1.0, math.inf, core=False)
     for k, members in enumerate(cluster_cols):
         # The spec's row (members' own x) is core; subtree covers only strengthen.
         rows.add([n + n_groups + k] + members, [1.0] + [-1.0] * len(members), -math.inf, 0.0)
-        if pure_cover:
-            for cover in _cluster_covers(members, chains, group_leaves, n):
-                if cover != sorted(members):
-                    rows.add([n + n_groups + k] + cover, [1.0] + [-1.0] * len(cover), -math.inf, 0.0, core=False)
+        for cover in _cluster_covers(members, chains, group_leaves, n):
+            if cover != sorted(members):
+                rows.add([n + n_groups + k] + cover, [1.0] + [-1.0] * len(cover), -math.inf, 0.0, core=False)
     rows.add(list(range(n)), [1.0] * n, 1.0, math.inf)
     integer = np.zeros(n_vars, dtype=bool)
     integer[:n] = True
@@ -385,8 +373,7 @@ def _build_compact(
         objective=obj, constant=constant, col_lower=np.zeros(n_vars), col_upper=np.ones(n_vars),
         integer=integer, matrix=rows.matrix(n_vars), row_lower=np.array(rows.lo),
         row_upper=np.array(rows.hi), n_leaves=n,
-        formulation="compact" + ("" if merge else "-nomerge") + ("" if edge_links else "-leaflinks")
-        + ("" if down_rows else "-nodown") + ("" if pure_cover or not down_rows else "-plaincover"),
+        formulation="compact",
         core_rows=np.array(rows.core, dtype=bool),
     )
 

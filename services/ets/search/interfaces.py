@@ -3,6 +3,10 @@
 The loop never does I/O itself: it asks a ``StepGenerator`` to expand nodes into sampled steps
 and a ``StepScorer`` to score and embed steps. The service plugs in the SGLang policy client and
 the reward-server client; tests plug in deterministic in-process sources.
+
+The loop knows nothing of how a policy model writes: the generator also says what a sampled
+step means (``StepGenerator.read_step``: its plain text for the PRM and the embedder, and whether
+it ends the solution), from its policy model type (``ets.policy.model_types``).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ StepFinish = Literal["step", "eos", "length"]
 @dataclass(frozen=True)
 class Root:
     """The search's root: the question and its prompt, formatted for the policy and tokenized by
-    the caller (``ets.config.PolicyModelType.format_root``)."""
+    the caller (``ets.policy.model_types.PolicyModelType.format_root``)."""
 
     question: str
     prompt_ids: tuple[int, ...]
@@ -68,11 +72,25 @@ class StepParams:
     temperature: float
 
 
+@dataclass(frozen=True)
+class StepReading:
+    """What a sampled step's text means to the search: ``plain_text`` is the step without its
+    delimiter (what the PRM and the embedder see); ``ends_solution``: it holds the final answer
+    (the trajectory finishes with reason "answer")."""
+
+    plain_text: str
+    ends_solution: bool
+
+
 class StepGenerator(Protocol):
-    """Expands nodes into sampled steps (the policy)."""
+    """Expands nodes into sampled steps (the policy), and reads them."""
 
     async def expand(self, requests: Sequence[ExpandRequest], params: StepParams) -> list[list[SampledStep]]:
         """Return, for each request in order, exactly ``request.n`` sampled steps."""
+        ...
+
+    def read_step(self, text: str) -> StepReading:
+        """What the step ``text`` (as generated) means: its plain text and whether it ends the solution."""
         ...
 
 

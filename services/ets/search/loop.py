@@ -28,13 +28,13 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from ets.config import ConfigError, SearchConfig
 from ets.search.answers import Grouping, aggregate, extract_answer, group_answers, vote_decided
-from ets.search.base import Selection
+from ets.search.base import Selection, WidthLedger
+from ets.search.config import ConfigError, SearchConfig, ValidConfig
 from ets.search.interfaces import (
     ExpandRequest, Root, SampledStep, ScoredTrajectory, StepGenerator, StepParams, StepScorer,
 )
-from ets.search.selection import SelectionMethod, Subtrees, method_of
+from ets.search.selection import SelectionMethod, method_of
 from ets.search.tree import FinishReason, Node, SearchTree
 
 __all__ = [
@@ -126,7 +126,7 @@ def derive_seed(seed: int | None, key: Sequence[int]) -> int | None:
 
 
 def _terminal_reason(node: Node, config: SearchConfig) -> FinishReason | None:
-    if config.model_type.has_answer(node.text):
+    if node.ends_solution:
         return "answer"
     if node.step_finish == "eos":
         return "eos"
@@ -172,139 +172,164 @@ async def run_search(
     """
     # A ValidConfig (what the service's request checks produce) is returned as is: checked once.
     config = config.validate()
-    method = method_of(config)
-    model_type = config.model_type
     if len(root.prompt_ids) >= config.max_tokens:
         raise ConfigError(
             "max_tokens",
             f"the prompt has {len(root.prompt_ids)} tokens; max_tokens ({config.max_tokens}) must exceed it",
         )
-    started = time.perf_counter()
-    tree = SearchTree(root.prompt_ids, root.question)
-    stats = SearchStats()
-    remaining = config.width
-    group_remaining: dict[int, int] = {}
-    finished: list[Trajectory] = []
-    # The early stop's view of ``finished`` (append-only): each trajectory's aggregated score and
-    # answer, computed once when it is first voted on rather than again at every depth.
-    voted_scores: list[float] = []
-    voted_answers: list[str] = []
-    candidates: list[Node] = [tree.root]
-    depth = 0
-
-    while remaining > 0 and candidates and depth < config.max_depth:
-        kv = tree.kv_tokens(candidates)
-        stats.total_kv_tokens += kv
-        stats.peak_kv_tokens = max(stats.peak_kv_tokens, kv)
-
-        selection = await _select(method, candidates, depth, remaining, group_remaining, config, scorer, stats,
-                                  offload)
-        stats.selections += 1
-        if selection.fell_back:
-            stats.solver_fallbacks += 1
-        if selection.solver_status == "time_limit":
-            stats.solver_time_limits += 1
-        if on_depth is not None:
-            on_depth(DepthReport(
-                depth=depth, frontier_size=len(candidates), kept_candidates=selection.kept,
-                kv_tokens=kv, remaining_width=remaining, finished=len(finished),
-                elapsed_seconds=time.perf_counter() - started, generated_tokens=stats.generated_tokens,
-            ))
-        chosen = [(c, k) for c, k in zip(candidates, selection.counts, strict=True) if k > 0]
+    search = _Search(root, config, generator, scorer, offload, group)
+    while search.remaining > 0 and search.candidates and search.depth < config.max_depth:
+        selection = await search.account_and_select(on_depth)
+        chosen = [(c, k) for c, k in zip(search.candidates, selection.counts, strict=True) if k > 0]
         if not chosen:
             break
-        if selection.total > remaining:  # the early stop's bound (and the spec) rest on this
-            raise ValueError(f"{config.method}: selection gave {selection.total} children with {remaining} width left")
+        children = await search.expand(chosen)
+        await search.score_and_retire(children)
+        if max_generated_tokens is not None and search.stats.generated_tokens >= max_generated_tokens:
+            search.stop_at_token_budget()
+            break
+        if config.early_stop and await search.vote_decided():
+            break
+    return search.result()
 
-        # One batched expansion for the whole depth.
+
+class _Search:
+    """One search's state and the steps of a depth: account and select, expand, score and retire
+    (the finished trajectories spend width), then the budget and early-stop checks."""
+
+    def __init__(self, root: Root, config: ValidConfig, generator: StepGenerator, scorer: StepScorer,
+                 offload: Offload | None, group: Grouping) -> None:
+        self.root, self.config, self.generator, self.scorer = root, config, generator, scorer
+        self.offload, self.group = offload, group
+        self.method = method_of(config)
+        self.ledger = self.method.ledger(config.width)
+        self.started = time.perf_counter()
+        self.tree = SearchTree(root.prompt_ids, root.question)
+        self.stats = SearchStats()
+        self.remaining = config.width
+        self.finished: list[Trajectory] = []
+        # The early stop's view of ``finished`` (append-only): each trajectory's aggregated score and
+        # answer, computed once when it is first voted on rather than again at every depth.
+        self.voted_scores: list[float] = []
+        self.voted_answers: list[str] = []
+        self.candidates: list[Node] = [self.tree.root]
+        self.depth = 0
+
+    async def account_and_select(self, on_depth: Callable[[DepthReport], None] | None) -> Selection:
+        """Count this selection's logical KV, select (child counts per candidate), report the depth."""
+        kv = self.tree.kv_tokens(self.candidates)
+        self.stats.total_kv_tokens += kv
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, kv)
+        selection = await _select(self.method, self.candidates, self.depth, self.remaining, self.ledger,
+                                  self.config, self.scorer, self.stats, self.offload)
+        self.stats.selections += 1
+        self.stats.solver_fallbacks += int(selection.fell_back)
+        self.stats.solver_time_limits += int(selection.solver_status == "time_limit")
+        if on_depth is not None:
+            on_depth(DepthReport(
+                depth=self.depth, frontier_size=len(self.candidates), kept_candidates=selection.kept,
+                kv_tokens=kv, remaining_width=self.remaining, finished=len(self.finished),
+                elapsed_seconds=time.perf_counter() - self.started, generated_tokens=self.stats.generated_tokens,
+            ))
+        if selection.total > self.remaining:  # the early stop's bound (and the spec) rest on this
+            raise ValueError(f"{self.config.method}: selection gave {selection.total} children "
+                             f"with {self.remaining} width left")
+        return selection
+
+    async def expand(self, chosen: list[tuple[Node, int]]) -> list[Node]:
+        """One batched expansion for the whole depth; the new children, read by the generator."""
+        config = self.config
         requests = [
             ExpandRequest(
-                prefix_ids=tree.prefix_ids(c), n=k, seed=derive_seed(config.seed, c.key),
+                prefix_ids=self.tree.prefix_ids(c), n=k, seed=derive_seed(config.seed, c.key),
                 max_new_tokens=min(config.max_step_tokens, config.max_tokens - c.cum_tokens),
             )
             for c, k in chosen
         ]
         params = StepParams(max_new_tokens=config.max_step_tokens, temperature=config.temperature)
         t0 = time.perf_counter()
-        outputs = await generator.expand(requests, params)
-        stats.policy_seconds += time.perf_counter() - t0
-        stats.model_calls += sum(k for _, k in chosen)
+        outputs = await self.generator.expand(requests, params)
+        self.stats.policy_seconds += time.perf_counter() - t0
+        self.stats.model_calls += sum(k for _, k in chosen)
         if len(outputs) != len(requests):
             raise ValueError(f"generator returned {len(outputs)} results for {len(requests)} requests")
-
         children: list[Node] = []
         for (parent, k), samples in zip(chosen, outputs, strict=True):
             if len(samples) != k:
                 raise ValueError(f"generator returned {len(samples)} samples, {k} requested")
-            for s in samples:
-                children.append(_add_child(tree, parent, s, model_type.plain_step(s.text), stats))
-        if method.split is not None and depth == 0:
-            for i, child in enumerate(children):
-                child.group = method.subtree_of_root_child(i, config.width)
-            group_remaining = dict(enumerate(method.split(config.width)))
+            children.extend(self._add_child(parent, s) for s in samples)
+        if self.depth == 0:
+            self.ledger.place_root_children(children)
+        return children
 
-        # One scoring call for all new children.
+    def _add_child(self, parent: Node, step: SampledStep) -> Node:
+        self.stats.generated_tokens += len(step.token_ids)
+        self.stats.prompt_tokens += int(step.prompt_tokens)
+        self.stats.cached_prompt_tokens += int(step.cached_tokens)
+        reading = self.generator.read_step(step.text)
+        return self.tree.add_child(parent, step.token_ids, step.text, reading.plain_text, step_finish=step.finish,
+                                   ends_solution=reading.ends_solution)
+
+    async def score_and_retire(self, children: list[Node]) -> None:
+        """One scoring call for all new children; the finished ones leave the frontier and spend width."""
         t0 = time.perf_counter()
-        scores = await scorer.score_last_steps(
-            [ScoredTrajectory(question=root.question, steps=tree.step_texts(c)) for c in children]
+        scores = await self.scorer.score_last_steps(
+            [ScoredTrajectory(question=self.root.question, steps=self.tree.step_texts(c)) for c in children]
         )
-        stats.reward_seconds += time.perf_counter() - t0
+        self.stats.reward_seconds += time.perf_counter() - t0
         if len(scores) != len(children):
             raise ValueError(f"scorer returned {len(scores)} scores for {len(children)} steps")
-
-        depth += 1
-        stats.depth_reached = depth
-        next_candidates: list[Node] = []
+        self.depth += 1
+        self.stats.depth_reached = self.depth
+        self.candidates = []
         for child, score in zip(children, scores, strict=True):
             score = float(score)
             if not 0.0 <= score <= 1.0:  # also rejects NaN
                 raise ValueError(f"scorer returned {score!r}; PRM scores must lie in [0, 1]")
             child.score = score
-            reason = _terminal_reason(child, config)
+            reason = _terminal_reason(child, self.config)
             if reason is None:
-                next_candidates.append(child)
+                self.candidates.append(child)
                 continue
             child.terminal, child.finish_reason = True, reason
-            finished.append(_trajectory(child, reason))
-            remaining -= 1
-            if child.group is not None and child.group in group_remaining:
-                group_remaining[child.group] -= 1
-        candidates = next_candidates
-        if max_generated_tokens is not None and stats.generated_tokens >= max_generated_tokens:
-            stats.token_budget_hit = True
-            for c in candidates:
-                c.finish_reason = "max_tokens"
-                finished.append(_trajectory(c, "max_tokens"))
-            candidates = []
-            break
-        if config.early_stop and candidates and remaining > 0 and depth < config.max_depth:
-            for t in finished[len(voted_scores):]:
-                voted_scores.append(aggregate(t.step_scores, config.aggregation))
-                voted_answers.append(extract_answer(t.text))
-            decided = functools.partial(vote_decided, tuple(voted_scores), tuple(voted_answers), remaining,
-                                        config.voting, group)
-            if decided() if offload is None else await offload(decided):
-                stats.stopped_early, stats.width_left = True, remaining
-                break
+            self.finished.append(_trajectory(child, reason))
+            self.remaining -= 1
+            self.ledger.spend(child)
 
-    if depth >= config.max_depth:
-        for c in candidates:
-            if c is not tree.root:
-                c.finish_reason = "max_depth"
-                finished.append(_trajectory(c, "max_depth"))
-    stats.wall_seconds = time.perf_counter() - started
-    return SearchResult(trajectories=finished, stats=stats, config=config.resolved())
+    def stop_at_token_budget(self) -> None:
+        """The generated-token budget is spent: the open candidates finish as ``max_tokens``."""
+        self.stats.token_budget_hit = True
+        for c in self.candidates:
+            c.finish_reason = "max_tokens"
+            self.finished.append(_trajectory(c, "max_tokens"))
+        self.candidates = []
 
+    async def vote_decided(self) -> bool:
+        """Exact early stop: whether the vote over the finished trajectories can no longer change."""
+        if not (self.candidates and self.remaining > 0 and self.depth < self.config.max_depth):
+            return False
+        for t in self.finished[len(self.voted_scores):]:
+            self.voted_scores.append(aggregate(t.step_scores, self.config.aggregation))
+            self.voted_answers.append(extract_answer(t.text))
+        decided = functools.partial(vote_decided, tuple(self.voted_scores), tuple(self.voted_answers),
+                                    self.remaining, self.config.voting, self.group)
+        if decided() if self.offload is None else await self.offload(decided):
+            self.stats.stopped_early, self.stats.width_left = True, self.remaining
+            return True
+        return False
 
-def _add_child(tree: SearchTree, parent: Node, step: SampledStep, plain: str, stats: SearchStats) -> Node:
-    stats.generated_tokens += len(step.token_ids)
-    stats.prompt_tokens += int(step.prompt_tokens)
-    stats.cached_prompt_tokens += int(step.cached_tokens)
-    return tree.add_child(parent, step.token_ids, step.text, plain, step_finish=step.finish)
+    def result(self) -> SearchResult:
+        if self.depth >= self.config.max_depth:
+            for c in self.candidates:
+                if c is not self.tree.root:
+                    c.finish_reason = "max_depth"
+                    self.finished.append(_trajectory(c, "max_depth"))
+        self.stats.wall_seconds = time.perf_counter() - self.started
+        return SearchResult(trajectories=self.finished, stats=self.stats, config=self.config.resolved())
 
 
 async def _select(
-    method: SelectionMethod, candidates: list[Node], depth: int, remaining: int, group_remaining: dict[int, int],
+    method: SelectionMethod, candidates: list[Node], depth: int, remaining: int, ledger: WidthLedger,
     config: SearchConfig, scorer: StepScorer, stats: SearchStats, offload: Offload | None = None,
 ) -> Selection:
     """Child counts for this depth's candidates; times selection (not the embedding call)."""
@@ -321,7 +346,7 @@ async def _select(
             raise ValueError(f"scorer returned embeddings of shape {embeddings.shape} for {len(texts)} texts")
     t0 = time.perf_counter()
     frontier = SearchTree.frontier_of(candidates, embeddings)
-    subtrees = Subtrees([int(c.group or 0) for c in candidates], dict(group_remaining))
+    subtrees = ledger.view(candidates)
 
     def run() -> Selection:
         return method.select(frontier, remaining, config, subtrees)

@@ -3,31 +3,24 @@
 Each method's algorithm lives in its own module (``rebase``, ``ets``, ``beam``, ``dvts``,
 ``best_of_n``); its ``SelectionMethod`` entry here says how to call it and what else the loop must
 do for it: whether the candidates' newest steps must be embedded first (ETS with a coverage
-term), and whether the root's children are split into subtrees with their own width (DVTS).
+term), and how its width is kept below the loop's one pool (``ledger``: DVTS's subtrees, each
+with its own width; ``ets.search.base.WidthLedger``).
 Adding a method is its module plus one entry in ``METHODS``; the config, the loop, the service and
 the benchmarks take the names from here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
-from ets.config import ConfigError, SearchConfig, ValidConfig
-from ets.search.base import Selection
+from ets.search.base import Selection, Subtrees, WidthLedger
 from ets.search.beam import select_beam
 from ets.search.best_of_n import select_best_of_n
-from ets.search.dvts import select_dvts, subtree_of_root_child, subtree_widths
+from ets.search.config import ConfigError, SearchConfig, ValidConfig
+from ets.search.dvts import SubtreeWidths, select_dvts
 from ets.search.ets import select_ets, uses_coverage
 from ets.search.rebase import select_rebase
 from ets.search.tree import Frontier
-
-
-@dataclass(frozen=True)
-class Subtrees:
-    """Where each candidate sits (DVTS): its subtree, and each subtree's remaining width."""
-
-    of_candidate: Sequence[int]
-    remaining: Mapping[int, int]
 
 
 @dataclass(frozen=True)
@@ -36,17 +29,14 @@ class SelectionMethod:
 
     ``select(frontier, width, config, subtrees)``: child counts for the frontier's candidates.
     ``needs_embeddings(config, newest_step_texts)``: embed the candidates' newest steps first
-    (they arrive as ``frontier.embeddings``). ``split(width)``: the root's children go into
-    subtrees in contiguous blocks of these widths, each spending its own width (None: no split).
+    (they arrive as ``frontier.embeddings``). ``ledger(width)``: a new search's width bookkeeping
+    below the loop's pool (default: none; DVTS: a width per subtree).
     """
 
     name: str
     select: Callable[[Frontier, int, SearchConfig, Subtrees], Selection]
     needs_embeddings: Callable[[SearchConfig, Sequence[str]], bool] = lambda config, texts: False
-    split: Callable[[int], list[int]] | None = None
-
-    def subtree_of_root_child(self, index: int, width: int) -> int | None:
-        return None if self.split is None else subtree_of_root_child(index, width, self.split(width))
+    ledger: Callable[[int], WidthLedger] = lambda width: WidthLedger()
 
 
 def _ets(frontier: Frontier, width: int, c: SearchConfig, _: Subtrees) -> Selection:
@@ -64,7 +54,7 @@ METHODS: dict[str, SelectionMethod] = {m.name: m for m in (
     SelectionMethod(
         "beam", lambda f, width, c, _: select_beam(f.scores, width, c.effective_beam_keep)),
     SelectionMethod(
-        "dvts", lambda f, width, c, s: select_dvts(f.scores, s.of_candidate, s.remaining), split=subtree_widths),
+        "dvts", lambda f, width, c, s: select_dvts(f.scores, s.of_candidate, s.remaining), ledger=SubtreeWidths),
     SelectionMethod(
         "best_of_n", lambda f, width, c, _: select_best_of_n(f.size, width)),
 )}

@@ -32,6 +32,7 @@ class Node:
     cum_tokens: int  # tokens from the root to here, root included
     score: float | None = None  # PRM score of this step (None for the root)
     step_finish: StepFinish | None = None
+    ends_solution: bool = False  # the step holds the final answer (the generator's reading of it)
     terminal: bool = False
     finish_reason: FinishReason | None = None
     # Position among the parent's children at creation; with the parent's key it names the node
@@ -72,12 +73,13 @@ class SearchTree:
 
     def add_child(
         self, parent: Node, token_ids: Sequence[int], text: str, plain_text: str,
-        step_finish: StepFinish | None = None, group: int | None = None,
+        step_finish: StepFinish | None = None, group: int | None = None, ends_solution: bool = False,
     ) -> Node:
         ids = tuple(int(t) for t in token_ids)
         child = Node(
             id=len(self.nodes), parent=parent, depth=parent.depth + 1, token_ids=ids, text=text,
             plain_text=plain_text, cum_tokens=parent.cum_tokens + len(ids), step_finish=step_finish,
+            ends_solution=ends_solution,
             key=parent.key + (len(parent.children),),
             group=parent.group if group is None else group,
         )

@@ -1,4 +1,5 @@
-"""The search service's admission: its limits' names and defaults, and its refusal.
+"""The search service's admission policy over the shared mechanism (``ets.admission.Admission``,
+which owns the queueing): its limits' names and defaults, and its refusal.
 
 A bounded number of searches run at once, weighted by width (the running ones' widths sum to at
 most ``ETS_MAX_CONCURRENT_WIDTH``, so a width-256 search takes as much of the budget as 32

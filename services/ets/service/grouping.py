@@ -16,7 +16,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
 
-from ets.search.answers import group_answers, group_by_string, normalise
+from ets.search.answers import FallbackGroups, group_answers, group_by_string, normalise
 
 log = logging.getLogger("ets.service")
 
@@ -32,10 +32,6 @@ def _worker_main(conn: Connection) -> None:
             return
         conn.send(group_answers(answers))
 
-
-class FallbackGroups(list[list[int]]):
-    """Groups made by the string-matching fallback (a timeout or a dead worker): a list like any
-    grouping's, so the core uses it unchanged, and the runner can tell, count and flag it."""
 
 
 class EquivalenceWorker:

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 import prometheus_client
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.errors import SettingError
 from ets.service.server import SearchServer
 from ets.service.settings import ServiceSettings, search_defaults, settings_from_args

@@ -38,7 +38,7 @@ import socket
 import ssl
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -49,8 +49,13 @@ from ets.policy.model_types import policy_model_type
 from ets.errors import FieldError
 from ets.search.loop import DepthReport
 from ets.service.openai_request import METHOD_ALIASES, ChatSearch, parse_chat
+from ets.service.openai_response import (
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChunkChoice, Choice, Delta, EtsProgress, EtsResult,
+    PromptTokensDetails, Usage,
+)
 from ets.service.request import RequestError
-from ets.service.runner import SearchCall, SearchEvents, SearchFailed, SearchRunner, ServedSearch
+from ets.search.pipeline import ServedSearch
+from ets.service.runner import SearchCall, SearchEvents, SearchFailed, SearchRunner
 from ets.service.status import Status, status_for
 
 log = logging.getLogger("ets.service.openai")
@@ -118,36 +123,33 @@ def _error_of(exc: BaseException, chat: ChatSearch) -> JSONResponse:
     return JSONResponse(error, status_code=status, headers=_error_headers(status))
 
 
-def _usage(served: ServedSearch) -> dict[str, Any]:
+def _usage(served: ServedSearch) -> Usage:
     """The whole search's tokens: every prompt sent to the policy and every token generated."""
     s = served.result.stats
-    return {"prompt_tokens": int(s.prompt_tokens), "completion_tokens": int(s.generated_tokens),
-            "total_tokens": int(s.prompt_tokens + s.generated_tokens),
-            "prompt_tokens_details": {"cached_tokens": int(s.cached_prompt_tokens)}}
+    return Usage(prompt_tokens=int(s.prompt_tokens), completion_tokens=int(s.generated_tokens),
+                 total_tokens=int(s.prompt_tokens + s.generated_tokens),
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=int(s.cached_prompt_tokens)))
 
 
 def _content(served: ServedSearch) -> str:
     return served.candidates[served.best_index].text if served.best_index is not None else ""
 
 
-def ets_object(served: ServedSearch, chat: ChatSearch, request_id: str) -> dict[str, Any]:
+def ets_object(served: ServedSearch, chat: ChatSearch, request_id: str) -> EtsResult:
     """What a chat completion cannot say: the answer, resolved config, statistics, candidates."""
     config = served.config.resolved()
     chat_template = policy_model_type(config.policy_model_type).chat
-    out: dict[str, Any] = {
-        "request_id": request_id,
-        "answer": served.answer,
-        "best_index": served.best_index,
-        "config": dataclasses.asdict(config),
+    result = EtsResult(
+        request_id=request_id, answer=served.answer, best_index=served.best_index, config=config,
         # The service's wall time includes formatting/tokenizing the root and answer voting.
-        "stats": {**dataclasses.asdict(served.result.stats), "wall_seconds": served.wall_seconds},
-        "system_prompt": ("none" if chat.system_prompt is None else "applied" if chat_template
-                          else f"not used: policy model type {config.policy_model_type!r} has no chat template"),
-    }
-    out["votes"] = [dataclasses.asdict(v) for v in served.votes]  # every answer group, the chosen first
+        stats=dataclasses.replace(served.result.stats, wall_seconds=served.wall_seconds),
+        system_prompt=("none" if chat.system_prompt is None else "applied" if chat_template
+                       else f"not used: policy model type {config.policy_model_type!r} has no chat template"),
+        votes=list(served.votes),
+    )
     if chat.candidates:
-        out["candidates"] = [dataclasses.asdict(c) for c in served.candidates]
-    return out
+        result.candidates = list(served.candidates)
+    return result
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -350,32 +352,33 @@ class OpenAIFrontDoor:
     # -- rendering ---------------------------------------------------------------------------------
     def _completion(self, served: ServedSearch, chat: ChatSearch, completion_id: str, created: int,
                     request_id: str) -> dict[str, Any]:
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": _content(served)},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": _usage(served),
-            "ets": ets_object(served, chat, request_id),
-        }
+        return ChatCompletion(
+            id=completion_id, created=created, model=chat.model,
+            choices=[Choice(index=0, message=AssistantMessage(content=_content(served)), finish_reason="stop",
+                            logprobs=None)],
+            usage=_usage(served), ets=ets_object(served, chat, request_id),
+        ).render()
 
     async def _stream(self, chat: ChatSearch, events: SearchEvents, watcher: asyncio.Future[None],
                       completion_id: str, created: int, request_id: str) -> AsyncIterator[str]:
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": chat.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        def chunk(delta: Delta, finish: Literal["stop"] | None = None, **extra: Any) -> dict[str, Any]:
+            return ChatCompletionChunk(
+                id=completion_id, created=created, model=chat.model,
+                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=None)], **extra,
+            ).render()
 
         try:
-            yield _sse(chunk({"role": "assistant", "content": ""}))
+            yield _sse(chunk(Delta(role="assistant", content="")))
             async for event in events:
                 if isinstance(event, DepthReport):
                     # Standard clients ignore the extra field; ours read the search's progress.
-                    yield _sse(chunk({}, ets={"progress": dataclasses.asdict(event)}))
+                    yield _sse(chunk(Delta(), ets=EtsProgress(progress=event)))
                 elif isinstance(event, ServedSearch):
-                    yield _sse(chunk({"content": _content(event)}))
-                    yield _sse(chunk({}, "stop", ets=ets_object(event, chat, request_id)))
+                    yield _sse(chunk(Delta(content=_content(event))))
+                    yield _sse(chunk(Delta(), "stop", ets=ets_object(event, chat, request_id)))
                     if chat.include_usage:
-                        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                    "model": chat.model, "choices": [], "usage": _usage(event)})
+                        yield _sse(ChatCompletionChunk(id=completion_id, created=created, model=chat.model,
+                                                       choices=[], usage=_usage(event)).render())
                     yield _sse("[DONE]")
         except Exception as exc:  # noqa: BLE001 - SearchFailed, or a bug: an error event either way
             yield _sse(_failure(exc, chat)[1])

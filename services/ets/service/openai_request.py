@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic_core import ErrorDetails
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.selection import METHODS
 from ets.service.request import RequestError
 
@@ -119,8 +119,10 @@ class ChatRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    # The top-level OpenAI parameters that map to search config fields (null: not set).
-    temperature: float | None = None
+    # The top-level OpenAI parameters that map to search config fields (null: not set), in the ranges
+    # OpenAI's API documents and enforces (temperature 0-2; ``ets.temperature`` is the search's own,
+    # checked by SearchConfig's rules instead).
+    temperature: float | None = Field(default=None, ge=0, le=2)
     seed: int | None = None
     # EtsFields is generated from SearchConfig at import: a value, to mypy, not a class.
     ets: EtsFields | None = None  # type: ignore[valid-type]
@@ -160,6 +162,10 @@ def _message(err: ErrorDetails) -> str:
     kind = err["type"]
     if kind == "finite_number":
         return f"must be a finite number, got {got}"
+    bounds = {"less_than_equal": ("le", "at most"), "greater_than_equal": ("ge", "at least")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        return f"must be {words} {float(err.get('ctx', {}).get(key, 0)):g} (OpenAI's range), got {got}"
     if kind == "extra_forbidden":
         return f"unknown search field; expected one of {_ETS_NAMES}"
     base = kind.removesuffix("_type").removesuffix("_parsing")

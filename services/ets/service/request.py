@@ -10,13 +10,14 @@ for the HTTP body).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ets.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig, ValidConfig
+from ets.search.config import MAX_TOKENS_LIMIT, ConfigError, SearchConfig, ValidConfig
 from ets.errors import FieldError
-from ets.search.selection import validate
+from ets.config import validate
 
 # A problem longer than this is refused before it reaches the tokenizer (a guard, not a limit of
 # the method: MATH500's longest problem is ~4 KB).
@@ -39,6 +40,8 @@ class Limits:
     solver_time_limit_s: float
     generated_tokens: int
     search_s: float
+    # How long one upstream call of a search may keep retrying (ets.retry; the deadline bounds it too).
+    retry_s: float = math.inf
     settings: Mapping[str, str] = field(default_factory=dict)
 
     def setting(self, cap: str) -> str:

@@ -2,12 +2,13 @@
 
 Owns the path of one search from a transport-neutral ``SearchCall`` to a ``ServedSearch``:
 request checks and the operator's caps (``ets.service.request``: the request is checked once,
-here, and carried on as a ``ValidConfig``), failing fast while an upstream is known down,
+here, and carried on as a ``ValidConfig``), failing fast while an upstream is known down (opt-in),
 admission weighted by width (``RESOURCE_EXHAUSTED`` beyond the limits), the deadline (the
 client's, capped by the server's; over queueing and running), the search itself (root, generator
 and scorer from ``Upstreams``, the pure ``ets.search.loop`` with its selections in a thread pool
 and its generated-token budget), answer choice off the event loop with the service's grouping
-function, the search metrics, and classifying every failure once through
+function (all of which is the one pipeline, ``ets.search.pipeline.run_pipeline``, that the
+evaluation runs too), the search metrics, and classifying every failure once through
 ``ets.service.status.status_for`` (raised as ``SearchFailed``). Cancellation (a client that went
 away) propagates and is counted.
 
@@ -27,13 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, TypeVar
 
-from ets.config import SearchConfig, ValidConfig
-from ets.search.answers import AnswerVote, Grouping, group_answers, select_answer
-from ets.search.interfaces import Root, StepGenerator, StepScorer
-from ets.search.loop import DepthReport, SearchResult, run_search
-from ets.search.selection import METHODS
 from ets.admission import Admission
-from ets.service.grouping import FallbackGroups
+from ets.retry import retry_window
+from ets.search.answers import Grouping, group_answers
+from ets.search.config import SearchConfig, ValidConfig
+from ets.search.interfaces import Root
+from ets.search.loop import DepthReport
+from ets.search.pipeline import SearchSources, ServedSearch, run_pipeline
+from ets.search.selection import METHODS
 from ets.service.metrics import SearchMetrics
 from ets.service.request import Limits, resolve_config, validate_problem, validate_request_id, with_new_token_budget
 from ets.service.status import Failure, Status, UpstreamUnavailable, status_for
@@ -47,18 +49,16 @@ DEADLINE_SLACK_S = 1.0
 _T = TypeVar("_T")
 
 
-class Upstreams(Protocol):
-    """What a search needs from the outside world (live: ``ets.service.upstreams``; the tests'
+class Upstreams(SearchSources, Protocol):
+    """What the service needs from the outside world: a search's sources
+    (``ets.search.pipeline.SearchSources``: root, generator, scorer) plus the upstreams' addresses,
+    the policy's model names, their health and closing (live: ``ets.service.upstreams``; the tests'
     in-process ones are scripted)."""
 
     policy_address: str
     reward_address: str
 
-    async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root: ...
-    async def model_name(self) -> str: ...
     async def model_names(self) -> tuple[str, ...]: ...
-    def generator(self, config: SearchConfig) -> StepGenerator: ...
-    def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer: ...
     async def probe(self) -> dict[str, str | None]: ...
     async def close(self) -> None: ...
 
@@ -94,41 +94,15 @@ class SearchFailed(Exception):
         self.failure = failure
 
 
-@dataclass
-class ServedCandidate:
-    text: str
-    answer: str
-    step_scores: list[float]
-    aggregate_score: float
-    finish_reason: str
-    depth: int
-    tokens: int
-
-
-@dataclass
-class ServedSearch:
-    """A finished search as the service returns it (each transport renders it)."""
-
-    config: SearchConfig
-    result: SearchResult
-    answer: str
-    candidates: list[ServedCandidate]
-    best_index: int | None
-    wall_seconds: float
-    # Answer grouping timed out and fell back to string matching (flagged in the response).
-    grouping_fallback: bool = False
-    # Every answer group of the vote, the chosen one first (ets.search.answers.AnswerChoice.ranking).
-    votes: tuple[AnswerVote, ...] = ()
-
-
 class SearchRunner:
     """Runs searches over shared ``Upstreams`` under one admission control and one metrics set.
 
     ``grouping``: the answer-equivalence function (the server passes a bounded worker process,
     ``ets.service.grouping``); ``on_upstream_failure``: called when a search found an upstream
-    down (the readiness monitor re-probes); ``upstreams_down``: the upstreams the readiness
-    monitor knows are down (upstream -> why), so searches fail fast instead of after every
-    retry; ``limits``: the operator's caps; ``selection_workers``: threads that run selections
+    down (the readiness monitor re-probes); ``upstreams_down`` (fail-fast, off by default): the
+    upstreams the readiness monitor knows are down (upstream -> why; down means no replica
+    answers), so new searches are refused at once instead of waiting for one within their
+    deadline; ``limits``: the operator's caps; ``selection_workers``: threads that run selections
     off the event loop (0: one per core)."""
 
     def __init__(self, upstreams: Upstreams, defaults: SearchConfig, admission: Admission, metrics: SearchMetrics,
@@ -194,8 +168,11 @@ class SearchRunner:
                 config = resolve_config(call.overrides, self.defaults, self.limits)
                 method = config.method
                 self._fail_fast()
-                async with asyncio.timeout_at(deadline):
-                    served = await self._admitted(problem, config, call, on_depth, on_start)
+                # Upstream calls retry a lost replica or a restarting server until the deadline
+                # would pass (or the operator's ETS_UPSTREAM_RETRY_S), not a fixed count (ets.retry).
+                with retry_window(time.monotonic() + timeout_s, self.limits.retry_s):
+                    async with asyncio.timeout_at(deadline):
+                        served = await self._admitted(problem, config, call, on_depth, on_start)
             except TimeoutError:
                 limit = (f", the server's limit {self.limits.setting('search_s')}={self.limits.search_s:g}s"
                          if capped else "")
@@ -257,31 +234,18 @@ class SearchRunner:
     async def run(self, problem: str, config: ValidConfig, on_depth: Callable[[DepthReport], None] | None = None,
                   *, expect_prm_type: str = "", system_prompt: str | None = None,
                   max_new_tokens: int | None = None) -> ServedSearch:
-        """The search itself (no admission, deadline or metrics): root, loop, answer choice."""
-        start = time.perf_counter()
-        root = await self.upstreams.root(problem, config, system_prompt)
-        if max_new_tokens is not None:
-            # Only now is the root's length known: the budget becomes config.max_tokens.
-            config = with_new_token_budget(config, len(root.prompt_ids), max_new_tokens, self.limits)
-        fell_back = False
+        """The search itself (no admission, deadline or metrics): the one pipeline
+        (``ets.search.pipeline.run_pipeline``) over the live upstreams."""
+        limits = self.limits
 
-        def grouping(answers: Any) -> list[list[int]]:
-            nonlocal fell_back
-            groups = self.grouping(answers)
-            fell_back = fell_back or isinstance(groups, FallbackGroups)
-            return groups
+        def budget(config: ValidConfig, root: Root) -> ValidConfig:
+            # Only once the root is tokenized is its length known: the budget becomes config.max_tokens.
+            return with_new_token_budget(config, len(root.prompt_ids), max_new_tokens, limits) \
+                if max_new_tokens is not None else config
 
-        # The early stop's votes (config.early_stop) use the same grouping as the final one.
-        result = await run_search(root, config, self.upstreams.generator(config),
-                                  self.upstreams.scorer(config, expect_prm_type), on_depth=on_depth,
-                                  offload=self._offload, max_generated_tokens=self.limits.generated_tokens,
-                                  group=grouping)
-
-        # Equivalence checks may run sympy: keep them off the event loop other searches share.
-        served = await asyncio.to_thread(choose_answer, config, result, grouping)
-        served.wall_seconds = time.perf_counter() - start
-        served.grouping_fallback = fell_back
-        return served
+        return await run_pipeline(problem, config, self.upstreams, grouping=self.grouping, offload=self._offload,
+                                  on_depth=on_depth, max_generated_tokens=self.limits.generated_tokens,
+                                  expect_prm_type=expect_prm_type, system_prompt=system_prompt, after_root=budget)
 
 
 SearchEvent = Started | DepthReport | ServedSearch
@@ -329,20 +293,3 @@ class SearchEvents:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def choose_answer(config: SearchConfig, result: SearchResult, grouping: Grouping = group_answers) -> ServedSearch:
-    """Extract each trajectory's answer, aggregate its step scores, vote (ets.search.answers)."""
-    choice = select_answer(result.trajectories, voting=config.voting, aggregation=config.aggregation,
-                           group=grouping)
-    candidates = [
-        ServedCandidate(
-            text=t.text, answer=choice.answers[i], step_scores=[float(x) for x in t.step_scores],
-            aggregate_score=float(choice.aggregate_scores[i]), finish_reason=str(t.finish_reason),
-            depth=int(t.depth), tokens=int(t.tokens),
-        )
-        for i, t in enumerate(result.trajectories)
-    ]
-    return ServedSearch(config=result.config or config, result=result, answer=choice.answer,
-                        candidates=candidates, best_index=choice.best_index, wall_seconds=0.0,
-                        votes=choice.ranking)

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ets import security
 from ets.api.v1 import search_pb2, search_pb2_grpc
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.answers import Grouping
 from ets.search.loop import DepthReport
 from ets.service import convert
@@ -35,7 +35,8 @@ from ets.service.grouping import EquivalenceWorker
 from ets.service.metrics import MetricsHTTPServer, SearchMetrics
 from ets.service.openai_http import OpenAIFrontDoor
 from ets.service.readiness import Readiness
-from ets.service.runner import SearchCall, SearchFailed, SearchRunner, ServedSearch, Upstreams
+from ets.search.pipeline import ServedSearch
+from ets.service.runner import SearchCall, SearchFailed, SearchRunner, Upstreams
 from ets.service.status import Status
 from ets.service.settings import ServiceSettings
 from ets.service.upstreams import LiveUpstreams

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ets import settings
-from ets.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH, SEARCH_ENV_PREFIX, SearchConfig, ValidConfig
+from ets.config import SEARCH_ENV_PREFIX, search_defaults_from_env, validate
+from ets.search.config import MAX_DEPTH_LIMIT, MAX_TOKENS_LIMIT, MAX_WIDTH, SearchConfig, ValidConfig
 from ets.errors import FieldError, SettingError
 from ets.security import ClientSecurity, ServerSecurity, read_token
 from ets.service.admission import (
@@ -34,7 +35,6 @@ from ets.service.admission import (
 from ets.service.metrics import DEFAULT_PORT as DEFAULT_METRICS_PORT
 from ets.service.metrics import METRICS_PORT_ENV
 from ets.service.request import Limits
-from ets.search.selection import validate
 
 DEFAULT_PORT = 50051
 DEFAULT_OPENAI_PORT = 8000
@@ -81,7 +81,10 @@ class ServiceSettings:
     policy_engine_url: str | None = settings.setting(
         None, env="ETS_POLICY_ENGINE_URL", parse=_http_url,
         help="when --policy-url is an sglang-router: one policy engine, for tokenization")
-    reward_addr: str = settings.setting("reward:50052", env="ETS_REWARD_ADDR", help="reward server HOST:PORT")
+    reward_addr: str = settings.setting(
+        "reward:50052", env="ETS_REWARD_ADDR",
+        help="the reward server(s): HOST:PORT, or a gRPC target over several replicas, balanced round_robin "
+        "with health checking (dns:///reward-headless:50052, ipv4:10.0.0.5:50052,10.0.0.6:50052)")
     grace_s: float = settings.setting(DEFAULT_GRACE_S, env="ETS_SEARCH_GRACE_S", flag="--grace", ge=0,
                                       help="seconds in-flight searches may finish after SIGTERM")
     max_concurrent: int = settings.setting(DEFAULT_MAX_CONCURRENT, env=MAX_CONCURRENT_ENV, ge=1,
@@ -113,10 +116,14 @@ class ServiceSettings:
         help="largest response sent; a larger result drops candidates' texts (answer, best and stats kept)")
     selection_workers: int = settings.setting(
         0, env="ETS_SELECTION_WORKERS", ge=0, help="threads running selections off the event loop (0 = cores)")
+    upstream_retry_s: float = settings.setting(
+        900.0, env="ETS_UPSTREAM_RETRY_S", ge=0,
+        help="longest one policy or reward call of a search keeps retrying a lost replica or a restarting "
+        "server (never past the search's deadline); 0 = no retries")
     fail_fast: bool = settings.setting(
-        True, env="ETS_SEARCH_FAIL_FAST",
-        help="refuse searches at once (UNAVAILABLE naming the upstream) while an upstream's last health "
-        "probe failed, instead of after the clients' retries")
+        False, env="ETS_SEARCH_FAIL_FAST",
+        help="refuse new searches at once (UNAVAILABLE naming the upstream) while no replica of an upstream "
+        "answered its last health probe, instead of letting them wait for it within their deadline")
     # -- transport ---------------------------------------------------------------------------------
     reflection: bool = settings.setting(True, env="ETS_SEARCH_REFLECTION",
                                         help="gRPC server reflection (off in production manifests)")
@@ -147,7 +154,7 @@ class ServiceSettings:
         """The operator's caps as the runner applies them, each named by its variable in errors."""
         fields = {"width": "limit_width", "max_tokens": "limit_max_tokens", "max_depth": "limit_max_depth",
                   "solver_time_limit_s": "max_solver_time_limit_s", "generated_tokens": "limit_generated_tokens",
-                  "search_s": "limit_search_s"}
+                  "search_s": "limit_search_s", "retry_s": "upstream_retry_s"}
         env = {s.name: s.env_names()[0] for s in settings.settings_of(ServiceSettings)}
         return Limits(**{cap: getattr(self, name) for cap, name in fields.items()},
                       settings={cap: env[name] for cap, name in fields.items()})
@@ -199,7 +206,7 @@ def search_defaults(service: ServiceSettings, env: Mapping[str, str] | None = No
     method registry, this server's caps: defaults beyond them would refuse every request that
     relies on them); ``SettingError`` naming the variable."""
     limits = service.limits()
-    return SearchConfig.from_env(environ=env, check=lambda config: limits.check(validate(config)))
+    return search_defaults_from_env(environ=env, check=lambda config: limits.check(validate(config)))
 
 
 # One prefix, two sets of names: a service setting must not be a search default's name too.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from ets.config import ConfigError
+from ets.search.config import ConfigError
 from ets.errors import FieldError
 from ets.service.admission import QueueFull
 
@@ -19,11 +19,13 @@ from ets.service.admission import QueueFull
 # Internal locations in upstream error texts (URLs, host:port, ipv4:/ipv6: peers): logged, not sent.
 _URL = re.compile(r"\b(?:https?|ipv4|ipv6|unix|dns):[^\s,;'\")]+")
 _HOST_PORT = re.compile(r"\b(?:[A-Za-z][\w.-]*|\d{1,3}(?:\.\d{1,3}){3}):\d{2,5}\b")
+# Python's socket addresses in OS errors: ('10.0.0.5', 30000) or ('::1', 30000, 0, 0).
+_SOCKADDR = re.compile(r"\(\s*'[^']*',\s*\d{1,5}(?:,\s*\d+)*\s*\)")
 
 
 def scrub(text: str) -> str:
     """``text`` without internal addresses (what a client may see of an upstream's error)."""
-    return _HOST_PORT.sub("<address>", _URL.sub("<address>", text))
+    return _SOCKADDR.sub("<address>", _HOST_PORT.sub("<address>", _URL.sub("<address>", text)))
 
 
 class Status(enum.Enum):

@@ -27,11 +27,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ets import security
-from ets.config import ConfigError, SearchConfig
+from ets.search.config import ConfigError, SearchConfig
 from ets.policy.client import PolicyClient, PolicyRequestError, PolicyServerError, PolicyUnavailable
 from ets.policy.generator import SGLangStepGenerator, tokenize_root
 from ets.policy.routed import make_policy_client
-from ets.reward.client import RewardClient, RewardError, RewardUnavailable
+from ets.reward.client import CHANNEL_OPTIONS, RewardClient, RewardError, RewardUnavailable
 from ets.security import ClientSecurity
 from ets.search.interfaces import (
     ExpandRequest,
@@ -40,6 +40,7 @@ from ets.search.interfaces import (
     ScoredTrajectory,
     StepGenerator,
     StepParams,
+    StepReading,
     StepScorer,
 )
 from ets.service.metrics import SearchMetrics
@@ -167,6 +168,9 @@ class InstrumentedGenerator:
         with self._up.policy_call("generate"):
             return await self._inner.expand(requests, params)
 
+    def read_step(self, text: str) -> StepReading:
+        return self._inner.read_step(text)
+
 
 class InstrumentedScorer:
     """``StepScorer`` over the shared ``RewardClient``; when the request named a PRM type, the reward
@@ -235,22 +239,26 @@ class LiveUpstreams:
 
     def _channel(self) -> grpc.aio.Channel:
         if self._reward_channel is None:
-            self._reward_channel = security.channel(
-                self.reward_address, self._reward_security,
-                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+            # Every replica the address resolves to, round_robin with health checking (CHANNEL_OPTIONS).
+            self._reward_channel = security.channel(self.reward_address, self._reward_security,
+                                                    options=CHANNEL_OPTIONS)
         return self._reward_channel
 
     def policy_client(self) -> PolicyClient:
         """The shared policy client (one connection pool for all searches)."""
         if self._policy_client is None:
+            retries = self._metrics.upstream_retries
             self._policy_client = make_policy_client(self.policy_address, session=self._http(),
                                                      engine_url=self.policy_engine_url,
-                                                     api_key=self._policy_api_key)
+                                                     api_key=self._policy_api_key,
+                                                     on_retry=lambda r: retries.labels("policy", r).inc())
         return self._policy_client
 
     def reward_client(self) -> RewardClient:
         if self._reward_client is None:
-            self._reward_client = RewardClient(self.reward_address, channel=self._channel())
+            retries = self._metrics.upstream_retries
+            self._reward_client = RewardClient(self.reward_address, channel=self._channel(),
+                                               on_retry=lambda r: retries.labels("reward", r).inc())
         return self._reward_client
 
     # -- what a search uses ---------------------------------------------------------------------------
@@ -258,11 +266,7 @@ class LiveUpstreams:
         """Format the root for the policy model type and tokenize it on the policy server (its
         own tokenizer and chat template, so the ids are what the engine caches)."""
         with self.policy_call("tokenize"):
-            return await tokenize_root(self.policy_client(), question, config.model_type, system_prompt)
-
-    async def model_name(self) -> str:
-        """The policy server's model name (its ``--served-model-name``), asked once and remembered."""
-        return (await self.model_names())[0]
+            return await tokenize_root(self.policy_client(), question, config.policy_model_type, system_prompt)
 
     async def model_names(self) -> tuple[str, ...]:
         """Every name a request may give the policy: the served name first, then its model path."""
@@ -274,7 +278,7 @@ class LiveUpstreams:
         return self._model_names
 
     def generator(self, config: SearchConfig) -> StepGenerator:
-        return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.model_type), self)
+        return InstrumentedGenerator(SGLangStepGenerator(self.policy_client(), config.policy_model_type), self)
 
     def scorer(self, config: SearchConfig, expect_prm_type: str = "") -> StepScorer:
         return InstrumentedScorer(self.reward_client(), self, expect_prm_type)

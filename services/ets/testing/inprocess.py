@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from ets.api.v1 import search_pb2_grpc
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.answers import Grouping, group_answers
 from ets.service.metrics import SearchMetrics
 from ets.service.server import SearchServer

@@ -8,7 +8,8 @@ text; the PRM is ``arithmetic`` (rules, no model) by default. Every process runs
 process group with its log in ``work_dir/logs``; ``stop()`` signals each group by PID (SIGTERM,
 then SIGKILL after a grace period; descendants in other groups too, such as the reward server's
 PRM engine), and an ``atexit`` hook (from ``ets.engine.process``) catches an interpreter that
-dies early. Every process dies with the orchestrator (a parent-death signal), and all of them,
+dies early; ``stop()`` returns only once every recorded group is gone (``Stack.leftovers``
+is empty). Every process dies with the orchestrator (a parent-death signal), and all of them,
 the PRM engine included (``ETS_PID_FILE``), are listed in ``work_dir/pids`` for a last-resort
 cleanup by process group (``scripts/demo.sh``'s EXIT trap). ``Stack.restart`` starts a killed
 process again on its ports (the fault tests). Ports are picked free (bind port 0) unless given.
@@ -21,6 +22,7 @@ A development and test tool: it lives with the testing support, not with the ser
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ets.config import MODEL_FREE_PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, file_tail, free_port
+from ets.engine.procfs import descendants
+from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, file_tail, free_port, wait_gone
 from ets.models import DEFAULT_POLICY_MODEL, PACKAGED_MODELS, packaged_model, prepare_model
 from ets.service.admission import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_QUEUED
 
@@ -178,9 +181,38 @@ class Stack:
             old.stop(timeout=20.0)
         return self.launch(name, self.starters[name])
 
+    def recorded_groups(self) -> list[tuple[str, int]]:
+        """(name, pgid) of every process group recorded in ``pid_file`` (the reward server's PRM
+        engine included), in start order."""
+        if not self.pid_file.exists():
+            return []
+        groups = []
+        for line in self.pid_file.read_text().splitlines():
+            name, _, pgid = line.rpartition(" ")
+            if pgid.isdigit():
+                groups.append((name, int(pgid)))
+        return groups
+
+    def leftovers(self) -> list[tuple[str, int]]:
+        """The recorded groups of which a process (zombies included) is still this process's
+        descendant; empty after ``stop()``. Descendants only: a group id reused by someone else's
+        processes since is not ours to report or kill (this process adopts the orphans of what it
+        started, ``ets.engine.process.become_subreaper``, so nothing of ours has another parent)."""
+        mine = {p.pgid for p in descendants(os.getpid())}
+        return [(name, pgid) for name, pgid in self.recorded_groups() if pgid in mine]
+
     def stop(self) -> None:
+        """Stop every process in reverse start order and return only when every recorded group
+        is gone: a group a stop could not reach (a restarted process's predecessor, an engine
+        whose supervisor was killed) is SIGKILLed and waited for here."""
         for proc in self.processes():
             proc.stop(timeout=20.0)
+        left = self.leftovers()
+        for _name, pgid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        if left:
+            wait_gone({pgid for _name, pgid in left})
 
     def __enter__(self) -> "Stack":
         return self

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence, cast, get_args
 
 import numpy as np
 
-from ets.config import SearchConfig
+from ets.search.config import SearchConfig
 from ets.search.interfaces import (
     ExpandRequest,
     Root,
@@ -25,8 +25,10 @@ from ets.search.interfaces import (
     StepFinish,
     StepGenerator,
     StepParams,
+    StepReading,
     StepScorer,
 )
+from ets.policy.model_types import policy_model_type
 
 PROMPT = tuple([1] * 10)  # 10 root tokens
 STEP_BASE = 1000  # first token of every step: STEP_BASE + index into the policy's step table
@@ -54,14 +56,19 @@ class ScriptedPolicy:
     """Expands a node from a script keyed by its path of step texts; unknown paths get a default
     child "<path depth>.<k> ки". Records every call."""
 
-    def __init__(self, script: Mapping[Any, Sequence[Spec]] | None = None, step_tokens: int = 5) -> None:
+    def __init__(self, script: Mapping[Any, Sequence[Spec]] | None = None, step_tokens: int = 5,
+                 model_type: str = "math-shepherd") -> None:
         bad = {f for specs in (script or {}).values() for _, _, f in specs} - _FINISHES
         if bad:
             raise ValueError(f"script finish reasons must be in {sorted(_FINISHES)}, got {sorted(bad)}")
         self.script: Mapping[tuple[str, ...], Sequence[Spec]] = script or {}
         self.step_tokens = step_tokens
+        self.model_type = policy_model_type(model_type)  # how its steps read (" ки" ends a step)
         self.steps: list[str] = []
         self.calls: list[tuple[list[ExpandRequest], StepParams]] = []
+
+    def read_step(self, text: str) -> StepReading:
+        return StepReading(self.model_type.plain_step(text), self.model_type.has_answer(text))
 
     def path_of(self, prefix_ids: Sequence[int]) -> tuple[str, ...]:
         return tuple(self.steps[t - STEP_BASE] for t in prefix_ids if t >= STEP_BASE)
@@ -122,6 +129,9 @@ class _Gated:
         if self._up.policy_error is not None:
             raise self._up.policy_error
         return await self._up.policy.expand(requests, params)
+
+    def read_step(self, text: str) -> StepReading:
+        return self._up.policy.read_step(text)
 
     async def score_last_steps(self, trajectories: Sequence[ScoredTrajectory]) -> list[float]:
         if self._up.reward_error is not None:
@@ -186,9 +196,6 @@ class ScriptedUpstreams:
     async def root(self, question: str, config: SearchConfig, system_prompt: str | None = None) -> Root:
         self.system_prompts.append(system_prompt)
         return Root(question, PROMPT)
-
-    async def model_name(self) -> str:
-        return self.policy_model
 
     async def model_names(self) -> tuple[str, ...]:
         return (self.policy_model, f"/models/{self.policy_model}")  # as SGLang: served name, then path

@@ -79,7 +79,7 @@ class Candidate(_message.Message):
     def __init__(self, text: _Optional[str] = ..., answer: _Optional[str] = ..., step_scores: _Optional[_Iterable[float]] = ..., aggregate_score: _Optional[float] = ..., finish_reason: _Optional[str] = ..., depth: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class SearchStats(_message.Message):
-    __slots__ = ("total_kv_tokens", "peak_kv_tokens", "model_calls", "generated_tokens", "prompt_tokens", "cached_prompt_tokens", "selection_seconds", "depth_reached", "wall_seconds", "selections", "solver_fallbacks", "policy_seconds", "reward_seconds", "stopped_early", "width_left")
+    __slots__ = ("total_kv_tokens", "peak_kv_tokens", "model_calls", "generated_tokens", "prompt_tokens", "cached_prompt_tokens", "selection_seconds", "depth_reached", "wall_seconds", "selections", "solver_fallbacks", "policy_seconds", "reward_seconds", "stopped_early", "width_left", "solver_time_limits", "token_budget_hit")
     TOTAL_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PEAK_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CALLS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class SearchStats(_message.Message):
     REWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
     WIDTH_LEFT_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_TIME_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_HIT_FIELD_NUMBER: _ClassVar[int]
     total_kv_tokens: int
     peak_kv_tokens: int
     model_calls: int
@@ -110,7 +112,9 @@ class SearchStats(_message.Message):
     reward_seconds: float
     stopped_early: bool
     width_left: int
-    def __init__(self, total_kv_tokens: _Optional[int] = ..., peak_kv_tokens: _Optional[int] = ..., model_calls: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., depth_reached: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., solver_fallbacks: _Optional[int] = ..., policy_seconds: _Optional[float] = ..., reward_seconds: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., width_left: _Optional[int] = ...) -> None: ...
+    solver_time_limits: int
+    token_budget_hit: bool
+    def __init__(self, total_kv_tokens: _Optional[int] = ..., peak_kv_tokens: _Optional[int] = ..., model_calls: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., selection_seconds: _Optional[float] = ..., depth_reached: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., solver_fallbacks: _Optional[int] = ..., policy_seconds: _Optional[float] = ..., reward_seconds: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., width_left: _Optional[int] = ..., solver_time_limits: _Optional[int] = ..., token_budget_hit: _Optional[bool] = ...) -> None: ...
 
 class AnswerVote(_message.Message):
     __slots__ = ("answer", "trajectories", "vote", "best_score")

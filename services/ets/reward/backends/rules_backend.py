@@ -1,6 +1,7 @@
 """The ``rules`` PRM backend: PRM types scored by rules on the step text, with no model.
 
-Serves ``arithmetic`` (ets.reward.rules). It has the same interface as the model backends so the
+Serves ``arithmetic`` (ets.reward.rules) and ``grounded-arithmetic`` (ets.reward.grounded, which
+also reads the question). It has the same interface as the model backends so the
 reward server validates, meters and answers exactly as for them; it is up as soon as it starts.
 Its "adapter" encodes no tokens: it hands the plain step texts through (``EncodedTrajectory.steps``).
 """
@@ -9,13 +10,20 @@ from __future__ import annotations
 import asyncio
 from typing import Sequence
 
-from ets.config import MODEL_FREE_PRM_TYPES, PRM_TYPES
+from ets.reward.prm_types import MODEL_FREE_PRM_TYPES, PRM_TYPES
 from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmAdapter
 from ets.reward.backends import InProcessHealth, ScoreOutcome
-from ets.reward.rules import score_steps
+from ets.reward import grounded, rules
 
 # No tokens are counted, so no token limit applies (the gRPC message size bounds a request).
 UNLIMITED_TOKENS = 1 << 62
+
+
+def score_rules(prm_type: str, question: str, steps: Sequence[str]) -> list[float]:
+    """Each step's score under the rule-based ``prm_type`` (the solution so far)."""
+    if prm_type == "grounded-arithmetic":
+        return grounded.score_steps(question, steps)
+    return rules.score_steps(steps)
 
 
 class TextAdapter(PrmAdapter):
@@ -29,7 +37,7 @@ class TextAdapter(PrmAdapter):
 
     def encode(self, question: str, steps: Sequence[str]) -> EncodedTrajectory:
         return EncodedTrajectory(input_ids=(), score_positions=tuple(range(len(steps))),
-                                 steps=tuple(s.strip() for s in steps))
+                                 steps=tuple(s.strip() for s in steps), question=question)
 
 
 class RulesBackend(InProcessHealth):
@@ -50,7 +58,7 @@ class RulesBackend(InProcessHealth):
     async def score(self, encoded: Sequence[EncodedTrajectory], last_step_only: bool) -> ScoreOutcome:
         # Each step's score depends on the steps before it, so every step is checked either way;
         # regular expressions over a batch take milliseconds, off the event loop all the same.
-        full = await asyncio.to_thread(lambda: [score_steps(e.steps) for e in encoded])
+        full = await asyncio.to_thread(lambda: [score_rules(self.prm_type, e.question, e.steps) for e in encoded])
         return ScoreOutcome(scores=[s[-1:] if last_step_only else s for s in full])
 
     async def close(self) -> None:

@@ -29,6 +29,10 @@ from ets.reward.backends import ModelBackend, ScoreOutcome, pair_score, sigmoid
 
 SGLANG_TYPES = ("math-shepherd", "rlhflow", "llemma", "judge")
 HIDDEN_STATES_FLAG = "--enable-return-hidden-states"
+# The LM head in fp32 (SGLang 0.5.23, exec.features.enable_fp32_lm_head): without it a bf16 model
+# rounds the "+"/"-" logits to bf16 before the log-softmax; at logits of 16-32 bf16 steps are
+# 0.125, enough to move a step score near 0.5 by ~0.03 and reorder close candidates.
+FP32_HEAD_FLAG = "--enable-fp32-lm-head"
 
 
 def load_head_mean(model_path: str) -> tuple[list[float], float]:
@@ -92,15 +96,20 @@ class SglangBackend(ModelBackend):
             pass
         self._head_mean: Any = None
         self._head_bias = 0.0
+        # Scores in fp32: a spawned PRM engine always gets the fp32 LM head (an attached one,
+        # ETS_PRM_URL, is the operator's to launch with it: docs/reward-server.md).
+        self._add_launch_flag(FP32_HEAD_FLAG)
         if self.adapter.readout == "mean_logit":
             import torch
 
             mean, self._head_bias = load_head_mean(model_path)
             self._head_mean = torch.tensor(mean, dtype=torch.float32)
-            if supervisor.launch is not None and HIDDEN_STATES_FLAG not in supervisor.launch.extra_args:
-                supervisor.launch = supervisor.launch.replace(
-                    extra_args=tuple(supervisor.launch.extra_args) + (HIDDEN_STATES_FLAG,)
-                )
+            self._add_launch_flag(HIDDEN_STATES_FLAG)
+
+    def _add_launch_flag(self, flag: str) -> None:
+        launch = self.supervisor.launch
+        if launch is not None and flag not in launch.extra_args:
+            self.supervisor.launch = launch.replace(extra_args=tuple(launch.extra_args) + (flag,))
 
     async def start(self) -> None:
         await self.supervisor.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-from ets.reward.adapters import EncodedTrajectory, PrmOptions
+from ets.reward.adapters import AdapterError, EncodedTrajectory, PrmOptions
 from ets.reward.backends import InProcessHealth, ModelBackend, ScoreOutcome
 from ets.reward.batching import MicroBatcher
 
@@ -32,6 +32,8 @@ class TransformersBackend(ModelBackend, InProcessHealth):
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self.model: Any = None
+        self._head_mean: Any = None  # llemma: the LM head's fp32 mean row
+        self._head_bias = 0.0
         self._batcher: MicroBatcher[tuple[EncodedTrajectory, bool], list[float]] = MicroBatcher(
             self._score_sync, max_items=max_batch_items, name="prm-transformers", on_batch=on_batch
         )
@@ -59,7 +61,33 @@ class TransformersBackend(ModelBackend, InProcessHealth):
 
             model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
+        self._fp32_readout()
         self._limit_to_model(config)
+
+    def _fp32_readout(self) -> None:
+        """Score in fp32 whatever the model's dtype: in bf16 the head's outputs (logits of 16-32
+        for a 7B PRM) are rounded to steps of 0.125, enough to move a step score near 0.5 by ~0.03
+        and reorder close candidates. Causal-LM readouts take the head's rows in fp32 at scoring
+        time; a class head (``score``: Linear, or the Qwen PRM's Linear-ReLU-Linear) is cast to
+        fp32 here with its input, and llemma's vocabulary mean uses the head's fp32 mean row."""
+        import torch
+
+        self._head_mean = None
+        if self.adapter.readout == "class_head":
+            head = getattr(self.model, "score", None) or getattr(self.model, "classifier", None)
+            if head is None:
+                raise AdapterError("ETS_PRM_MODEL", f"{type(self.model).__name__} has no score/classifier head")
+            head.float()
+            head.register_forward_pre_hook(lambda _module, args: tuple(a.float() for a in args))
+        elif self.adapter.readout == "mean_logit":
+            head = self.model.get_output_embeddings()
+            # mean_v (W_v . h + b_v) = mean_row(W) . h + mean(b): one fp32 row, summed in slices so
+            # no fp32 copy of the whole head is made.
+            total = torch.zeros(head.weight.shape[1], dtype=torch.float32, device=head.weight.device)
+            for start in range(0, head.weight.shape[0], 4096):
+                total += head.weight[start: start + 4096].float().sum(dim=0)
+            self._head_mean = total / head.weight.shape[0]
+            self._head_bias = float(head.bias.float().mean()) if head.bias is not None else 0.0
 
     async def start(self) -> None:
         import asyncio
@@ -117,23 +145,21 @@ class TransformersBackend(ModelBackend, InProcessHealth):
         readout = self.adapter.readout
         if readout == "class_head":
             out = self.model(input_ids=ids, attention_mask=mask)
-            logits = out.logits if hasattr(out, "logits") else out[0]
+            logits = out.logits if hasattr(out, "logits") else out[0]  # fp32: the head is (_fp32_readout)
             probs = logits[rows, cols].float().softmax(dim=-1)[:, 1]
             flat = probs.tolist()
         else:
             hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            picked = hidden[rows, cols]
-            head = self.model.get_output_embeddings()
+            picked = hidden[rows, cols].float()
             if readout == "pair":
+                head = self.model.get_output_embeddings()
                 pm = torch.tensor([self.adapter.plus_id, self.adapter.minus_id], device=self.device)
-                weight = head.weight[pm]
-                logits = picked @ weight.T
+                logits = picked @ head.weight[pm].float().T
                 if head.bias is not None:
-                    logits = logits + head.bias[pm]
-                logits = logits.float()
+                    logits = logits + head.bias[pm].float()
                 flat = torch.sigmoid(logits[:, 0] - logits[:, 1]).tolist()
             else:  # mean_logit: the vocabulary mean of the full LM-head logits
-                flat = torch.sigmoid(head(picked).float().mean(dim=-1)).tolist()
+                flat = torch.sigmoid(picked @ self._head_mean + self._head_bias).tolist()
         offset = 0
         for i in chunk:
             n = len(wanted[i])

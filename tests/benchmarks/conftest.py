@@ -1,0 +1,1 @@
+"""The benchmarks' tests (bench/): their pure parts and smoke runs; no timing assertions."""

@@ -1,0 +1,1 @@
+"""The engine processes' tests (``ets.engine``): launch arguments, process groups, supervision."""

@@ -1,0 +1,1 @@
+"""``ets eval``'s tests (``ets.evaluation``): datasets, runs, reports, the paired sample store."""

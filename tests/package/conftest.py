@@ -1,0 +1,2 @@
+"""Package-wide tests: the layout (which room imports which), settings, security, retries, the
+model catalogue, the tier markers."""
