@@ -417,28 +417,15 @@ def make_reference_id_prm(work: Path) -> Path:
     released model's ids (as tests/reward/test_token_ids.py builds it), in a folder named like
     the released model, so the adapter holds it to those ids; its "+"/"-" rows at a 7B's scale."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ets.testing.tiny_models import spm_like_tokenizer
 
     out = work / "math-shepherd-mistral-7b-prm"
     if (out / "config.json").exists():
         return out
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "\n": 13, "+": 489, "-": 12, "\u043a\u0438": 1300}
     words = {w for text in [QUESTION, *(s for t in TRAJECTORIES for s in t)] for w in text.split()}
-    next_id = 100
-    for word in sorted(words):
-        for form in (word, "\u2581" + word):
-            if form not in vocab and form not in REFERENCE_IDS:
-                vocab[form] = next_id
-                next_id += 1
-    vocab.update(REFERENCE_IDS)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)])
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+    fast = spm_like_tokenizer(sorted(words), REFERENCE_IDS, pad_token="</s>")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=13_000, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

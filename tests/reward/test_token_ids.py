@@ -17,33 +17,15 @@ from typing import Any
 import pytest
 
 from ets.reward.adapters import AdapterError, make_adapter, known_token_ids
+from ets.testing import tiny_models
 
 REPO = "peiyi9979/math-shepherd-mistral-7b-prm"
 WORDS = ("What", "is", "3", "5?", "Step", "1:", "add", "8", "The", "answer")
 
 
 def spm_like_tokenizer(name_or_path: str, ids: dict[str, int], prepend: str = "never") -> Any:
-    """A fast tokenizer with a sentencepiece-style vocabulary: words split at spaces, the "▁"
-    marker on every word after a space (and on the first one too with ``prepend="first"``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "\n": 13, "+": 489, "-": 12, "ки": 1300}
-    next_id = 100
-    for word in WORDS:
-        for form in (word, "\u2581" + word):
-            vocab[form] = next_id
-            next_id += 1
-    vocab.update(ids)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=True),
-    ])
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.name_or_path = name_or_path
-    return fast
+    """``ets.testing.tiny_models.spm_like_tokenizer`` over this module's words, named ``name_or_path``."""
+    return tiny_models.spm_like_tokenizer(WORDS, ids, prepend=prepend, name_or_path=name_or_path)
 
 
 REFERENCE = {"\u2581+": 648, "\u2581-": 387, "\u2581ки": 12902}

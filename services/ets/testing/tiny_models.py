@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # Tokens each model kind needs as single tokens, and whether they are "special" (skipped when
 # decoding) or ordinary added tokens that appear in text.
@@ -173,6 +173,36 @@ def _add_scalar_head(model: Any, seed: int) -> None:  # a transformers PreTraine
     shared = torch.randn(head.shape[1], generator=gen) * 0.5
     with torch.no_grad():
         head.add_(shared.to(head.dtype))
+
+
+def spm_like_tokenizer(words: Iterable[str], ids: dict[str, int], *, prepend: str = "never",
+                       name_or_path: str = "", pad_token: str | None = None) -> Any:
+    """A fast tokenizer with a sentencepiece-style vocabulary (math-shepherd's layout): words split at
+    spaces and newlines, the "\u2581" marker on every word after a space (and on the first one too
+    with ``prepend="first"``), bare "+" / "-" / "ки" at fixed ids, and ``ids`` pinned on top (e.g. the
+    released model's "\u2581+" / "\u2581-" / "\u2581ки"). Each word and its marked form get ids from 100."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, "\n": 13, "+": 489, "-": 12, "\u043a\u0438": 1300}
+    next_id = 100
+    for word in words:
+        for form in (word, "\u2581" + word):
+            if form not in vocab and form not in ids:
+                vocab[form] = next_id
+                next_id += 1
+    vocab.update(ids)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=True),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   **({"pad_token": pad_token} if pad_token else {}))
+    if name_or_path:
+        fast.name_or_path = name_or_path
+    return fast
 
 
 def main(argv: list[str] | None = None) -> None:
