@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from ets.engine.launcher import LaunchConfig
-from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port
+from ets.engine.process import PID_FILE_ENV, ServerProcess, ServerStartError, free_port, reap_adopted
 from ets.engine.procfs import PortInUseError
 
 from tools import HealthOk, read_pid
@@ -119,11 +119,13 @@ def test_policy_serve_execs_sglang_and_stops_cleanly_on_sigterm(tiny_policy_mode
         assert not proc.is_alive(), "SGLang did not exit within 60 s of SIGTERM"
         assert proc.returncode == 0, proc.log_tail()
         assert "SIGTERM received" in proc.log_tail(200)
-        # Its scheduler, detokenizer and multiprocessing resource tracker go with it (the tracker
-        # lingers as a zombie for a moment until init reaps it).
+        # Its scheduler, detokenizer and multiprocessing resource tracker go with it. They exit as
+        # orphans of this process (the subreaper of what it starts), so they linger as zombies
+        # until reaped here, as ServerProcess.stop reaps them (ets.engine.process.reap_adopted).
         leftover = True
         deadline = time.monotonic() + 15
         while leftover and time.monotonic() < deadline:
+            reap_adopted([proc.pgid])
             try:
                 os.killpg(proc.pgid, 0)
                 time.sleep(0.2)
