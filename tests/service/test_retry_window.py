@@ -14,7 +14,9 @@ a chosen status."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import socket
 import time
 from typing import AsyncIterator, Callable
 
@@ -192,6 +194,91 @@ async def test_policy_waits_for_a_server_that_comes_back_within_the_window(refus
                 await client.flush_cache()
     finally:
         await (await late).cleanup()
+
+
+async def test_policy_retries_a_connection_that_times_out_before_it_is_made() -> None:
+    """An engine whose accept queue is full (restarting, or swamped by every search retrying at
+    once) drops new connections: the connect timeout passes with nothing sent. That is retried
+    (it once cost a search of tests/stack/test_fault_load.py: aiohttp's ConnectionTimeoutError is
+    a TimeoutError, and a request timeout is not retried)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue: later SYNs are dropped, connects hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    retried: list[str] = []
+
+    async def accepting_again() -> web.AppRunner:
+        await asyncio.sleep(1.5)
+        for sock in (listener, *fillers):
+            sock.close()
+        app = web.Application()
+
+        async def flushed(_: web.Request) -> web.Response:
+            return web.json_response({})
+
+        app.router.add_post("/flush_cache", flushed)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with PolicyClient(url, retry=QUICK, connect_timeout_s=0.2, on_retry=retried.append) as client:
+            with retry_window(time.monotonic() + 0.8):
+                with pytest.raises(PolicyUnavailable, match="deadline would pass.*ConnectionTimeoutError"):
+                    await client._json("POST", "/generate", {})
+            assert retried and set(retried) == {"connect_timeout"}
+            later = asyncio.ensure_future(accepting_again())
+            try:
+                with retry_window(time.monotonic() + 30):
+                    await client.flush_cache()  # never connected: retried even though not idempotent
+            finally:
+                await (await later).cleanup()
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+async def test_policy_retries_an_answer_cut_off_mid_body_only_for_idempotent_calls() -> None:
+    """A server killed while it writes an answer leaves the body short (aiohttp's
+    ClientPayloadError, not a ClientConnectionError): for an idempotent call that is a connection
+    lost mid-call, retried; it once cost a search of tests/stack/test_fault_load.py."""
+    tries = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal tries
+        tries += 1
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"ok": true}'
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body) + 100}\r\n\r\n"
+        if tries > 2:
+            head = head.replace(str(len(body) + 100), str(len(body)))
+        writer.write(head.encode() + body)  # the first two answers end 100 bytes short
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    retried: list[str] = []
+    try:
+        async with PolicyClient(f"http://127.0.0.1:{port}", retry=QUICK, on_retry=retried.append) as client:
+            with retry_window(time.monotonic() + 30):
+                with pytest.raises(PolicyUnavailable, match="lost mid-call \\(not retried\\).*ClientPayloadError"):
+                    await client._request("POST", "/flush_cache", {}, idempotent=False)
+                assert tries == 1
+                assert await client._json("POST", "/generate", {}) == {"ok": True}
+        assert tries == 3 and retried == ["disconnect"]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # ---- the reward client over real gRPC ---------------------------------------------------------

@@ -198,16 +198,17 @@ def test_sixty_four_searches_while_reward_then_policy_are_killed_and_restarted(
             step["statuses"] = counts
             step["slowest_s"] = round(max(o.seconds for o in results), 1)
             record[f"{victim}_killed"] = step
-            # The queue bound held, and the admitted searches survived the kill: their calls retried
-            # until the restarted server answered, within their deadline (ets.retry). Known open
-            # defect (issue 26): one run of 2026-12-07 lost 1 of 40 admitted searches with
-            # UNAVAILABLE (reward or policy killed; another run lost none). Until it is found, more
-            # than one lost search fails here, and the loss is recorded in the step.
+            # The queue bound held, and every admitted search survived the kill: its calls retried
+            # until the restarted server answered, within its deadline (ets.retry). One run of
+            # 2026-12-07 lost 1 of 40 with UNAVAILABLE (its details were not kept); the two paths
+            # found that could do it, both unretried then: a policy answer cut off mid-body by the
+            # kill (aiohttp's ClientPayloadError) and a connect timeout. Both are retried now
+            # (tests/service/test_retry_window.py); a loss names its call in the failure.
             assert counts.get("RESOURCE_EXHAUSTED", 0) == SEARCHES - SLOTS - QUEUE, counts
             lost = [f"{o.code.name} after {o.seconds:.1f}s: {o.details}" for o in results
                     if o.code not in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)]
-            step["lost"] = lost  # the status details name the call that was not retried
-            assert len(lost) <= 1 and set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, (counts, lost)
+            step["lost"] = lost
+            assert not lost and set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, (counts, lost)
 
         after_restarts = _wave(stack.search_addr, SLOTS, [])
         assert [o.code for o in after_restarts] == [grpc.StatusCode.OK] * SLOTS, after_restarts

@@ -264,9 +264,9 @@ class PolicyClient:
         """One call with retries (``ets.retry``: until the search's ``RetryWindow`` closes, else the
         client's ``RetryPolicy``); returns (status, body) for statuses not retried.
 
-        Retried: a connection that could not be made (nothing was sent: any call), and for
-        ``idempotent`` calls also a connection lost mid-call and 502 / 503 / 504 (the server or a
-        proxy refused or lost it). A request timeout is not retried (the server may still be
+        Retried: a connection that could not be made or timed out while connecting (nothing was
+        sent: any call), and for ``idempotent`` calls also a connection lost mid-call and 502 / 503 /
+        504 (the server or a proxy refused or lost it). A request timeout is not retried (the server may still be
         working on it). ``retries``: at most this many (0: one try). ``engine``: send it to
         ``engine_url`` (calls a router does not proxy)."""
         url = (self.engine_url if engine else self.base_url) + path
@@ -286,13 +286,19 @@ class PolicyClient:
                         kind = f"http_{resp.status}"
                     else:
                         return resp.status, body
+            except aiohttp.ConnectionTimeoutError as exc:
+                # Caught before TimeoutError (it is one): the connection was never made, so nothing
+                # was sent and any call may be retried. A restarting or overloaded engine whose
+                # accept queue is full drops new connections until the connect timeout passes.
+                last, kind = f"{type(exc).__name__}: {exc}", "connect_timeout"
             except TimeoutError:
                 raise PolicyUnavailable(
                     f"{method} {url} timed out after {timeout or self.timeout.total}s"
                 ) from None
             except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
                 last, kind = f"{type(exc).__name__}: {exc}", "connect"
-            except aiohttp.ClientConnectionError as exc:  # lost mid-call: the server may have acted
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                # Lost mid-call (before or while the answer's body arrived): the server may have acted.
                 if not idempotent:
                     raise PolicyUnavailable(f"{method} {url} lost mid-call (not retried): "
                                             f"{type(exc).__name__}: {exc}") from None
