@@ -151,7 +151,7 @@ class SearchResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., best: _Optional[_Union[Candidate, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., config: _Optional[_Union[SearchConfig, _Mapping]] = ..., candidates_omitted: _Optional[bool] = ..., grouping_fallback: _Optional[bool] = ..., votes: _Optional[_Iterable[_Union[AnswerVote, _Mapping]]] = ...) -> None: ...
 
 class DepthProgress(_message.Message):
-    __slots__ = ("depth", "frontier_size", "kept_candidates", "kv_tokens", "elapsed_seconds", "remaining_width", "finished", "generated_tokens")
+    __slots__ = ("depth", "frontier_size", "kept_candidates", "kv_tokens", "elapsed_seconds", "remaining_width", "finished", "generated_tokens", "prompt_tokens", "cached_prompt_tokens")
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     FRONTIER_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEPT_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class DepthProgress(_message.Message):
     REMAINING_WIDTH_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     depth: int
     frontier_size: int
     kept_candidates: int
@@ -168,7 +170,9 @@ class DepthProgress(_message.Message):
     remaining_width: int
     finished: int
     generated_tokens: int
-    def __init__(self, depth: _Optional[int] = ..., frontier_size: _Optional[int] = ..., kept_candidates: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., remaining_width: _Optional[int] = ..., finished: _Optional[int] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    def __init__(self, depth: _Optional[int] = ..., frontier_size: _Optional[int] = ..., kept_candidates: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., remaining_width: _Optional[int] = ..., finished: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SearchEvent(_message.Message):
     __slots__ = ("progress", "result")
