@@ -20,7 +20,9 @@ searches (ETS, width 8, the stack's budgets for the policy) with a ``--deadline`
 
 Reports per scenario: searches OK / failed by status, p50 / p99 latency, the retries the search
 service spent (``ets_search_upstream_retries_total``), prefix reuse (cached / prompt tokens of the
-engines, ``ets_search_cached_prompt_tokens_total`` / ``ets_search_prompt_tokens_total``), how long
+engines, ``ets_search_cached_prompt_tokens_total`` / ``ets_search_prompt_tokens_total``), each
+search's own reuse before and after the fault (its streamed ``DepthProgress`` token counts, split at
+the moment of the fault; the baseline is split at the same moment), how long
 the restarted process took to serve, and whether any process of the run is left once it stops.
 Writes JSON (``--out``) and prints a Markdown table (docs/operations.md).
 """
@@ -149,16 +151,51 @@ def _metrics(run: Run) -> dict[str, float]:
             ("upstream_retries", "prompt_tokens", "cached_prompt_tokens")}
 
 
-async def _search(stub: Any, i: int, deadline: float) -> tuple[str, float]:
+@dataclass
+class Outcome:
+    """One search of a wave: its status, latency, and its prompt / cached prompt tokens so far at
+    each depth report and at the end (``(monotonic time, prompt, cached)``, streamed)."""
+
+    code: str
+    seconds: float
+    tokens: list[tuple[float, int, int]]
+
+    def reuse_split(self, at: float) -> tuple[float | None, float | None]:
+        """This search's prefix reuse (cached / prompt tokens) of the calls sent before ``at`` and
+        of those sent after it (None where it sent none)."""
+        if self.code != "OK" or not self.tokens:
+            return None, None
+        split = max([(0.0, 0, 0), *(t for t in self.tokens if t[0] <= at)])
+        end = self.tokens[-1]
+        prompt_after, cached_after = end[1] - split[1], end[2] - split[2]
+        return (split[2] / split[1] if split[1] else None,
+                cached_after / prompt_after if prompt_after else None)
+
+
+async def _search(stub: Any, i: int, deadline: float) -> Outcome:
     start = time.monotonic()
     request = search_pb2.SearchRequest(problem=PROBLEMS[i % len(PROBLEMS)], request_id=f"f{i}",
                                        config=search_pb2.SearchConfig(method="ets", width=8, seed=i))
+    tokens: list[tuple[float, int, int]] = []
     try:
-        await stub.Search(request, timeout=deadline)
+        async for event in stub.SearchStream(request, timeout=deadline):
+            if event.HasField("progress"):
+                tokens.append((time.monotonic(), event.progress.prompt_tokens, event.progress.cached_prompt_tokens))
+            elif event.HasField("result"):
+                stats = event.result.stats
+                tokens.append((time.monotonic(), stats.prompt_tokens, stats.cached_prompt_tokens))
         code = "OK"
     except grpc.aio.AioRpcError as err:
         code = err.code().name
-    return code, time.monotonic() - start
+    return Outcome(code, time.monotonic() - start, tokens)
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return {"n": len(values), "p10": round(values[int(0.1 * (len(values) - 1))], 3),
+            "median": round(statistics.median(values), 3), "mean": round(statistics.fmean(values), 3)}
 
 
 def _fault(run: Run, scenario: str) -> dict[str, float]:
@@ -205,20 +242,34 @@ async def wave(run: Run, scenario: str, searches: int, deadline: float, fault_af
         stub = search_pb2_grpc.SearchServiceStub(channel)
         tasks = [asyncio.ensure_future(_search(stub, i, deadline)) for i in range(searches)]
         await asyncio.sleep(fault_after)
+        fault_at = time.monotonic()  # the baseline splits its searches at the same moment
         took = await asyncio.to_thread(_fault, run, scenario) if scenario != "baseline" else {}
-        results = await asyncio.gather(*tasks)
+        results: list[Outcome] = await asyncio.gather(*tasks)
     after = _metrics(run)
     codes: dict[str, int] = {}
-    for code, _ in results:
-        codes[code] = codes.get(code, 0) + 1
-    seconds = sorted(s for _, s in results)
+    for out in results:
+        codes[out.code] = codes.get(out.code, 0) + 1
+    seconds = sorted(out.seconds for out in results)
     prompt = after["prompt_tokens"] - before["prompt_tokens"]
+    splits = [out.reuse_split(fault_at) for out in results]
     return {"scenario": scenario, "searches": searches, "statuses": codes,
             "p50_s": round(statistics.median(seconds), 1),
             "p99_s": round(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))], 1),
             "retries": int(after["upstream_retries"] - before["upstream_retries"]),
             "prefix_reuse": round((after["cached_prompt_tokens"] - before["cached_prompt_tokens"]) / prompt, 3)
-            if prompt else None, "restarts": took}
+            if prompt else None, "restarts": took,
+            # Per search: the reuse of its own calls before the fault and after it (a search whose
+            # steps keep landing on the engine holding its prefix keeps its reuse after the loss).
+            "search_reuse_before_fault": _quantiles([b for b, _ in splits if b is not None]),
+            "search_reuse_after_fault": _quantiles([a for _, a in splits if a is not None])}
+
+
+def _split_cell(row: dict[str, Any]) -> str:
+    cells = []
+    for key in ("search_reuse_before_fault", "search_reuse_after_fault"):
+        q = row.get(key)
+        cells.append(f"{q['median']} ({q['p10']})" if q else "-")
+    return " / ".join(cells)
 
 
 def main(argv: list[str]) -> int:
@@ -260,13 +311,13 @@ def main(argv: list[str]) -> int:
     args.out.write_text(json.dumps({"policy": args.policy, "searches": args.searches, "deadline_s": args.deadline,
                                     "fault_after_s": args.fault_after, "rows": rows}, indent=1))
     print("| scenario | replicas | OK / failed (by status) | p50 s | p99 s | retries | prefix reuse "
-          "| restart to serving | left after stop |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| per-search reuse before / after the fault (median, p10) | restart to serving | left after stop |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         failed = {k: v for k, v in r["statuses"].items() if k != "OK"}
         print(f"| {r['scenario']} | {r['replicas']} | {r['statuses'].get('OK', 0)} / {sum(failed.values())} "
               f"{failed or ''} "
-              f"| {r['p50_s']} | {r['p99_s']} | {r['retries']} | {r['prefix_reuse']} | "
+              f"| {r['p50_s']} | {r['p99_s']} | {r['retries']} | {r['prefix_reuse']} | {_split_cell(r)} | "
               f"{'; '.join(f'{k} {v}' for k, v in r['restarts'].items()) or '-'} | {len(r['left_after_stop'])} |")
     return 0
 
