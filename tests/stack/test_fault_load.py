@@ -27,6 +27,9 @@ same counts (the second, with the search service failing fast while an upstream 
 - then 8/8 OK; nothing in flight or queued; search service threads 13 -> 17 (worker pools grown
   to their size), open files 18 -> 24, resident memory 105.0 -> 108.8 MB (after the warm-up
   search -> after all 137 searches).
+After issue 26 (2026-12-07, 7 min 10 s, load average 3-6): for each kill 40 OK and 24
+RESOURCE_EXHAUSTED, none lost (slowest 127.0 s / 173.5 s); threads 13 -> 19, open files 19 -> 23,
+resident memory 123.5 -> 127.5 MB.
 """
 from __future__ import annotations
 
