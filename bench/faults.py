@@ -1,14 +1,14 @@
 """Fault benchmark: searches under load while a replica is lost, replaced or restarted.
 
-    .venv/bin/python bench/faults.py [--policy tiny|smollm2-135m-instruct] [--searches 64]
-        [--deadline 120] [--fault-after 5] [--scenarios baseline,a,b,c,d] [--out bench/results/faults.json]
+    .venv/bin/python bench/faults.py [--policy tiny|smollm2-135m-instruct] [--searches 64] [--method ets]
+        [--width 8] [--deadline 120] [--fault-after 5] [--scenarios baseline,a,b,c,d] [--out bench/results/faults.json]
 
 Real processes on loopback: two SGLang CPU policy engines behind sglang-router 0.3.2 (cache-aware;
 the search service in routed mode, tokenizing on engine 1), two reward servers (rules backend,
 arithmetic PRM, MiniLM embedder) that the search service balances over with gRPC round_robin
 (``ipv4:A,B``), and ``ets serve`` over them. Per scenario one wave of ``--searches`` concurrent
-searches (ETS, width 8, the stack's budgets for the policy) with a ``--deadline`` each; after
-``--fault-after`` seconds:
+searches (``--method``, ``--width``; the stack's budgets for the policy) with a ``--deadline`` each;
+mid-search (``--fault-after`` seconds in, and once half the searches have had a depth expanded):
 
 - baseline: nothing happens (the latencies the others are compared with, same run);
 - a: policy engine 2 SIGKILLed, then started again on its port;
@@ -172,15 +172,27 @@ class Outcome:
                 cached_after / prompt_after if prompt_after else None)
 
 
-async def _search(stub: Any, i: int, deadline: float) -> Outcome:
+@dataclass
+class Shape:
+    """What each search of a wave asks for."""
+
+    method: str = "ets"
+    width: int = 8
+    deadline_s: float = 120.0
+
+
+async def _search(stub: Any, i: int, shape: Shape, expanded: set[int]) -> Outcome:
+    """One streamed search; adds ``i`` to ``expanded`` once its first expansion was reported."""
     start = time.monotonic()
     request = search_pb2.SearchRequest(problem=PROBLEMS[i % len(PROBLEMS)], request_id=f"f{i}",
-                                       config=search_pb2.SearchConfig(method="ets", width=8, seed=i))
+                                       config=search_pb2.SearchConfig(method=shape.method, width=shape.width, seed=i))
     tokens: list[tuple[float, int, int]] = []
     try:
-        async for event in stub.SearchStream(request, timeout=deadline):
+        async for event in stub.SearchStream(request, timeout=shape.deadline_s):
             if event.HasField("progress"):
                 tokens.append((time.monotonic(), event.progress.prompt_tokens, event.progress.cached_prompt_tokens))
+                if event.progress.prompt_tokens:
+                    expanded.add(i)
             elif event.HasField("result"):
                 stats = event.result.stats
                 tokens.append((time.monotonic(), stats.prompt_tokens, stats.cached_prompt_tokens))
@@ -236,13 +248,20 @@ def _reward_addr(proc: ServerProcess) -> str:
     return f"{HOST}:{port}"
 
 
-async def wave(run: Run, scenario: str, searches: int, deadline: float, fault_after: float) -> dict[str, Any]:
+async def wave(run: Run, scenario: str, searches: int, shape: Shape, fault_after: float) -> dict[str, Any]:
     before = _metrics(run)
+    expanded: set[int] = set()
     async with grpc.aio.insecure_channel(run.search_addr) as channel:
         stub = search_pb2_grpc.SearchServiceStub(channel)
-        tasks = [asyncio.ensure_future(_search(stub, i, deadline)) for i in range(searches)]
+        started = time.monotonic()
+        tasks = [asyncio.ensure_future(_search(stub, i, shape, expanded)) for i in range(searches)]
+        # Mid-search whatever the machine's load: at least --fault-after seconds in, and once half
+        # the searches have had a depth expanded (so they hold prefixes on the engines).
         await asyncio.sleep(fault_after)
+        while len(expanded) < searches / 2 and not all(t.done() for t in tasks):
+            await asyncio.sleep(0.5)
         fault_at = time.monotonic()  # the baseline splits its searches at the same moment
+        expanded_at_fault = len(expanded)
         took = await asyncio.to_thread(_fault, run, scenario) if scenario != "baseline" else {}
         results: list[Outcome] = await asyncio.gather(*tasks)
     after = _metrics(run)
@@ -253,6 +272,7 @@ async def wave(run: Run, scenario: str, searches: int, deadline: float, fault_af
     prompt = after["prompt_tokens"] - before["prompt_tokens"]
     splits = [out.reuse_split(fault_at) for out in results]
     return {"scenario": scenario, "searches": searches, "statuses": codes,
+            "fault_at_s": round(fault_at - started, 1), "expanded_at_fault": expanded_at_fault,
             "p50_s": round(statistics.median(seconds), 1),
             "p99_s": round(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))], 1),
             "retries": int(after["upstream_retries"] - before["upstream_retries"]),
@@ -276,11 +296,16 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", default=TINY, help="tiny (random weights) or a packaged real model")
     p.add_argument("--searches", type=int, default=64)
+    p.add_argument("--method", default="ets")
+    p.add_argument("--width", type=int, default=8)
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--fault-after", type=float, default=5.0)
     p.add_argument("--scenarios", default="baseline,a,b,c,d")
     p.add_argument("--out", type=Path, default=Path("bench/results/faults.json"))
     args = p.parse_args(argv)
+    shape = Shape(args.method, args.width, args.deadline)
+    # SIGTERM unwinds like Ctrl-C, so the finally below stops every process the run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scenarios = args.scenarios.split(",")
     work = Path(tempfile.mkdtemp(prefix="ets-faults-"))
     cfg = StackConfig(work_dir=work, policy=args.policy)
@@ -297,7 +322,7 @@ def main(argv: list[str]) -> int:
                 names = ["baseline-1", *names]
             for name in names:
                 row = asyncio.run(wave(run, name.split("-")[0] if name.startswith("baseline") else name,
-                                       args.searches, args.deadline, args.fault_after))
+                                       args.searches, shape, args.fault_after))
                 row["scenario"], row["replicas"] = name, replicas
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -308,7 +333,8 @@ def main(argv: list[str]) -> int:
                 if row["replicas"] == replicas:
                     row["left_after_stop"] = row_left + sorted(str(p) for p in me)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"policy": args.policy, "searches": args.searches, "deadline_s": args.deadline,
+    args.out.write_text(json.dumps({"policy": args.policy, "searches": args.searches, "method": args.method,
+                                    "width": args.width, "deadline_s": args.deadline,
                                     "fault_after_s": args.fault_after, "rows": rows}, indent=1))
     print("| scenario | replicas | OK / failed (by status) | p50 s | p99 s | retries | prefix reuse "
           "| per-search reuse before / after the fault (median, p10) | restart to serving | left after stop |")
