@@ -170,23 +170,27 @@ async def test_policy_retries_a_lost_connection_only_for_idempotent_calls(refusi
         assert refusing.calls["/drop"] > 3  # type: ignore[attr-defined]
 
 
+async def _flush_server_after(delay_s: float, port: int) -> web.AppRunner:
+    """A server answering ``/flush_cache`` on ``port``, started after ``delay_s``."""
+    await asyncio.sleep(delay_s)
+    app = web.Application()
+
+    async def flushed(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app.router.add_post("/flush_cache", flushed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
 async def test_policy_waits_for_a_server_that_comes_back_within_the_window(refusing: Callable) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
-    async def late_server() -> web.AppRunner:
-        await asyncio.sleep(1.5)  # nothing listens meanwhile: connection refused
-        app = web.Application()
-        async def flushed(_: web.Request) -> web.Response:
-            return web.json_response({})
-
-        app.router.add_post("/flush_cache", flushed)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    late = asyncio.ensure_future(late_server())
+    # Nothing listens for 1.5 s: connection refused.
+    late = asyncio.ensure_future(_flush_server_after(1.5, port))
     try:
         async with PolicyClient(url, retry=QUICK) as client:
             with retry_window(time.monotonic() + 30):
@@ -218,16 +222,7 @@ async def test_policy_retries_a_connection_that_times_out_before_it_is_made() ->
         await asyncio.sleep(1.5)
         for sock in (listener, *fillers):
             sock.close()
-        app = web.Application()
-
-        async def flushed(_: web.Request) -> web.Response:
-            return web.json_response({})
-
-        app.router.add_post("/flush_cache", flushed)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
+        return await _flush_server_after(0.0, port)
 
     url = f"http://127.0.0.1:{port}"
     try:
