@@ -108,6 +108,40 @@ def test_concurrent_searches_share_one_draw_and_a_failed_draw_is_not_stored(tmp_
     store.close()
 
 
+def test_a_waiter_sees_the_error_of_a_failed_draw_it_waited_for(tmp_path: Path) -> None:
+    """Three configurations of one problem: X draws A (slow, succeeds), Y draws B (fails first), W
+    waits for both. W gets Y's error, not a KeyError once B's pending draw is gone (seen in the
+    issue-28 evaluation: 'KeyError: (key, 0)' for REBASE when ETS's draw timed out)."""
+    store = SampleStore(tmp_path / "s.jsonl", {})
+
+    async def slow_ok(todo: list[str]) -> list[float]:
+        await asyncio.sleep(0.05)
+        return [1.0] * len(todo)
+
+    async def fast_fail(todo: list[str]) -> list[float]:
+        await asyncio.sleep(0.01)
+        raise ConnectionError("policy down")
+
+    async def nothing(todo: list[str]) -> list[float]:
+        raise AssertionError(f"the waiter computes nothing, asked {todo}")
+
+    async def go() -> None:
+        table: dict[str, float] = {}
+        pending: dict[str, asyncio.Future[float]] = {}
+        x = asyncio.ensure_future(store.cached(["a"], table, pending, slow_ok, ["a"]))
+        y = asyncio.ensure_future(store.cached(["b"], table, pending, fast_fail, ["b"]))
+        await asyncio.sleep(0)  # both draws in flight
+        with pytest.raises(ConnectionError, match="policy down"):
+            await store.cached(["a", "b"], table, pending, nothing, ["a", "b"])
+        assert await x == ([1.0], 1)
+        with pytest.raises(ConnectionError):
+            await y
+        assert table == {"a": 1.0} and not pending  # B is drawn afresh by the next caller
+
+    asyncio.run(go())
+    store.close()
+
+
 def test_scores_and_embeddings_cached_by_input(tmp_path: Path) -> None:
     source = Counter()
     store = SampleStore(tmp_path / "s.jsonl", {})

@@ -219,6 +219,9 @@ class SampleStore:
         computed again). Returns (values, computed)."""
         loop = asyncio.get_running_loop()
         todo: dict[_K, Any] = {}
+        # The futures of values other callers are computing, taken now: a failed computation pops
+        # its future (so the next caller computes afresh), and this caller must still see its error.
+        theirs = {key: pending[key] for key in keys if key not in table and key in pending}
         for key, value in zip(keys, inputs, strict=True):
             if key not in table and key not in pending and key not in todo:
                 todo[key] = value
@@ -238,7 +241,7 @@ class SampleStore:
             for key, value in zip(todo, values, strict=True):
                 table[key] = value
                 pending.pop(key).set_result(value)
-        out = [table[k] if k in table else await pending[k] for k in keys]
+        out = [table[k] if k in table else await theirs[k] for k in keys]
         return out, len(todo)
 
     async def score(self, identity: str, trajectories: Sequence[ScoredTrajectory], inner: StepScorer,
