@@ -26,7 +26,7 @@ All series are prefixed ``ets_search_`` and served on ``ETS_SEARCH_METRICS_PORT`
 | ets_search_policy_call_errors_total | counter | reason | failed policy calls (unavailable, timeout, bad_response, ...) |
 | ets_search_reward_call_duration_seconds | histogram | call | latency of one batched reward call (call = score or embed) |
 | ets_search_reward_call_errors_total | counter | call, reason | failed reward calls |
-| ets_search_upstream_retries_total | counter | upstream, reason | upstream calls retried (ets.retry: a replica lost, an engine restarting; reason connect, disconnect, http_503, unavailable, ...) |
+| ets_search_upstream_retries_total | counter | upstream, reason | upstream calls retried (ets.retry: a replica lost, an engine restarting; reason connect, connect_timeout, disconnect, http_503, unavailable, ...) |
 | ets_search_upstream_up | gauge | upstream | 1 when the upstream (policy or reward) answered its last probe |
 | ets_search_grouping_fallbacks_total | counter | | answer groupings that timed out (or lost their worker) and fell back to string matching |
 | ets_search_results_truncated_total | counter | | responses whose candidate list was dropped to fit ETS_SEARCH_MAX_SEND_BYTES |
