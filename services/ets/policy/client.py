@@ -265,10 +265,10 @@ class PolicyClient:
         client's ``RetryPolicy``); returns (status, body) for statuses not retried.
 
         Retried: a connection that could not be made or timed out while connecting (nothing was
-        sent: any call), and for ``idempotent`` calls also a connection lost mid-call and 502 / 503 /
-        504 (the server or a proxy refused or lost it). A request timeout is not retried (the server may still be
-        working on it). ``retries``: at most this many (0: one try). ``engine``: send it to
-        ``engine_url`` (calls a router does not proxy)."""
+        sent: any call), and for ``idempotent`` calls also a connection lost mid-call (or mid-body)
+        and 502 / 503 / 504 (the server or a proxy refused or lost it). A request timeout is not
+        retried (the server may still be working on it). ``retries``: at most this many (0: one
+        try). ``engine``: send it to ``engine_url`` (calls a router does not proxy)."""
         url = (self.engine_url if engine else self.base_url) + path
         policy = self.retry if retries is None else replace(self.retry, max_retries=retries)
         state = Retries(policy, window=None if retries is not None else current_window())
