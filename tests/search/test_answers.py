@@ -44,6 +44,13 @@ def traj(text: str, *scores: float) -> Trajectory:
         ("The answer is 11 + 5 = 16 pencils.", "16"),
         ("The answer is 4 (because 4 is 4 x 4).", "4"),
         ('The answer is "11".', "11"),
+        # Lines cut by a break (SmolLM2 on the demo problem): the answer without the cut.
+        ("The answer is 8,\nwhich is the total.", "8"),
+        ("The answer is 4).", "4"),
+        ('The answer is "\n8 apples', ""),
+        ("The answer is (1, 2].", "(1, 2]"),
+        ("The answer is f(3).", "f(3)"),
+        ("The answer is [1, 2).", "[1, 2)"),
         ("The answer is N = 4.", "N = 4"),
         # GSM8K's own closing line, when no marker sentence is there.
         ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 18", "18"),

@@ -1,10 +1,14 @@
 """The real policy on the CPU stack: SmolLM2-135M-Instruct (prepared from its PyPI package) behind
 SGLang, the reward server and ``ets serve``. The demo problem through ``Search`` with each method
-returns an extracted answer, and at least one method answers 8 (the problem's answer).
+returns an extracted answer, and some search chooses 8 (the problem's answer).
 
 Kept cheap for CI: one stack, width 4, the five searches sent at once so the engine batches them.
-Sampling on the CPU engine is not seeded per request, so what is asserted is what the model does
-reliably with its system prompt (an answer line), not one particular text.
+Sampling on the CPU engine is not seeded per request (SGLang honours ``sampling_seed`` only with
+deterministic inference, a GPU feature), so what is asserted is what the model does reliably with
+its system prompt (an answer line), not one particular text. How reliably it chooses 8 was
+measured (8 rounds of these five searches on this stack: 24 of 40 chose 8, 0-5 per round): one
+round of five misses 8 about once in a hundred runs (CI saw it), so a round without 8 is followed
+by a second one; both missing is about 1e-4.
 """
 from __future__ import annotations
 
@@ -48,10 +52,15 @@ def _search(addr: str, method: str) -> search_pb2.SearchResponse:
             search_pb2.SearchRequest(problem=PROBLEM, config=config, request_id=method), timeout=1500)
 
 
+def _round(addr: str) -> dict[str, search_pb2.SearchResponse]:
+    """One search per method, sent at once."""
+    with ThreadPoolExecutor(len(METHODS)) as pool:
+        return dict(zip(METHODS, pool.map(lambda m: _search(addr, m), METHODS), strict=True))
+
+
 @pytest.fixture(scope="module")
 def responses(real_stack: Stack) -> dict[str, search_pb2.SearchResponse]:
-    with ThreadPoolExecutor(len(METHODS)) as pool:
-        return dict(zip(METHODS, pool.map(lambda m: _search(real_stack.search_addr, m), METHODS), strict=True))
+    return _round(real_stack.search_addr)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -68,9 +77,11 @@ def test_each_method_answers_with_real_reasoning(responses: dict[str, search_pb2
     assert response.stats.generated_tokens > 0 and response.stats.model_calls >= WIDTH
 
 
-def test_some_method_answers_8(responses: dict[str, search_pb2.SearchResponse]) -> None:
+def test_some_method_answers_8(real_stack: Stack, responses: dict[str, search_pb2.SearchResponse]) -> None:
     from ets.search.answers import equivalent
 
-    answers = {method: r.answer for method, r in responses.items()}
+    rounds = [{method: r.answer for method, r in responses.items()}]
     # Equivalence as the service's own vote judges it ("8", "8 apples", "$8").
-    assert any(equivalent(a, "8") for a in answers.values()), answers
+    if not any(equivalent(a, "8") for a in rounds[0].values()):
+        rounds.append({m: r.answer for m, r in _round(real_stack.search_addr).items()})
+    assert any(equivalent(a, "8") for answers in rounds for a in answers.values()), rounds
