@@ -11,8 +11,8 @@ its system prompt, measured on this stack (8 rounds of these five searches, `ari
   in 300 searches (~1 CI run in 70); at width 8, about once in 250,000. Hence width 8 (the
   demo's).
 - 8: 23 of 40 searches chose it at width 8 (25 of 40 at width 4), 1-5 per round, so one round of
-  five misses it about once in 70 runs (CI saw it at width 4); a round without 8 is
-  followed by a second one, and both missing is about 2e-4.
+  five misses it about once in 70 runs (at width 4 about once in 135; CI saw it); a round without
+  8 is followed by a second one, and both missing is about 2e-4.
 """
 from __future__ import annotations
 
