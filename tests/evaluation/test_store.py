@@ -109,34 +109,42 @@ def test_concurrent_searches_share_one_draw_and_a_failed_draw_is_not_stored(tmp_
 
 
 def test_a_waiter_sees_the_error_of_a_failed_draw_it_waited_for(tmp_path: Path) -> None:
-    """Three configurations of one problem: X draws A (slow, succeeds), Y draws B (fails first), W
-    waits for both. W gets Y's error, not a KeyError once B's pending draw is gone (seen in the
-    issue-28 evaluation: 'KeyError: (key, 0)' for REBASE when ETS's draw timed out)."""
+    """Three configurations of one problem: X draws A, Y draws B, W waits for both; B fails, then
+    A succeeds (ordered by events, not sleeps). W gets Y's error, not a KeyError once B's pending
+    draw is gone (seen in the issue-28 evaluation: 'KeyError: (key, 0)' for REBASE when ETS's draw
+    timed out)."""
     store = SampleStore(tmp_path / "s.jsonl", {})
 
-    async def slow_ok(todo: list[str]) -> list[float]:
-        await asyncio.sleep(0.05)
-        return [1.0] * len(todo)
-
-    async def fast_fail(todo: list[str]) -> list[float]:
-        await asyncio.sleep(0.01)
-        raise ConnectionError("policy down")
-
-    async def nothing(todo: list[str]) -> list[float]:
-        raise AssertionError(f"the waiter computes nothing, asked {todo}")
-
     async def go() -> None:
+        fail_b, release_a = asyncio.Event(), asyncio.Event()
+
+        async def draw_a(todo: list[str]) -> list[float]:
+            await release_a.wait()
+            return [1.0] * len(todo)
+
+        async def draw_b(todo: list[str]) -> list[float]:
+            await fail_b.wait()
+            raise ConnectionError("policy down")
+
+        async def nothing(todo: list[str]) -> list[float]:
+            raise AssertionError(f"the waiter computes nothing, asked {todo}")
+
         table: dict[str, float] = {}
         pending: dict[str, asyncio.Future[float]] = {}
-        x = asyncio.ensure_future(store.cached(["a"], table, pending, slow_ok, ["a"]))
-        y = asyncio.ensure_future(store.cached(["b"], table, pending, fast_fail, ["b"]))
+        x = asyncio.ensure_future(store.cached(["a"], table, pending, draw_a, ["a"]))
+        y = asyncio.ensure_future(store.cached(["b"], table, pending, draw_b, ["b"]))
         await asyncio.sleep(0)  # both draws in flight
-        with pytest.raises(ConnectionError, match="policy down"):
-            await store.cached(["a", "b"], table, pending, nothing, ["a", "b"])
-        assert await x == ([1.0], 1)
+        w = asyncio.ensure_future(store.cached(["a", "b"], table, pending, nothing, ["a", "b"]))
+        await asyncio.sleep(0)  # the waiter waits on A, then B
+        fail_b.set()
         with pytest.raises(ConnectionError):
             await y
-        assert table == {"a": 1.0} and not pending  # B is drawn afresh by the next caller
+        assert "b" not in pending  # B is drawn afresh by the next caller
+        release_a.set()
+        assert await x == ([1.0], 1)
+        with pytest.raises(ConnectionError, match="policy down"):
+            await w
+        assert table == {"a": 1.0} and not pending
 
     asyncio.run(go())
     store.close()

@@ -221,9 +221,13 @@ class SampleStore:
         todo: dict[_K, Any] = {}
         # The futures of values other callers are computing, taken now: a failed computation pops
         # its future (so the next caller computes afresh), and this caller must still see its error.
-        theirs = {key: pending[key] for key in keys if key not in table and key in pending}
+        theirs: dict[_K, asyncio.Future[_V]] = {}
         for key, value in zip(keys, inputs, strict=True):
-            if key not in table and key not in pending and key not in todo:
+            if key in table:
+                continue
+            if key in pending:
+                theirs[key] = pending[key]
+            elif key not in todo:
                 todo[key] = value
         for key in todo:
             pending[key] = loop.create_future()
