@@ -47,6 +47,7 @@ def traj(text: str, *scores: float) -> Trajectory:
         # Lines cut by a break (SmolLM2 on the demo problem): the answer without the cut.
         ("The answer is 8,\nwhich is the total.", "8"),
         ("The answer is 4).", "4"),
+        ('The answer is "11",\nso he has 11.', "11"),
         ('The answer is "\n8 apples', ""),
         ("The answer is (1, 2].", "(1, 2]"),
         ("The answer is f(3).", "f(3)"),

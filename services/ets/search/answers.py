@@ -79,8 +79,8 @@ def extract_answer(text: str) -> str:
     closing period, ``$`` signs or a trailing step tag, and only its first sentence; a purely
     numeric equation there ("3 + 5 = 8", "3 + 5 = 8 apples") gives its result, a number followed
     by words only ("8 apples left", "3 apples, and the solution is 5") or by a parenthetical
-    ("4 (because ...)") gives the number, and quotes around the answer go, as do a trailing comma
-    or colon and an unmatched closing bracket ("8," and "4)" answer 8 and 4).
+    ("4 (because ...)") gives the number, and quotes around the answer go, as do a trailing comma,
+    semicolon or colon and an unmatched closing bracket ("8," and "4)" answer 8 and 4).
     """
     boxed = _last_boxed(text)
     if boxed is not None:
@@ -98,15 +98,15 @@ def extract_answer(text: str) -> str:
     # Only the first sentence: "The answer is 3. After that, Tom ..." answers 3.
     rest = _SENTENCE_END.split(rest, maxsplit=1)[0]
     rest = rest.strip("$ ").rstrip(".").strip().strip("$").strip()
+    # What a line break cut off: "8," (the clause went on below), "4)" (an aside opened above),
+    # a lone quote. The reader's answer is what is left. (Brackets counted together: "(1, 2]" and
+    # "[1, 2)" are half-open intervals, balanced.)
+    rest = rest.rstrip(",;:").strip()
+    while rest[-1:] in (")", "]") and rest.count(")") + rest.count("]") > rest.count("(") + rest.count("["):
+        rest = rest[:-1].rstrip()
     quoted = _QUOTED.match(rest)
     if quoted:
         rest = quoted.group(1).strip()
-    # What a line break cut off: "8," (the clause went on below), "4)" (an aside opened above),
-    # a lone quote. The reader's answer is what is left.
-    rest = rest.rstrip(",;:").strip()
-    # (Counted together: "(1, 2]" and "[1, 2)" are half-open intervals, balanced.)
-    while rest[-1:] in (")", "]") and rest.count(")") + rest.count("]") > rest.count("(") + rest.count("["):
-        rest = rest[:-1].rstrip()
     if not rest.strip('"\''):
         return ""
     for rule in (_NUMERIC_EQUATION, _NUMBER_THEN_WORDS, _NUMBER_THEN_ASIDE):
